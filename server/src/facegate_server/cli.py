@@ -1,0 +1,86 @@
+"""`facegate serve`: plugged into the client's `facegate` command (entry point group
+`facegate.commands`), so a turnstile's client-only install has no server commands."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from facegate_server import logs
+from facegate_server.app import build_server
+from facegate_server.config import load_settings
+
+log = logging.getLogger("facegate.serve")
+
+
+def register_serve(subparsers: Any) -> None:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "serve",
+        help="run the FaceGate server",
+        description="Run the FaceGate gRPC server. Flags override FACEGATE_* variables.",
+    )
+    parser.add_argument("--listen", help="HOST:PORT (FACEGATE_LISTEN; default 127.0.0.1:50051)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="where the database lives (FACEGATE_DATA_DIR; ./facegate-data)",
+    )
+    parser.add_argument(
+        "--workers", type=int, help="recognition processes (FACEGATE_WORKERS; default: one a core)"
+    )
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (FACEGATE_LOG_LEVEL; INFO)")
+    parser.set_defaults(func=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(
+            listen=args.listen,
+            data_dir=args.data_dir,
+            workers=args.workers,
+            log_level=args.log_level,
+        )
+    except ValueError as error:
+        print(f"error: {error}", flush=True)
+        return 2
+    logs.configure(settings.log_level)
+    stop = threading.Event()
+
+    def on_signal(number: int, _frame: object) -> None:
+        log.info("stopping", extra={"signal": signal.Signals(number).name})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info(
+        "starting",
+        extra={
+            "listen": settings.listen,
+            "data_dir": str(settings.data_dir),
+            "workers": settings.workers,
+        },
+    )
+    try:
+        server = build_server(settings)
+    except (OSError, RuntimeError) as error:
+        log.error("could not start", extra={"error": str(error)})
+        return 1
+    server.start()
+    log.info(
+        "serving",
+        extra={
+            "listen": settings.listen,
+            "port": server.port,
+            "engine": "local",
+            "store": str(settings.db_path),
+        },
+    )
+    while not stop.wait(3600):
+        pass
+    server.stop(settings.grace_period_s)
+    log.info("stopped")
+    return 0

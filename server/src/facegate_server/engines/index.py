@@ -1,0 +1,110 @@
+"""The in-memory matching index: every enrolled template, matched by brute force.
+
+Built from the store at start and changed with every enrol and delete, in the server
+process (workers only encode), so every Identify sees every committed change. Readers take
+the current snapshot without a lock; writers replace it (copy on write), so a match never
+sees half an update.
+
+Distances are dlib's (Euclidean over the 128-d descriptors), computed for all rows at once
+as |q|^2 + |g|^2 - 2 g.q with one float32 matrix product (~3 ms for 100k templates).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from facegate_server.domain import Embedding
+
+DIMENSIONS = 128
+
+
+@dataclass(frozen=True)
+class Match:
+    """The closest member and the closest other member (for a margin rule)."""
+
+    member_id: str
+    distance: float
+    runner_up_id: str = ""
+    runner_up_distance: float = float("inf")
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    vectors: npt.NDArray[np.float32]  # (n, 128)
+    sq_norms: npt.NDArray[np.float32]  # (n,)
+    owners: npt.NDArray[np.object_]  # (n,) member ids
+
+    @classmethod
+    def empty(cls) -> _Snapshot:
+        return cls(
+            np.zeros((0, DIMENSIONS), np.float32),
+            np.zeros(0, np.float32),
+            np.zeros(0, np.object_),
+        )
+
+    @classmethod
+    def of(cls, owners: list[str], vectors: npt.NDArray[np.float32]) -> _Snapshot:
+        return cls(
+            vectors, np.einsum("ij,ij->i", vectors, vectors), np.array(owners, dtype=np.object_)
+        )
+
+
+class FaceIndex:
+    def __init__(self, templates: Iterable[tuple[str, Embedding]] = ()) -> None:
+        self._write_lock = threading.Lock()
+        owners: list[str] = []
+        rows: list[Embedding] = []
+        for member_id, embedding in templates:
+            owners.append(member_id)
+            rows.append(embedding)
+        vectors = (
+            np.asarray(rows, np.float32).reshape(-1, DIMENSIONS)
+            if rows
+            else np.zeros((0, DIMENSIONS), np.float32)
+        )
+        self._snapshot = _Snapshot.of(owners, vectors)
+
+    def __len__(self) -> int:
+        return len(self._snapshot.owners)
+
+    def member_count(self) -> int:
+        return len(set(self._snapshot.owners.tolist()))
+
+    def add(self, member_id: str, embeddings: Iterable[Embedding]) -> None:
+        new = np.asarray(list(embeddings), np.float32).reshape(-1, DIMENSIONS)
+        with self._write_lock:
+            old = self._snapshot
+            self._snapshot = _Snapshot(
+                np.concatenate([old.vectors, new]),
+                np.concatenate([old.sq_norms, np.einsum("ij,ij->i", new, new)]),
+                np.concatenate([old.owners, np.array([member_id] * len(new), np.object_)]),
+            )
+
+    def remove(self, member_id: str) -> None:
+        with self._write_lock:
+            old = self._snapshot
+            keep = old.owners != member_id
+            self._snapshot = _Snapshot(old.vectors[keep], old.sq_norms[keep], old.owners[keep])
+
+    def match(self, probe: Embedding) -> Match | None:
+        """The closest member to `probe`, or None when the index is empty."""
+        snap = self._snapshot
+        if len(snap.owners) == 0:
+            return None
+        q = np.asarray(probe, np.float32)
+        squared = snap.sq_norms + np.float32(q @ q) - 2.0 * (snap.vectors @ q)
+        distances = np.sqrt(np.maximum(squared, 0.0))
+        best = int(np.argmin(distances))
+        best_id = str(snap.owners[best])
+        others = snap.owners != best_id
+        if not others.any():
+            return Match(best_id, float(distances[best]))
+        other_distances = np.where(others, distances, np.inf)
+        runner = int(np.argmin(other_distances))
+        return Match(
+            best_id, float(distances[best]), str(snap.owners[runner]), float(distances[runner])
+        )

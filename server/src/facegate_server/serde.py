@@ -1,0 +1,88 @@
+"""Conversions between facegate.v1 messages and the domain's values."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from datetime import UTC, datetime, timedelta
+
+from facegate.v1 import facegate_service_pb2 as pb
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from facegate_server.domain import AccessEvent, Decision, EngineKind, EventFilter, FaceBox, Member
+from facegate_server.errors import InvalidArgument
+
+
+def timestamp(t: datetime) -> timestamp_pb2.Timestamp:
+    message = timestamp_pb2.Timestamp()
+    message.FromDatetime(t)
+    return message
+
+
+def duration(d: timedelta) -> duration_pb2.Duration:
+    message = duration_pb2.Duration()
+    message.FromTimedelta(d)
+    return message
+
+
+def decision(d: Decision) -> pb.Decision.ValueType:
+    return pb.Decision.Value(f"DECISION_{d.value}")
+
+
+def engine(e: EngineKind) -> pb.Engine.ValueType:
+    return pb.Engine.Value(f"ENGINE_{e.value}")
+
+
+def face_box(box: FaceBox) -> pb.FaceBox:
+    return pb.FaceBox(left=box.left, top=box.top, width=box.width, height=box.height)
+
+
+def member(m: Member) -> pb.Member:
+    return pb.Member(
+        member_id=m.member_id,
+        display_name=m.display_name,
+        face_count=m.face_count,
+        create_time=timestamp(m.create_time),
+        update_time=timestamp(m.update_time),
+    )
+
+
+def access_event(e: AccessEvent) -> pb.AccessEvent:
+    return pb.AccessEvent(
+        event_id=e.event_id,
+        time=timestamp(e.time),
+        turnstile_id=e.turnstile_id,
+        member_id=e.member_id,
+        decision=decision(e.decision),
+        engine=engine(e.engine),
+        confidence=e.confidence,
+        server_latency=duration(e.latency),
+    )
+
+
+def event_filter(request: pb.ListAccessEventsRequest) -> EventFilter:
+    start = request.start_time.ToDatetime(UTC) if request.HasField("start_time") else None
+    end = request.end_time.ToDatetime(UTC) if request.HasField("end_time") else None
+    if start is not None and end is not None and end <= start:
+        raise InvalidArgument("end_time", "must be after start_time", reason="TIME_RANGE_INVALID")
+    return EventFilter(request.member_id, request.turnstile_id, start, end)
+
+
+# Page tokens are opaque to clients: base64url of a small JSON object.
+def encode_page_token(**position: str | int) -> str:
+    return base64.urlsafe_b64encode(json.dumps(position).encode()).decode()
+
+
+def decode_page_token(token: str, key: str, kind: type[str] | type[int]) -> str | int | None:
+    if not token:
+        return None
+    try:
+        value = json.loads(base64.urlsafe_b64decode(token.encode("ascii")))[key]
+        if type(value) is not kind:
+            raise TypeError(key)
+        return value  # type: ignore[no-any-return,unused-ignore]
+    except (ValueError, TypeError, KeyError, binascii.Error, UnicodeEncodeError):
+        raise InvalidArgument(
+            "page_token", "is not a token returned by this method", reason="PAGE_TOKEN_INVALID"
+        ) from None

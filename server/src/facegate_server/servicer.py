@@ -1,0 +1,155 @@
+"""The protobuf edge: each RPC validates its message, delegates to the Gate, converts back.
+
+Every RPC logs one structured line (method, caller, status, latency, member, decision;
+never image bytes). Domain errors become rich statuses (errors.to_status); anything else
+is logged with its traceback and answered INTERNAL without internals.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+from facegate.v1 import facegate_service_pb2 as pb
+from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
+
+from facegate_server import serde
+from facegate_server.errors import FaceGateError, to_status
+from facegate_server.gate import Gate
+
+log = logging.getLogger("facegate.rpc")
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+Handler = Callable[[Any, Request, grpc.ServicerContext], Response]
+
+
+def _log_fields(request: Any, response: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for name in ("member_id", "turnstile_id"):
+        value = getattr(request, name, "")
+        if value:
+            fields[name] = value[:80]
+    if isinstance(request, pb.IdentifyRequest):
+        fields["image_bytes"] = len(request.image)
+    if isinstance(request, pb.EnrollRequest | pb.AddMemberPhotosRequest):
+        fields["photos"] = len(request.photos)
+    if isinstance(response, pb.IdentifyResponse):
+        fields["decision"] = pb.Decision.Name(response.decision)
+        fields["engine"] = pb.Engine.Name(response.engine)
+        fields["member_id"] = response.member_id
+        fields["confidence"] = round(response.confidence, 3)
+    return fields
+
+
+def rpc(method: Handler[Request, Response]) -> Handler[Request, Response]:
+    @functools.wraps(method)
+    def handler(self: Any, request: Request, context: grpc.ServicerContext) -> Response:
+        started = time.perf_counter()
+        outcome: dict[str, Any] = {"code": "OK"}
+        response = None
+        try:
+            response = method(self, request, context)
+            return response
+        except FaceGateError as error:
+            outcome = {"code": error.code.name, "reason": error.reason, "error": error.message}
+            context.abort_with_status(to_status(error))
+        except Exception:
+            log.exception("unexpected error", extra={"method": method.__name__})
+            outcome = {"code": "INTERNAL", "reason": "INTERNAL"}
+            context.abort_with_status(
+                to_status(FaceGateError("internal error; the server log has the details"))
+            )
+        finally:
+            log.info(
+                "rpc",
+                extra={
+                    "method": method.__name__,
+                    "peer": context.peer(),
+                    **outcome,
+                    "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+                    **_log_fields(request, response),
+                },
+            )
+        raise AssertionError("unreachable: abort_with_status raises")
+
+    return handler
+
+
+class FaceGateServicer(pb_grpc.FaceGateServiceServicer):
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+
+    @rpc
+    def Identify(
+        self, request: pb.IdentifyRequest, context: grpc.ServicerContext
+    ) -> pb.IdentifyResponse:
+        started = time.perf_counter()
+        result = self.gate.identify(request.image, request.turnstile_id, context.time_remaining())
+        found = result.identification
+        response = pb.IdentifyResponse(
+            decision=serde.decision(found.decision),
+            member_id=found.member_id,
+            display_name=result.display_name,
+            confidence=found.confidence,
+            engine=serde.engine(found.engine),
+            event_id=result.event.event_id,
+            hint=found.hint,
+        )
+        if found.face_box is not None:
+            response.face_box.CopyFrom(serde.face_box(found.face_box))
+        response.server_latency.FromNanoseconds(int((time.perf_counter() - started) * 1e9))
+        return response
+
+    @rpc
+    def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollResponse:
+        member = self.gate.enroll(request.member_id, request.display_name, list(request.photos))
+        return pb.EnrollResponse(member=serde.member(member))
+
+    @rpc
+    def AddMemberPhotos(
+        self, request: pb.AddMemberPhotosRequest, context: grpc.ServicerContext
+    ) -> pb.AddMemberPhotosResponse:
+        member = self.gate.add_member_photos(request.member_id, list(request.photos))
+        return pb.AddMemberPhotosResponse(member=serde.member(member))
+
+    @rpc
+    def GetMember(
+        self, request: pb.GetMemberRequest, context: grpc.ServicerContext
+    ) -> pb.GetMemberResponse:
+        return pb.GetMemberResponse(member=serde.member(self.gate.get_member(request.member_id)))
+
+    @rpc
+    def ListMembers(
+        self, request: pb.ListMembersRequest, context: grpc.ServicerContext
+    ) -> pb.ListMembersResponse:
+        after = serde.decode_page_token(request.page_token, "after", str)
+        members, next_after = self.gate.list_members(request.page_size, str(after or ""))
+        return pb.ListMembersResponse(
+            members=[serde.member(m) for m in members],
+            next_page_token=serde.encode_page_token(after=next_after) if next_after else "",
+        )
+
+    @rpc
+    def DeleteMember(
+        self, request: pb.DeleteMemberRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteMemberResponse:
+        self.gate.delete_member(request.member_id)
+        return pb.DeleteMemberResponse()
+
+    @rpc
+    def ListAccessEvents(
+        self, request: pb.ListAccessEventsRequest, context: grpc.ServicerContext
+    ) -> pb.ListAccessEventsResponse:
+        before = serde.decode_page_token(request.page_token, "before", int)
+        events, next_before = self.gate.list_events(
+            serde.event_filter(request), request.page_size, int(before) if before else None
+        )
+        return pb.ListAccessEventsResponse(
+            events=[serde.access_event(e) for e in events],
+            next_page_token=serde.encode_page_token(before=next_before) if next_before else "",
+        )
