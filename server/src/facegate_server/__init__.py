@@ -1,0 +1,1 @@
+"""FaceGate server: gRPC face identification for gym turnstiles."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+
 from facegate_server.domain import Embedding
 
 DIMENSIONS = 128

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from facegate_server.domain import Embedding, FaceBox
 from facegate_server.images import decode
 
@@ -47,7 +48,11 @@ def init_worker() -> None:
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         import face_recognition
+    from PIL import ImageFile
 
+    # face_recognition turns on Pillow's "decode truncated images" at import: a cut-off
+    # upload would then be decoded as a grey-padded frame instead of being rejected.
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
     _face_recognition = face_recognition
     rng = np.random.default_rng(0)
     frame = rng.integers(0, 255, size=(480, 853, 3), dtype=np.uint8)

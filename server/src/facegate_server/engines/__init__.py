@@ -1,0 +1,1 @@
+"""Recognition engines: the interface, the local engine and its worker processes."""

@@ -1,0 +1,64 @@
+"""Shared fixtures: the test photographs, and real servers on port 0."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+FACES = ROOT.parent / "shared" / "faces"
+
+
+@dataclass(frozen=True)
+class Faces:
+    root: Path
+    rows: list[dict[str, str]]
+
+    def read(self, relative: str) -> bytes:
+        return (self.root / relative).read_bytes()
+
+    def of(self, person: str) -> list[str]:
+        """Paths of the one-face photos of `person`, in manifest order."""
+        return [r["path"] for r in self.rows if r["path"].startswith(f"people/{person}/")]
+
+
+@pytest.fixture(scope="session")
+def faces() -> Faces:
+    manifest = FACES / "manifest.csv"
+    if not manifest.exists():
+        pytest.skip(f"the test photographs are not here ({FACES}): see the README's Tests section")
+    with manifest.open(newline="") as f:
+        return Faces(FACES, list(csv.DictReader(f)))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A real FaceGate server (local engine, SQLite, 2 workers) on a free loopback port."""
+    from facegate_server.app import build_server
+    from facegate_server.config import load_settings
+
+    data = tmp_path_factory.mktemp("facegate-data")
+    settings = load_settings({}, listen="127.0.0.1:0", data_dir=data, workers=2)
+    built = build_server(settings)
+    built.start()
+    yield built
+    built.stop(grace=1.0)
+
+
+@pytest.fixture(scope="module")
+def target(server: object) -> str:
+    return f"127.0.0.1:{server.port}"  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def stub(target: str) -> Iterator[pb_grpc.FaceGateServiceStub]:
+    with grpc.insecure_channel(
+        target, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
+    ) as channel:
+        yield pb_grpc.FaceGateServiceStub(channel)

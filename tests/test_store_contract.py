@@ -1,0 +1,176 @@
+"""The store contract: every Store implementation must pass every test here."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from facegate_server.domain import (
+    Decision,
+    EngineKind,
+    EventFilter,
+    FaceTemplate,
+    NewAccessEvent,
+)
+from facegate_server.errors import MemberAlreadyExists, MemberNotFound
+from facegate_server.store import MemoryStore, SqliteStore, Store
+from facegate_server.store.sqlite import SCHEMA_VERSION
+
+T0 = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
+
+
+def template(seed: int, photo: bytes | None = None) -> FaceTemplate:
+    return FaceTemplate(np.random.default_rng(seed).normal(size=128), photo)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    made: Store = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "db")
+    yield made
+    made.close()
+
+
+def event(t: datetime, member: str = "m-1", turnstile: str = "gate-1") -> NewAccessEvent:
+    return NewAccessEvent(
+        time=t,
+        turnstile_id=turnstile,
+        member_id=member,
+        decision=Decision.GRANTED if member else Decision.DENIED_UNKNOWN_FACE,
+        engine=EngineKind.LOCAL,
+        confidence=0.9,
+        latency=timedelta(milliseconds=150),
+    )
+
+
+def test_create_and_get(store: Store) -> None:
+    created = store.create_member("m-1", "Kim Jiwoo", [template(1), template(2)], T0)
+    assert created.member_id == "m-1"
+    assert created.face_count == 2
+    assert created.create_time == created.update_time == T0
+    assert store.get_member("m-1") == created
+
+
+def test_create_existing_is_refused_and_changes_nothing(store: Store) -> None:
+    store.create_member("m-1", "Kim", [template(1)], T0)
+    with pytest.raises(MemberAlreadyExists):
+        store.create_member("m-1", "Other", [template(2), template(3)], T0 + timedelta(1))
+    assert store.get_member("m-1").display_name == "Kim"
+    assert len(list(store.iter_embeddings())) == 1
+
+
+def test_unknown_member(store: Store) -> None:
+    with pytest.raises(MemberNotFound):
+        store.get_member("nobody")
+    with pytest.raises(MemberNotFound):
+        store.delete_member("nobody")
+    with pytest.raises(MemberNotFound):
+        store.add_templates("nobody", [template(1)], T0)
+    assert list(store.iter_embeddings()) == []
+
+
+def test_add_templates(store: Store) -> None:
+    store.create_member("m-1", "Kim", [template(1)], T0)
+    later = T0 + timedelta(days=3)
+    member = store.add_templates("m-1", [template(2), template(3)], later)
+    assert member.face_count == 3
+    assert member.create_time == T0
+    assert member.update_time == later
+
+
+def test_embeddings_round_trip_exactly(store: Store) -> None:
+    t1, t2, t3 = template(1), template(2), template(3)
+    store.create_member("a", "", [t1, t2], T0)
+    store.create_member("b", "", [t3], T0)
+    got = list(store.iter_embeddings())
+    assert [m for m, _ in got] == ["a", "a", "b"]
+    for (_, e), t in zip(got, [t1, t2, t3], strict=True):
+        assert np.array_equal(e, t.embedding)
+
+
+def test_list_members_pages_in_id_order(store: Store) -> None:
+    for member_id in ["m-3", "m-1", "m-2", "m-5", "m-4"]:
+        store.create_member(member_id, "", [template(1)], T0)
+    assert [m.member_id for m in store.list_members(2)] == ["m-1", "m-2"]
+    assert [m.member_id for m in store.list_members(2, after="m-2")] == ["m-3", "m-4"]
+    assert [m.member_id for m in store.list_members(2, after="m-4")] == ["m-5"]
+    assert store.list_members(2, after="m-5") == []
+
+
+def test_delete_removes_templates_and_keeps_events(store: Store) -> None:
+    store.create_member("m-1", "Kim", [template(1, b"photo")], T0)
+    store.create_member("m-2", "Lee", [template(2)], T0)
+    store.record_event(event(T0, "m-1"))
+    store.delete_member("m-1")
+    with pytest.raises(MemberNotFound):
+        store.get_member("m-1")
+    assert [m for m, _ in store.iter_embeddings()] == ["m-2"]
+    assert [e.member_id for e in store.list_events(EventFilter(), 10)] == ["m-1"]
+    # Deleted ids can be enrolled again, from scratch.
+    assert store.create_member("m-1", "Kim", [template(3)], T0).face_count == 1
+
+
+def test_events_newest_first_filtered_and_paged(store: Store) -> None:
+    for i in range(6):
+        store.record_event(event(T0 + timedelta(minutes=i), "m-1" if i % 2 else "m-2"))
+    store.record_event(event(T0 + timedelta(minutes=9), "", turnstile="gate-2"))
+    everything = store.list_events(EventFilter(), 100)
+    assert [e.event_id for e in everything] == sorted(
+        (e.event_id for e in everything), reverse=True
+    )
+    assert everything[0].turnstile_id == "gate-2"
+    assert everything[0].decision is Decision.DENIED_UNKNOWN_FACE
+    assert everything[-1].latency == timedelta(milliseconds=150)
+    assert everything[-1].time == T0
+
+    m1 = store.list_events(EventFilter(member_id="m-1"), 2)
+    assert [e.time.minute for e in m1] == [5, 3]
+    rest = store.list_events(EventFilter(member_id="m-1"), 2, before_id=m1[-1].event_id)
+    assert [e.time.minute for e in rest] == [1]
+
+    window = EventFilter(start_time=T0 + timedelta(minutes=2), end_time=T0 + timedelta(minutes=4))
+    assert [e.time.minute for e in store.list_events(window, 100)] == [3, 2]
+    assert [e.member_id for e in store.list_events(EventFilter(turnstile_id="gate-2"), 9)] == [""]
+
+
+def test_sqlite_survives_reopen_and_is_private(tmp_path: Path) -> None:
+    path = tmp_path / "data" / "facegate.sqlite3"
+    store = SqliteStore(path)
+    store.create_member("m-1", "Kim", [template(1)], T0)
+    store.record_event(event(T0))
+    store.close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    again = SqliteStore(path)
+    assert again.get_member("m-1").display_name == "Kim"
+    assert again.schema_version() == SCHEMA_VERSION
+    assert len(again.list_events(EventFilter(), 10)) == 1
+    again.close()
+
+
+def test_sqlite_enrolment_is_all_or_nothing(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "db")
+    # The second template cannot be stored (SQLite cannot bind the photo), as if the
+    # process failed half way through writing the member's faces.
+    broken = FaceTemplate(np.zeros(128), photo=object())  # type: ignore[arg-type]
+    store.create_member("m-0", "", [template(0)], T0)
+    with pytest.raises(sqlite3.Error):
+        store.create_member("m-1", "Kim", [template(1), broken, template(2)], T0)
+    with pytest.raises(MemberNotFound):
+        store.get_member("m-1")
+    assert [m for m, _ in store.iter_embeddings()] == ["m-0"]
+    store.close()
+
+
+def test_sqlite_refuses_a_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    SqliteStore(path).close()
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(RuntimeError, match="newer"):
+        SqliteStore(path)
