@@ -38,6 +38,7 @@ class WorkerPool:
         self._max_bytes = max_bytes
         self._max_side = max_side
         self._lock = threading.Lock()
+        self._ready = threading.Event()
         self._pool = self._new_pool()
 
     def _new_pool(self) -> cf.ProcessPoolExecutor:
@@ -49,13 +50,23 @@ class WorkerPool:
 
     def warm_up(self) -> None:
         """Start every worker and wait until each has loaded and run the models."""
-        pings = [self._pool.submit(local_worker.ping) for _ in range(self.workers)]
-        for ping in pings:
-            ping.result()
+        self._warm(self._pool)
+
+    def _warm(self, pool: cf.ProcessPoolExecutor) -> None:
+        pings = [pool.submit(local_worker.ping) for _ in range(self.workers)]
+        try:
+            for ping in pings:
+                ping.result()
+        except cf.BrokenExecutor:
+            log.error("recognition workers failed to start")
+            return
+        self._ready.set()
 
     def submit(self, data: bytes) -> cf.Future[Analysis]:
         """Start analysing one image; the future raises ImageRejected for unusable bytes."""
         check_size(data, self._max_bytes)
+        if not self._ready.is_set():
+            raise RecognitionUnavailable("the recognition workers are starting; retry shortly")
         pool = self._pool
         try:
             return pool.submit(local_worker.analyse, data, self._max_bytes, self._max_side)
@@ -79,9 +90,15 @@ class WorkerPool:
             ) from None
 
     def _replace(self, broken: cf.ProcessPoolExecutor) -> None:
+        """Swap in a new pool; it warms up in the background while callers get UNAVAILABLE."""
         with self._lock:
-            if self._pool is broken:
-                self._pool = self._new_pool()
+            if self._pool is not broken:
+                return
+            self._ready.clear()
+            self._pool = self._new_pool()
+            threading.Thread(
+                target=self._warm, args=(self._pool,), name="warm-workers", daemon=True
+            ).start()
         broken.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
