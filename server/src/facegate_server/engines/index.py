@@ -37,43 +37,36 @@ class Match:
 class _Snapshot:
     vectors: npt.NDArray[np.float32]  # (n, 128)
     sq_norms: npt.NDArray[np.float32]  # (n,)
-    owners: npt.NDArray[np.object_]  # (n,) member ids
-
-    @classmethod
-    def empty(cls) -> _Snapshot:
-        return cls(
-            np.zeros((0, DIMENSIONS), np.float32),
-            np.zeros(0, np.float32),
-            np.zeros(0, np.object_),
-        )
-
-    @classmethod
-    def of(cls, owners: list[str], vectors: npt.NDArray[np.float32]) -> _Snapshot:
-        return cls(
-            vectors, np.einsum("ij,ij->i", vectors, vectors), np.array(owners, dtype=np.object_)
-        )
+    owners: npt.NDArray[np.int64]  # (n,) member codes: positions in FaceIndex._ids
 
 
 class FaceIndex:
     def __init__(self, templates: Iterable[tuple[str, Embedding]] = ()) -> None:
         self._write_lock = threading.Lock()
-        owners: list[str] = []
+        self._codes: dict[str, int] = {}
+        self._ids: list[str] = []  # append-only, so any snapshot's codes stay valid
+        owners: list[int] = []
         rows: list[Embedding] = []
         for member_id, embedding in templates:
-            owners.append(member_id)
+            owners.append(self._code(member_id))
             rows.append(embedding)
-        vectors = (
-            np.asarray(rows, np.float32).reshape(-1, DIMENSIONS)
-            if rows
-            else np.zeros((0, DIMENSIONS), np.float32)
+        vectors = np.asarray(rows, np.float32).reshape(-1, DIMENSIONS)
+        self._snapshot = _Snapshot(
+            vectors, np.einsum("ij,ij->i", vectors, vectors), np.asarray(owners, np.int64)
         )
-        self._snapshot = _Snapshot.of(owners, vectors)
+
+    def _code(self, member_id: str) -> int:
+        code = self._codes.get(member_id)
+        if code is None:
+            code = self._codes[member_id] = len(self._ids)
+            self._ids.append(member_id)
+        return code
 
     def __len__(self) -> int:
         return len(self._snapshot.owners)
 
     def member_count(self) -> int:
-        return len(set(self._snapshot.owners.tolist()))
+        return len(np.unique(self._snapshot.owners))
 
     def add(self, member_id: str, embeddings: Iterable[Embedding]) -> None:
         new = np.asarray(list(embeddings), np.float32).reshape(-1, DIMENSIONS)
@@ -82,13 +75,16 @@ class FaceIndex:
             self._snapshot = _Snapshot(
                 np.concatenate([old.vectors, new]),
                 np.concatenate([old.sq_norms, np.einsum("ij,ij->i", new, new)]),
-                np.concatenate([old.owners, np.array([member_id] * len(new), np.object_)]),
+                np.concatenate([old.owners, np.full(len(new), self._code(member_id), np.int64)]),
             )
 
     def remove(self, member_id: str) -> None:
         with self._write_lock:
+            code = self._codes.get(member_id)
+            if code is None:
+                return
             old = self._snapshot
-            keep = old.owners != member_id
+            keep = old.owners != code
             self._snapshot = _Snapshot(old.vectors[keep], old.sq_norms[keep], old.owners[keep])
 
     def match(self, probe: Embedding) -> Match | None:
@@ -100,12 +96,14 @@ class FaceIndex:
         squared = snap.sq_norms + np.float32(q @ q) - 2.0 * (snap.vectors @ q)
         distances = np.sqrt(np.maximum(squared, 0.0))
         best = int(np.argmin(distances))
-        best_id = str(snap.owners[best])
-        others = snap.owners != best_id
-        if not others.any():
-            return Match(best_id, float(distances[best]))
-        other_distances = np.where(others, distances, np.inf)
+        best_code = snap.owners[best]
+        other_distances = np.where(snap.owners != best_code, distances, np.inf)
         runner = int(np.argmin(other_distances))
+        if not np.isfinite(other_distances[runner]):
+            return Match(self._ids[best_code], float(distances[best]))
         return Match(
-            best_id, float(distances[best]), str(snap.owners[runner]), float(distances[runner])
+            self._ids[best_code],
+            float(distances[best]),
+            self._ids[snap.owners[runner]],
+            float(distances[runner]),
         )
