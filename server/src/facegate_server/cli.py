@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from facegate_server import logs
-from facegate_server.app import build_server
 from facegate_server.config import load_settings
 
 log = logging.getLogger("facegate.serve")
@@ -64,6 +63,8 @@ def serve(args: argparse.Namespace) -> int:
             "workers": settings.workers,
         },
     )
+    from facegate_server.app import build_server  # numpy, dlib: only for `serve`
+
     try:
         server = build_server(settings)
     except (OSError, RuntimeError) as error:

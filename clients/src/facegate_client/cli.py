@@ -1,0 +1,413 @@
+"""The `facegate` command: enrol members, identify a frame, read members and the access log.
+
+    facegate enroll --member-id m-1001 --name "Kim Jiwoo" kim1.jpg kim2.jpg
+    facegate add-photos --member-id m-1001 kim3.jpg
+    facegate identify frame.jpg --turnstile-id gate-1
+    facegate members list | get ID | delete ID
+    facegate events --member-id m-1001 --since 2026-11-26T00:00:00Z --limit 20
+
+Every client command takes --target HOST:PORT (default: $FACEGATE_TARGET, else
+127.0.0.1:50051), --timeout SECONDS and --json (protobuf JSON, with the proto field names).
+
+Exit codes: 0 on success (a denied frame is a success), 1 when the server answers with an
+error, 2 for a usage error or a local file that cannot be read.
+
+Other packages add commands through the entry point group `facegate.commands`: each entry
+point is a callable taking the argparse subparsers object; it adds its own subparser and
+sets `func`, a handler taking the parsed `argparse.Namespace` and returning the exit code.
+facegate-server adds `serve` this way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import itertools
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from facegate.v1 import facegate_service_pb2 as pb
+from google.protobuf import json_format
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from facegate_client.client import DEFAULT_TARGET, FaceGateClient
+from facegate_client.errors import FaceGateError
+
+__all__ = ["PLUGIN_GROUP", "build_parser", "main"]
+
+PLUGIN_GROUP = "facegate.commands"
+"""The entry point group through which other packages add subcommands."""
+
+_MAX_PAGE_SIZE = 1000
+_EPILOG = "Server commands (serve, ...) come with the facegate-server package."
+
+
+class _LocalFileError(Exception):
+    """A file named on the command line cannot be read."""
+
+
+# ---------------------------------------------------------------- argument types
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
+def _iso_time(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an ISO 8601 time: {text!r} (e.g. 2026-11-26T23:00:00Z)"
+        ) from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+# ---------------------------------------------------------------- output
+
+
+def _enum_name(enum: Any, value: int, prefix: str) -> str:
+    try:
+        name: str = enum.Name(value)
+    except ValueError:
+        return str(value)
+    return name.removeprefix(prefix)
+
+
+def _decision(value: int) -> str:
+    return _enum_name(pb.Decision, value, "DECISION_")
+
+
+def _engine(value: int) -> str:
+    return _enum_name(pb.Engine, value, "ENGINE_").lower()
+
+
+def _millis(duration: Duration) -> str:
+    return f"{round(duration.seconds * 1000 + duration.nanos / 1e6)} ms"
+
+
+def _time(timestamp: Timestamp, present: bool) -> str:
+    if not present:
+        return "-"
+    return timestamp.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _quoted(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+def format_identify(response: pb.IdentifyResponse) -> str:
+    """`GRANTED m-1001 "Kim Jiwoo" confidence 0.93 (local) 148 ms [hint]`."""
+    parts = [_decision(response.decision)]
+    if response.member_id:
+        parts.append(response.member_id)
+    if response.display_name:
+        parts.append(_quoted(response.display_name))
+    parts.append(f"confidence {response.confidence:.2f}")
+    parts.append(f"({_engine(response.engine)})")
+    parts.append(_millis(response.server_latency))
+    if response.hint:
+        parts.append(f"[{response.hint}]")
+    return " ".join(parts)
+
+
+def format_member(member: pb.Member) -> str:
+    """`m-1001  "Kim Jiwoo"  2 faces  enrolled 2026-11-26T23:00:00Z`."""
+    faces = "1 face" if member.face_count == 1 else f"{member.face_count} faces"
+    enrolled = _time(member.create_time, member.HasField("create_time"))
+    return f"{member.member_id}  {_quoted(member.display_name)}  {faces}  enrolled {enrolled}"
+
+
+def format_event(event: pb.AccessEvent) -> str:
+    """`2026-11-26T23:01:02Z  gate-1  GRANTED  m-1001  0.93  local  148 ms`."""
+    return "  ".join(
+        [
+            _time(event.time, event.HasField("time")),
+            event.turnstile_id,
+            _decision(event.decision),
+            event.member_id or "-",
+            f"{event.confidence:.2f}",
+            _engine(event.engine),
+            _millis(event.server_latency),
+        ]
+    )
+
+
+def _print_json(message: Message, out: TextIO) -> None:
+    print(
+        json_format.MessageToJson(
+            message,
+            preserving_proto_field_name=True,
+            always_print_fields_with_no_presence=True,
+        ),
+        file=out,
+    )
+
+
+def _show(args: argparse.Namespace, out: TextIO, message: Message, line: str) -> None:
+    """Print `message` as JSON with --json, else `line`."""
+    if args.json:
+        _print_json(message, out)
+    else:
+        print(line, file=out)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def _read_file(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise _LocalFileError(f"cannot read {path!r}: {err.strerror or err}") from None
+
+
+def _read_files(paths: Sequence[str]) -> list[bytes]:
+    return [_read_file(path) for path in paths]
+
+
+Handler = Callable[[FaceGateClient, argparse.Namespace, TextIO], None]
+
+
+def _cmd_enroll(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -> None:
+    photos = _read_files(args.photos)
+    member = client.enroll(args.member_id, photos, display_name=args.name)
+    _show(args, out, member, format_member(member))
+
+
+def _cmd_add_photos(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -> None:
+    photos = _read_files(args.photos)
+    member = client.add_member_photos(args.member_id, photos)
+    _show(args, out, member, format_member(member))
+
+
+def _cmd_identify(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -> None:
+    frame = _read_file(args.frame)
+    response = client.identify(frame, args.turnstile_id)
+    _show(args, out, response, format_identify(response))
+
+
+def _cmd_members_list(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -> None:
+    members = client.iter_members(page_size=args.page_size)
+    if args.json:
+        _print_json(pb.ListMembersResponse(members=list(members)), out)
+        return
+    for member in members:
+        print(format_member(member), file=out)
+
+
+def _cmd_members_get(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -> None:
+    member = client.get_member(args.member_id)
+    _show(args, out, member, format_member(member))
+
+
+def _cmd_members_delete(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -> None:
+    client.delete_member(args.member_id)
+    _show(args, out, pb.DeleteMemberResponse(), f"deleted {args.member_id}")
+
+
+def _cmd_events(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -> None:
+    limit: int = args.limit
+    events = client.iter_access_events(
+        member_id=args.member_id,
+        turnstile_id=args.turnstile_id,
+        start_time=args.since,
+        end_time=args.until,
+        page_size=min(limit, _MAX_PAGE_SIZE) if limit else 100,
+    )
+    selected = itertools.islice(events, limit) if limit else events
+    if args.json:
+        _print_json(pb.ListAccessEventsResponse(events=list(selected)), out)
+        return
+    for event in selected:
+        print(format_event(event), file=out)
+
+
+def _run_client_command(handler: Handler) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        timeout: float | None = args.timeout
+        if timeout is None:
+            client = FaceGateClient(args.target)
+        else:
+            client = FaceGateClient(args.target, timeout=timeout, identify_timeout=timeout)
+        try:
+            with client:
+                handler(client, args, sys.stdout)
+        except _LocalFileError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except FaceGateError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        return 0
+
+    return run
+
+
+# ---------------------------------------------------------------- parser
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("connection and output")
+    group.add_argument(
+        "--target",
+        metavar="HOST:PORT",
+        default=os.environ.get("FACEGATE_TARGET") or DEFAULT_TARGET,
+        help=f"the server (default: $FACEGATE_TARGET, else {DEFAULT_TARGET})",
+    )
+    group.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=_positive_float,
+        help="deadline of each call (default: 2 for identify, 5 for the rest)",
+    )
+    group.add_argument(
+        "--json", action="store_true", help="print protobuf JSON (proto field names)"
+    )
+    return common
+
+
+def _add_client_commands(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    common = _common_options()
+
+    def add(
+        parent: argparse._SubParsersAction[argparse.ArgumentParser],
+        name: str,
+        handler: Handler,
+        help_text: str,
+    ) -> argparse.ArgumentParser:
+        parser = parent.add_parser(name, parents=[common], help=help_text, description=help_text)
+        parser.set_defaults(func=_run_client_command(handler))
+        return parser
+
+    enroll = add(subparsers, "enroll", _cmd_enroll, "enrol a new member from photos")
+    enroll.add_argument("--member-id", required=True, metavar="ID", help="the new member's id")
+    enroll.add_argument("--name", default="", help="the member's display name")
+    enroll.add_argument("photos", nargs="+", metavar="PHOTO", help="photos of one face each")
+
+    add_photos = add(subparsers, "add-photos", _cmd_add_photos, "add photos to an enrolled member")
+    add_photos.add_argument("--member-id", required=True, metavar="ID", help="the member's id")
+    add_photos.add_argument("photos", nargs="+", metavar="PHOTO", help="photos of one face each")
+
+    identify = add(subparsers, "identify", _cmd_identify, "decide on one camera frame")
+    identify.add_argument("frame", metavar="FRAME", help="an image file")
+    identify.add_argument(
+        "--turnstile-id", default="cli", metavar="ID", help="recorded in the log (default: cli)"
+    )
+
+    members = subparsers.add_parser(
+        "members", help="list, show or delete members", description="Members."
+    )
+    members_commands = members.add_subparsers(dest="members_command", metavar="COMMAND")
+    members_commands.required = True
+    members_list = add(members_commands, "list", _cmd_members_list, "list all members")
+    members_list.add_argument(
+        "--page-size",
+        type=_non_negative_int,
+        default=100,
+        metavar="N",
+        help="members fetched per call (default: %(default)s)",
+    )
+    members_get = add(members_commands, "get", _cmd_members_get, "show one member")
+    members_get.add_argument("member_id", metavar="ID")
+    members_delete = add(
+        members_commands, "delete", _cmd_members_delete, "delete a member and their faces"
+    )
+    members_delete.add_argument("member_id", metavar="ID")
+
+    events = add(subparsers, "events", _cmd_events, "read the access log, newest first")
+    events.add_argument("--member-id", default="", metavar="ID", help="only this member's")
+    events.add_argument("--turnstile-id", default="", metavar="ID", help="only this turnstile's")
+    events.add_argument(
+        "--since",
+        type=_iso_time,
+        metavar="ISO8601",
+        help="only at or after this time (UTC unless an offset is given)",
+    )
+    events.add_argument(
+        "--until",
+        type=_iso_time,
+        metavar="ISO8601",
+        help="only before this time (UTC unless an offset is given)",
+    )
+    events.add_argument(
+        "--limit",
+        type=_non_negative_int,
+        default=50,
+        metavar="N",
+        help="at most N events, 0 for all (default: %(default)s)",
+    )
+
+
+def _add_plugin_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    for entry_point in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        try:
+            register = entry_point.load()
+        except ImportError:
+            continue  # the plugin's package is not fully installed: no such command
+        register(subparsers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `facegate` parser: the client commands, then those of installed plugins."""
+    parser = argparse.ArgumentParser(
+        prog="facegate",
+        description="FaceGate: enrol members, identify faces, read the access log.",
+        epilog=_EPILOG,
+    )
+    try:
+        version = importlib.metadata.version("facegate-client")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    parser.add_argument("--version", action="version", version=f"facegate-client {version}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    _add_client_commands(subparsers)
+    _add_plugin_commands(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `facegate` with `argv` (default: sys.argv[1:]); return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, usage errors (2)
+        if exit_.code is None or isinstance(exit_.code, int):
+            return exit_.code or 0
+        return 2
+    try:
+        code: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

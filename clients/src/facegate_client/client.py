@@ -1,0 +1,280 @@
+"""`FaceGateClient`: typed, deadline-bound calls to a FaceGate server.
+
+    with FaceGateClient("gate-server:50051") as client:
+        result = client.identify(frame, turnstile_id="gate-1")
+        if result.decision == pb.DECISION_GRANTED:
+            open_gate()
+
+Every call has a deadline (`identify_timeout` for Identify, `timeout` for the rest) and
+raises a `facegate_client.errors.FaceGateError` subclass when it fails. The idempotent
+reads (GetMember, ListMembers, ListAccessEvents) are retried on UNAVAILABLE by gRPC
+itself, following the channel's service config; nothing else is retried.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Final, Self, TypeVar
+
+import grpc
+from facegate.v1 import facegate_service_pb2 as pb
+from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from facegate_client.errors import from_rpc_error
+
+__all__ = [
+    "CHANNEL_OPTIONS",
+    "DEFAULT_TARGET",
+    "MAX_MESSAGE_BYTES",
+    "SERVICE_CONFIG",
+    "FaceGateClient",
+]
+
+DEFAULT_TARGET: Final = "127.0.0.1:50051"
+
+MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
+"""The largest message the client sends or accepts: an Enroll may carry 10 photos of 6 MiB."""
+
+_SERVICE: Final = pb.DESCRIPTOR.services_by_name["FaceGateService"].full_name
+_RETRIED_METHODS: Final = ("GetMember", "ListMembers", "ListAccessEvents")
+
+SERVICE_CONFIG: Final = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": _SERVICE, "method": method} for method in _RETRIED_METHODS],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+"""gRPC service config: retry only the idempotent reads, and only on UNAVAILABLE."""
+
+CHANNEL_OPTIONS: Final[tuple[tuple[str, int | str], ...]] = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", SERVICE_CONFIG),
+)
+"""The options of the channels `FaceGateClient` creates; use them for a channel of your own."""
+
+_R = TypeVar("_R")
+
+
+def _timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    timestamp = Timestamp()
+    timestamp.FromDatetime(value)  # a naive datetime is taken as UTC
+    return timestamp
+
+
+def _photo_list(photos: Sequence[bytes]) -> list[bytes]:
+    if isinstance(photos, bytes | bytearray | memoryview):
+        raise TypeError("photos must be a sequence of photos (bytes), not a single photo")
+    return [bytes(photo) for photo in photos]
+
+
+class FaceGateClient:
+    """A connection to a FaceGate server.
+
+    Args:
+        target: the server's HOST:PORT (ignored when `channel` is given).
+        timeout: the deadline, in seconds, of every call but Identify.
+        identify_timeout: the deadline, in seconds, of Identify (a person is waiting).
+        channel: a channel to use instead of creating one; the client does not close it.
+            Create it with `CHANNEL_OPTIONS` to keep the retry policy and message limits.
+        credentials: TLS credentials; without them the channel is insecure.
+        metadata: sent with every call, e.g. `[("authorization", "Bearer ...")]`.
+
+    Use it as a context manager, or call `close()`.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float = 5.0,
+        identify_timeout: float = 2.0,
+        channel: grpc.Channel | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        if timeout <= 0 or identify_timeout <= 0:
+            raise ValueError("timeouts must be positive")
+        if channel is not None and credentials is not None:
+            raise ValueError("pass credentials or a channel, not both")
+        self._timeout = timeout
+        self._identify_timeout = identify_timeout
+        self._metadata = tuple(metadata)
+        self._owns_channel = channel is None
+        if channel is None:
+            if credentials is None:
+                channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+            else:
+                channel = grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+        self._channel = channel
+        self._stub = pb_grpc.FaceGateServiceStub(channel)
+
+    def close(self) -> None:
+        """Close the channel, if the client created it. Calling it twice is harmless."""
+        if self._owns_channel:
+            self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _call(self, method: Callable[..., _R], request: Any, timeout: float | None) -> _R:
+        try:
+            return method(
+                request,
+                timeout=self._timeout if timeout is None else timeout,
+                metadata=self._metadata or None,
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+
+    def identify(
+        self, image: bytes, turnstile_id: str, *, timeout: float | None = None
+    ) -> pb.IdentifyResponse:
+        """Decide whether the person in one camera frame may enter.
+
+        A denial is a result, not an error: check `decision`.
+        """
+        request = pb.IdentifyRequest(image=image, turnstile_id=turnstile_id)
+        response: pb.IdentifyResponse = self._call(
+            self._stub.Identify,
+            request,
+            self._identify_timeout if timeout is None else timeout,
+        )
+        return response
+
+    def enroll(
+        self,
+        member_id: str,
+        photos: Sequence[bytes],
+        display_name: str = "",
+        *,
+        timeout: float | None = None,
+    ) -> pb.Member:
+        """Create a member from 1 to 10 photos of one face each (AlreadyExists if taken)."""
+        request = pb.EnrollRequest(
+            member_id=member_id, display_name=display_name, photos=_photo_list(photos)
+        )
+        response: pb.EnrollResponse = self._call(self._stub.Enroll, request, timeout)
+        return response.member
+
+    def add_member_photos(
+        self, member_id: str, photos: Sequence[bytes], *, timeout: float | None = None
+    ) -> pb.Member:
+        """Add 1 to 10 photos to an enrolled member (NotFound if there is none)."""
+        request = pb.AddMemberPhotosRequest(member_id=member_id, photos=_photo_list(photos))
+        response: pb.AddMemberPhotosResponse = self._call(
+            self._stub.AddMemberPhotos, request, timeout
+        )
+        return response.member
+
+    def get_member(self, member_id: str, *, timeout: float | None = None) -> pb.Member:
+        """Return one member (NotFound if there is none)."""
+        request = pb.GetMemberRequest(member_id=member_id)
+        response: pb.GetMemberResponse = self._call(self._stub.GetMember, request, timeout)
+        return response.member
+
+    def list_members(
+        self, page_size: int = 0, page_token: str = "", *, timeout: float | None = None
+    ) -> pb.ListMembersResponse:
+        """Return one page of members, in member id order (page_size 0: the server's 100)."""
+        request = pb.ListMembersRequest(page_size=page_size, page_token=page_token)
+        response: pb.ListMembersResponse = self._call(self._stub.ListMembers, request, timeout)
+        return response
+
+    def iter_members(
+        self, page_size: int = 100, *, timeout: float | None = None
+    ) -> Iterator[pb.Member]:
+        """Yield every member, fetching page after page (`timeout` applies to each page)."""
+        page_token = ""
+        while True:
+            page = self.list_members(page_size, page_token, timeout=timeout)
+            yield from page.members
+            page_token = page.next_page_token
+            if not page_token:
+                return
+
+    def delete_member(self, member_id: str, *, timeout: float | None = None) -> None:
+        """Remove a member and all their face templates (NotFound if there is none)."""
+        request = pb.DeleteMemberRequest(member_id=member_id)
+        _: pb.DeleteMemberResponse = self._call(self._stub.DeleteMember, request, timeout)
+
+    def list_access_events(
+        self,
+        member_id: str = "",
+        turnstile_id: str = "",
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+        *,
+        timeout: float | None = None,
+    ) -> pb.ListAccessEventsResponse:
+        """Return one page of the access log, newest first.
+
+        Empty filters match everything; `start_time` is inclusive, `end_time` exclusive,
+        and naive datetimes are taken as UTC.
+        """
+        request = pb.ListAccessEventsRequest(
+            member_id=member_id,
+            turnstile_id=turnstile_id,
+            start_time=_timestamp(start_time),
+            end_time=_timestamp(end_time),
+            page_size=page_size,
+            page_token=page_token,
+        )
+        response: pb.ListAccessEventsResponse = self._call(
+            self._stub.ListAccessEvents, request, timeout
+        )
+        return response
+
+    def iter_access_events(
+        self,
+        member_id: str = "",
+        turnstile_id: str = "",
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        page_size: int = 100,
+        *,
+        timeout: float | None = None,
+    ) -> Iterator[pb.AccessEvent]:
+        """Yield every matching access event, newest first, page after page."""
+        page_token = ""
+        while True:
+            page = self.list_access_events(
+                member_id,
+                turnstile_id,
+                start_time,
+                end_time,
+                page_size,
+                page_token,
+                timeout=timeout,
+            )
+            yield from page.events
+            page_token = page.next_page_token
+            if not page_token:
+                return
