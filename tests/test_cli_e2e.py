@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Faces
+from tests.helpers import image_bytes
 
 FACEGATE = str(Path(sys.executable).with_name("facegate"))
 
@@ -116,13 +117,21 @@ def test_bad_input_is_a_clear_error(served: Served, tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_one_log_line_per_request_and_a_graceful_stop(served: Served) -> None:
+def test_one_log_line_per_request_and_a_graceful_stop(served: Served, tmp_path: Path) -> None:
     # Runs last in this module: it stops the server.
+    blank = tmp_path / "blank.png"
+    blank.write_bytes(image_bytes(320, 240))
+    no_face = facegate("identify", str(blank), target=served.target)
+    assert no_face.stdout.startswith("DENIED_NO_FACE")
+    assert facegate("members", "list", target=served.target).returncode == 0
+    assert facegate("members", "delete", "nobody", target=served.target).returncode == 1
     served.process.send_signal(signal.SIGTERM)
     assert served.process.wait(timeout=30) == 0
     entries = [json.loads(line) for line in served.log.read_text().splitlines()]
     rpcs = [e for e in entries if e["msg"] == "rpc"]
-    assert {e["method"] for e in rpcs} >= {"Enroll", "Identify", "ListMembers", "DeleteMember"}
+    assert {e["method"] for e in rpcs} >= {"Identify", "ListMembers", "DeleteMember"}
+    missing = next(e for e in rpcs if e["method"] == "DeleteMember" and e["code"] != "OK")
+    assert (missing["code"], missing["member_id"]) == ("NOT_FOUND", "nobody")
     identify = next(e for e in rpcs if e["method"] == "Identify" and e["code"] == "OK")
     assert {"latency_ms", "decision", "turnstile_id", "peer", "image_bytes"} <= set(identify)
     bad = next(e for e in rpcs if e.get("reason") == "IMAGE_FORMAT_UNSUPPORTED")
