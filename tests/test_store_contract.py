@@ -174,3 +174,107 @@ def test_sqlite_refuses_a_newer_schema(tmp_path: Path) -> None:
     db.close()
     with pytest.raises(RuntimeError, match="newer"):
         SqliteStore(path)
+
+
+def cloud_template(seed: int) -> FaceTemplate:
+    return FaceTemplate(np.random.default_rng(seed).normal(size=128), cloud_photo=b"jpeg%d" % seed)
+
+
+def test_enrolment_fills_the_outbox_in_order(store: Store) -> None:
+    store.create_member("m-1", "", [cloud_template(1), cloud_template(2)], T0)
+    store.create_member("m-2", "", [template(3)], T0)  # no cloud photo: nothing to send
+    store.add_templates("m-1", [cloud_template(4)], T0)
+    entries = store.outbox(10)
+    assert [(e.kind, e.member_id, e.photo) for e in entries] == [
+        ("add_face", "m-1", b"jpeg1"),
+        ("add_face", "m-1", b"jpeg2"),
+        ("add_face", "m-1", b"jpeg4"),
+    ]
+    assert [e.seq for e in entries] == sorted(e.seq for e in entries)
+    face_ids = [f.face_id for f in store.faces("m-1")]
+    assert [e.face_id for e in entries] == face_ids
+    assert store.outbox_depth() == 3
+    assert store.outbox(1) == entries[:1]
+
+
+def test_outbox_attempts_errors_and_done(store: Store) -> None:
+    store.create_member("m-1", "", [cloud_template(1)], T0)
+    [entry] = store.outbox(10)
+    store.outbox_attempt(entry.seq)
+    store.outbox_attempt(entry.seq, error="503 from the cloud")
+    [again] = store.outbox(10)
+    assert (again.attempts, again.last_error) == (1, "503 from the cloud")
+    store.outbox_done(entry.seq)
+    assert store.outbox(10) == [] and store.outbox_depth() == 0
+
+
+def test_failed_enrolment_leaves_no_outbox_entry(store: Store) -> None:
+    store.create_member("m-1", "", [template(1)], T0)
+    with pytest.raises(MemberAlreadyExists):
+        store.create_member("m-1", "", [cloud_template(2)], T0)
+    assert store.outbox_depth() == 0
+
+
+def test_delete_drops_pending_photos_and_queues_the_cloud_delete(store: Store) -> None:
+    store.create_member("m-1", "", [cloud_template(1)], T0)
+    store.create_member("m-2", "", [cloud_template(2)], T0)
+    store.save_cloud_person("m-1", "p-1")
+    store.delete_member("m-1", cloud=True)
+    assert [(e.kind, e.member_id, e.photo) for e in store.outbox(10)] == [
+        ("add_face", "m-2", b"jpeg2"),
+        ("delete_member", "m-1", None),
+    ]
+    # The person is remembered (to delete it) but no longer maps to a member.
+    assert store.member_of_person("p-1") is None
+    assert store.cloud_person("m-1") is None
+    assert [(p.person_id, p.deleted) for p in store.cloud_people()] == [("p-1", True)]
+    # Re-enrolled under the same id: a new person, the old one still to be deleted.
+    store.create_member("m-1", "", [cloud_template(3)], T0)
+    store.save_cloud_person("m-1", "p-9")
+    assert store.member_of_person("p-9") == "m-1"
+    assert store.member_of_person("p-1") is None
+    store.forget_cloud_person("p-1")
+    assert [p.person_id for p in store.cloud_people()] == ["p-9"]
+
+
+def test_cloud_readiness_follows_training(store: Store) -> None:
+    store.create_member("m-1", "", [cloud_template(1)], T0)
+    store.create_member("m-2", "", [cloud_template(2)], T0)
+    store.save_cloud_person("m-1", "p-1")
+    person = store.cloud_person("m-1")
+    assert person is not None and not person.ready
+    [face] = store.faces("m-1")
+    store.save_cloud_face(face.face_id, "pf-1")
+    assert store.faces("m-1")[0].persisted_face_id == "pf-1"
+    store.training_queued()
+    # A person whose faces arrive after the training was queued is not covered by it.
+    store.save_cloud_person("m-2", "p-2")
+    store.save_cloud_face(store.faces("m-2")[0].face_id, "pf-2")
+    store.training_succeeded()
+    ready = {p.member_id: p.ready for p in store.cloud_people()}
+    assert ready == {"m-1": True, "m-2": False}
+    assert store.member_of_person("p-1") == "m-1"
+    store.training_queued()
+    store.training_succeeded()
+    assert all(p.ready for p in store.cloud_people())
+
+
+def test_reports_are_kept_with_events(store: Store) -> None:
+    from dataclasses import replace
+
+    from facegate_server.domain import EngineOutcome, EngineReport
+
+    reports = (
+        EngineReport(
+            EngineKind.LOCAL,
+            EngineOutcome.DECIDED,
+            Decision.GRANTED,
+            "m-1",
+            0.8,
+            latency=timedelta(milliseconds=150),
+        ),
+        EngineReport(EngineKind.AZURE, EngineOutcome.TIMED_OUT, detail="no answer in 1100 ms"),
+    )
+    store.record_event(replace(event(T0), reports=reports))
+    [stored] = store.list_events(EventFilter(), 10)
+    assert stored.reports == reports

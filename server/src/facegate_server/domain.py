@@ -34,6 +34,34 @@ class EngineKind(enum.Enum):
     AZURE = "AZURE"
 
 
+class EngineOutcome(enum.Enum):
+    """What one engine did for a frame (names match facegate.v1.EngineOutcome)."""
+
+    DECIDED = "DECIDED"
+    AGREED = "AGREED"
+    NOT_USED = "NOT_USED"
+    OUTRANKED = "OUTRANKED"
+    DISAGREED = "DISAGREED"
+    TIMED_OUT = "TIMED_OUT"
+    CIRCUIT_OPEN = "CIRCUIT_OPEN"
+    THROTTLED = "THROTTLED"
+    ERROR = "ERROR"
+    NOT_TRAINED = "NOT_TRAINED"
+
+
+@dataclass(frozen=True)
+class EngineReport:
+    """One engine's part in a decision: kept in the response and the access log."""
+
+    engine: EngineKind
+    outcome: EngineOutcome
+    decision: Decision | None = None
+    member_id: str = ""
+    confidence: float = 0.0
+    detail: str = ""
+    latency: timedelta | None = None
+
+
 @dataclass(frozen=True)
 class FaceBox:
     """A face's box in pixels of the (EXIF-oriented) image."""
@@ -63,6 +91,19 @@ class FaceTemplate:
 
     embedding: Embedding
     photo: bytes | None = None
+    cloud_photo: bytes | None = None
+    """The photo to add to the member's cloud person: held in the outbox until it is sent,
+    then dropped (unlike `photo`, which is kept only when so configured)."""
+
+
+@dataclass(frozen=True)
+class StoredFace:
+    """An enrolled face as the cloud sync sees it."""
+
+    face_id: int
+    member_id: str
+    photo: bytes | None
+    persisted_face_id: str | None
 
 
 @dataclass(frozen=True)
@@ -74,6 +115,8 @@ class NewAccessEvent:
     engine: EngineKind
     confidence: float
     latency: timedelta
+    reports: tuple[EngineReport, ...] = ()
+    """What each engine did, when more than one was involved."""
 
 
 @dataclass(frozen=True)
@@ -101,3 +144,34 @@ class Identification:
     confidence: float = 0.0
     face_box: FaceBox | None = None
     hint: str = ""
+    reports: tuple[EngineReport, ...] = ()
+    cloud_transactions: int = 0
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    """A cloud change recorded with the local change, replayed in order until it succeeds.
+
+    kind "add_face": make sure the member's cloud person exists and holds this face.
+    kind "delete_member": make sure the member's cloud person is gone.
+    """
+
+    seq: int
+    kind: str
+    member_id: str
+    face_id: int | None = None
+    photo: bytes | None = None
+    attempts: int = 0
+    last_error: str = ""
+
+
+@dataclass(frozen=True)
+class CloudPerson:
+    """The cloud's person for a member, as FaceGate remembers it."""
+
+    member_id: str
+    person_id: str
+    ready: bool
+    """True once a training that includes the member's first cloud faces has succeeded."""
+    deleted: bool = False
+    """The member is gone; the person waits in the outbox to be deleted in the cloud."""

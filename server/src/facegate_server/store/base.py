@@ -1,7 +1,10 @@
-"""The store: members, their face templates, and the access log, behind one interface.
+"""The store: members, their face templates, the access log, and what FaceGate knows of
+the cloud (its person and face ids, and the outbox of changes not yet sent), behind one
+interface.
 
 Every implementation passes the same contract suite (tests/test_store_contract.py).
-Writes are atomic: a member is created with all of its templates or not at all.
+Writes are atomic: a member is created with all of its templates, and with the outbox
+entries that will copy them to the cloud, or not at all.
 """
 
 from __future__ import annotations
@@ -12,11 +15,14 @@ from datetime import datetime
 
 from facegate_server.domain import (
     AccessEvent,
+    CloudPerson,
     Embedding,
     EventFilter,
     FaceTemplate,
     Member,
     NewAccessEvent,
+    OutboxEntry,
+    StoredFace,
 )
 
 
@@ -25,7 +31,11 @@ class Store(abc.ABC):
     def create_member(
         self, member_id: str, display_name: str, templates: Sequence[FaceTemplate], now: datetime
     ) -> Member:
-        """Create a member with its templates in one transaction; MemberAlreadyExists if taken."""
+        """Create a member with its templates in one transaction; MemberAlreadyExists if taken.
+
+        Each template with a `cloud_photo` gets an "add_face" outbox entry in the same
+        transaction.
+        """
 
     @abc.abstractmethod
     def add_templates(
@@ -42,10 +52,12 @@ class Store(abc.ABC):
         """Up to `limit` members with ids greater than `after`, in id order."""
 
     @abc.abstractmethod
-    def delete_member(self, member_id: str) -> None:
+    def delete_member(self, member_id: str, *, cloud: bool = False) -> None:
         """Delete a member, its templates and stored photos; MemberNotFound if there is none.
 
-        Access events are kept: they hold no biometric data.
+        Photos still waiting in the outbox are dropped with them. With `cloud`, a
+        "delete_member" outbox entry is added in the same transaction. Access events are
+        kept: they hold no biometric data.
         """
 
     @abc.abstractmethod
@@ -61,6 +73,61 @@ class Store(abc.ABC):
         self, where: EventFilter, limit: int, before_id: int | None = None
     ) -> list[AccessEvent]:
         """Up to `limit` events matching `where`, newest first, older than `before_id`."""
+
+    # The outbox: cloud changes, oldest first.
+    @abc.abstractmethod
+    def outbox(self, limit: int) -> list[OutboxEntry]:
+        """The oldest `limit` entries not yet done."""
+
+    @abc.abstractmethod
+    def outbox_depth(self) -> int:
+        """How many entries are not yet done."""
+
+    @abc.abstractmethod
+    def outbox_attempt(self, seq: int, error: str = "") -> None:
+        """Count an attempt at an entry (before it is sent), or record why it failed."""
+
+    @abc.abstractmethod
+    def outbox_done(self, seq: int) -> None:
+        """Remove an entry that has taken effect in the cloud (its photo goes with it)."""
+
+    # What FaceGate knows of the cloud.
+    @abc.abstractmethod
+    def cloud_person(self, member_id: str) -> CloudPerson | None:
+        """The current member's cloud person, if it has been created."""
+
+    @abc.abstractmethod
+    def cloud_people(self) -> list[CloudPerson]:
+        """Every cloud person FaceGate remembers, those of deleted members included."""
+
+    @abc.abstractmethod
+    def member_of_person(self, person_id: str) -> str | None:
+        """The current member whose cloud person this is, or None (unknown or deleted)."""
+
+    @abc.abstractmethod
+    def save_cloud_person(self, member_id: str, person_id: str) -> None:
+        """Remember the member's cloud person (not ready until trained)."""
+
+    @abc.abstractmethod
+    def forget_cloud_person(self, person_id: str) -> None:
+        """The cloud person is gone."""
+
+    @abc.abstractmethod
+    def save_cloud_face(self, face_id: int, persisted_face_id: str) -> None:
+        """Remember that a face has been added to the member's cloud person; the member
+        needs training again before the cloud can use it."""
+
+    @abc.abstractmethod
+    def faces(self, member_id: str) -> list[StoredFace]:
+        """The member's faces with their cloud ids, if any (empty when there is no member)."""
+
+    @abc.abstractmethod
+    def training_queued(self) -> None:
+        """A training has been queued: it covers every cloud face saved before now."""
+
+    @abc.abstractmethod
+    def training_succeeded(self) -> None:
+        """The training last queued has succeeded: the members it covered are ready."""
 
     def close(self) -> None:  # noqa: B027 - optional for implementations
         """Release resources."""

@@ -4,27 +4,67 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
-from datetime import datetime
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 
 from facegate_server.domain import (
     AccessEvent,
+    CloudPerson,
     Embedding,
     EventFilter,
     FaceTemplate,
     Member,
     NewAccessEvent,
+    OutboxEntry,
+    StoredFace,
 )
 from facegate_server.errors import MemberAlreadyExists, MemberNotFound
 from facegate_server.store.base import Store
+
+
+@dataclass
+class _Face:
+    face_id: int
+    template: FaceTemplate
+    persisted_face_id: str | None = None
+
+
+@dataclass
+class _Person:
+    member_id: str
+    person_id: str
+    deleted: bool = False
+    ready: bool = False
+    pending: bool = False
+    in_training: bool = False
 
 
 class MemoryStore(Store):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._members: dict[str, Member] = {}
-        self._templates: dict[str, list[FaceTemplate]] = {}
+        self._templates: dict[str, list[_Face]] = {}
         self._events: list[AccessEvent] = []
+        self._outbox: list[OutboxEntry] = []
+        self._persons: dict[str, _Person] = {}
+        self._next_face = 1
+        self._next_seq = 1
+
+    def _add_faces(self, member_id: str, templates: Sequence[FaceTemplate]) -> list[_Face]:
+        faces = []
+        for t in templates:
+            face = _Face(self._next_face, t)
+            self._next_face += 1
+            faces.append(face)
+            if t.cloud_photo is not None:
+                self._enqueue("add_face", member_id, face.face_id, t.cloud_photo)
+        return faces
+
+    def _enqueue(
+        self, kind: str, member_id: str, face_id: int | None = None, photo: bytes | None = None
+    ) -> None:
+        self._outbox.append(OutboxEntry(self._next_seq, kind, member_id, face_id, photo))
+        self._next_seq += 1
 
     def create_member(
         self, member_id: str, display_name: str, templates: Sequence[FaceTemplate], now: datetime
@@ -34,7 +74,7 @@ class MemoryStore(Store):
                 raise MemberAlreadyExists(member_id)
             member = Member(member_id, display_name, len(templates), now, now)
             self._members[member_id] = member
-            self._templates[member_id] = list(templates)
+            self._templates[member_id] = self._add_faces(member_id, templates)
             return member
 
     def add_templates(
@@ -42,7 +82,7 @@ class MemoryStore(Store):
     ) -> Member:
         with self._lock:
             member = self._get(member_id)
-            self._templates[member_id].extend(templates)
+            self._templates[member_id].extend(self._add_faces(member_id, templates))
             member = replace(member, face_count=member.face_count + len(templates), update_time=now)
             self._members[member_id] = member
             return member
@@ -62,20 +102,29 @@ class MemoryStore(Store):
             ids = sorted(i for i in self._members if i > after)[:limit]
             return [self._members[i] for i in ids]
 
-    def delete_member(self, member_id: str) -> None:
+    def delete_member(self, member_id: str, *, cloud: bool = False) -> None:
         with self._lock:
             self._get(member_id)
             del self._members[member_id]
             del self._templates[member_id]
+            self._outbox = [
+                e for e in self._outbox if not (e.member_id == member_id and e.kind == "add_face")
+            ]
+            if cloud:
+                for person in self._persons.values():
+                    if person.member_id == member_id:
+                        person.deleted = True
+                self._enqueue("delete_member", member_id)
 
     def iter_embeddings(self) -> Iterator[tuple[str, Embedding]]:
         with self._lock:
-            pairs = [(m, t.embedding) for m, ts in self._templates.items() for t in ts]
+            pairs = [(m, f.template.embedding) for m, fs in self._templates.items() for f in fs]
         return iter(pairs)
 
     def record_event(self, event: NewAccessEvent) -> AccessEvent:
         with self._lock:
             fields = {k: getattr(event, k) for k in NewAccessEvent.__dataclass_fields__}
+            fields["latency"] = timedelta(microseconds=round(event.latency.total_seconds() * 1e6))
             stored = AccessEvent(**fields, event_id=len(self._events) + 1)
             self._events.append(stored)
             return stored
@@ -100,3 +149,86 @@ class MemoryStore(Store):
                 if len(found) == limit:
                     break
             return found
+
+    def outbox(self, limit: int) -> list[OutboxEntry]:
+        with self._lock:
+            return self._outbox[:limit]
+
+    def outbox_depth(self) -> int:
+        with self._lock:
+            return len(self._outbox)
+
+    def outbox_attempt(self, seq: int, error: str = "") -> None:
+        with self._lock:
+            self._outbox = [
+                e
+                if e.seq != seq
+                else replace(e, last_error=error)
+                if error
+                else replace(e, attempts=e.attempts + 1)
+                for e in self._outbox
+            ]
+
+    def outbox_done(self, seq: int) -> None:
+        with self._lock:
+            self._outbox = [e for e in self._outbox if e.seq != seq]
+
+    @staticmethod
+    def _public(p: _Person) -> CloudPerson:
+        return CloudPerson(p.member_id, p.person_id, p.ready, p.deleted)
+
+    def cloud_person(self, member_id: str) -> CloudPerson | None:
+        with self._lock:
+            for p in self._persons.values():
+                if p.member_id == member_id and not p.deleted:
+                    return self._public(p)
+            return None
+
+    def cloud_people(self) -> list[CloudPerson]:
+        with self._lock:
+            people = sorted(self._persons.values(), key=lambda p: (p.member_id, p.person_id))
+            return [self._public(p) for p in people]
+
+    def member_of_person(self, person_id: str) -> str | None:
+        with self._lock:
+            p = self._persons.get(person_id)
+            if p is None or p.deleted or p.member_id not in self._members:
+                return None
+            return p.member_id
+
+    def save_cloud_person(self, member_id: str, person_id: str) -> None:
+        with self._lock:
+            self._persons[person_id] = _Person(member_id, person_id)
+
+    def forget_cloud_person(self, person_id: str) -> None:
+        with self._lock:
+            self._persons.pop(person_id, None)
+
+    def save_cloud_face(self, face_id: int, persisted_face_id: str) -> None:
+        with self._lock:
+            for member_id, faces in self._templates.items():
+                for face in faces:
+                    if face.face_id == face_id:
+                        face.persisted_face_id = persisted_face_id
+                        for p in self._persons.values():
+                            if p.member_id == member_id and not p.deleted:
+                                p.pending = True
+
+    def faces(self, member_id: str) -> list[StoredFace]:
+        with self._lock:
+            return [
+                StoredFace(f.face_id, member_id, f.template.photo, f.persisted_face_id)
+                for f in self._templates.get(member_id, [])
+            ]
+
+    def training_queued(self) -> None:
+        with self._lock:
+            for p in self._persons.values():
+                if p.pending:
+                    p.in_training, p.pending = True, False
+
+    def training_succeeded(self) -> None:
+        with self._lock:
+            for p in self._persons.values():
+                if p.in_training:
+                    p.ready, p.in_training = True, False

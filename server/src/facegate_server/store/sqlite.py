@@ -19,6 +19,7 @@ import numpy as np
 
 from facegate_server.domain import (
     AccessEvent,
+    CloudPerson,
     Decision,
     Embedding,
     EngineKind,
@@ -26,9 +27,12 @@ from facegate_server.domain import (
     FaceTemplate,
     Member,
     NewAccessEvent,
+    OutboxEntry,
+    StoredFace,
 )
 from facegate_server.errors import MemberAlreadyExists, MemberNotFound
 from facegate_server.store.base import Store
+from facegate_server.store.reports import reports_from_json, reports_json
 
 EMBEDDING_DTYPE = np.dtype("<f8")
 
@@ -61,6 +65,32 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX events_by_member ON access_events(member_id, event_id)",
         "CREATE INDEX events_by_time ON access_events(time_us)",
+    ),
+    (
+        # What each engine did, for decisions that involved more than one (JSON).
+        "ALTER TABLE access_events ADD COLUMN reports TEXT NOT NULL DEFAULT '[]'",
+        # The cloud's ids for members and faces. A person outlives its member until the
+        # outbox has deleted it in the cloud.
+        """CREATE TABLE cloud_persons (
+            person_id    TEXT PRIMARY KEY,
+            member_id    TEXT NOT NULL,
+            deleted      INTEGER NOT NULL DEFAULT 0,
+            ready        INTEGER NOT NULL DEFAULT 0,
+            pending      INTEGER NOT NULL DEFAULT 0,
+            in_training  INTEGER NOT NULL DEFAULT 0
+        ) WITHOUT ROWID""",
+        "CREATE INDEX cloud_persons_by_member ON cloud_persons(member_id)",
+        "ALTER TABLE faces ADD COLUMN persisted_face_id TEXT",
+        """CREATE TABLE outbox (
+            seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+            kind       TEXT NOT NULL CHECK (kind IN ('add_face', 'delete_member')),
+            member_id  TEXT NOT NULL,
+            face_id    INTEGER,
+            photo      BLOB,
+            attempts   INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT NOT NULL DEFAULT ''
+        )""",
+        "CREATE INDEX outbox_by_member ON outbox(member_id)",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -110,13 +140,17 @@ class SqliteStore(Store):
             return int(self._db.execute("PRAGMA user_version").fetchone()[0])
 
     def _insert_faces(self, member_id: str, templates: Sequence[FaceTemplate], now_us: int) -> None:
-        self._db.executemany(
-            "INSERT INTO faces (member_id, embedding, photo, create_us) VALUES (?, ?, ?, ?)",
-            [
-                (member_id, np.asarray(t.embedding, EMBEDDING_DTYPE).tobytes(), t.photo, now_us)
-                for t in templates
-            ],
-        )
+        for t in templates:
+            face_id = self._db.execute(
+                "INSERT INTO faces (member_id, embedding, photo, create_us) VALUES (?, ?, ?, ?)",
+                (member_id, np.asarray(t.embedding, EMBEDDING_DTYPE).tobytes(), t.photo, now_us),
+            ).lastrowid
+            if t.cloud_photo is not None:
+                self._db.execute(
+                    "INSERT INTO outbox (kind, member_id, face_id, photo)"
+                    " VALUES ('add_face', ?, ?, ?)",
+                    (member_id, face_id, t.cloud_photo),
+                )
 
     def create_member(
         self, member_id: str, display_name: str, templates: Sequence[FaceTemplate], now: datetime
@@ -172,14 +206,23 @@ class SqliteStore(Store):
             ).fetchall()
         return [self._member(r) for r in rows]
 
-    def delete_member(self, member_id: str) -> None:
+    def delete_member(self, member_id: str, *, cloud: bool = False) -> None:
         with self._lock, self._transaction():
             self._db.execute("DELETE FROM faces WHERE member_id = ?", (member_id,))
-            if (
-                self._db.execute("DELETE FROM members WHERE member_id = ?", (member_id,)).rowcount
-                == 0
-            ):
+            deleted = self._db.execute("DELETE FROM members WHERE member_id = ?", (member_id,))
+            if deleted.rowcount == 0:
                 raise MemberNotFound(member_id)
+            self._db.execute(
+                "DELETE FROM outbox WHERE member_id = ? AND kind = 'add_face'", (member_id,)
+            )
+            if cloud:
+                self._db.execute(
+                    "UPDATE cloud_persons SET deleted = 1 WHERE member_id = ?", (member_id,)
+                )
+                self._db.execute(
+                    "INSERT INTO outbox (kind, member_id) VALUES ('delete_member', ?)",
+                    (member_id,),
+                )
 
     def iter_embeddings(self) -> Iterator[tuple[str, Embedding]]:
         with self._lock:
@@ -193,7 +236,7 @@ class SqliteStore(Store):
         with self._lock:
             cursor = self._db.execute(
                 "INSERT INTO access_events (time_us, turnstile_id, member_id, decision, engine,"
-                " confidence, latency_us) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " confidence, latency_us, reports) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     _us(event.time),
                     event.turnstile_id,
@@ -202,6 +245,7 @@ class SqliteStore(Store):
                     event.engine.value,
                     event.confidence,
                     round(event.latency / timedelta(microseconds=1)),
+                    reports_json(event.reports),
                 ),
             )
             event_id = cursor.lastrowid
@@ -231,7 +275,7 @@ class SqliteStore(Store):
             params.append(_us(where.end_time))
         sql = (
             "SELECT event_id, time_us, turnstile_id, member_id, decision, engine, confidence,"
-            " latency_us FROM access_events"
+            " latency_us, reports FROM access_events"
             + (" WHERE " + " AND ".join(clauses) if clauses else "")
             + " ORDER BY event_id DESC LIMIT ?"
         )
@@ -247,9 +291,101 @@ class SqliteStore(Store):
                 engine=EngineKind(r[5]),
                 confidence=r[6],
                 latency=timedelta(microseconds=r[7]),
+                reports=reports_from_json(r[8]),
             )
             for r in rows
         ]
+
+    def outbox(self, limit: int) -> list[OutboxEntry]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, kind, member_id, face_id, photo, attempts, last_error FROM outbox"
+                " ORDER BY seq LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [OutboxEntry(*row) for row in rows]
+
+    def outbox_depth(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    def outbox_attempt(self, seq: int, error: str = "") -> None:
+        with self._lock:
+            if error:
+                self._db.execute("UPDATE outbox SET last_error = ? WHERE seq = ?", (error, seq))
+            else:
+                self._db.execute("UPDATE outbox SET attempts = attempts + 1 WHERE seq = ?", (seq,))
+
+    def outbox_done(self, seq: int) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+
+    _PERSON_SQL = "SELECT member_id, person_id, ready, deleted FROM cloud_persons"
+
+    def cloud_person(self, member_id: str) -> CloudPerson | None:
+        with self._lock:
+            row = self._db.execute(
+                self._PERSON_SQL + " WHERE member_id = ? AND deleted = 0", (member_id,)
+            ).fetchone()
+        return None if row is None else CloudPerson(row[0], row[1], bool(row[2]), bool(row[3]))
+
+    def cloud_people(self) -> list[CloudPerson]:
+        with self._lock:
+            rows = self._db.execute(self._PERSON_SQL + " ORDER BY member_id").fetchall()
+        return [CloudPerson(r[0], r[1], bool(r[2]), bool(r[3])) for r in rows]
+
+    def member_of_person(self, person_id: str) -> str | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT c.member_id FROM cloud_persons c JOIN members m USING (member_id)"
+                " WHERE c.person_id = ? AND c.deleted = 0",
+                (person_id,),
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def save_cloud_person(self, member_id: str, person_id: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO cloud_persons (person_id, member_id) VALUES (?, ?)",
+                (person_id, member_id),
+            )
+
+    def forget_cloud_person(self, person_id: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM cloud_persons WHERE person_id = ?", (person_id,))
+
+    def save_cloud_face(self, face_id: int, persisted_face_id: str) -> None:
+        with self._lock, self._transaction():
+            self._db.execute(
+                "UPDATE faces SET persisted_face_id = ? WHERE face_id = ?",
+                (persisted_face_id, face_id),
+            )
+            self._db.execute(
+                "UPDATE cloud_persons SET pending = 1 WHERE deleted = 0 AND member_id ="
+                " (SELECT member_id FROM faces WHERE face_id = ?)",
+                (face_id,),
+            )
+
+    def faces(self, member_id: str) -> list[StoredFace]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT face_id, member_id, photo, persisted_face_id FROM faces"
+                " WHERE member_id = ? ORDER BY face_id",
+                (member_id,),
+            ).fetchall()
+        return [StoredFace(*row) for row in rows]
+
+    def training_queued(self) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE cloud_persons SET in_training = 1, pending = 0 WHERE pending = 1"
+            )
+
+    def training_succeeded(self) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE cloud_persons SET ready = 1, in_training = 0 WHERE in_training = 1"
+            )
 
     def close(self) -> None:
         with self._lock:
