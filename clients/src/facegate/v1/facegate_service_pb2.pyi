@@ -100,6 +100,182 @@ ENGINE_AZURE: Engine.ValueType  # 2
 """Microsoft Azure Face API."""
 Global___Engine: _TypeAlias = Engine  # noqa: Y015
 
+class _EngineOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EngineOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EngineOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ENGINE_OUTCOME_UNSPECIFIED: _EngineOutcome.ValueType  # 0
+    """Never sent."""
+    ENGINE_OUTCOME_DECIDED: _EngineOutcome.ValueType  # 1
+    """This engine's answer is the decision."""
+    ENGINE_OUTCOME_AGREED: _EngineOutcome.ValueType  # 2
+    """Answered the same as the engine that decided."""
+    ENGINE_OUTCOME_NOT_USED: _EngineOutcome.ValueType  # 3
+    """Not asked: not configured, or the routing policy did not need it."""
+    ENGINE_OUTCOME_OUTRANKED: _EngineOutcome.ValueType  # 4
+    """Answered differently, and the routing policy preferred the other engine."""
+    ENGINE_OUTCOME_DISAGREED: _EngineOutcome.ValueType  # 5
+    """Both engines granted, to different members (or, when agreement is
+    required, did not agree): the frame was denied.
+    """
+    ENGINE_OUTCOME_TIMED_OUT: _EngineOutcome.ValueType  # 6
+    """Did not answer within the budget."""
+    ENGINE_OUTCOME_CIRCUIT_OPEN: _EngineOutcome.ValueType  # 7
+    """Skipped without a call: the cloud's circuit breaker is open after
+    repeated failures.
+    """
+    ENGINE_OUTCOME_THROTTLED: _EngineOutcome.ValueType  # 8
+    """The cloud refused the call for its rate limit (HTTP 429)."""
+    ENGINE_OUTCOME_ERROR: _EngineOutcome.ValueType  # 9
+    """The call failed (connection refused, HTTP 5xx, a bad key, malformed data)."""
+    ENGINE_OUTCOME_NOT_TRAINED: _EngineOutcome.ValueType  # 10
+    """The cloud group is not trained yet (HTTP 409)."""
+
+class EngineOutcome(_EngineOutcome, metaclass=_EngineOutcomeEnumTypeWrapper):
+    """What one engine did for a frame."""
+
+ENGINE_OUTCOME_UNSPECIFIED: EngineOutcome.ValueType  # 0
+"""Never sent."""
+ENGINE_OUTCOME_DECIDED: EngineOutcome.ValueType  # 1
+"""This engine's answer is the decision."""
+ENGINE_OUTCOME_AGREED: EngineOutcome.ValueType  # 2
+"""Answered the same as the engine that decided."""
+ENGINE_OUTCOME_NOT_USED: EngineOutcome.ValueType  # 3
+"""Not asked: not configured, or the routing policy did not need it."""
+ENGINE_OUTCOME_OUTRANKED: EngineOutcome.ValueType  # 4
+"""Answered differently, and the routing policy preferred the other engine."""
+ENGINE_OUTCOME_DISAGREED: EngineOutcome.ValueType  # 5
+"""Both engines granted, to different members (or, when agreement is
+required, did not agree): the frame was denied.
+"""
+ENGINE_OUTCOME_TIMED_OUT: EngineOutcome.ValueType  # 6
+"""Did not answer within the budget."""
+ENGINE_OUTCOME_CIRCUIT_OPEN: EngineOutcome.ValueType  # 7
+"""Skipped without a call: the cloud's circuit breaker is open after
+repeated failures.
+"""
+ENGINE_OUTCOME_THROTTLED: EngineOutcome.ValueType  # 8
+"""The cloud refused the call for its rate limit (HTTP 429)."""
+ENGINE_OUTCOME_ERROR: EngineOutcome.ValueType  # 9
+"""The call failed (connection refused, HTTP 5xx, a bad key, malformed data)."""
+ENGINE_OUTCOME_NOT_TRAINED: EngineOutcome.ValueType  # 10
+"""The cloud group is not trained yet (HTTP 409)."""
+Global___EngineOutcome: _TypeAlias = EngineOutcome  # noqa: Y015
+
+class _CircuitState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CircuitStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CircuitState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CIRCUIT_STATE_UNSPECIFIED: _CircuitState.ValueType  # 0
+    """Never sent."""
+    CIRCUIT_STATE_DISABLED: _CircuitState.ValueType  # 1
+    """No cloud engine is configured."""
+    CIRCUIT_STATE_CLOSED: _CircuitState.ValueType  # 2
+    """The cloud is used."""
+    CIRCUIT_STATE_OPEN: _CircuitState.ValueType  # 3
+    """The cloud is skipped after repeated failures, until the cool-down ends."""
+    CIRCUIT_STATE_HALF_OPEN: _CircuitState.ValueType  # 4
+    """The cool-down has ended: the next call probes the cloud."""
+
+class CircuitState(_CircuitState, metaclass=_CircuitStateEnumTypeWrapper):
+    """The state of the cloud's circuit breaker."""
+
+CIRCUIT_STATE_UNSPECIFIED: CircuitState.ValueType  # 0
+"""Never sent."""
+CIRCUIT_STATE_DISABLED: CircuitState.ValueType  # 1
+"""No cloud engine is configured."""
+CIRCUIT_STATE_CLOSED: CircuitState.ValueType  # 2
+"""The cloud is used."""
+CIRCUIT_STATE_OPEN: CircuitState.ValueType  # 3
+"""The cloud is skipped after repeated failures, until the cool-down ends."""
+CIRCUIT_STATE_HALF_OPEN: CircuitState.ValueType  # 4
+"""The cool-down has ended: the next call probes the cloud."""
+Global___CircuitState: _TypeAlias = CircuitState  # noqa: Y015
+
+class _SyncChangeKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SyncChangeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SyncChangeKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SYNC_CHANGE_KIND_UNSPECIFIED: _SyncChangeKind.ValueType  # 0
+    """Never sent."""
+    SYNC_CHANGE_KIND_MISSING_PERSON: _SyncChangeKind.ValueType  # 1
+    """A member has no person in the cloud group."""
+    SYNC_CHANGE_KIND_MISSING_FACE: _SyncChangeKind.ValueType  # 2
+    """A member's face is missing from their cloud person."""
+    SYNC_CHANGE_KIND_ORPHAN_PERSON: _SyncChangeKind.ValueType  # 3
+    """A cloud person belongs to no member."""
+    SYNC_CHANGE_KIND_ORPHAN_FACE: _SyncChangeKind.ValueType  # 4
+    """A cloud face belongs to none of the member's photos."""
+
+class SyncChangeKind(_SyncChangeKind, metaclass=_SyncChangeKindEnumTypeWrapper):
+    """What a reconciliation found."""
+
+SYNC_CHANGE_KIND_UNSPECIFIED: SyncChangeKind.ValueType  # 0
+"""Never sent."""
+SYNC_CHANGE_KIND_MISSING_PERSON: SyncChangeKind.ValueType  # 1
+"""A member has no person in the cloud group."""
+SYNC_CHANGE_KIND_MISSING_FACE: SyncChangeKind.ValueType  # 2
+"""A member's face is missing from their cloud person."""
+SYNC_CHANGE_KIND_ORPHAN_PERSON: SyncChangeKind.ValueType  # 3
+"""A cloud person belongs to no member."""
+SYNC_CHANGE_KIND_ORPHAN_FACE: SyncChangeKind.ValueType  # 4
+"""A cloud face belongs to none of the member's photos."""
+Global___SyncChangeKind: _TypeAlias = SyncChangeKind  # noqa: Y015
+
+@_typing.final
+class EngineReport(_message.Message):
+    """One engine's part in a decision."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENGINE_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    CONFIDENCE_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    LATENCY_FIELD_NUMBER: _builtins.int
+    engine: Global___Engine.ValueType
+    """The engine."""
+    outcome: Global___EngineOutcome.ValueType
+    """What it did."""
+    decision: Global___Decision.ValueType
+    """Its own decision, when it answered."""
+    member_id: _builtins.str
+    """The member it granted, when it granted."""
+    confidence: _builtins.float
+    """Its confidence, when it answered (see IdentifyResponse.confidence)."""
+    detail: _builtins.str
+    """Why it did not answer, in a few words (never image data or keys)."""
+    @_builtins.property
+    def latency(self) -> _duration_pb2.Duration:
+        """How long it took, when it was asked."""
+
+    def __init__(
+        self,
+        *,
+        engine: Global___Engine.ValueType = ...,
+        outcome: Global___EngineOutcome.ValueType = ...,
+        decision: Global___Decision.ValueType = ...,
+        member_id: _builtins.str = ...,
+        confidence: _builtins.float = ...,
+        detail: _builtins.str = ...,
+        latency: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "decision", b"decision", "detail", b"detail", "engine", b"engine", "latency", b"latency", "member_id", b"member_id", "outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EngineReport: _TypeAlias = EngineReport  # noqa: Y015
+
 @_typing.final
 class FaceBox(_message.Message):
     """A face's bounding box, in pixels of the submitted image after its EXIF
@@ -178,6 +354,8 @@ class IdentifyResponse(_message.Message):
     SERVER_LATENCY_FIELD_NUMBER: _builtins.int
     EVENT_ID_FIELD_NUMBER: _builtins.int
     HINT_FIELD_NUMBER: _builtins.int
+    ENGINES_FIELD_NUMBER: _builtins.int
+    CLOUD_TRANSACTIONS_FIELD_NUMBER: _builtins.int
     decision: Global___Decision.ValueType
     """What the gate decided."""
     member_id: _builtins.str
@@ -198,6 +376,8 @@ class IdentifyResponse(_message.Message):
     """A short instruction the turnstile can show the person, e.g. "one person
     at a time"; empty when there is nothing to say.
     """
+    cloud_transactions: _builtins.int
+    """Paid cloud transactions (Face API calls) spent on this frame."""
     @_builtins.property
     def face_box(self) -> Global___FaceBox:
         """The face decided on; unset when no face was found."""
@@ -205,6 +385,14 @@ class IdentifyResponse(_message.Message):
     @_builtins.property
     def server_latency(self) -> _duration_pb2.Duration:
         """Time spent in the server, from receiving the request to answering it."""
+
+    @_builtins.property
+    def engines(self) -> _containers.RepeatedCompositeFieldContainer[Global___EngineReport]:
+        """What each engine did, when a cloud engine is configured: which one
+        decided, and why the other did not (timed out, circuit open, throttled,
+        error, not trained, outranked, disagreed). Empty with the local engine
+        alone.
+        """
 
     def __init__(
         self,
@@ -218,10 +406,12 @@ class IdentifyResponse(_message.Message):
         server_latency: _duration_pb2.Duration | None = ...,
         event_id: _builtins.int = ...,
         hint: _builtins.str = ...,
+        engines: _abc.Iterable[Global___EngineReport] | None = ...,
+        cloud_transactions: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["face_box", b"face_box", "server_latency", b"server_latency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "decision", b"decision", "display_name", b"display_name", "engine", b"engine", "event_id", b"event_id", "face_box", b"face_box", "hint", b"hint", "member_id", b"member_id", "server_latency", b"server_latency"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cloud_transactions", b"cloud_transactions", "confidence", b"confidence", "decision", b"decision", "display_name", b"display_name", "engine", b"engine", "engines", b"engines", "event_id", b"event_id", "face_box", b"face_box", "hint", b"hint", "member_id", b"member_id", "server_latency", b"server_latency"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -514,6 +704,7 @@ class AccessEvent(_message.Message):
     ENGINE_FIELD_NUMBER: _builtins.int
     CONFIDENCE_FIELD_NUMBER: _builtins.int
     SERVER_LATENCY_FIELD_NUMBER: _builtins.int
+    ENGINES_FIELD_NUMBER: _builtins.int
     event_id: _builtins.int
     """The event's id; ids grow with time."""
     turnstile_id: _builtins.str
@@ -534,6 +725,10 @@ class AccessEvent(_message.Message):
     def server_latency(self) -> _duration_pb2.Duration:
         """Time spent in the server."""
 
+    @_builtins.property
+    def engines(self) -> _containers.RepeatedCompositeFieldContainer[Global___EngineReport]:
+        """What each engine did (see IdentifyResponse.engines)."""
+
     def __init__(
         self,
         *,
@@ -545,10 +740,11 @@ class AccessEvent(_message.Message):
         engine: Global___Engine.ValueType = ...,
         confidence: _builtins.float = ...,
         server_latency: _duration_pb2.Duration | None = ...,
+        engines: _abc.Iterable[Global___EngineReport] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["server_latency", b"server_latency", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "decision", b"decision", "engine", b"engine", "event_id", b"event_id", "member_id", b"member_id", "server_latency", b"server_latency", "time", b"time", "turnstile_id", b"turnstile_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "decision", b"decision", "engine", b"engine", "engines", b"engines", "event_id", b"event_id", "member_id", b"member_id", "server_latency", b"server_latency", "time", b"time", "turnstile_id", b"turnstile_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -625,3 +821,188 @@ class ListAccessEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListAccessEventsResponse: _TypeAlias = ListAccessEventsResponse  # noqa: Y015
+
+@_typing.final
+class GetStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatusRequest: _TypeAlias = GetStatusRequest  # noqa: Y015
+
+@_typing.final
+class Count(_message.Message):
+    """How many times something happened since the server started."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """What is counted: a cloud operation ("detect", "identify", "add_face",
+    ...) or an engine and a decision ("local/DECISION_GRANTED").
+    """
+    count: _builtins.int
+    """How many times."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Count: _TypeAlias = Count  # noqa: Y015
+
+@_typing.final
+class GetStatusResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTING_POLICY_FIELD_NUMBER: _builtins.int
+    CIRCUIT_STATE_FIELD_NUMBER: _builtins.int
+    OUTBOX_DEPTH_FIELD_NUMBER: _builtins.int
+    LAST_CLOUD_ERROR_FIELD_NUMBER: _builtins.int
+    LAST_CLOUD_ERROR_TIME_FIELD_NUMBER: _builtins.int
+    CLOUD_TRAINING_FIELD_NUMBER: _builtins.int
+    CLOUD_TRANSACTIONS_FIELD_NUMBER: _builtins.int
+    DECISIONS_FIELD_NUMBER: _builtins.int
+    MEMBER_COUNT_FIELD_NUMBER: _builtins.int
+    routing_policy: _builtins.str
+    """The routing policy: "cloud-first", "local-first" or "local-only"."""
+    circuit_state: Global___CircuitState.ValueType
+    """The cloud engine's state."""
+    outbox_depth: _builtins.int
+    """Cloud changes (enrolments, deletions) not yet applied in the cloud."""
+    last_cloud_error: _builtins.str
+    """The last cloud error seen, in a few words; empty if none."""
+    cloud_training: _builtins.str
+    """The cloud group's training: "idle", "needed", "running" or "failed";
+    empty without a cloud engine.
+    """
+    member_count: _builtins.int
+    """Enrolled members."""
+    @_builtins.property
+    def last_cloud_error_time(self) -> _timestamp_pb2.Timestamp:
+        """When the last cloud error was seen; unset if none."""
+
+    @_builtins.property
+    def cloud_transactions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Count]:
+        """Cloud transactions by operation since the server started."""
+
+    @_builtins.property
+    def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Count]:
+        """Decisions by deciding engine and decision since the server started."""
+
+    def __init__(
+        self,
+        *,
+        routing_policy: _builtins.str = ...,
+        circuit_state: Global___CircuitState.ValueType = ...,
+        outbox_depth: _builtins.int = ...,
+        last_cloud_error: _builtins.str = ...,
+        last_cloud_error_time: _timestamp_pb2.Timestamp | None = ...,
+        cloud_training: _builtins.str = ...,
+        cloud_transactions: _abc.Iterable[Global___Count] | None = ...,
+        decisions: _abc.Iterable[Global___Count] | None = ...,
+        member_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_cloud_error_time", b"last_cloud_error_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["circuit_state", b"circuit_state", "cloud_training", b"cloud_training", "cloud_transactions", b"cloud_transactions", "decisions", b"decisions", "last_cloud_error", b"last_cloud_error", "last_cloud_error_time", b"last_cloud_error_time", "member_count", b"member_count", "outbox_depth", b"outbox_depth", "routing_policy", b"routing_policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
+
+@_typing.final
+class SyncCloudRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    dry_run: _builtins.bool
+    """Only report what would change."""
+    def __init__(
+        self,
+        *,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SyncCloudRequest: _TypeAlias = SyncCloudRequest  # noqa: Y015
+
+@_typing.final
+class SyncChange(_message.Message):
+    """One difference between the cloud group and the store."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    PERSON_ID_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    APPLIED_FIELD_NUMBER: _builtins.int
+    kind: Global___SyncChangeKind.ValueType
+    """What differs."""
+    member_id: _builtins.str
+    """The member concerned (for an orphan: the person's userData)."""
+    person_id: _builtins.str
+    """The cloud person concerned, if any."""
+    detail: _builtins.str
+    """What was (or would be) done, in a few words."""
+    applied: _builtins.bool
+    """Whether it was repaired (always false with dry_run; false when it cannot
+    be repaired, e.g. photos not kept).
+    """
+    def __init__(
+        self,
+        *,
+        kind: Global___SyncChangeKind.ValueType = ...,
+        member_id: _builtins.str = ...,
+        person_id: _builtins.str = ...,
+        detail: _builtins.str = ...,
+        applied: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "detail", b"detail", "kind", b"kind", "member_id", b"member_id", "person_id", b"person_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SyncChange: _TypeAlias = SyncChange  # noqa: Y015
+
+@_typing.final
+class SyncCloudResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___SyncChange]:
+        """Every difference found."""
+
+    def __init__(
+        self,
+        *,
+        changes: _abc.Iterable[Global___SyncChange] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SyncCloudResponse: _TypeAlias = SyncCloudResponse  # noqa: Y015

@@ -70,6 +70,16 @@ class FaceGateServiceStub:
                 request_serializer=facegate_dot_v1_dot_facegate__service__pb2.ListAccessEventsRequest.SerializeToString,
                 response_deserializer=facegate_dot_v1_dot_facegate__service__pb2.ListAccessEventsResponse.FromString,
                 _registered_method=True)
+        self.GetStatus = channel.unary_unary(
+                '/facegate.v1.FaceGateService/GetStatus',
+                request_serializer=facegate_dot_v1_dot_facegate__service__pb2.GetStatusRequest.SerializeToString,
+                response_deserializer=facegate_dot_v1_dot_facegate__service__pb2.GetStatusResponse.FromString,
+                _registered_method=True)
+        self.SyncCloud = channel.unary_unary(
+                '/facegate.v1.FaceGateService/SyncCloud',
+                request_serializer=facegate_dot_v1_dot_facegate__service__pb2.SyncCloudRequest.SerializeToString,
+                response_deserializer=facegate_dot_v1_dot_facegate__service__pb2.SyncCloudResponse.FromString,
+                _registered_method=True)
 
 
 class FaceGateServiceServicer:
@@ -134,6 +144,24 @@ class FaceGateServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStatus(self, request, context):
+        """Reports the server's state for operators: engines, routing, the cloud's
+        circuit, the outbox of cloud changes, transactions and decisions so far.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SyncCloud(self, request, context):
+        """Reconciles the cloud group with FaceGate's store: creates missing persons
+        and faces, deletes persons and faces FaceGate does not know, and reports
+        every change. With dry_run it only reports. FAILED_PRECONDITION when no
+        cloud engine is configured; UNAVAILABLE when the cloud cannot be reached.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FaceGateServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -171,6 +199,16 @@ def add_FaceGateServiceServicer_to_server(servicer, server):
                     servicer.ListAccessEvents,
                     request_deserializer=facegate_dot_v1_dot_facegate__service__pb2.ListAccessEventsRequest.FromString,
                     response_serializer=facegate_dot_v1_dot_facegate__service__pb2.ListAccessEventsResponse.SerializeToString,
+            ),
+            'GetStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatus,
+                    request_deserializer=facegate_dot_v1_dot_facegate__service__pb2.GetStatusRequest.FromString,
+                    response_serializer=facegate_dot_v1_dot_facegate__service__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'SyncCloud': grpc.unary_unary_rpc_method_handler(
+                    servicer.SyncCloud,
+                    request_deserializer=facegate_dot_v1_dot_facegate__service__pb2.SyncCloudRequest.FromString,
+                    response_serializer=facegate_dot_v1_dot_facegate__service__pb2.SyncCloudResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -363,6 +401,60 @@ class FaceGateService:
             '/facegate.v1.FaceGateService/ListAccessEvents',
             facegate_dot_v1_dot_facegate__service__pb2.ListAccessEventsRequest.SerializeToString,
             facegate_dot_v1_dot_facegate__service__pb2.ListAccessEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/facegate.v1.FaceGateService/GetStatus',
+            facegate_dot_v1_dot_facegate__service__pb2.GetStatusRequest.SerializeToString,
+            facegate_dot_v1_dot_facegate__service__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SyncCloud(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/facegate.v1.FaceGateService/SyncCloud',
+            facegate_dot_v1_dot_facegate__service__pb2.SyncCloudRequest.SerializeToString,
+            facegate_dot_v1_dot_facegate__service__pb2.SyncCloudResponse.FromString,
             options,
             channel_credentials,
             insecure,

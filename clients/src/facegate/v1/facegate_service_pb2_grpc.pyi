@@ -76,6 +76,16 @@ class FaceGateServiceStub:
     """Reads the access log (every Identify decision), newest first, one page
     at a time, optionally filtered by member, turnstile and time.
     """
+    GetStatus: _grpc.UnaryUnaryMultiCallable[_facegate_service_pb2.GetStatusRequest, _facegate_service_pb2.GetStatusResponse]
+    """Reports the server's state for operators: engines, routing, the cloud's
+    circuit, the outbox of cloud changes, transactions and decisions so far.
+    """
+    SyncCloud: _grpc.UnaryUnaryMultiCallable[_facegate_service_pb2.SyncCloudRequest, _facegate_service_pb2.SyncCloudResponse]
+    """Reconciles the cloud group with FaceGate's store: creates missing persons
+    and faces, deletes persons and faces FaceGate does not know, and reports
+    every change. With dry_run it only reports. FAILED_PRECONDITION when no
+    cloud engine is configured; UNAVAILABLE when the cloud cannot be reached.
+    """
 
 @_typing.type_check_only
 class FaceGateServiceAsyncStub(FaceGateServiceStub):
@@ -109,6 +119,16 @@ class FaceGateServiceAsyncStub(FaceGateServiceStub):
     ListAccessEvents: _aio.UnaryUnaryMultiCallable[_facegate_service_pb2.ListAccessEventsRequest, _facegate_service_pb2.ListAccessEventsResponse]  # type: ignore[assignment]
     """Reads the access log (every Identify decision), newest first, one page
     at a time, optionally filtered by member, turnstile and time.
+    """
+    GetStatus: _aio.UnaryUnaryMultiCallable[_facegate_service_pb2.GetStatusRequest, _facegate_service_pb2.GetStatusResponse]  # type: ignore[assignment]
+    """Reports the server's state for operators: engines, routing, the cloud's
+    circuit, the outbox of cloud changes, transactions and decisions so far.
+    """
+    SyncCloud: _aio.UnaryUnaryMultiCallable[_facegate_service_pb2.SyncCloudRequest, _facegate_service_pb2.SyncCloudResponse]  # type: ignore[assignment]
+    """Reconciles the cloud group with FaceGate's store: creates missing persons
+    and faces, deletes persons and faces FaceGate does not know, and reports
+    every change. With dry_run it only reports. FAILED_PRECONDITION when no
+    cloud engine is configured; UNAVAILABLE when the cloud cannot be reached.
     """
 
 class FaceGateServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -182,6 +202,28 @@ class FaceGateServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_facegate_service_pb2.ListAccessEventsResponse, _abc.Awaitable[_facegate_service_pb2.ListAccessEventsResponse]]:
         """Reads the access log (every Identify decision), newest first, one page
         at a time, optionally filtered by member, turnstile and time.
+        """
+
+    @_abc_1.abstractmethod
+    def GetStatus(
+        self,
+        request: _facegate_service_pb2.GetStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_facegate_service_pb2.GetStatusResponse, _abc.Awaitable[_facegate_service_pb2.GetStatusResponse]]:
+        """Reports the server's state for operators: engines, routing, the cloud's
+        circuit, the outbox of cloud changes, transactions and decisions so far.
+        """
+
+    @_abc_1.abstractmethod
+    def SyncCloud(
+        self,
+        request: _facegate_service_pb2.SyncCloudRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_facegate_service_pb2.SyncCloudResponse, _abc.Awaitable[_facegate_service_pb2.SyncCloudResponse]]:
+        """Reconciles the cloud group with FaceGate's store: creates missing persons
+        and faces, deletes persons and faces FaceGate does not know, and reports
+        every change. With dry_run it only reports. FAILED_PRECONDITION when no
+        cloud engine is configured; UNAVAILABLE when the cloud cannot be reached.
         """
 
 def add_FaceGateServiceServicer_to_server(servicer: FaceGateServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
