@@ -7,6 +7,8 @@ index from the store; only the entry point (cli.py) waits for signals and serves
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -17,9 +19,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from facegate_server.config import Settings
+from facegate_server.engines.azure import AzureEngine, AzureFace, AzureSettings
+from facegate_server.engines.azure_sync import CloudSync
 from facegate_server.engines.index import FaceIndex
 from facegate_server.engines.local import LocalEngine, WorkerPool
 from facegate_server.gate import Gate
+from facegate_server.routing.breaker import CircuitBreaker
+from facegate_server.routing.router import Agreement, Policy, RoutingEngine
 from facegate_server.servicer import FaceGateServicer
 from facegate_server.store import SqliteStore, Store
 
@@ -39,6 +45,8 @@ class FaceGateServer:
 
     def start(self) -> None:
         self.server.start()
+        if self.gate.cloud is not None:
+            self.gate.cloud.start()
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
@@ -46,11 +54,43 @@ class FaceGateServer:
         """Report NOT_SERVING, let calls in flight finish for `grace` seconds, release all."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self.gate.cloud is not None:
+            self.gate.cloud.stop()
+            log.info(
+                "cloud transactions",
+                extra={"by_operation": self.gate.cloud.face.counter.totals()},
+            )
+        if self.gate.routing is not None:
+            self.gate.routing.close()
         self.pool.close()
         self.store.close()
 
 
-def build_server(settings: Settings, *, store: Store | None = None) -> FaceGateServer:
+def build_cloud(
+    settings: Settings, store: Store, clock: Callable[[], float]
+) -> tuple[AzureEngine, CircuitBreaker, CloudSync]:
+    """The Azure engine, its circuit breaker, and the outbox replayer."""
+    face = AzureFace(
+        AzureSettings(
+            endpoint=settings.azure_endpoint.rstrip("/"),
+            key=settings.azure_key,
+            group_id=settings.azure_group_id,
+            recognition_model=settings.azure_recognition_model,
+            detection_model=settings.azure_detection_model,
+            read_timeout=settings.azure_timeout_s,
+        )
+    )
+    breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_s, clock)
+    sync = CloudSync(face, store, breaker, interval=settings.sync_interval_s)
+    return AzureEngine(face, store), breaker, sync
+
+
+def build_server(
+    settings: Settings,
+    *,
+    store: Store | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> FaceGateServer:
     store = store if store is not None else SqliteStore(settings.db_path)
     pool = WorkerPool(
         settings.workers, max_bytes=settings.max_image_bytes, max_side=settings.max_image_side
@@ -63,6 +103,27 @@ def build_server(settings: Settings, *, store: Store | None = None) -> FaceGateS
         pool.warm_up()
         log.info("recognition workers ready", extra={"workers": settings.workers})
         engine = LocalEngine(pool, index, settings.match_threshold)
+        router, cloud = None, None
+        if settings.cloud_enabled:
+            azure, breaker, cloud = build_cloud(settings, store, clock)
+            router = RoutingEngine(
+                engine,
+                azure,
+                store,
+                policy=Policy(settings.policy),
+                agreement=Agreement(settings.on_disagreement),
+                breaker=breaker,
+                cloud_slots=settings.cloud_slots,
+                local_confident=settings.local_confident,
+            )
+            log.info(
+                "cloud engine configured",
+                extra={
+                    "endpoint": settings.azure_endpoint,
+                    "group": settings.azure_group_id,
+                    "policy": settings.policy,
+                },
+            )
         gate = Gate(
             store,
             engine,
@@ -70,6 +131,8 @@ def build_server(settings: Settings, *, store: Store | None = None) -> FaceGateS
             enroll_timeout=settings.enroll_timeout_s,
             max_photos=settings.max_photos,
             keep_photos=settings.keep_photos,
+            router=router,
+            cloud=cloud,
         )
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max(8, 4 * settings.workers)),

@@ -36,6 +36,37 @@ class Settings:
     max_photos: int = field(default=10, metadata={"env": "FACEGATE_MAX_PHOTOS"})
     grace_period_s: float = field(default=5.0, metadata={"env": "FACEGATE_GRACE_PERIOD_S"})
     log_level: str = field(default="INFO", metadata={"env": "FACEGATE_LOG_LEVEL"})
+    # The cloud engine (Azure Face): primary when endpoint and key are both set.
+    azure_endpoint: str = field(default="", metadata={"env": "FACEGATE_AZURE_ENDPOINT"})
+    azure_key: str = field(default="", repr=False, metadata={"env": "FACEGATE_AZURE_KEY"})
+    azure_group_id: str = field(default="facegate", metadata={"env": "FACEGATE_AZURE_GROUP_ID"})
+    azure_recognition_model: str = field(
+        default="recognition_04", metadata={"env": "FACEGATE_AZURE_RECOGNITION_MODEL"}
+    )
+    azure_detection_model: str = field(
+        default="detection_03", metadata={"env": "FACEGATE_AZURE_DETECTION_MODEL"}
+    )
+    azure_timeout_s: float = field(default=10.0, metadata={"env": "FACEGATE_AZURE_TIMEOUT_S"})
+    routing_policy: str = field(default="", metadata={"env": "FACEGATE_ROUTING_POLICY"})
+    on_disagreement: str = field(
+        default="deny-on-conflict", metadata={"env": "FACEGATE_ON_DISAGREEMENT"}
+    )
+    local_confident: float = field(default=0.75, metadata={"env": "FACEGATE_LOCAL_CONFIDENT"})
+    breaker_failures: int = field(default=3, metadata={"env": "FACEGATE_BREAKER_FAILURES"})
+    breaker_cooldown_s: float = field(default=10.0, metadata={"env": "FACEGATE_BREAKER_COOLDOWN_S"})
+    cloud_slots: int = field(default=4, metadata={"env": "FACEGATE_CLOUD_SLOTS"})
+    sync_interval_s: float = field(default=2.0, metadata={"env": "FACEGATE_SYNC_INTERVAL_S"})
+
+    @property
+    def cloud_enabled(self) -> bool:
+        return bool(self.azure_endpoint and self.azure_key)
+
+    @property
+    def policy(self) -> str:
+        """The routing policy in force: cloud-first by default when the cloud is configured."""
+        if not self.cloud_enabled:
+            return "local-only"
+        return self.routing_policy or "cloud-first"
 
     @property
     def db_path(self) -> Path:
@@ -55,6 +86,18 @@ class Settings:
             raise ValueError("identify_budget_ms must be positive")
         if self.max_image_bytes < 1 or self.max_image_side < 1 or self.max_photos < 1:
             raise ValueError("image limits must be positive")
+        if self.routing_policy not in ("", "cloud-first", "local-first", "local-only"):
+            raise ValueError(
+                "FACEGATE_ROUTING_POLICY must be cloud-first, local-first or local-only"
+            )
+        if self.on_disagreement not in ("deny-on-conflict", "require-agreement"):
+            raise ValueError(
+                "FACEGATE_ON_DISAGREEMENT must be deny-on-conflict or require-agreement"
+            )
+        if bool(self.azure_endpoint) != bool(self.azure_key):
+            raise ValueError("set both FACEGATE_AZURE_ENDPOINT and FACEGATE_AZURE_KEY, or neither")
+        if self.breaker_failures < 1 or self.breaker_cooldown_s <= 0 or self.cloud_slots < 1:
+            raise ValueError("breaker and cloud slot settings must be positive")
 
 
 def _parse(kind: Any, name: str, raw: str) -> Any:

@@ -5,7 +5,9 @@
     ├── MemberNotFound                -> NOT_FOUND
     ├── MemberAlreadyExists           -> ALREADY_EXISTS
     ├── RecognitionTimeout            -> DEADLINE_EXCEEDED
-    └── RecognitionUnavailable        -> UNAVAILABLE
+    ├── RecognitionUnavailable        -> UNAVAILABLE
+    ├── CloudNotConfigured            -> FAILED_PRECONDITION
+    └── CloudUnavailable              -> UNAVAILABLE
 
 Every status carries a google.rpc.Status with one ErrorInfo (domain "facegate.v1",
 reason in UPPER_SNAKE_CASE).
@@ -77,6 +79,20 @@ class RecognitionTimeout(FaceGateError):
 class RecognitionUnavailable(FaceGateError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "RECOGNITION_UNAVAILABLE"
+
+
+class CloudNotConfigured(FaceGateError):
+    """A cloud operation (SyncCloud) on a server without a cloud engine."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "CLOUD_NOT_CONFIGURED"
+
+
+class CloudUnavailable(FaceGateError):
+    """The cloud could not be reached for an operation that needs it (SyncCloud)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "CLOUD_UNAVAILABLE"
 
 
 def _pack(message: object) -> any_pb2.Any:

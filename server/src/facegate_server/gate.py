@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from facegate_server import validation
@@ -22,8 +23,12 @@ from facegate_server.domain import (
     Member,
     NewAccessEvent,
 )
+from facegate_server.engines.azure import CloudFailure
+from facegate_server.engines.azure_sync import Change, CloudSync
+from facegate_server.engines.base import RecognitionEngine
 from facegate_server.engines.local import LocalEngine
-from facegate_server.errors import InvalidArgument
+from facegate_server.errors import CloudNotConfigured, CloudUnavailable, InvalidArgument
+from facegate_server.routing.router import RoutingEngine
 from facegate_server.store import Store
 
 log = logging.getLogger(__name__)
@@ -33,6 +38,19 @@ Clock = Callable[[], datetime]
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Status:
+    policy: str
+    circuit: str
+    outbox_depth: int
+    last_cloud_error: str
+    last_cloud_error_time: datetime | None
+    cloud_training: str
+    cloud_transactions: dict[str, int]
+    decisions: dict[str, int]
+    member_count: int
 
 
 @dataclass(frozen=True)
@@ -53,9 +71,15 @@ class Gate:
         max_photos: int,
         keep_photos: bool = False,
         clock: Clock = utc_now,
+        router: RoutingEngine | None = None,
+        cloud: CloudSync | None = None,
     ) -> None:
         self.store = store
         self.engine = engine
+        self.routing = router
+        self.router: RecognitionEngine = router or engine
+        self.cloud = cloud
+        self._decisions: Counter[str] = Counter()
         self.identify_budget = identify_budget
         self.enroll_timeout = enroll_timeout
         self.max_photos = max_photos
@@ -70,7 +94,10 @@ class Gate:
         started = time.perf_counter()
         validation.turnstile_id(turnstile_id)
         budget = self.identify_budget if time_left is None else min(self.identify_budget, time_left)
-        identification = self.engine.identify(image, budget)
+        identification = self.router.identify(image, budget)
+        self._decisions[
+            f"{identification.engine.value.lower()}/{identification.decision.value}"
+        ] += 1
         display_name = ""
         if identification.member_id:
             try:
@@ -87,6 +114,7 @@ class Gate:
                 engine=identification.engine,
                 confidence=identification.confidence,
                 latency=latency,
+                reports=identification.reports,
             )
         )
         return IdentifyResult(identification, display_name, event)
@@ -115,11 +143,50 @@ class Gate:
         validation.member_id(member_id)
         validation.display_name(display_name)
         self.store_lookup_absent(member_id)
-        templates = self._templates(photos)
+        templates = self._for_cloud(self._templates(photos), photos)
         with self._membership:
             member = self.store.create_member(member_id, display_name, templates, self.clock())
             self.engine.index.add(member_id, [t.embedding for t in templates])
+        self._wake_cloud()
         return member
+
+    def _for_cloud(
+        self, templates: list[FaceTemplate], photos: Sequence[bytes]
+    ) -> list[FaceTemplate]:
+        """With a cloud engine, each photo also goes to the outbox, for the cloud person."""
+        if self.cloud is None:
+            return templates
+        return [replace(t, cloud_photo=p) for t, p in zip(templates, photos, strict=True)]
+
+    def _wake_cloud(self) -> None:
+        if self.cloud is not None:
+            self.cloud.wake()
+
+    def status(self) -> Status:
+        routing, cloud = self.routing, self.cloud
+        error, error_time = "", 0.0
+        for source in (routing, cloud):
+            if source is not None and source.last_error_time > error_time:
+                error, error_time = source.last_error, source.last_error_time
+        return Status(
+            policy=routing.policy.value if routing else "local-only",
+            circuit=routing.breaker.state.value if routing and routing.cloud else "disabled",
+            outbox_depth=self.store.outbox_depth(),
+            last_cloud_error=error,
+            last_cloud_error_time=datetime.fromtimestamp(error_time, UTC) if error_time else None,
+            cloud_training=cloud.training.value if cloud else "",
+            cloud_transactions=cloud.face.counter.totals() if cloud else {},
+            decisions=dict(self._decisions),
+            member_count=self.engine.index.member_count(),
+        )
+
+    def sync_cloud(self, dry_run: bool) -> list[Change]:
+        if self.cloud is None:
+            raise CloudNotConfigured("no cloud engine is configured (FACEGATE_AZURE_ENDPOINT)")
+        try:
+            return self.cloud.reconcile(dry_run)
+        except CloudFailure as failure:
+            raise CloudUnavailable(f"the cloud could not be reconciled: {failure.detail}") from None
 
     def store_lookup_absent(self, member_id: str) -> None:
         """Fail fast (before minutes of encoding) when the id is taken; create re-checks."""
@@ -134,10 +201,11 @@ class Gate:
     def add_member_photos(self, member_id: str, photos: Sequence[bytes]) -> Member:
         validation.member_id(member_id)
         self.store.get_member(member_id)
-        templates = self._templates(photos)
+        templates = self._for_cloud(self._templates(photos), photos)
         with self._membership:
             member = self.store.add_templates(member_id, templates, self.clock())
             self.engine.index.add(member_id, [t.embedding for t in templates])
+        self._wake_cloud()
         return member
 
     def get_member(self, member_id: str) -> Member:
@@ -154,8 +222,9 @@ class Gate:
     def delete_member(self, member_id: str) -> None:
         validation.member_id(member_id)
         with self._membership:
-            self.store.delete_member(member_id)
+            self.store.delete_member(member_id, cloud=self.cloud is not None)
             self.engine.index.remove(member_id)
+        self._wake_cloud()
         log.info("member deleted", extra={"member_id": member_id})
 
     def list_events(

@@ -10,8 +10,18 @@ from datetime import UTC, datetime, timedelta
 from facegate.v1 import facegate_service_pb2 as pb
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from facegate_server.domain import AccessEvent, Decision, EngineKind, EventFilter, FaceBox, Member
+from facegate_server.domain import (
+    AccessEvent,
+    Decision,
+    EngineKind,
+    EngineReport,
+    EventFilter,
+    FaceBox,
+    Member,
+)
+from facegate_server.engines.azure_sync import Change
 from facegate_server.errors import InvalidArgument
+from facegate_server.gate import Status
 
 
 def timestamp(t: datetime) -> timestamp_pb2.Timestamp:
@@ -32,6 +42,21 @@ def decision(d: Decision) -> pb.Decision.ValueType:
 
 def engine(e: EngineKind) -> pb.Engine.ValueType:
     return pb.Engine.Value(f"ENGINE_{e.value}")
+
+
+def engine_report(r: EngineReport) -> pb.EngineReport:
+    message = pb.EngineReport(
+        engine=engine(r.engine),
+        outcome=pb.EngineOutcome.Value(f"ENGINE_OUTCOME_{r.outcome.value}"),
+        member_id=r.member_id,
+        confidence=r.confidence,
+        detail=r.detail,
+    )
+    if r.decision is not None:
+        message.decision = decision(r.decision)
+    if r.latency is not None:
+        message.latency.CopyFrom(duration(r.latency))
+    return message
 
 
 def face_box(box: FaceBox) -> pb.FaceBox:
@@ -58,6 +83,7 @@ def access_event(e: AccessEvent) -> pb.AccessEvent:
         engine=engine(e.engine),
         confidence=e.confidence,
         server_latency=duration(e.latency),
+        engines=[engine_report(r) for r in e.reports],
     )
 
 
@@ -86,3 +112,31 @@ def decode_page_token(token: str, key: str, kind: type[str] | type[int]) -> str 
         raise InvalidArgument(
             "page_token", "is not a token returned by this method", reason="PAGE_TOKEN_INVALID"
         ) from None
+
+
+def status(s: Status) -> pb.GetStatusResponse:
+    message = pb.GetStatusResponse(
+        routing_policy=s.policy,
+        circuit_state=pb.CircuitState.Value("CIRCUIT_STATE_" + s.circuit.upper().replace("-", "_")),
+        outbox_depth=s.outbox_depth,
+        last_cloud_error=s.last_cloud_error,
+        cloud_training=s.cloud_training,
+        cloud_transactions=[
+            pb.Count(name=k, count=v) for k, v in sorted(s.cloud_transactions.items())
+        ],
+        decisions=[pb.Count(name=k, count=v) for k, v in sorted(s.decisions.items())],
+        member_count=s.member_count,
+    )
+    if s.last_cloud_error_time is not None:
+        message.last_cloud_error_time.CopyFrom(timestamp(s.last_cloud_error_time))
+    return message
+
+
+def sync_change(c: Change) -> pb.SyncChange:
+    return pb.SyncChange(
+        kind=pb.SyncChangeKind.Value("SYNC_CHANGE_KIND_" + c.kind.name),
+        member_id=c.member_id,
+        person_id=c.person_id,
+        detail=c.detail,
+        applied=c.applied,
+    )

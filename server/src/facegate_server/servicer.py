@@ -43,6 +43,12 @@ def _log_fields(request: Any, response: Any) -> dict[str, Any]:
         fields["engine"] = pb.Engine.Name(response.engine)
         fields["member_id"] = response.member_id
         fields["confidence"] = round(response.confidence, 3)
+        if response.engines:
+            fields["engines"] = {
+                pb.Engine.Name(r.engine)[7:].lower(): pb.EngineOutcome.Name(r.outcome)[15:]
+                for r in response.engines
+            }
+            fields["cloud_transactions"] = response.cloud_transactions
     return fields
 
 
@@ -99,6 +105,8 @@ class FaceGateServicer(pb_grpc.FaceGateServiceServicer):
             engine=serde.engine(found.engine),
             event_id=result.event.event_id,
             hint=found.hint,
+            engines=[serde.engine_report(r) for r in found.reports],
+            cloud_transactions=found.cloud_transactions,
         )
         if found.face_box is not None:
             response.face_box.CopyFrom(serde.face_box(found.face_box))
@@ -153,3 +161,16 @@ class FaceGateServicer(pb_grpc.FaceGateServiceServicer):
             events=[serde.access_event(e) for e in events],
             next_page_token=serde.encode_page_token(before=next_before) if next_before else "",
         )
+
+    @rpc
+    def GetStatus(
+        self, request: pb.GetStatusRequest, context: grpc.ServicerContext
+    ) -> pb.GetStatusResponse:
+        return serde.status(self.gate.status())
+
+    @rpc
+    def SyncCloud(
+        self, request: pb.SyncCloudRequest, context: grpc.ServicerContext
+    ) -> pb.SyncCloudResponse:
+        changes = self.gate.sync_cloud(request.dry_run)
+        return pb.SyncCloudResponse(changes=[serde.sync_change(c) for c in changes])

@@ -1,0 +1,1 @@
+"""Routing between engines: the fallback (itself an engine) and its circuit breaker."""

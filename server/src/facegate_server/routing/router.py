@@ -1,0 +1,325 @@
+"""The fallback: one engine that routes each frame between the cloud and the local engine,
+and answers within the budget whatever the cloud does.
+
+Policies (FACEGATE_ROUTING_POLICY):
+- `cloud-first`: the cloud call and the local engine start together. The cloud decides if
+  it answers before the deadline (the budget, less a small reserve; a shorter gRPC
+  deadline wins); otherwise the local engine, which has usually finished by then, decides.
+- `local-first`: the local engine runs first; when it is confident (a grant at or above
+  FACEGATE_LOCAL_CONFIDENT, a clear stranger, no face, several faces) it decides alone and
+  the cloud costs nothing; otherwise the cloud is asked with the time that is left.
+- `local-only`: the cloud is never asked.
+
+The cloud is skipped at once while the circuit breaker is open, and when too many cloud
+calls are already in flight (a hung cloud cannot pile up threads or sockets: each call is
+bounded by its read timeout and the number in flight by FACEGATE_CLOUD_SLOTS). A late
+cloud answer is dropped; a cancelled call does not make its second request.
+
+When both engines answer (agreement policy, FACEGATE_ON_DISAGREEMENT):
+- the cloud grants m, the local engine grants another member → deny (never a wrong grant);
+- `deny-on-conflict` (default): otherwise the cloud's answer stands, except that the
+  local engine's grant stands when the cloud says "unknown" for a member the cloud has
+  not been trained on yet (enrolled a moment ago, or enrolled while the cloud was away);
+- `require-agreement`: a grant needs both engines to grant the same member (the same
+  not-yet-trained exception applies).
+Both engines' answers go into the response and the access log.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import enum
+import logging
+import threading
+import time
+from dataclasses import replace
+from datetime import timedelta
+
+from facegate_server.domain import (
+    Decision,
+    EngineKind,
+    EngineOutcome,
+    EngineReport,
+    Identification,
+)
+from facegate_server.engines.azure import AzureEngine, CloudCall, CloudFailure
+from facegate_server.engines.local import LocalEngine
+from facegate_server.errors import RecognitionTimeout
+from facegate_server.routing.breaker import CircuitBreaker
+from facegate_server.store import Store
+
+log = logging.getLogger(__name__)
+
+RESERVE = 0.03  # seconds kept back from the budget to decide and answer
+
+
+class Policy(enum.Enum):
+    CLOUD_FIRST = "cloud-first"
+    LOCAL_FIRST = "local-first"
+    LOCAL_ONLY = "local-only"
+
+
+class Agreement(enum.Enum):
+    DENY_ON_CONFLICT = "deny-on-conflict"
+    REQUIRE_AGREEMENT = "require-agreement"
+
+
+def _report(found: Identification, outcome: EngineOutcome, latency: float) -> EngineReport:
+    return EngineReport(
+        engine=found.engine,
+        outcome=outcome,
+        decision=found.decision,
+        member_id=found.member_id,
+        confidence=found.confidence,
+        latency=timedelta(seconds=latency),
+    )
+
+
+class RoutingEngine:
+    """The engine the gate asks: routes between `local` and `cloud` (None: no cloud)."""
+
+    kind = EngineKind.LOCAL
+
+    def __init__(
+        self,
+        local: LocalEngine,
+        cloud: AzureEngine | None,
+        store: Store,
+        *,
+        policy: Policy = Policy.CLOUD_FIRST,
+        agreement: Agreement = Agreement.DENY_ON_CONFLICT,
+        breaker: CircuitBreaker | None = None,
+        cloud_slots: int = 4,
+        local_confident: float = 0.75,
+    ) -> None:
+        self.local = local
+        self.cloud = cloud
+        self.store = store
+        self.policy = policy if cloud is not None else Policy.LOCAL_ONLY
+        self.agreement = agreement
+        self.breaker = breaker or CircuitBreaker()
+        self.local_confident = local_confident
+        self._slots = threading.BoundedSemaphore(cloud_slots)
+        self._cloud_pool = cf.ThreadPoolExecutor(cloud_slots, thread_name_prefix="cloud")
+        self._local_pool = cf.ThreadPoolExecutor(8, thread_name_prefix="local-wait")
+        self.last_error = ""
+        self.last_error_time = 0.0
+
+    def close(self) -> None:
+        self._cloud_pool.shutdown(wait=False, cancel_futures=True)
+        self._local_pool.shutdown(wait=False, cancel_futures=True)
+
+    def identify(self, image: bytes, timeout: float) -> Identification:
+        deadline = time.monotonic() + timeout
+        if self.policy is Policy.LOCAL_ONLY:
+            return self.local.identify(image, timeout)
+        if self.policy is Policy.LOCAL_FIRST:
+            return self._local_first(image, deadline)
+        return self._cloud_first(image, deadline)
+
+    def _cloud_first(self, image: bytes, deadline: float) -> Identification:
+        started = time.monotonic()
+        local_future = self._local_pool.submit(
+            self.local.identify, image, max(0.0, deadline - started)
+        )
+        cloud_future, call, skipped = self._start_cloud(image, deadline)
+        try:
+            return self._combine(local_future, cloud_future, call, skipped, deadline, started)
+        finally:
+            call.cancelled.set()
+
+    def _local_first(self, image: bytes, deadline: float) -> Identification:
+        started = time.monotonic()
+        local = self.local.identify(image, max(0.0, deadline - started))
+        local_latency = time.monotonic() - started
+        if self._confident(local):
+            return replace(
+                local,
+                reports=(
+                    _report(local, EngineOutcome.DECIDED, local_latency),
+                    EngineReport(
+                        EngineKind.AZURE, EngineOutcome.NOT_USED, detail="local engine confident"
+                    ),
+                ),
+            )
+        done: cf.Future[Identification] = cf.Future()
+        done.set_result(local)
+        cloud_future, call, skipped = self._start_cloud(image, deadline)
+        try:
+            return self._combine(
+                done, cloud_future, call, skipped, deadline, started, local_latency
+            )
+        finally:
+            call.cancelled.set()
+
+    def _confident(self, local: Identification) -> bool:
+        if local.decision is Decision.GRANTED:
+            return local.confidence >= self.local_confident
+        if local.decision is Decision.DENIED_UNKNOWN_FACE:
+            return local.confidence <= 1.0 - self.local_confident
+        return True  # no face, several faces, poor quality: the cloud would see the same
+
+    def _start_cloud(
+        self, image: bytes, deadline: float
+    ) -> tuple[cf.Future[Identification] | None, CloudCall, EngineReport | None]:
+        """Start the cloud call, or say why it was skipped."""
+        call = CloudCall(threading.Event())
+        assert self.cloud is not None
+        if not self.breaker.allow():
+            return (
+                None,
+                call,
+                EngineReport(
+                    EngineKind.AZURE,
+                    EngineOutcome.CIRCUIT_OPEN,
+                    detail="circuit open: cloud skipped",
+                ),
+            )
+        if not self._slots.acquire(blocking=False):
+            self.breaker.release()
+            return (
+                None,
+                call,
+                EngineReport(
+                    EngineKind.AZURE,
+                    EngineOutcome.TIMED_OUT,
+                    detail="too many cloud calls still in flight: cloud skipped",
+                ),
+            )
+        budget = max(0.05, deadline - time.monotonic() - RESERVE)
+        cloud = self.cloud
+
+        def run() -> Identification:
+            try:
+                return cloud.identify(image, budget, call)
+            finally:
+                self._slots.release()
+
+        try:
+            return self._cloud_pool.submit(run), call, None
+        except RuntimeError:  # shutting down
+            self._slots.release()
+            self.breaker.release()
+            return (
+                None,
+                call,
+                EngineReport(EngineKind.AZURE, EngineOutcome.ERROR, detail="server stopping"),
+            )
+
+    def _cloud_failed(self, outcome: EngineOutcome, detail: str, retry_after: float | None) -> None:
+        self.last_error = detail
+        self.last_error_time = time.time()
+        if outcome is EngineOutcome.NOT_TRAINED:
+            self.breaker.release()  # the cloud works; the group is not ready yet
+        elif outcome is EngineOutcome.THROTTLED:
+            self.breaker.record_failure(retry_after=retry_after or 0.0)
+        else:
+            self.breaker.record_failure()
+
+    def _combine(
+        self,
+        local_future: cf.Future[Identification],
+        cloud_future: cf.Future[Identification] | None,
+        call: CloudCall,
+        skipped: EngineReport | None,
+        deadline: float,
+        started: float,
+        local_latency: float | None = None,
+    ) -> Identification:
+        cloud: Identification | None = None
+        cloud_report = skipped
+        if cloud_future is not None:
+            try:
+                cloud = cloud_future.result(timeout=max(0.0, deadline - RESERVE - time.monotonic()))
+                self.breaker.record_success()
+            except cf.TimeoutError:
+                self._cloud_failed(
+                    EngineOutcome.TIMED_OUT, "no cloud answer within the budget", None
+                )
+                cloud_report = EngineReport(
+                    EngineKind.AZURE,
+                    EngineOutcome.TIMED_OUT,
+                    detail="no cloud answer within the budget",
+                    latency=timedelta(seconds=time.monotonic() - started),
+                )
+            except CloudFailure as failure:
+                self._cloud_failed(failure.outcome, failure.detail, failure.retry_after)
+                cloud_report = EngineReport(
+                    EngineKind.AZURE,
+                    failure.outcome,
+                    detail=failure.detail,
+                    latency=timedelta(seconds=time.monotonic() - started),
+                )
+            except Exception as error:  # never let a cloud surprise reach the caller
+                log.exception("unexpected cloud error")
+                self._cloud_failed(EngineOutcome.ERROR, type(error).__name__, None)
+                cloud_report = EngineReport(
+                    EngineKind.AZURE, EngineOutcome.ERROR, detail=type(error).__name__
+                )
+        cloud_latency = time.monotonic() - started
+        transactions = call.transactions
+
+        try:
+            local = local_future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except (cf.TimeoutError, RecognitionTimeout):
+            local = None
+        if local_latency is None:
+            local_latency = time.monotonic() - started
+
+        if cloud is None:
+            if local is None:
+                raise RecognitionTimeout("neither engine answered within the budget")
+            assert cloud_report is not None
+            return replace(
+                local,
+                reports=(_report(local, EngineOutcome.DECIDED, local_latency), cloud_report),
+                cloud_transactions=transactions,
+            )
+        if local is None:
+            return replace(
+                cloud,
+                reports=(
+                    _report(cloud, EngineOutcome.DECIDED, cloud_latency),
+                    EngineReport(EngineKind.LOCAL, EngineOutcome.TIMED_OUT),
+                ),
+                cloud_transactions=transactions,
+            )
+        decided, cloud_outcome, local_outcome = self._decide(cloud, local)
+        return replace(
+            decided,
+            reports=(
+                _report(cloud, cloud_outcome, cloud_latency),
+                _report(local, local_outcome, local_latency),
+            ),
+            cloud_transactions=transactions,
+        )
+
+    def _decide(
+        self, cloud: Identification, local: Identification
+    ) -> tuple[Identification, EngineOutcome, EngineOutcome]:
+        """Both engines answered: (decision, the cloud's part, the local engine's part)."""
+        granted = Decision.GRANTED
+        if cloud.decision is granted and local.decision is granted:
+            if cloud.member_id == local.member_id:
+                return cloud, EngineOutcome.DECIDED, EngineOutcome.AGREED
+            denial = Identification(
+                Decision.DENIED_UNKNOWN_FACE,
+                EngineKind.AZURE,
+                face_box=cloud.face_box,
+                hint="please try again",
+            )
+            return denial, EngineOutcome.DISAGREED, EngineOutcome.DISAGREED
+        if local.decision is granted and cloud.decision is Decision.DENIED_UNKNOWN_FACE:
+            person = self.store.cloud_person(local.member_id)
+            if person is None or not person.ready:
+                # Enrolled but not yet trained in the cloud: the local engine knows them.
+                return local, EngineOutcome.OUTRANKED, EngineOutcome.DECIDED
+        if cloud.decision is granted and self.agreement is Agreement.REQUIRE_AGREEMENT:
+            denial = replace(cloud, decision=Decision.DENIED_UNKNOWN_FACE, member_id="")
+            return denial, EngineOutcome.DISAGREED, EngineOutcome.DISAGREED
+        agreed = cloud.decision is local.decision and cloud.member_id == local.member_id
+        return (
+            cloud,
+            EngineOutcome.DECIDED,
+            (EngineOutcome.AGREED if agreed else EngineOutcome.OUTRANKED),
+        )
