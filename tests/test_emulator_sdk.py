@@ -63,7 +63,7 @@ class Gym:
     names: dict[str, str]
     """personId -> person."""
     probes: dict[str, str]
-    """person -> a photo of theirs not enrolled."""
+    """person -> a photo of theirs not enrolled (their last; up to two before it are)."""
 
 
 def detect(client: FaceClient, faces: Faces, path: str, **kwargs: object) -> list[object]:
@@ -92,7 +92,7 @@ def gym(client: FaceClient, clock: ManualClock, faces: Faces) -> Gym:
         photos = faces.of(who)
         person = client.large_person_group_person.create("gym", name=who, user_data="member")
         names[person.person_id] = who
-        for photo in photos[:-1]:
+        for photo in photos[:-1][:2]:
             added = client.large_person_group_person.add_face_from_stream(
                 "gym",
                 person.person_id,
