@@ -42,10 +42,12 @@ class FaceGateServer:
     health: health.HealthServicer
     pool: WorkerPool
     store: Store
+    background_sync: bool = True
+    """Replay the outbox in a background thread (tests drive `gate.cloud.settle()`)."""
 
     def start(self) -> None:
         self.server.start()
-        if self.gate.cloud is not None:
+        if self.gate.cloud is not None and self.background_sync:
             self.gate.cloud.start()
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)

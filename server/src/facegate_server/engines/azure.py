@@ -133,7 +133,7 @@ def _failure(error: BaseException) -> CloudFailure:
             return CloudFailure(
                 EngineOutcome.THROTTLED, detail, status=status, code=code, retry_after=retry_after
             )
-        if status == 409 and ("NotTrained" in code or "TrainingNotFinished" in code):
+        if "NotTrained" in code or "TrainingNotFinished" in code:  # 400 or 409 by the docs
             return CloudFailure(EngineOutcome.NOT_TRAINED, detail, status=status, code=code)
         if status == 408:
             return CloudFailure(EngineOutcome.TIMED_OUT, detail, status=status, code=code)
@@ -146,7 +146,9 @@ def _failure(error: BaseException) -> CloudFailure:
             )
         if isinstance(cause, requests.exceptions.ConnectionError):
             return CloudFailure(EngineOutcome.ERROR, "cannot connect to the Face API")
-        cause = cause.__cause__ or cause.__context__
+        cause = (
+            getattr(cause, "inner_exception", None) or cause.__cause__ or cause.__context__
+        )
         if cause is error:
             break
     if isinstance(error, DeserializationError | ValueError):

@@ -248,6 +248,7 @@ class CloudSync:
     def reconcile(self, dry_run: bool) -> list[Change]:
         """Compare the cloud group with the store; repair the differences unless dry_run."""
         with self._lock:
+            self._group_checked = False  # the group itself may have gone
             self._ensure_group()
             return self._reconcile(dry_run)
 
