@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from facegate_server.engines.index import FaceIndex
-from facegate_server.engines.local import confidence
+from facegate_server.engines.policy import confidence, distance_for
 
 
 def vectors(n: int, seed: int = 0) -> np.ndarray:
@@ -58,8 +58,30 @@ def test_matches_brute_force_at_scale() -> None:
 
 
 def test_confidence_mapping() -> None:
-    assert confidence(0.0, 0.6) == 1.0
-    assert confidence(0.6, 0.6) == 0.5
-    assert confidence(0.3, 0.6) == pytest.approx(0.75)
-    assert confidence(1.2, 0.6) == 0.0
-    assert confidence(5.0, 0.6) == 0.0
+    """Fixed, whatever the threshold: 0.5 at dlib's 1:1 tolerance 0.6, monotone."""
+    assert confidence(0.6) == 0.5
+    assert confidence(0.55) == pytest.approx(0.622, abs=1e-3)
+    assert confidence(0.35) == pytest.approx(0.924, abs=1e-3)
+    assert confidence(0.0) == pytest.approx(0.9975, abs=1e-4)
+    assert 0.0 < confidence(2.0) < 1e-5
+    values = [confidence(d / 100) for d in range(0, 200)]
+    assert values == sorted(values, reverse=True)
+    assert distance_for(confidence(0.42)) == pytest.approx(0.42)
+
+
+def test_nearest_lists_members_by_their_closest_template() -> None:
+    v = vectors(6, seed=3)
+    index = FaceIndex([("a", v[0]), ("a", v[1]), ("b", v[2]), ("c", v[3]), ("c", v[4])])
+    probe = v[4] + 0.001
+    expected = sorted(
+        (min(np.linalg.norm(probe - v[i]) for i in rows), m)
+        for m, rows in {"a": [0, 1], "b": [2], "c": [3, 4]}.items()
+    )
+    got = index.nearest(probe, 10)
+    assert [m for m, _ in got] == [m for _, m in expected]
+    assert [d for _, d in got] == pytest.approx([d for d, _ in expected], abs=1e-4)
+    assert index.nearest(probe, 2) == got[:2]
+    match = index.match(probe)
+    assert match is not None
+    assert (match.member_id, match.runner_up_id) == (got[0][0], got[1][0])
+    assert FaceIndex().nearest(probe, 3) == []

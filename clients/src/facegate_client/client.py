@@ -167,6 +167,18 @@ class FaceGateClient:
         )
         return response
 
+    def search_faces(
+        self, image: bytes, max_candidates: int = 0, *, timeout: float | None = None
+    ) -> pb.SearchFacesResponse:
+        """Score a frame against the members without deciding or logging (admin only).
+
+        Returns the closest members (max_candidates 1 to 10; 0 means 2) with confidences
+        and distances, the decision the local engine would take, and the face's quality.
+        """
+        request = pb.SearchFacesRequest(image=image, max_candidates=max_candidates)
+        response: pb.SearchFacesResponse = self._call(self._stub.SearchFaces, request, timeout)
+        return response
+
     def enroll(
         self,
         member_id: str,

@@ -23,6 +23,7 @@ from facegate_server.engines.azure import AzureEngine, AzureFace, AzureSettings
 from facegate_server.engines.azure_sync import CloudSync
 from facegate_server.engines.index import FaceIndex
 from facegate_server.engines.local import LocalEngine, WorkerPool
+from facegate_server.engines.policy import decision_policy
 from facegate_server.gate import Gate
 from facegate_server.routing.breaker import CircuitBreaker
 from facegate_server.routing.router import Agreement, Policy, RoutingEngine
@@ -104,7 +105,7 @@ def build_server(
         )
         pool.warm_up()
         log.info("recognition workers ready", extra={"workers": settings.workers})
-        engine = LocalEngine(pool, index, settings.match_threshold)
+        engine = LocalEngine(pool, index, decision_policy(settings))
         router, cloud = None, None
         if settings.cloud_enabled:
             azure, breaker, cloud = build_cloud(settings, store, clock)

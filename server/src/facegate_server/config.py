@@ -27,7 +27,18 @@ class Settings:
     listen: str = field(default="127.0.0.1:50051", metadata={"env": "FACEGATE_LISTEN"})
     data_dir: Path = field(default=Path("facegate-data"), metadata={"env": "FACEGATE_DATA_DIR"})
     workers: int = field(default_factory=_default_workers, metadata={"env": "FACEGATE_WORKERS"})
-    match_threshold: float = field(default=0.6, metadata={"env": "FACEGATE_MATCH_THRESHOLD"})
+    # The local engine's decision policy (engines/policy.py; README: How the local engine
+    # decides). Defaults measured on ../shared/faces.
+    match_threshold: float = field(default=0.55, metadata={"env": "FACEGATE_MATCH_THRESHOLD"})
+    match_margin: float = field(default=0.10, metadata={"env": "FACEGATE_MATCH_MARGIN"})
+    dominant_face_ratio: float = field(
+        default=4.0, metadata={"env": "FACEGATE_DOMINANT_FACE_RATIO"}
+    )
+    min_face_px: int = field(default=60, metadata={"env": "FACEGATE_MIN_FACE_PX"})
+    max_yaw: float = field(default=0.30, metadata={"env": "FACEGATE_MAX_YAW"})
+    min_pitch: float = field(default=0.40, metadata={"env": "FACEGATE_MIN_PITCH"})
+    min_brightness: float = field(default=40.0, metadata={"env": "FACEGATE_MIN_BRIGHTNESS"})
+    min_sharpness: float = field(default=30.0, metadata={"env": "FACEGATE_MIN_SHARPNESS"})
     identify_budget_ms: int = field(default=1200, metadata={"env": "FACEGATE_IDENTIFY_BUDGET_MS"})
     enroll_timeout_s: float = field(default=60.0, metadata={"env": "FACEGATE_ENROLL_TIMEOUT_S"})
     keep_photos: bool = field(default=False, metadata={"env": "FACEGATE_KEEP_PHOTOS"})
@@ -82,6 +93,14 @@ class Settings:
             raise ValueError("workers must be at least 1")
         if not 0.0 < self.match_threshold < 2.0:
             raise ValueError("match_threshold must be in (0, 2)")
+        if not 0.0 <= self.match_margin < 2.0:
+            raise ValueError("match_margin must be in [0, 2)")
+        if self.dominant_face_ratio < 1.0:
+            raise ValueError("dominant_face_ratio must be at least 1")
+        if self.min_face_px < 0 or self.min_brightness < 0 or self.min_sharpness < 0:
+            raise ValueError("min_face_px, min_brightness and min_sharpness must not be negative")
+        if self.max_yaw <= 0 or self.min_pitch < 0:
+            raise ValueError("max_yaw must be positive and min_pitch not negative")
         if self.identify_budget_ms < 1:
             raise ValueError("identify_budget_ms must be positive")
         if self.max_image_bytes < 1 or self.max_image_side < 1 or self.max_photos < 1:

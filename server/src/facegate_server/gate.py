@@ -26,7 +26,7 @@ from facegate_server.domain import (
 from facegate_server.engines.azure import CloudFailure
 from facegate_server.engines.azure_sync import Change, CloudSync
 from facegate_server.engines.base import RecognitionEngine
-from facegate_server.engines.local import LocalEngine
+from facegate_server.engines.local import LocalEngine, SearchResult
 from facegate_server.errors import CloudNotConfigured, CloudUnavailable, InvalidArgument
 from facegate_server.routing.router import RoutingEngine
 from facegate_server.store import Store
@@ -34,6 +34,9 @@ from facegate_server.store import Store
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
+
+MAX_CANDIDATES = 10
+"""The most members SearchFaces returns."""
 
 
 def utc_now() -> datetime:
@@ -120,8 +123,15 @@ class Gate:
         return IdentifyResult(identification, display_name, event)
 
     def _templates(self, photos: Sequence[bytes]) -> list[FaceTemplate]:
+        """One template a photo; the first bad photo fails them all, naming it.
+
+        Each photo must show exactly one face that passes the same quality limits as a
+        turnstile frame (size, pose, brightness, sharpness), so no member is made from a
+        template that would match poorly.
+        """
         validation.photo_count(len(photos), self.max_photos)
         analyses = self.engine.analyse_many(photos, self.enroll_timeout)
+        limits = self.engine.policy.quality
         templates = []
         for i, (photo, analysis) in enumerate(zip(photos, analyses, strict=True)):
             if not analysis.boxes:
@@ -134,10 +144,30 @@ class Gate:
                     f"{len(analysis.boxes)} faces were found; an enrolment photo must show one",
                     reason="PHOTO_MULTIPLE_FACES",
                 )
-            templates.append(
-                FaceTemplate(analysis.embeddings[0], photo if self.keep_photos else None)
-            )
+            if analysis.quality is None or analysis.embedding is None:
+                explained = (
+                    limits.explain(analysis.quality) if analysis.quality else "no usable face"
+                )
+                raise InvalidArgument(
+                    f"photos[{i}]",
+                    f"{explained}; enrol a sharp, well-lit photo facing the camera",
+                    reason="PHOTO_POOR_QUALITY",
+                )
+            templates.append(FaceTemplate(analysis.embedding, photo if self.keep_photos else None))
         return templates
+
+    def search(
+        self, image: bytes, max_candidates: int, time_left: float | None = None
+    ) -> SearchResult:
+        """SearchFaces: score a frame against the members, without deciding or logging."""
+        if not 0 <= max_candidates <= MAX_CANDIDATES:
+            raise InvalidArgument(
+                "max_candidates",
+                f"must be 0 to {MAX_CANDIDATES}",
+                reason="MAX_CANDIDATES_OUT_OF_RANGE",
+            )
+        budget = self.identify_budget if time_left is None else min(self.identify_budget, time_left)
+        return self.engine.search(image, budget, max_candidates or 2)
 
     def enroll(self, member_id: str, display_name: str, photos: Sequence[bytes]) -> Member:
         validation.member_id(member_id)

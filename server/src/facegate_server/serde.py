@@ -20,6 +20,7 @@ from facegate_server.domain import (
     Member,
 )
 from facegate_server.engines.azure_sync import Change
+from facegate_server.engines.local import SearchResult
 from facegate_server.errors import InvalidArgument
 from facegate_server.gate import Status
 
@@ -140,3 +141,29 @@ def sync_change(c: Change) -> pb.SyncChange:
         detail=c.detail,
         applied=c.applied,
     )
+
+
+def search_faces(result: SearchResult) -> pb.SearchFacesResponse:
+    found = result.identification
+    message = pb.SearchFacesResponse(
+        decision=decision(found.decision),
+        candidates=[
+            pb.SearchCandidate(member_id=c.member_id, confidence=c.confidence, distance=c.distance)
+            for c in result.candidates
+        ],
+        hint=found.hint,
+    )
+    if found.face_box is not None:
+        message.face_box.CopyFrom(face_box(found.face_box))
+    q = result.quality
+    if q is not None:
+        message.quality.CopyFrom(
+            pb.FaceQuality(
+                size=q.size,
+                sharpness=q.sharpness,
+                brightness=q.brightness,
+                yaw=q.yaw,
+                pitch=q.pitch,
+            )
+        )
+    return message

@@ -174,3 +174,10 @@ class FaceGateServicer(pb_grpc.FaceGateServiceServicer):
     ) -> pb.SyncCloudResponse:
         changes = self.gate.sync_cloud(request.dry_run)
         return pb.SyncCloudResponse(changes=[serde.sync_change(c) for c in changes])
+
+    @rpc
+    def SearchFaces(
+        self, request: pb.SearchFacesRequest, context: grpc.ServicerContext
+    ) -> pb.SearchFacesResponse:
+        result = self.gate.search(request.image, request.max_candidates, context.time_remaining())
+        return serde.search_faces(result)

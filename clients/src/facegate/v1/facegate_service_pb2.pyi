@@ -56,6 +56,10 @@ class _DecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decision.Val
     """A face was found but it is too small, blurred, dark or turned away to
     decide on; `hint` says what the person can do.
     """
+    DECISION_DENIED_AMBIGUOUS: _Decision.ValueType  # 6
+    """The face is within the threshold of one member but not far enough ahead
+    of another (the margin rule): it could be either, so neither is granted.
+    """
 
 class Decision(_Decision, metaclass=_DecisionEnumTypeWrapper):
     """What the gate decided about a frame."""
@@ -73,6 +77,10 @@ DECISION_DENIED_MULTIPLE_FACES: Decision.ValueType  # 4
 DECISION_DENIED_POOR_QUALITY: Decision.ValueType  # 5
 """A face was found but it is too small, blurred, dark or turned away to
 decide on; `hint` says what the person can do.
+"""
+DECISION_DENIED_AMBIGUOUS: Decision.ValueType  # 6
+"""The face is within the threshold of one member but not far enough ahead
+of another (the margin rule): it could be either, so neither is granted.
 """
 Global___Decision: _TypeAlias = Decision  # noqa: Y015
 
@@ -359,14 +367,16 @@ class IdentifyResponse(_message.Message):
     decision: Global___Decision.ValueType
     """What the gate decided."""
     member_id: _builtins.str
-    """The member granted, or, on DECISION_DENIED_UNKNOWN_FACE, empty."""
+    """The member granted; empty on every denial."""
     display_name: _builtins.str
     """The granted member's display name; empty unless granted."""
     confidence: _builtins.float
     """How sure the engine is that the face is `member_id` (granted) or the
-    closest member (denied), in [0, 1]; 0 when no face was compared. The
-    local engine maps its distance d to 1 - d / (2 * threshold), clipped to
-    [0, 1], so the threshold itself maps to 0.5.
+    closest member (denied), in [0, 1]; 0 when no face was compared. On
+    both engines 0.5 is the engine's 1:1 "same person" boundary; a grant
+    needs more (the gate's threshold is stricter). The local engine maps
+    its descriptor distance d to 1 / (1 + exp(10 (d - 0.6))), whatever its
+    threshold is configured to: 0.62 at its default threshold 0.55.
     """
     engine: Global___Engine.ValueType
     """The engine that decided."""
@@ -1006,3 +1016,159 @@ class SyncCloudResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SyncCloudResponse: _TypeAlias = SyncCloudResponse  # noqa: Y015
+
+@_typing.final
+class SearchFacesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGE_FIELD_NUMBER: _builtins.int
+    MAX_CANDIDATES_FIELD_NUMBER: _builtins.int
+    image: _builtins.bytes
+    """The frame, with the same rules as IdentifyRequest.image. Required."""
+    max_candidates: _builtins.int
+    """At most this many members (1 to 10; 0 means 2: the closest and the
+    runner-up, what the margin rule compares).
+    """
+    def __init__(
+        self,
+        *,
+        image: _builtins.bytes = ...,
+        max_candidates: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "max_candidates", b"max_candidates"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchFacesRequest: _TypeAlias = SearchFacesRequest  # noqa: Y015
+
+@_typing.final
+class SearchCandidate(_message.Message):
+    """An enrolled member close to the searched face."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    CONFIDENCE_FIELD_NUMBER: _builtins.int
+    DISTANCE_FIELD_NUMBER: _builtins.int
+    member_id: _builtins.str
+    """The member's id."""
+    confidence: _builtins.float
+    """As IdentifyResponse.confidence, for this member."""
+    distance: _builtins.float
+    """The local engine's descriptor distance to the member's closest photo
+    (Euclidean, between 128-d dlib embeddings; smaller is closer): what
+    FACEGATE_MATCH_THRESHOLD and FACEGATE_MATCH_MARGIN are measured in.
+    """
+    def __init__(
+        self,
+        *,
+        member_id: _builtins.str = ...,
+        confidence: _builtins.float = ...,
+        distance: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "distance", b"distance", "member_id", b"member_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchCandidate: _TypeAlias = SearchCandidate  # noqa: Y015
+
+@_typing.final
+class FaceQuality(_message.Message):
+    """What the local engine measured of the face it decided on (the limits are
+    FACEGATE_MIN_FACE_PX, FACEGATE_MAX_YAW, FACEGATE_MIN_PITCH,
+    FACEGATE_MIN_BRIGHTNESS and FACEGATE_MIN_SHARPNESS).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIZE_FIELD_NUMBER: _builtins.int
+    SHARPNESS_FIELD_NUMBER: _builtins.int
+    BRIGHTNESS_FIELD_NUMBER: _builtins.int
+    YAW_FIELD_NUMBER: _builtins.int
+    PITCH_FIELD_NUMBER: _builtins.int
+    size: _builtins.int
+    """The longer side of the face box, in pixels."""
+    sharpness: _builtins.float
+    """Detail in the face crop: variance of the second difference in the
+    flattest direction, on the crop scaled to 64x64 grey pixels and to a
+    mean brightness of 128. Falls with focus and motion blur.
+    """
+    brightness: _builtins.float
+    """Mean luma of the face crop, 0 to 255."""
+    yaw: _builtins.float
+    """Sideways offset of the nose base from the eyes' midpoint, over the
+    distance between the eyes: 0 facing the camera, signed.
+    """
+    pitch: _builtins.float
+    """Drop of the nose base below the line of the eyes, over the distance
+    between the eyes: about 0.75 facing the camera, less when the head tips
+    back.
+    """
+    def __init__(
+        self,
+        *,
+        size: _builtins.int = ...,
+        sharpness: _builtins.float = ...,
+        brightness: _builtins.float = ...,
+        yaw: _builtins.float = ...,
+        pitch: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["brightness", b"brightness", "pitch", b"pitch", "sharpness", b"sharpness", "size", b"size", "yaw", b"yaw"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FaceQuality: _TypeAlias = FaceQuality  # noqa: Y015
+
+@_typing.final
+class SearchFacesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISION_FIELD_NUMBER: _builtins.int
+    CANDIDATES_FIELD_NUMBER: _builtins.int
+    FACE_BOX_FIELD_NUMBER: _builtins.int
+    QUALITY_FIELD_NUMBER: _builtins.int
+    HINT_FIELD_NUMBER: _builtins.int
+    decision: Global___Decision.ValueType
+    """What the local engine would decide on this frame (nothing is logged)."""
+    hint: _builtins.str
+    """The hint Identify would give."""
+    @_builtins.property
+    def candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___SearchCandidate]:
+        """The closest members, closest first, one entry a member. Empty when no
+        face was chosen (no face, or several with none clearly nearest) or no
+        member is enrolled; present for a face of poor quality too.
+        """
+
+    @_builtins.property
+    def face_box(self) -> Global___FaceBox:
+        """The face box Identify would report: the face searched, or, with several
+        faces and none clearly nearest, the largest; unset when no face was
+        found.
+        """
+
+    @_builtins.property
+    def quality(self) -> Global___FaceQuality:
+        """Its measurements; unset when no face was chosen."""
+
+    def __init__(
+        self,
+        *,
+        decision: Global___Decision.ValueType = ...,
+        candidates: _abc.Iterable[Global___SearchCandidate] | None = ...,
+        face_box: Global___FaceBox | None = ...,
+        quality: Global___FaceQuality | None = ...,
+        hint: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["face_box", b"face_box", "quality", b"quality"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "decision", b"decision", "face_box", b"face_box", "hint", b"hint", "quality", b"quality"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchFacesResponse: _TypeAlias = SearchFacesResponse  # noqa: Y015

@@ -80,6 +80,11 @@ class FaceGateServiceStub:
                 request_serializer=facegate_dot_v1_dot_facegate__service__pb2.SyncCloudRequest.SerializeToString,
                 response_deserializer=facegate_dot_v1_dot_facegate__service__pb2.SyncCloudResponse.FromString,
                 _registered_method=True)
+        self.SearchFaces = channel.unary_unary(
+                '/facegate.v1.FaceGateService/SearchFaces',
+                request_serializer=facegate_dot_v1_dot_facegate__service__pb2.SearchFacesRequest.SerializeToString,
+                response_deserializer=facegate_dot_v1_dot_facegate__service__pb2.SearchFacesResponse.FromString,
+                _registered_method=True)
 
 
 class FaceGateServiceServicer:
@@ -162,6 +167,18 @@ class FaceGateServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SearchFaces(self, request, context):
+        """Scores the face in a frame against the enrolled members without deciding
+        on it or logging it: the closest members with their confidences, the
+        decision the local engine would take, and the face's quality
+        measurements. For evaluation (`facegate evaluate`) and tuning by
+        operators, never for turnstiles: it names the closest members however
+        far they are, so it is admin-only. Served by the local engine.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FaceGateServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -209,6 +226,11 @@ def add_FaceGateServiceServicer_to_server(servicer, server):
                     servicer.SyncCloud,
                     request_deserializer=facegate_dot_v1_dot_facegate__service__pb2.SyncCloudRequest.FromString,
                     response_serializer=facegate_dot_v1_dot_facegate__service__pb2.SyncCloudResponse.SerializeToString,
+            ),
+            'SearchFaces': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchFaces,
+                    request_deserializer=facegate_dot_v1_dot_facegate__service__pb2.SearchFacesRequest.FromString,
+                    response_serializer=facegate_dot_v1_dot_facegate__service__pb2.SearchFacesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -455,6 +477,33 @@ class FaceGateService:
             '/facegate.v1.FaceGateService/SyncCloud',
             facegate_dot_v1_dot_facegate__service__pb2.SyncCloudRequest.SerializeToString,
             facegate_dot_v1_dot_facegate__service__pb2.SyncCloudResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchFaces(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/facegate.v1.FaceGateService/SearchFaces',
+            facegate_dot_v1_dot_facegate__service__pb2.SearchFacesRequest.SerializeToString,
+            facegate_dot_v1_dot_facegate__service__pb2.SearchFacesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -86,6 +86,14 @@ class FaceGateServiceStub:
     every change. With dry_run it only reports. FAILED_PRECONDITION when no
     cloud engine is configured; UNAVAILABLE when the cloud cannot be reached.
     """
+    SearchFaces: _grpc.UnaryUnaryMultiCallable[_facegate_service_pb2.SearchFacesRequest, _facegate_service_pb2.SearchFacesResponse]
+    """Scores the face in a frame against the enrolled members without deciding
+    on it or logging it: the closest members with their confidences, the
+    decision the local engine would take, and the face's quality
+    measurements. For evaluation (`facegate evaluate`) and tuning by
+    operators, never for turnstiles: it names the closest members however
+    far they are, so it is admin-only. Served by the local engine.
+    """
 
 @_typing.type_check_only
 class FaceGateServiceAsyncStub(FaceGateServiceStub):
@@ -129,6 +137,14 @@ class FaceGateServiceAsyncStub(FaceGateServiceStub):
     and faces, deletes persons and faces FaceGate does not know, and reports
     every change. With dry_run it only reports. FAILED_PRECONDITION when no
     cloud engine is configured; UNAVAILABLE when the cloud cannot be reached.
+    """
+    SearchFaces: _aio.UnaryUnaryMultiCallable[_facegate_service_pb2.SearchFacesRequest, _facegate_service_pb2.SearchFacesResponse]  # type: ignore[assignment]
+    """Scores the face in a frame against the enrolled members without deciding
+    on it or logging it: the closest members with their confidences, the
+    decision the local engine would take, and the face's quality
+    measurements. For evaluation (`facegate evaluate`) and tuning by
+    operators, never for turnstiles: it names the closest members however
+    far they are, so it is admin-only. Served by the local engine.
     """
 
 class FaceGateServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -224,6 +240,20 @@ class FaceGateServiceServicer(metaclass=_abc_1.ABCMeta):
         and faces, deletes persons and faces FaceGate does not know, and reports
         every change. With dry_run it only reports. FAILED_PRECONDITION when no
         cloud engine is configured; UNAVAILABLE when the cloud cannot be reached.
+        """
+
+    @_abc_1.abstractmethod
+    def SearchFaces(
+        self,
+        request: _facegate_service_pb2.SearchFacesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_facegate_service_pb2.SearchFacesResponse, _abc.Awaitable[_facegate_service_pb2.SearchFacesResponse]]:
+        """Scores the face in a frame against the enrolled members without deciding
+        on it or logging it: the closest members with their confidences, the
+        decision the local engine would take, and the face's quality
+        measurements. For evaluation (`facegate evaluate`) and tuning by
+        operators, never for turnstiles: it names the closest members however
+        far they are, so it is admin-only. Served by the local engine.
         """
 
 def add_FaceGateServiceServicer_to_server(servicer: FaceGateServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

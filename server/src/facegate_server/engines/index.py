@@ -87,14 +87,34 @@ class FaceIndex:
             keep = old.owners != code
             self._snapshot = _Snapshot(old.vectors[keep], old.sq_norms[keep], old.owners[keep])
 
+    @staticmethod
+    def _distances(snap: _Snapshot, probe: Embedding) -> npt.NDArray[np.float32]:
+        q = np.asarray(probe, np.float32)
+        squared = snap.sq_norms + np.float32(q @ q) - 2.0 * (snap.vectors @ q)
+        return np.sqrt(np.maximum(squared, 0.0))
+
+    def nearest(self, probe: Embedding, k: int) -> list[tuple[str, float]]:
+        """The `k` closest members, closest first, each with their closest template's distance."""
+        snap = self._snapshot
+        if len(snap.owners) == 0 or k < 1:
+            return []
+        distances = self._distances(snap, probe)
+        per_member = np.full(len(self._ids), np.inf, np.float32)
+        np.minimum.at(per_member, snap.owners, distances)
+        present = np.flatnonzero(np.isfinite(per_member))
+        order = present[np.argsort(per_member[present], kind="stable")[:k]]
+        return [(self._ids[code], float(per_member[code])) for code in order]
+
     def match(self, probe: Embedding) -> Match | None:
-        """The closest member to `probe`, or None when the index is empty."""
+        """The closest member to `probe` and the closest other member (None: empty index).
+
+        A member's distance is that of their closest template: every enrolled photo counts,
+        so a member enrolled from several angles is matched by the nearest of them.
+        """
         snap = self._snapshot
         if len(snap.owners) == 0:
             return None
-        q = np.asarray(probe, np.float32)
-        squared = snap.sq_norms + np.float32(q @ q) - 2.0 * (snap.vectors @ q)
-        distances = np.sqrt(np.maximum(squared, 0.0))
+        distances = self._distances(snap, probe)
         best = int(np.argmin(distances))
         best_code = snap.owners[best]
         other_distances = np.where(snap.owners != best_code, distances, np.inf)

@@ -1,4 +1,9 @@
-"""The local engine: dlib embeddings computed in worker processes, matched in-process."""
+"""The local engine: dlib embeddings computed in worker processes, matched in-process.
+
+The rules it decides by are engines/policy.py's; this module runs them: it sends a frame to
+a worker (decode, detect, choose a face, measure it, encode it), matches the embedding
+against the index and applies the policy.
+"""
 
 from __future__ import annotations
 
@@ -7,27 +12,45 @@ import logging
 import multiprocessing
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from facegate_server.domain import Decision, EngineKind, Identification
 from facegate_server.engines import local_worker
 from facegate_server.engines.index import FaceIndex
-from facegate_server.engines.local_worker import Analysis
+from facegate_server.engines.local_worker import Analysis, FaceRules
+from facegate_server.engines.policy import (
+    DecisionPolicy,
+    FaceQuality,
+    confidence,
+    decide_match,
+)
 from facegate_server.errors import InvalidArgument, RecognitionTimeout, RecognitionUnavailable
 from facegate_server.images import ImageRejected, check_size
 
 log = logging.getLogger(__name__)
 
+__all__ = ["Candidate", "LocalEngine", "SearchResult", "WorkerPool", "confidence"]
+
 HINT_NO_FACE = "look at the camera"
 HINT_MULTIPLE_FACES = "one person at a time, please"
 
 
-def confidence(distance: float, threshold: float) -> float:
-    """Map a descriptor distance to [0, 1]: 1 at distance 0, 0.5 at the threshold, 0 at twice it.
+@dataclass(frozen=True)
+class Candidate:
+    """An enrolled member and how close the face is to their closest photo."""
 
-    Linear, so that 0.5 means "on the threshold" for every threshold, as Azure's
-    confidenceThreshold does.
-    """
-    return min(1.0, max(0.0, 1.0 - distance / (2.0 * threshold)))
+    member_id: str
+    distance: float
+    confidence: float
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """SearchFaces: the decision Identify would take, and the closest members."""
+
+    identification: Identification
+    candidates: list[Candidate]
+    quality: FaceQuality | None
 
 
 class WorkerPool:
@@ -62,14 +85,14 @@ class WorkerPool:
             return
         self._ready.set()
 
-    def submit(self, data: bytes) -> cf.Future[Analysis]:
+    def submit(self, data: bytes, rules: FaceRules) -> cf.Future[Analysis]:
         """Start analysing one image; the future raises ImageRejected for unusable bytes."""
         check_size(data, self._max_bytes)
         if not self._ready.is_set():
             raise RecognitionUnavailable("the recognition workers are starting; retry shortly")
         pool = self._pool
         try:
-            return pool.submit(local_worker.analyse, data, self._max_bytes, self._max_side)
+            return pool.submit(local_worker.analyse, data, self._max_bytes, self._max_side, rules)
         except (cf.BrokenExecutor, RuntimeError):
             self._replace(pool)
             raise RecognitionUnavailable("the recognition workers are restarting; retry") from None
@@ -110,29 +133,44 @@ def image_error(field: str, rejected: ImageRejected) -> InvalidArgument:
 
 
 class LocalEngine:
-    """Identify against the in-memory index of enrolled templates."""
+    """Identify against the in-memory index of enrolled templates, by `policy`."""
 
     kind = EngineKind.LOCAL
 
-    def __init__(self, pool: WorkerPool, index: FaceIndex, threshold: float) -> None:
+    def __init__(
+        self, pool: WorkerPool, index: FaceIndex, policy: DecisionPolicy | None = None
+    ) -> None:
         self.pool = pool
         self.index = index
-        self.threshold = threshold
+        self.policy = policy if policy is not None else DecisionPolicy()
+        self._identify_rules = FaceRules(self.policy.dominant_face_ratio, self.policy.quality)
+        self._search_rules = FaceRules(
+            self.policy.dominant_face_ratio, self.policy.quality, encode_poor=True
+        )
+        self.enrol_rules = FaceRules(None, self.policy.quality)
+        """Enrolment: only a lone face, of good quality, is encoded."""
 
-    def analyse(self, data: bytes, timeout: float, field: str = "image") -> Analysis:
+    def analyse(
+        self, data: bytes, timeout: float, field: str = "image", rules: FaceRules | None = None
+    ) -> Analysis:
         try:
-            return self.pool.result(self.pool.submit(data), timeout)
+            return self.pool.result(self.pool.submit(data, rules or self._identify_rules), timeout)
         except ImageRejected as rejected:
             raise image_error(field, rejected) from None
 
     def analyse_many(
-        self, photos: Sequence[bytes], timeout: float, field: str = "photos"
+        self,
+        photos: Sequence[bytes],
+        timeout: float,
+        field: str = "photos",
+        rules: FaceRules | None = None,
     ) -> list[Analysis]:
-        """Analyse photos in parallel; errors name the photo (`photos[2]`)."""
+        """Analyse photos in parallel (enrolment rules by default); errors name the photo."""
+        rules = rules or self.enrol_rules
         futures = []
         for i, data in enumerate(photos):
             try:
-                futures.append(self.pool.submit(data))
+                futures.append(self.pool.submit(data, rules))
             except ImageRejected as rejected:
                 for f in futures:
                     f.cancel()
@@ -148,13 +186,29 @@ class LocalEngine:
         return results
 
     def identify(self, image: bytes, timeout: float) -> Identification:
-        analysis = self.analyse(image, timeout)
-        return self.decide(analysis)
+        return self.decide(self.analyse(image, timeout))
+
+    def search(self, image: bytes, timeout: float, max_candidates: int) -> SearchResult:
+        """The decision `identify` would take on `image`, with the closest members.
+
+        Poor-quality faces are encoded too, so their candidates show what the quality rule
+        kept from deciding; frames with no face or no clearly nearest face have none.
+        """
+        analysis = self.analyse(image, timeout, rules=self._search_rules)
+        candidates = []
+        if analysis.embedding is not None:
+            candidates = [
+                Candidate(member_id, distance, confidence(distance))
+                for member_id, distance in self.index.nearest(analysis.embedding, max_candidates)
+            ]
+        return SearchResult(self.decide(analysis), candidates, analysis.quality)
 
     def decide(self, analysis: Analysis) -> Identification:
+        """Apply the policy to a worker's analysis (see engines/policy.py for the rules)."""
         if not analysis.boxes:
             return Identification(Decision.DENIED_NO_FACE, self.kind, hint=HINT_NO_FACE)
-        if len(analysis.boxes) > 1:
+        face = analysis.face
+        if face is None:
             largest = max(analysis.boxes, key=lambda b: b.area)
             return Identification(
                 Decision.DENIED_MULTIPLE_FACES,
@@ -162,19 +216,19 @@ class LocalEngine:
                 face_box=largest,
                 hint=HINT_MULTIPLE_FACES,
             )
-        box = analysis.boxes[0]
-        match = self.index.match(analysis.embeddings[0])
-        if match is None:
-            return Identification(Decision.DENIED_UNKNOWN_FACE, self.kind, face_box=box)
-        score = confidence(match.distance, self.threshold)
-        if match.distance <= self.threshold:
+        assert analysis.quality is not None
+        problem = self.policy.quality.problem(analysis.quality)
+        if problem is not None:
             return Identification(
-                Decision.GRANTED,
-                self.kind,
-                member_id=match.member_id,
-                confidence=score,
-                face_box=box,
+                Decision.DENIED_POOR_QUALITY, self.kind, face_box=face, hint=problem.hint
             )
+        assert analysis.embedding is not None
+        decided = decide_match(self.index.match(analysis.embedding), self.policy)
         return Identification(
-            Decision.DENIED_UNKNOWN_FACE, self.kind, confidence=score, face_box=box
+            decided.decision,
+            self.kind,
+            member_id=decided.member_id,
+            confidence=decided.confidence,
+            face_box=face,
+            hint=decided.hint,
         )

@@ -1,4 +1,4 @@
-"""What runs inside a recognition worker process: decode, detect, encode.
+"""What runs inside a recognition worker process: decode, detect, measure, encode.
 
 dlib's shape predictor and face encoder hold the GIL, so FaceGate runs them in worker
 processes (one a core by default) and keeps matching in the server process. Nothing here
@@ -7,6 +7,12 @@ is imported by the server process except to name the functions it submits.
 Detection runs on a copy scaled to about 853x480 pixels (HOG's cost grows with pixels;
 smaller frames are upsampled once so that small faces are still found); encoding runs on
 the full-resolution frame (its cost does not grow with pixels).
+
+Of the faces found, one is chosen (policy.choose_face); its 5-point landmarks are computed
+once and serve both the quality measurements (pose) and the encoder, which is what
+face_recognition.face_encodings does inside. A face of poor quality is not encoded unless
+asked (`FaceRules.encode_poor`), so a frame that will be answered "come closer" costs no
+encoding.
 """
 
 from __future__ import annotations
@@ -17,13 +23,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from facegate_server.domain import Embedding, FaceBox
-from facegate_server.images import decode
+from facegate_server.engines.policy import FaceQuality, QualityLimits, choose_face
+from facegate_server.images import RGBImage, decode
 
 DETECT_PIXELS = 853 * 480
 
 _face_recognition: Any = None
+
+
+@dataclass(frozen=True)
+class FaceRules:
+    """What the worker needs of the policy: which face to take, and whether to encode it."""
+
+    dominant_face_ratio: float | None
+    """See policy.choose_face; None: only a lone face is chosen (enrolment)."""
+    limits: QualityLimits
+    encode_poor: bool = False
+    """Encode the chosen face even when its quality is poor (SearchFaces)."""
 
 
 @dataclass(frozen=True)
@@ -33,9 +52,17 @@ class Analysis:
     width: int
     height: int
     boxes: list[FaceBox]
-    embeddings: list[Embedding]
-    """Only computed when exactly one face was found (the only case a decision needs)."""
+    chosen: int | None = None
+    """The index in `boxes` of the face decided on (policy.choose_face), if any."""
+    quality: FaceQuality | None = None
+    """The chosen face's measurements."""
+    embedding: Embedding | None = None
+    """The chosen face's 128-d embedding; None when it was not encoded (poor quality)."""
     stages_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def face(self) -> FaceBox | None:
+        return None if self.chosen is None else self.boxes[self.chosen]
 
 
 def init_worker() -> None:
@@ -65,8 +92,57 @@ def ping() -> int:
     return 1
 
 
-def analyse(data: bytes, max_bytes: int, max_side: int) -> Analysis:
-    """Find the faces in an image; encode the face when there is exactly one."""
+def _grey64(pixels: RGBImage, box: FaceBox) -> npt.NDArray[np.float64]:
+    from PIL import Image
+
+    crop = pixels[box.top : box.top + box.height, box.left : box.left + box.width]
+    grey = Image.fromarray(crop).convert("L").resize((64, 64), Image.Resampling.BILINEAR)
+    return np.asarray(grey, np.float64)
+
+
+def sharpness_and_brightness(pixels: RGBImage, box: FaceBox) -> tuple[float, float]:
+    """(sharpness, brightness) of a face crop; see policy.FaceQuality."""
+    g = _grey64(pixels, box)
+    brightness = float(g.mean())
+    centre = 2.0 * g[1:-1, 1:-1]
+    second_differences = (
+        g[1:-1, :-2] + g[1:-1, 2:] - centre,  # across columns (0 degrees)
+        g[:-2, 1:-1] + g[2:, 1:-1] - centre,  # across rows (90 degrees)
+        (g[:-2, :-2] + g[2:, 2:] - centre) / 2.0,  # diagonals, per unit of pixel step
+        (g[:-2, 2:] + g[2:, :-2] - centre) / 2.0,
+    )
+    flattest = min(float(d.var()) for d in second_differences)
+    return flattest * (128.0 / max(brightness, 1.0)) ** 2, brightness
+
+
+def pose(points: npt.NDArray[np.float64]) -> tuple[float, float]:
+    """(yaw, pitch) proxies from dlib's 5 landmarks: 2 corners of each eye, nose base."""
+    eye_a, eye_b, nose = points[0:2].mean(axis=0), points[2:4].mean(axis=0), points[4]
+    left, right = (eye_a, eye_b) if eye_a[0] <= eye_b[0] else (eye_b, eye_a)
+    across = right - left
+    between = float(np.hypot(*across))
+    if between < 1e-6:
+        return math.inf, 0.0
+    unit = across / between
+    down = np.array([-unit[1], unit[0]])
+    offset = nose - (left + right) / 2.0
+    return float(offset @ unit) / between, float(abs(offset @ down)) / between
+
+
+def measure_quality(pixels: RGBImage, box: FaceBox, points: npt.NDArray[np.float64]) -> FaceQuality:
+    sharpness, brightness = sharpness_and_brightness(pixels, box)
+    yaw, pitch = pose(points)
+    return FaceQuality(
+        size=max(box.width, box.height),
+        sharpness=sharpness,
+        brightness=brightness,
+        yaw=yaw,
+        pitch=pitch,
+    )
+
+
+def analyse(data: bytes, max_bytes: int, max_side: int, rules: FaceRules) -> Analysis:
+    """Find the faces in an image; measure and encode the one to decide on."""
     if _face_recognition is None:
         init_worker()
     fr = _face_recognition
@@ -88,7 +164,6 @@ def analyse(data: bytes, max_bytes: int, max_side: int) -> Analysis:
         detect_on = pixels
     found = fr.face_locations(detect_on, number_of_times_to_upsample=upsample, model="hog")
     boxes = []
-    locations = []
     for top, right, bottom, left in found:
         t = max(0, round(top / scale))
         r = min(width, round(right / scale))
@@ -96,24 +171,36 @@ def analyse(data: bytes, max_bytes: int, max_side: int) -> Analysis:
         l_ = max(0, round(left / scale))
         if r > l_ and b > t:
             boxes.append(FaceBox(left=l_, top=t, width=r - l_, height=b - t))
-            locations.append((t, r, b, l_))
     detected = time.perf_counter()
 
-    embeddings: list[Embedding] = []
-    if len(locations) == 1:
-        embeddings = [
-            np.asarray(e, dtype=np.float64)
-            for e in fr.face_encodings(pixels, known_face_locations=locations, model="small")
-        ]
-    encoded = time.perf_counter()
+    chosen = choose_face(boxes, rules.dominant_face_ratio)
+    quality = None
+    embedding = None
+    measured = encoded = detected
+    if chosen is not None:
+        import dlib
+
+        box = boxes[chosen]
+        rect = dlib.rectangle(box.left, box.top, box.left + box.width, box.top + box.height)
+        shape = fr.api.pose_predictor_5_point(pixels, rect)
+        points = np.array([(p.x, p.y) for p in shape.parts()], np.float64)
+        quality = measure_quality(pixels, box, points)
+        measured = time.perf_counter()
+        if rules.encode_poor or rules.limits.problem(quality) is None:
+            descriptor = fr.api.face_encoder.compute_face_descriptor(pixels, shape, 1)
+            embedding = np.asarray(descriptor, dtype=np.float64)
+        encoded = time.perf_counter()
     return Analysis(
         width=width,
         height=height,
         boxes=boxes,
-        embeddings=embeddings,
+        chosen=chosen,
+        quality=quality,
+        embedding=embedding,
         stages_ms={
             "decode": (decoded - started) * 1000,
             "detect": (detected - decoded) * 1000,
-            "encode": (encoded - detected) * 1000,
+            "landmarks_quality": (measured - detected) * 1000,
+            "encode": (encoded - measured) * 1000,
         },
     )

@@ -1,0 +1,199 @@
+"""How the local engine decides: pure functions of measurements (no dlib, no I/O).
+
+1. Which face: the only one, or the largest when it is clearly the nearest (its area at
+   least `dominant_face_ratio` times the second largest's); otherwise "one person at a time".
+2. Quality of that face, checked in this order, each with a hint the turnstile can show:
+   too small ("come closer"), turned ("look at the camera"), too dark ("step into the
+   light"), blurred ("hold still"). Size and darkness come first because a small or dark
+   face also measures as blurred.
+3. The match: grant the closest member when their distance is at most `match_threshold`
+   AND the runner-up member is at least `match_margin` further away. A member's distance
+   is that of their closest enrolled photo (every photo is kept and matched). A face
+   within the threshold of two members with too small a margin is DENIED_AMBIGUOUS.
+4. Confidence: a fixed map of distance to [0, 1] (`confidence`), the same whatever the
+   threshold is configured to, so that it means the same from either engine.
+
+The README's "How the local engine decides" has the measurements behind each default.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from facegate_server.config import Settings
+from facegate_server.domain import Decision, FaceBox
+from facegate_server.engines.index import Match
+
+CONFIDENCE_REFERENCE = 0.6
+"""The distance that maps to confidence 0.5: dlib's 1:1 verification tolerance, as 0.5 is
+Azure Face's default "same person" boundary for its confidence."""
+
+CONFIDENCE_SLOPE = 10.0
+"""Steepness of the logistic map, per unit of distance: the same-person distances
+measured on the test photographs (0.06 to 0.52) map to 0.69 to 0.99."""
+
+
+def confidence(distance: float) -> float:
+    """Map a descriptor distance to [0, 1]: 1 / (1 + exp(10 (d - 0.6))).
+
+    0.5 at d = 0.6 (the 1:1 boundary); 0.62 at the default gate threshold 0.55; 0.92 at
+    0.35, a typical same-person distance; 0.27 at 0.7; about 0.998 at 0. Monotone, so an
+    evaluation may sweep thresholds over it; it does not depend on the configured
+    threshold, so it means the same on every server.
+    """
+    return 1.0 / (1.0 + math.exp(CONFIDENCE_SLOPE * (distance - CONFIDENCE_REFERENCE)))
+
+
+def distance_for(score: float) -> float:
+    """The inverse of `confidence`, for confidence in (0, 1)."""
+    return CONFIDENCE_REFERENCE + math.log(1.0 / score - 1.0) / CONFIDENCE_SLOPE
+
+
+@dataclass(frozen=True)
+class FaceQuality:
+    """What the worker measured of one face (see local_worker.measure_quality)."""
+
+    size: int
+    """The longer side of the face box, in pixels (HOG boxes are square, so the longer
+    side is the face's scale even when the frame's edge cuts the box)."""
+    sharpness: float
+    """Detail left in the face: on the face crop scaled to 64x64 grey pixels, the variance
+    of the second difference in the flattest of 4 directions (0, 45, 90, 135 degrees),
+    scaled to a mean brightness of 128. The flattest direction catches motion blur, which
+    leaves detail across the motion."""
+    brightness: float
+    """Mean luma (0 to 255) of the face crop."""
+    yaw: float
+    """How far the nose base sits sideways from the eyes' midpoint, over the distance
+    between the eyes (0 facing the camera; signed: positive to the image's right)."""
+    pitch: float
+    """How far the nose base sits below the line of the eyes, over the distance between
+    the eyes (about 0.75 facing the camera; smaller when the head tips back)."""
+
+
+class QualityProblem(enum.Enum):
+    """Why a face is not good enough to decide on; the value is the turnstile's hint."""
+
+    TOO_SMALL = "come closer"
+    TURNED = "look at the camera"
+    TOO_DARK = "step into the light"
+    BLURRED = "hold still"
+
+    @property
+    def hint(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class QualityLimits:
+    """The least a face must measure to be decided on (and to be enrolled)."""
+
+    min_face_px: int = 60
+    max_yaw: float = 0.30
+    min_pitch: float = 0.40
+    min_brightness: float = 40.0
+    min_sharpness: float = 30.0
+
+    def problem(self, q: FaceQuality) -> QualityProblem | None:
+        """The first limit `q` fails, or None when it passes them all."""
+        if q.size < self.min_face_px:
+            return QualityProblem.TOO_SMALL
+        if abs(q.yaw) > self.max_yaw or q.pitch < self.min_pitch:
+            return QualityProblem.TURNED
+        if q.brightness < self.min_brightness:
+            return QualityProblem.TOO_DARK
+        if q.sharpness < self.min_sharpness:
+            return QualityProblem.BLURRED
+        return None
+
+    def explain(self, q: FaceQuality) -> str:
+        """The failed limit in words, with the measurement (for enrolment errors)."""
+        problem = self.problem(q)
+        if problem is QualityProblem.TOO_SMALL:
+            return f"the face is too small ({q.size} px; at least {self.min_face_px} px)"
+        if problem is QualityProblem.TURNED:
+            return (
+                f"the face is turned away from the camera (yaw {q.yaw:+.2f}, at most "
+                f"±{self.max_yaw:.2f}; pitch {q.pitch:.2f}, at least {self.min_pitch:.2f})"
+            )
+        if problem is QualityProblem.TOO_DARK:
+            return (
+                f"the face is too dark (brightness {q.brightness:.0f}; "
+                f"at least {self.min_brightness:.0f})"
+            )
+        if problem is QualityProblem.BLURRED:
+            return (
+                f"the face is blurred (sharpness {q.sharpness:.0f}; "
+                f"at least {self.min_sharpness:.0f})"
+            )
+        return "the face is good enough"
+
+
+@dataclass(frozen=True)
+class DecisionPolicy:
+    """The local engine's rules (FACEGATE_MATCH_THRESHOLD and friends, config.py)."""
+
+    match_threshold: float = 0.55
+    match_margin: float = 0.10
+    dominant_face_ratio: float = 4.0
+    quality: QualityLimits = field(default_factory=QualityLimits)
+
+
+def decision_policy(settings: Settings) -> DecisionPolicy:
+    """The policy the settings configure (their defaults are DecisionPolicy's)."""
+    return DecisionPolicy(
+        match_threshold=settings.match_threshold,
+        match_margin=settings.match_margin,
+        dominant_face_ratio=settings.dominant_face_ratio,
+        quality=QualityLimits(
+            min_face_px=settings.min_face_px,
+            max_yaw=settings.max_yaw,
+            min_pitch=settings.min_pitch,
+            min_brightness=settings.min_brightness,
+            min_sharpness=settings.min_sharpness,
+        ),
+    )
+
+
+def choose_face(boxes: Sequence[FaceBox], dominant_face_ratio: float | None) -> int | None:
+    """The index of the face to decide on, or None (no face, or no face clearly nearest).
+
+    A lone face is chosen. Of several, the largest is chosen when its area is at least
+    `dominant_face_ratio` times the second largest's (None: never choose among several).
+    """
+    if len(boxes) == 1:
+        return 0
+    if len(boxes) < 2 or dominant_face_ratio is None:
+        return None
+    order = sorted(range(len(boxes)), key=lambda i: boxes[i].area, reverse=True)
+    largest, second = boxes[order[0]].area, boxes[order[1]].area
+    return order[0] if largest >= dominant_face_ratio * second else None
+
+
+@dataclass(frozen=True)
+class MatchDecision:
+    decision: Decision
+    member_id: str = ""
+    confidence: float = 0.0
+    hint: str = ""
+
+
+HINT_AMBIGUOUS = "please see the front desk"
+
+
+def decide_match(match: Match | None, policy: DecisionPolicy) -> MatchDecision:
+    """Grant the closest member only within the threshold and ahead by the margin.
+
+    Denials carry the closest member's confidence but never their id.
+    """
+    if match is None:
+        return MatchDecision(Decision.DENIED_UNKNOWN_FACE)
+    score = confidence(match.distance)
+    if match.distance > policy.match_threshold:
+        return MatchDecision(Decision.DENIED_UNKNOWN_FACE, confidence=score)
+    if match.runner_up_distance - match.distance < policy.match_margin:
+        return MatchDecision(Decision.DENIED_AMBIGUOUS, confidence=score, hint=HINT_AMBIGUOUS)
+    return MatchDecision(Decision.GRANTED, match.member_id, score)
