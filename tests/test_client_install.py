@@ -31,7 +31,15 @@ from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENTS = ROOT / "clients"
-HEAVY = {"numpy", "dlib", "dlib-bin", "face-recognition", "face-recognition-models", "pillow"}
+HEAVY = {
+    "numpy",
+    "dlib",
+    "dlib-bin",
+    "face-recognition",
+    "face-recognition-models",
+    "pillow",
+    "matplotlib",  # facegate evaluate's plot: a server command
+}
 
 
 def canonical(name: str) -> str:

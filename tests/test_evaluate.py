@@ -1,0 +1,115 @@
+"""`facegate evaluate`: the sweep arithmetic, and a run against a real server with a member
+of its own that the evaluation must leave alone."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from facegate.v1 import facegate_service_pb2 as pb
+from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
+from facegate_client.cli import main
+from facegate_server.config import load_settings
+from facegate_server.evaluate import (
+    OTHER_MEMBER,
+    Person,
+    Probe,
+    find_people,
+    member_id,
+    split,
+    tally,
+)
+
+from tests.conftest import Faces
+
+
+def probe(person: str, genuine: bool, *candidates: tuple[str, float]) -> Probe:
+    return Probe(Path("x.jpg"), person, genuine, "DENIED_UNKNOWN_FACE", "", list(candidates))
+
+
+def test_tally_recomputes_decisions_at_each_threshold() -> None:
+    probes = [
+        probe("a", True, ("a", 0.30), ("b", 0.80)),  # clear
+        probe("b", True, ("b", 0.50), ("a", 0.55)),  # within 0.05 of the runner-up
+        probe("c", True, ("a", 0.45), ("c", 0.70)),  # closer to someone else
+        probe("d", False, ("a", 0.58), (OTHER_MEMBER, 0.9)),  # a stranger
+        probe("e", True),  # no face
+    ]
+    at = tally(probes, 0.55, 0.10)
+    assert (at.genuine, at.correct, at.false_reject, at.wrong_member) == (4, 1, 2, 1)
+    assert (at.impostors, at.impostor_grant) == (1, 0)
+    no_margin = tally(probes, 0.60, 0.0)
+    assert (no_margin.correct, no_margin.wrong_member, no_margin.impostor_grant) == (2, 1, 1)
+    poor = Probe(Path("y.jpg"), "a", True, "DENIED_POOR_QUALITY", "", [("a", 0.2)])
+    assert tally([poor], 0.6, 0.0).correct == 0  # no threshold grants a poor-quality face
+
+
+def test_people_and_their_enrolment_photos(tmp_path: Path) -> None:
+    for person, names in {"kim": ["10.jpg", "2.jpg", "1.png"], "lee": ["a.jpg"]}.items():
+        (tmp_path / person).mkdir()
+        for name in names:
+            (tmp_path / person / name).write_bytes(b"")
+    (tmp_path / "kim" / "notes.txt").write_text("not a photo")
+    people = find_people(tmp_path)
+    assert [(p.name, [f.name for f in p.photos]) for p in people] == [
+        ("kim", ["1.png", "2.jpg", "10.jpg"]),
+        ("lee", ["a.jpg"]),
+    ]
+    kim, lee = split(people, None)
+    assert [f.name for f in kim.enrolled] == ["1.png"]
+    assert [f.name for f in kim.probes] == ["2.jpg", "10.jpg"]
+    assert lee.enrolled == [] and len(lee.probes) == 1
+    assert [f.name for f in split(people, 5)[0].enrolled] == ["1.png", "2.jpg"]
+    assert member_id("eval-1-", "José María") == "eval-1-Jos__Mar_a"
+    assert Person("x", []).probes == []
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """conftest's server, with a recognition budget that a busy 2-core machine keeps."""
+    from facegate_server.app import build_server
+
+    data = tmp_path_factory.mktemp("facegate-data")
+    settings = load_settings(
+        {}, listen="127.0.0.1:0", data_dir=data, workers=2, identify_budget_ms=20_000
+    )
+    built = build_server(settings)
+    built.start()
+    yield built
+    built.stop(grace=1.0)
+
+
+def test_evaluate_a_running_server_and_leave_its_members_alone(
+    stub: pb_grpc.FaceGateServiceStub,
+    target: str,
+    faces: Faces,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    real = stub.Enroll(
+        pb.EnrollRequest(member_id="m-real", photos=[faces.read("people/joe_biden/1.jpg")]),
+        timeout=60,
+    ).member
+    photos = tmp_path / "photos"
+    for person in ("kit_harington", "rose_leslie", "lin_manuel_miranda"):
+        (photos / person).mkdir(parents=True)
+        for path in faces.of(person):
+            (photos / person / Path(path).name).symlink_to(faces.root / path)
+    plot = tmp_path / "trade-off.png"
+
+    code = main(["evaluate", str(photos), "--target", target, "--plot", str(plot)])
+
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    # kit: 1 enrolled, 2 probes; rose: 1 and 1; lin: impostor only. Then each enrolled
+    # person is left out in turn: 3 + 2 more impostor probes.
+    assert "9 probes: 3 genuine (the person is enrolled), 6 impostor (the person is not)" in out
+    assert "as served    3/3       0/3       0/3       0/6" in out
+    assert "     0.55    3/3       0/3       0/3       0/6" in out
+    assert "enrolled 2 people under eval-" in err
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    members = stub.ListMembers(pb.ListMembersRequest(), timeout=5).members
+    assert [m.member_id for m in members] == ["m-real"]
+    assert members[0] == real
+    assert not stub.ListAccessEvents(pb.ListAccessEventsRequest(), timeout=5).events
