@@ -47,7 +47,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     from facegate_server.config import load_settings
 
     data = tmp_path_factory.mktemp("facegate-data")
-    settings = load_settings({}, listen="127.0.0.1:0", data_dir=data, workers=2)
+    # Rate limits off: suites call as fast as they like (test_security.py tests the limits).
+    settings = load_settings(
+        {}, listen="127.0.0.1:0", data_dir=data, workers=2, identify_rate=0, enroll_rate=0
+    )
     built = build_server(settings)
     built.start()
     yield built

@@ -74,5 +74,9 @@ def test_a_killed_worker_is_replaced(tmp_path: Path, faces: Faces) -> None:
 
 
 def test_an_unusable_listen_address_fails_to_build(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError):
-        build_server(load_settings({}, listen="203.0.113.1:0", data_dir=tmp_path, workers=1))
+    # --insecure: without it, an open server on a public address is refused before binding.
+    settings = load_settings(
+        {}, listen="203.0.113.1:0", data_dir=tmp_path, workers=1, insecure=True
+    )
+    with pytest.raises(RuntimeError, match=r"203\.0\.113\.1"):
+        build_server(settings)

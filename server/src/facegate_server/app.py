@@ -18,6 +18,7 @@ from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from facegate_server import auth, ratelimit, tls
 from facegate_server.config import Settings
 from facegate_server.engines.azure import AzureEngine, AzureFace, AzureSettings
 from facegate_server.engines.azure_sync import CloudSync
@@ -94,6 +95,14 @@ def build_server(
     store: Store | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> FaceGateServer:
+    # Security settings first: a refusal (open beyond loopback, bad files) starts nothing.
+    callers = auth.load_callers(
+        settings.tokens_file, settings.tokens, client_ca=settings.tls_client_ca is not None
+    )
+    open_warning = auth.check_exposure(settings.listen, callers, insecure=settings.insecure)
+    credentials = tls.server_credentials(
+        settings.tls_cert, settings.tls_key, settings.tls_client_ca
+    )
     store = store if store is not None else SqliteStore(settings.db_path)
     pool = WorkerPool(
         settings.workers, max_bytes=settings.max_image_bytes, max_side=settings.max_image_side
@@ -143,6 +152,14 @@ def build_server(
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", 16 * 1024 * 1024),
             ],
+            interceptors=[  # authentication first: rate limits are per admitted caller
+                auth.interceptor(callers),
+                ratelimit.interceptor(
+                    (settings.identify_rate, settings.identify_burst),
+                    (settings.enroll_rate, settings.enroll_burst),
+                    clock,
+                ),
+            ],
         )
         pb_grpc.add_FaceGateServiceServicer_to_server(FaceGateServicer(gate), server)
         health_servicer = health.HealthServicer()
@@ -152,7 +169,16 @@ def build_server(
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        port = server.add_insecure_port(settings.listen)
+        port = tls.bind(server, settings.listen, credentials)
+        log.info(
+            "security",
+            extra={
+                "callers": len(callers),
+                "tls": tls.describe(settings.tls_cert, settings.tls_client_ca),
+            },
+        )
+        if open_warning:
+            log.warning(open_warning)
     except BaseException:
         pool.close()
         store.close()

@@ -32,6 +32,31 @@ def register_serve(subparsers: Any) -> None:
         "--workers", type=int, help="recognition processes (FACEGATE_WORKERS; default: one a core)"
     )
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (FACEGATE_LOG_LEVEL; INFO)")
+    security = parser.add_argument_group("callers and TLS (see the README's Security section)")
+    security.add_argument(
+        "--tokens-file",
+        type=Path,
+        metavar="FILE",
+        help="callers, lines of ROLE NAME CREDENTIAL (FACEGATE_TOKENS_FILE)",
+    )
+    security.add_argument(
+        "--tls-cert", type=Path, metavar="PEM", help="server certificate (FACEGATE_TLS_CERT)"
+    )
+    security.add_argument(
+        "--tls-key", type=Path, metavar="PEM", help="its private key (FACEGATE_TLS_KEY)"
+    )
+    security.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        metavar="PEM",
+        help="require client certificates signed by this CA (FACEGATE_TLS_CLIENT_CA)",
+    )
+    security.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow a non-loopback --listen with no callers configured (anyone may call)",
+    )
     parser.set_defaults(func=serve)
 
 
@@ -42,6 +67,11 @@ def serve(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             workers=args.workers,
             log_level=args.log_level,
+            tokens_file=args.tokens_file,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
+            insecure=args.insecure,
         )
     except ValueError as error:
         print(f"error: {error}", flush=True)

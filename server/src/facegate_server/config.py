@@ -25,6 +25,17 @@ class Settings:
     """FaceGate's configuration. Field metadata names the environment variable."""
 
     listen: str = field(default="127.0.0.1:50051", metadata={"env": "FACEGATE_LISTEN"})
+    # Callers and transport (auth.py, tls.py read the files). No callers: open, loopback only.
+    tokens_file: Path | None = field(default=None, metadata={"env": "FACEGATE_TOKENS_FILE"})
+    tokens: str = field(default="", repr=False, metadata={"env": "FACEGATE_TOKENS"})
+    tls_cert: Path | None = field(default=None, metadata={"env": "FACEGATE_TLS_CERT"})
+    tls_key: Path | None = field(default=None, metadata={"env": "FACEGATE_TLS_KEY"})
+    tls_client_ca: Path | None = field(default=None, metadata={"env": "FACEGATE_TLS_CLIENT_CA"})
+    insecure: bool = field(default=False, metadata={"env": None})  # `serve --insecure` only
+    identify_rate: float = field(default=10.0, metadata={"env": "FACEGATE_IDENTIFY_RATE"})
+    identify_burst: int = field(default=20, metadata={"env": "FACEGATE_IDENTIFY_BURST"})
+    enroll_rate: float = field(default=1.0, metadata={"env": "FACEGATE_ENROLL_RATE"})
+    enroll_burst: int = field(default=20, metadata={"env": "FACEGATE_ENROLL_BURST"})
     data_dir: Path = field(default=Path("facegate-data"), metadata={"env": "FACEGATE_DATA_DIR"})
     workers: int = field(default_factory=_default_workers, metadata={"env": "FACEGATE_WORKERS"})
     # The local engine's decision policy (engines/policy.py; README: How the local engine
@@ -89,6 +100,10 @@ class Settings:
         return self.max_photos * self.max_image_bytes + MIB
 
     def __post_init__(self) -> None:
+        if self.identify_rate < 0 or self.enroll_rate < 0:
+            raise ValueError("rate limits must be 0 (off) or positive")
+        if self.identify_burst < 1 or self.enroll_burst < 1:
+            raise ValueError("rate limit bursts must be at least 1")
         if self.workers < 1:
             raise ValueError("workers must be at least 1")
         if not 0.0 < self.match_threshold < 2.0:
@@ -134,6 +149,8 @@ def _parse(kind: Any, name: str, raw: str) -> Any:
             return float(raw)
         if kind in (Path, "Path"):
             return Path(raw)
+        if kind == "Path | None":
+            return Path(raw) if raw else None
         return raw
     except ValueError:
         raise ValueError(f"{name}={raw!r} is not a valid {kind}") from None
@@ -145,7 +162,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
     values: dict[str, Any] = {}
     for f in fields(Settings):
         name = f.metadata["env"]
-        if name in env:
+        if name is not None and name in env:
             values[f.name] = _parse(f.type, name, env[name])
     values.update({k: v for k, v in overrides.items() if v is not None})
     return replace(Settings(), **values)

@@ -7,18 +7,22 @@
     ├── RecognitionTimeout            -> DEADLINE_EXCEEDED
     ├── RecognitionUnavailable        -> UNAVAILABLE
     ├── CloudNotConfigured            -> FAILED_PRECONDITION
-    └── CloudUnavailable              -> UNAVAILABLE
+    ├── CloudUnavailable              -> UNAVAILABLE
+    ├── Unauthenticated               -> UNAUTHENTICATED (no or unknown credentials)
+    ├── PermissionDenied              -> PERMISSION_DENIED (the caller's role may not)
+    └── RateLimited                   -> RESOURCE_EXHAUSTED, with a RetryInfo
 
 Every status carries a google.rpc.Status with one ErrorInfo (domain "facegate.v1",
-reason in UPPER_SNAKE_CASE).
+reason in UPPER_SNAKE_CASE). Messages never quote credentials or image bytes.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -95,6 +99,33 @@ class CloudUnavailable(FaceGateError):
     reason = "CLOUD_UNAVAILABLE"
 
 
+class Unauthenticated(FaceGateError):
+    """No credentials, or credentials FaceGate does not know (never quoted back)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "CREDENTIALS_MISSING"
+
+
+class PermissionDenied(FaceGateError):
+    """A known caller whose role may not call the method."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "ROLE_NOT_ALLOWED"
+
+
+class RateLimited(FaceGateError):
+    """The caller went over its rate; `retry_delay` seconds from now it may call again."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "RATE_LIMITED"
+
+    def __init__(
+        self, message: str, *, retry_delay: float, metadata: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message, metadata=metadata)
+        self.retry_delay = retry_delay
+
+
 def _pack(message: object) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)  # type: ignore[arg-type]
@@ -115,6 +146,10 @@ def to_status(error: FaceGateError) -> grpc.Status:
             field=error.field, description=error.description
         )
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
+    if isinstance(error, RateLimited):
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(max(0, math.ceil(error.retry_delay * 1000)) * 1_000_000)
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     code_number: int = getattr(code_pb2, error.code.name)
     status: grpc.Status = rpc_status.to_status(
         status_pb2.Status(code=code_number, message=error.message, details=details)

@@ -18,6 +18,7 @@ from facegate.v1 import facegate_service_pb2 as pb
 from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
 
 from facegate_server import serde
+from facegate_server.auth import current_caller
 from facegate_server.errors import FaceGateError, to_status
 from facegate_server.gate import Gate
 
@@ -71,11 +72,13 @@ def rpc(method: Handler[Request, Response]) -> Handler[Request, Response]:
                 to_status(FaceGateError("internal error; the server log has the details"))
             )
         finally:
+            caller = current_caller()
             log.info(
                 "rpc",
                 extra={
                     "method": method.__name__,
                     "peer": context.peer(),
+                    **(caller.log_fields() if caller is not None else {}),
                     **outcome,
                     "latency_ms": round((time.perf_counter() - started) * 1000, 1),
                     **_log_fields(request, response),
