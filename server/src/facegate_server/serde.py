@@ -6,6 +6,7 @@ import base64
 import binascii
 import json
 from datetime import UTC, datetime, timedelta
+from typing import Literal
 
 from facegate.v1 import facegate_service_pb2 as pb
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -88,15 +89,32 @@ def access_event(e: AccessEvent) -> pb.AccessEvent:
     )
 
 
+def _time_field(
+    request: pb.ListAccessEventsRequest, field: Literal["start_time", "end_time"]
+) -> datetime | None:
+    if not request.HasField(field):
+        return None
+    try:
+        value: datetime = getattr(request, field).ToDatetime(UTC)
+    except (ValueError, OverflowError):  # seconds or nanos out of the Timestamp range
+        raise InvalidArgument(
+            field, "is not a valid time (years 1 to 9999)", reason="TIME_INVALID"
+        ) from None
+    return value
+
+
 def event_filter(request: pb.ListAccessEventsRequest) -> EventFilter:
-    start = request.start_time.ToDatetime(UTC) if request.HasField("start_time") else None
-    end = request.end_time.ToDatetime(UTC) if request.HasField("end_time") else None
+    start = _time_field(request, "start_time")
+    end = _time_field(request, "end_time")
     if start is not None and end is not None and end <= start:
         raise InvalidArgument("end_time", "must be after start_time", reason="TIME_RANGE_INVALID")
     return EventFilter(request.member_id, request.turnstile_id, start, end)
 
 
 # Page tokens are opaque to clients: base64url of a small JSON object.
+MAX_PAGE_TOKEN = 512
+
+
 def encode_page_token(**position: str | int) -> str:
     return base64.urlsafe_b64encode(json.dumps(position).encode()).decode()
 
@@ -105,9 +123,13 @@ def decode_page_token(token: str, key: str, kind: type[str] | type[int]) -> str 
     if not token:
         return None
     try:
+        if len(token) > MAX_PAGE_TOKEN:  # before decoding: no deep or huge JSON
+            raise ValueError(key)
         value = json.loads(base64.urlsafe_b64decode(token.encode("ascii")))[key]
         if type(value) is not kind:
             raise TypeError(key)
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:  # SQLite's INTEGER
+            raise ValueError(key)
         return value  # type: ignore[no-any-return,unused-ignore]
     except (ValueError, TypeError, KeyError, binascii.Error, UnicodeEncodeError):
         raise InvalidArgument(
