@@ -79,7 +79,7 @@ def decode(data: bytes, *, max_bytes: int, max_side: int) -> RGBImage:
                 "IMAGE_DIMENSIONS_TOO_LARGE", "image is too large to decode safely"
             ) from None
         except (OSError, ValueError, SyntaxError, EOFError) as err:
-            raise ImageRejected(
-                "IMAGE_CORRUPT", f"image data is truncated or corrupt ({err})"
-            ) from None
+            # Not Pillow's words: some quote the file's bytes ("broken PNG file (chunk b'...')").
+            damage = "truncated" if "truncated" in str(err) else "corrupt"
+            raise ImageRejected("IMAGE_CORRUPT", f"image data is {damage}") from None
     return np.asarray(rgb, dtype=np.uint8)
