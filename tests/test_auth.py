@@ -316,3 +316,18 @@ def test_rate_settings() -> None:
         with pytest.raises(ValueError):
             load_settings(env)
     assert load_settings({"FACEGATE_INSECURE": "1"}).insecure is False  # a flag, never env
+
+
+def test_facegate_token_new_prints_a_token_and_its_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from facegate_client.cli import main
+
+    assert main(["token", "new", "--role", "turnstile", "--name", "gate-1"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
+    [token, line] = lines
+    callers = auth.build_callers(auth.parse_callers(line, "printed"))
+    assert callers.by_token(token) == Caller("gate-1", Role.TURNSTILE, "token")
+    assert token not in line
+    assert main(["token", "new", "--role", "root", "--name", "x"]) == 2
+    assert main(["token", "new", "--role", "admin", "--name", "two words"]) == 2
