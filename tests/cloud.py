@@ -80,11 +80,12 @@ def cloud_gate(
         {},
         listen="127.0.0.1:0",
         data_dir=data,
-        workers=1,
         azure_endpoint=emu.endpoint,
         azure_key=key,
         azure_timeout_s=5.0,
-        **{"identify_budget_ms": 4000, **settings},  # generous: tests share 2 busy cores
+        # A generous budget by default: the tests share two cores with the emulator. No
+        # rate limit: the clock below stands still, so no token bucket would ever refill.
+        **{"identify_budget_ms": 4000, "workers": 1, "identify_rate": 0, **settings},
     )
     server = build_server(config, clock=clock)
     server.background_sync = False

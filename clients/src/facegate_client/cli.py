@@ -246,6 +246,59 @@ def _cmd_events(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -
         print(format_event(event), file=out)
 
 
+def format_status(status: pb.GetStatusResponse) -> str:
+    """Several `name: value` lines for operators."""
+    circuit = _enum_name(pb.CircuitState, status.circuit_state, "CIRCUIT_STATE_").lower()
+    lines = [
+        f"routing: {status.routing_policy}",
+        f"cloud circuit: {circuit.replace('_', '-')}",
+        f"outbox depth: {status.outbox_depth}",
+        f"cloud training: {status.cloud_training or '-'}",
+        f"members: {status.member_count}",
+    ]
+    if status.last_cloud_error:
+        when = _time(status.last_cloud_error_time, status.HasField("last_cloud_error_time"))
+        lines.append(f"last cloud error: {when} {status.last_cloud_error}")
+    for title, counts in (
+        ("cloud transactions", status.cloud_transactions),
+        ("decisions", status.decisions),
+    ):
+        total = sum(c.count for c in counts)
+        detail = ", ".join(f"{c.name} {c.count}" for c in counts)
+        lines.append(f"{title}: {total}" + (f" ({detail})" if detail else ""))
+    return "\n".join(lines)
+
+
+def format_change(change: pb.SyncChange) -> str:
+    """`orphan_person  m-9  p-123  deleted from the cloud  [applied]`."""
+    kind = _enum_name(pb.SyncChangeKind, change.kind, "SYNC_CHANGE_KIND_").lower()
+    done = "applied" if change.applied else "not applied"
+    return "  ".join(
+        [kind, change.member_id or "-", change.person_id or "-", change.detail, f"[{done}]"]
+    )
+
+
+def _cmd_status(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -> None:
+    status = client.get_status()
+    _show(args, out, status, format_status(status))
+
+
+def _cmd_sync(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -> None:
+    response = client.sync_cloud(dry_run=args.dry_run, timeout=args.timeout or 300.0)
+    if args.json:
+        _print_json(response, out)
+        return
+    for change in response.changes:
+        print(format_change(change), file=out)
+    verb = "would change" if args.dry_run else "changed"
+    applied = sum(c.applied for c in response.changes)
+    print(
+        f"{len(response.changes)} differences; {verb} "
+        f"{len(response.changes) if args.dry_run else applied}",
+        file=out,
+    )
+
+
 def _run_client_command(handler: Handler) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         timeout: float | None = args.timeout
@@ -362,6 +415,12 @@ def _add_client_commands(
         default=50,
         metavar="N",
         help="at most N events, 0 for all (default: %(default)s)",
+    )
+
+    add(subparsers, "status", _cmd_status, "show the server's engines, circuit and outbox")
+    sync = add(subparsers, "sync", _cmd_sync, "reconcile the cloud group with the server's members")
+    sync.add_argument(
+        "--dry-run", action="store_true", help="only show what differs; change nothing"
     )
 
 

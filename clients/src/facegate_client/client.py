@@ -290,3 +290,19 @@ class FaceGateClient:
             page_token = page.next_page_token
             if not page_token:
                 return
+
+    def get_status(self, *, timeout: float | None = None) -> pb.GetStatusResponse:
+        """The server's state: routing policy, the cloud's circuit, outbox depth, counts."""
+        response: pb.GetStatusResponse = self._call(
+            self._stub.GetStatus, pb.GetStatusRequest(), timeout
+        )
+        return response
+
+    def sync_cloud(
+        self, *, dry_run: bool = False, timeout: float | None = 300.0
+    ) -> pb.SyncCloudResponse:
+        """Reconcile the cloud group with the server's store (slow: lists the whole group)."""
+        response: pb.SyncCloudResponse = self._call(
+            self._stub.SyncCloud, pb.SyncCloudRequest(dry_run=dry_run), timeout
+        )
+        return response

@@ -174,6 +174,9 @@ class AzureFace:
         credentials = CognitiveServicesCredentials(settings.key)
         self._client = FaceClient(settings.endpoint, credentials)  # type: ignore[no-untyped-call]
         self._client.config.retry_policy.retries = 0  # we decide what is retried
+        # With no retries left, urllib3 would turn a 5xx into a RetryError without its
+        # status; let the SDK see the answer and raise APIErrorException instead.
+        self._client.config.retry_policy.policy.raise_on_status = False
         self._client.config.connection.timeout = (  # type: ignore[assignment]
             settings.connect_timeout,
             settings.read_timeout,

@@ -218,15 +218,22 @@ class CloudSync:
                 self.training = Training.IDLE
                 log.info("cloud training succeeded")
             elif status == "failed":
+                if not any(not p.deleted for p in self.store.cloud_people()):
+                    # An empty group has nothing to train (the last person was deleted).
+                    self.training = Training.IDLE
+                    return
                 self.training = Training.FAILED
                 self.last_error = f"training failed: {message}"
                 self.last_error_time = time.time()
-                log.error("cloud training failed", extra={"message": message})
+                self._next_poll = now + 30.0  # retry the training after a pause
+                log.error("cloud training failed", extra={"error": message})
             else:
                 self._poll_delay = min(30.0, self._poll_delay * 2)
                 self._next_poll = now + self._poll_delay
             return
-        if self.training in (Training.NEEDED, Training.FAILED):
+        if self.training is Training.NEEDED or (
+            self.training is Training.FAILED and now >= self._next_poll
+        ):
             self.face.train()
             self.store.training_queued()
             self.training = Training.RUNNING

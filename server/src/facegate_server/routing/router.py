@@ -50,7 +50,7 @@ from facegate_server.store import Store
 
 log = logging.getLogger(__name__)
 
-RESERVE = 0.03  # seconds kept back from the budget to decide and answer
+RESERVE = 0.1  # seconds kept back from the budget to decide, log the entry and answer
 
 
 class Policy(enum.Enum):

@@ -1,0 +1,379 @@
+"""Never keep the door waiting, never lose an enrolment: the fallback, the circuit breaker and
+the outbox under the emulator's fault modes, on real faces."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from facegate.v1 import facegate_service_pb2 as pb
+from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
+from facegate_server.domain import EngineOutcome
+from facegate_server.emulator import RunningEmulator
+from facegate_server.engines.azure import AzureFace, AzureSettings, CloudFailure
+
+from tests.cloud import KEY, CloudGate, cloud_gate, emulator, engines, wait_for
+from tests.conftest import Faces
+from tests.helpers import image_bytes
+
+GRANTED, UNKNOWN = pb.DECISION_GRANTED, pb.DECISION_DENIED_UNKNOWN_FACE
+BUDGET = 1.2
+
+
+@pytest.fixture(scope="module")
+def emu(faces: Faces) -> Iterator[RunningEmulator]:
+    with emulator() as running:
+        yield running
+
+
+@pytest.fixture(autouse=True)
+def healthy(emu: RunningEmulator) -> Iterator[None]:
+    emu.admin.set_fault("healthy")
+    emu.admin.clear_state()
+    yield
+    emu.admin.set_fault("healthy")
+
+
+def enroll(gate: CloudGate, faces: Faces, member_id: str, *paths: str) -> pb.Member:
+    response: pb.EnrollResponse = gate.stub.Enroll(
+        pb.EnrollRequest(member_id=member_id, photos=[faces.read(p) for p in paths]), timeout=60
+    )
+    return response.member
+
+
+def status(gate: CloudGate) -> pb.GetStatusResponse:
+    answer: pb.GetStatusResponse = gate.stub.GetStatus(pb.GetStatusRequest(), timeout=5)
+    return answer
+
+
+FAULTS: list[tuple[str, dict[str, Any], set[str]]] = [
+    ("refuse", {}, {"ERROR", "CIRCUIT_OPEN"}),
+    ("hang", {"hang_max_seconds": 5}, {"TIMED_OUT", "CIRCUIT_OPEN"}),
+    ("slow", {"slow_seconds": 2}, {"TIMED_OUT", "CIRCUIT_OPEN"}),
+    ("throttle", {"retry_after_seconds": 30}, {"THROTTLED", "CIRCUIT_OPEN"}),
+    ("error503", {}, {"ERROR", "CIRCUIT_OPEN"}),
+]
+
+
+def test_fault_matrix_answers_within_the_budget_and_recovers(
+    emu: RunningEmulator, faces: Faces, tmp_path: Path
+) -> None:
+    with cloud_gate(emu, tmp_path, identify_budget_ms=int(BUDGET * 1000)) as gate:
+        enroll(gate, faces, "m-obama", "people/barack_obama/1.jpg", "people/barack_obama/2.jpg")
+        gate.settle()
+        frame = faces.read("people/barack_obama/3.jpg")
+        assert gate.identify(frame).engine == pb.ENGINE_AZURE
+        for mode, knobs, expected in FAULTS:
+            emu.admin.set_fault(mode, **knobs)
+            for attempt in range(4):  # the fourth finds the circuit open
+                started = time.monotonic()
+                answer = gate.identify(frame, timeout=BUDGET + 1)
+                elapsed = time.monotonic() - started
+                assert (answer.decision, answer.member_id) == (GRANTED, "m-obama"), mode
+                assert answer.engine == pb.ENGINE_LOCAL, mode
+                assert engines(answer)["azure"] in expected, (mode, attempt)
+                assert answer.server_latency.ToNanoseconds() / 1e9 <= BUDGET, mode
+                assert elapsed <= BUDGET + 0.5, (mode, elapsed)
+            assert engines(answer)["azure"] == "CIRCUIT_OPEN", mode
+            assert status(gate).circuit_state == pb.CIRCUIT_STATE_OPEN
+            # The cloud comes back; after the cool-down (and a 429's Retry-After) the
+            # half-open probe finds it and the cloud decides again.
+            emu.admin.set_fault("healthy")
+            for _ in range(3):  # a cloud just back may still be busy with requests it held
+                gate.clock.advance(31)
+                recovered = gate.identify(frame)
+                if recovered.engine == pb.ENGINE_AZURE:
+                    break
+            assert (recovered.engine, recovered.member_id) == (pb.ENGINE_AZURE, "m-obama"), (
+                mode,
+                recovered.engines,
+            )
+            assert status(gate).circuit_state == pb.CIRCUIT_STATE_CLOSED
+
+
+def test_a_flapping_cloud_never_costs_a_member_the_door(
+    emu: RunningEmulator, faces: Faces, tmp_path: Path
+) -> None:
+    with cloud_gate(emu, tmp_path, identify_budget_ms=int(BUDGET * 1000)) as gate:
+        enroll(gate, faces, "m-kit", "people/kit_harington/1.jpg")
+        gate.settle()
+        emu.admin.set_fault("flap", hang_max_seconds=3, slow_seconds=2, seed=7)
+        frame = faces.read("people/kit_harington/2.jpg")
+        seen = set()
+        for _ in range(12):
+            gate.clock.advance(11)  # let the breaker probe again every time
+            answer = gate.identify(frame, timeout=BUDGET + 1)
+            assert (answer.decision, answer.member_id) == (GRANTED, "m-kit")
+            assert answer.server_latency.ToNanoseconds() / 1e9 <= BUDGET
+            seen.add(engines(answer)["azure"])
+        assert "DECIDED" in seen and len(seen) > 1  # both weathers were met
+
+
+def open_sockets() -> int:
+    """Sockets this process holds (Linux: /proc/self/fd); fds may close while we look."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    return count
+
+
+def test_a_hung_cloud_does_not_pile_up_threads_or_sockets(
+    emu: RunningEmulator, faces: Faces, tmp_path: Path
+) -> None:
+    settings = {
+        "identify_budget_ms": 1000,
+        "breaker_failures": 1000,  # keep calling the hung cloud: the slots must bound it
+        "cloud_slots": 2,
+        "workers": 2,
+    }
+    with cloud_gate(emu, tmp_path, **settings) as gate:
+        frame = image_bytes(320, 240, "JPEG")  # no face: the local engine is quick
+        emu.admin.set_fault("hang", hang_max_seconds=60)
+        outcomes: list[str] = []
+
+        def turnstiles(calls: int) -> None:
+            def turnstile() -> None:
+                for _ in range(calls):
+                    outcomes.append(engines(gate.identify(frame, timeout=5))["azure"])
+
+            callers = [threading.Thread(target=turnstile) for _ in range(6)]
+            for caller in callers:
+                caller.start()
+            for caller in callers:
+                caller.join()
+
+        turnstiles(2)  # the thread pools grow to their size for six callers
+        threads, sockets = threading.active_count(), open_sockets()
+        outcomes.clear()
+        turnstiles(17)
+        assert len(outcomes) == 102
+        assert set(outcomes) == {"TIMED_OUT"}
+        # Each held call ends at its read timeout; at most `cloud_slots` are held at once
+        # (the other callers skip the cloud: "too many cloud calls still in flight").
+        assert threading.active_count() - threads <= 2
+        assert open_sockets() - sockets <= 2 * 2
+        emu.admin.set_fault("healthy")
+
+
+def test_enrolment_during_an_outage_reaches_the_cloud_exactly_once(
+    emu: RunningEmulator, faces: Faces, tmp_path: Path
+) -> None:
+    with cloud_gate(emu, tmp_path) as gate:
+        emu.admin.set_fault("refuse")
+        member = enroll(gate, faces, "m-biden", "people/joe_biden/1.jpg", "people/joe_biden/2.jpg")
+        assert member.face_count == 2
+        answer = gate.identify(faces.read("people/joe_biden/2.jpg"))
+        assert (answer.decision, answer.member_id, answer.engine) == (
+            GRANTED,
+            "m-biden",
+            pb.ENGINE_LOCAL,
+        )
+        gate.server.gate.cloud.run_once()  # type: ignore[union-attr]  # fails: cloud away
+        state = status(gate)
+        assert state.outbox_depth == 2
+        assert state.last_cloud_error
+        emu.admin.set_fault("healthy")
+        gate.clock.advance(11)
+        gate.settle()
+        persons = gate.persons()
+        assert list(persons) == ["m-biden"] and len(persons["m-biden"]) == 2
+        assert gate.server.store.cloud_person("m-biden").ready  # type: ignore[union-attr]
+        assert emu.admin.counts().get("LargePersonGroup_Train", 0) >= 1
+        assert gate.identify(faces.read("people/joe_biden/2.jpg")).engine == pb.ENGINE_AZURE
+
+
+class Forgetful(AzureFace):
+    """A Face API client whose first create and first add succeed but time out on the way
+    back, as if the network dropped the answers."""
+
+    dropped: set[str]
+
+    def create_person(self, member_id: str) -> str:
+        person_id = super().create_person(member_id)
+        return self._drop("create", person_id)
+
+    def add_face(self, person_id: str, photo: bytes, tag: str) -> str:
+        persisted = super().add_face(person_id, photo, tag)
+        return self._drop("add", persisted)
+
+    def _drop(self, what: str, value: str) -> str:
+        if what not in self.dropped:
+            self.dropped.add(what)
+            raise CloudFailure(EngineOutcome.TIMED_OUT, "answer lost")
+        return value
+
+
+def test_replays_after_lost_answers_create_nothing_twice(
+    emu: RunningEmulator, faces: Faces, tmp_path: Path
+) -> None:
+    with cloud_gate(emu, tmp_path) as gate:
+        cloud = gate.server.gate.cloud
+        assert cloud is not None
+        forgetful = Forgetful(cloud.face.settings, cloud.face.counter)
+        forgetful.dropped = set()
+        cloud.face = forgetful
+        enroll(gate, faces, "m-rose", "people/rose_leslie/1.jpg", "people/rose_leslie/2.jpg")
+        for _ in range(4):  # each lost answer pauses the sync; the breaker lets it retry
+            gate.clock.advance(11)
+            cloud.run_once()
+        gate.settle()
+        persons = gate.persons()
+        assert list(persons) == ["m-rose"]
+        assert len(persons["m-rose"]) == 2
+        assert forgetful.dropped == {"create", "add"}
+
+
+def test_delete_during_an_outage_denies_at_once_and_purges_later(
+    emu: RunningEmulator, faces: Faces, tmp_path: Path
+) -> None:
+    with cloud_gate(emu, tmp_path) as gate:
+        enroll(gate, faces, "m-alex", "people/alex_lacamoire/1.jpg")
+        gate.settle()
+        assert "m-alex" in gate.persons()
+        emu.admin.set_fault("refuse")
+        gate.stub.DeleteMember(pb.DeleteMemberRequest(member_id="m-alex"), timeout=5)
+        answer = gate.identify(faces.read("people/alex_lacamoire/2.jpg"))
+        assert (answer.decision, answer.member_id) == (UNKNOWN, "")
+        emu.admin.set_fault("healthy")
+        gate.clock.advance(11)
+        gate.settle()
+        assert "m-alex" not in gate.persons()
+        # Had the cloud still known the person, it could not have let them in either.
+        assert gate.identify(faces.read("people/alex_lacamoire/2.jpg")).decision == UNKNOWN
+
+
+def test_sync_reports_then_repairs_what_differs(
+    emu: RunningEmulator, faces: Faces, tmp_path: Path
+) -> None:
+    with cloud_gate(emu, tmp_path, keep_photos=True) as gate:
+        enroll(gate, faces, "m-obama", "people/barack_obama/1.jpg", "people/barack_obama/2.jpg")
+        gate.settle()
+        face = gate.server.gate.cloud.face  # type: ignore[union-attr]
+        orphan = face.create_person("someone-else")
+        obama = gate.server.store.cloud_person("m-obama")
+        assert obama is not None
+        face.delete_face(obama.person_id, gate.persons()["m-obama"][0])
+
+        target = f"127.0.0.1:{gate.server.port}"
+        dry = run_cli("sync", "--dry-run", "--json", "--target", target)
+        changes = json.loads(dry)["changes"]
+        kinds = sorted((c["kind"], c["applied"]) for c in changes)
+        assert kinds == [
+            ("SYNC_CHANGE_KIND_MISSING_FACE", False),
+            ("SYNC_CHANGE_KIND_ORPHAN_PERSON", False),
+        ]
+        assert orphan in gate.persons().get("someone-else", []) or "someone-else" in gate.persons()
+
+        applied = gate.stub.SyncCloud(pb.SyncCloudRequest(), timeout=60)
+        assert all(c.applied for c in applied.changes) and len(applied.changes) == 2
+        assert "someone-else" not in gate.persons()
+        assert len(gate.persons()["m-obama"]) == 2
+        again = gate.stub.SyncCloud(pb.SyncCloudRequest(dry_run=True), timeout=60)
+        assert list(again.changes) == []
+        plain = run_cli("status", "--target", target)
+        assert "routing: cloud-first" in plain and "outbox depth: 0" in plain
+
+
+def run_cli(*args: str) -> str:
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("facegate")), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_sync_without_a_cloud_is_a_failed_precondition(stub: pb_grpc.FaceGateServiceStub) -> None:
+    with pytest.raises(grpc.RpcError) as error:
+        stub.SyncCloud(pb.SyncCloudRequest(), timeout=5)
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    local = stub.GetStatus(pb.GetStatusRequest(), timeout=5)
+    assert local.routing_policy == "local-only"
+    assert local.circuit_state == pb.CIRCUIT_STATE_DISABLED
+
+
+def serve(emu: RunningEmulator, data: Path, log: Path) -> tuple[subprocess.Popen[str], str]:
+    env = {
+        **os.environ,
+        "FACEGATE_DATA_DIR": str(data),
+        "FACEGATE_WORKERS": "1",
+        "FACEGATE_AZURE_ENDPOINT": emu.endpoint,
+        "FACEGATE_AZURE_KEY": KEY,
+        "FACEGATE_SYNC_INTERVAL_S": "0.2",
+        "FACEGATE_BREAKER_COOLDOWN_S": "0.5",
+    }
+    with log.open("a") as sink:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).with_name("facegate")), "serve", "--listen", "127.0.0.1:0"],
+            stdout=sink,
+            stderr=sink,
+            text=True,
+            env=env,
+        )
+    port: list[int] = []
+
+    def started() -> bool:
+        for line in log.read_text().splitlines()[-50:]:
+            entry = json.loads(line)
+            if entry["msg"] == "serving" and entry.get("pid", process.pid) == process.pid:
+                port.append(entry["port"])
+        assert process.poll() is None, log.read_text()
+        return bool(port)
+
+    wait_for(started, timeout=60)
+    return process, f"127.0.0.1:{port[-1]}"
+
+
+def test_killed_between_the_local_commit_and_the_replay(
+    emu: RunningEmulator, faces: Faces, tmp_path: Path
+) -> None:
+    emu.admin.set_fault("refuse")
+    log = tmp_path / "serve.log"
+    first, target = serve(emu, tmp_path / "data", log)
+    try:
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.FaceGateServiceStub(channel)
+            stub.Enroll(
+                pb.EnrollRequest(
+                    member_id="m-kit",
+                    photos=[faces.read(p) for p in faces.of("kit_harington")[:2]],
+                ),
+                timeout=60,
+            )
+            assert stub.GetStatus(pb.GetStatusRequest(), timeout=5).outbox_depth == 2
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    emu.admin.set_fault("healthy")
+    log.write_text("")
+    second, target = serve(emu, tmp_path / "data", log)
+    try:
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.FaceGateServiceStub(channel)
+
+            def synced() -> bool:
+                state = stub.GetStatus(pb.GetStatusRequest(), timeout=5)
+                return state.outbox_depth == 0 and state.cloud_training == "idle"
+
+            wait_for(synced, timeout=30)
+            face = AzureFace(AzureSettings(emu.endpoint, KEY))
+            persons = {p.user_data: p.persisted_face_ids for p in face.persons()}
+            assert list(persons) == ["m-kit"] and len(persons["m-kit"]) == 2
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=30) == 0
