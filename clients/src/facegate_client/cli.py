@@ -8,6 +8,9 @@
 
 Every client command takes --target HOST:PORT (default: $FACEGATE_TARGET, else
 127.0.0.1:50051), --timeout SECONDS and --json (protobuf JSON, with the proto field names).
+A server with callers configured needs a bearer token: $FACEGATE_TOKEN (no flag: other
+users see command lines). TLS: --tls, --ca PEM, and --cert PEM --key PEM for mutual TLS
+(or $FACEGATE_CA, $FACEGATE_CERT, $FACEGATE_KEY).
 
 Exit codes: 0 on success (a denied frame is a success), 1 when the server answers with an
 error, 2 for a usage error or a local file that cannot be read.
@@ -299,13 +302,32 @@ def _cmd_sync(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -> 
     )
 
 
+def _credentials(args: argparse.Namespace) -> dict[str, Any]:
+    """FaceGateClient's token and TLS arguments: $FACEGATE_TOKEN, --tls, --ca, --cert, --key."""
+    found: dict[str, Any] = {"token": os.environ.get("FACEGATE_TOKEN") or None}
+    if args.tls:
+        found["tls"] = True
+    for name, path in (
+        ("root_certificates", args.ca),
+        ("certificate_chain", args.cert),
+        ("private_key", args.key),
+    ):
+        if path:
+            found[name] = _read_file(path)
+    return found
+
+
 def _run_client_command(handler: Handler) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         timeout: float | None = args.timeout
-        if timeout is None:
-            client = FaceGateClient(args.target)
-        else:
-            client = FaceGateClient(args.target, timeout=timeout, identify_timeout=timeout)
+        try:
+            options = _credentials(args)
+            if timeout is not None:
+                options.update(timeout=timeout, identify_timeout=timeout)
+            client = FaceGateClient(args.target, **options)
+        except (_LocalFileError, ValueError) as err:  # a bad $FACEGATE_TOKEN, --cert alone
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         try:
             with client:
                 handler(client, args, sys.stdout)
@@ -341,6 +363,20 @@ def _common_options() -> argparse.ArgumentParser:
     group.add_argument(
         "--json", action="store_true", help="print protobuf JSON (proto field names)"
     )
+    tls = common.add_argument_group(
+        "credentials", "The bearer token comes from $FACEGATE_TOKEN (a flag would show in ps)."
+    )
+    tls.add_argument(
+        "--tls", action="store_true", help="use TLS, trusting the system's CAs (implied by --ca)"
+    )
+    for flag, env, what in (
+        ("--ca", "FACEGATE_CA", "the CA that signed the server's certificate"),
+        ("--cert", "FACEGATE_CERT", "this client's certificate, for mutual TLS"),
+        ("--key", "FACEGATE_KEY", "its private key"),
+    ):
+        tls.add_argument(
+            flag, metavar="PEM", default=os.environ.get(env) or None, help=f"{what} (${env})"
+        )
     return common
 
 

@@ -85,6 +85,15 @@ def _photo_list(photos: Sequence[bytes]) -> list[bytes]:
     return [bytes(photo) for photo in photos]
 
 
+def _authorization(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The metadata that carries `token` (the token itself is never put in an error)."""
+    if token is None:
+        return ()
+    if not token or not token.isascii() or not token.isprintable() or " " in token:
+        raise ValueError("a token must be non-empty printable ASCII without spaces")
+    return (("authorization", f"Bearer {token}"),)
+
+
 class FaceGateClient:
     """A connection to a FaceGate server.
 
@@ -94,8 +103,14 @@ class FaceGateClient:
         identify_timeout: the deadline, in seconds, of Identify (a person is waiting).
         channel: a channel to use instead of creating one; the client does not close it.
             Create it with `CHANNEL_OPTIONS` to keep the retry policy and message limits.
-        credentials: TLS credentials; without them the channel is insecure.
-        metadata: sent with every call, e.g. `[("authorization", "Bearer ...")]`.
+        credentials: TLS credentials; without them (and without the TLS options below) the
+            channel is insecure.
+        metadata: sent with every call.
+        token: a bearer token, sent as `authorization: Bearer <token>` with every call.
+        tls: use TLS, trusting the system's root certificates (implied by the next three).
+        root_certificates: PEM of the CA(s) that signed the server's certificate.
+        certificate_chain, private_key: PEM of this client's certificate and its key, for a
+            server that requires client certificates (mutual TLS). Both or neither.
 
     Use it as a context manager, or call `close()`.
     """
@@ -109,14 +124,29 @@ class FaceGateClient:
         channel: grpc.Channel | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
     ) -> None:
         if timeout <= 0 or identify_timeout <= 0:
             raise ValueError("timeouts must be positive")
+        if (certificate_chain is None) != (private_key is None):
+            raise ValueError("pass certificate_chain and private_key together")
+        if tls or any(pem is not None for pem in (root_certificates, certificate_chain)):
+            if credentials is not None:
+                raise ValueError("pass credentials or the TLS options, not both")
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=root_certificates,
+                private_key=private_key,
+                certificate_chain=certificate_chain,
+            )
         if channel is not None and credentials is not None:
             raise ValueError("pass credentials or a channel, not both")
         self._timeout = timeout
         self._identify_timeout = identify_timeout
-        self._metadata = tuple(metadata)
+        self._metadata = tuple(metadata) + _authorization(token)
         self._owns_channel = channel is None
         if channel is None:
             if credentials is None:
