@@ -116,6 +116,8 @@ class SqliteStore(Store):
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=5000")
+        # Deleted rows are overwritten with zeros, not left in free pages (see delete_member).
+        self._db.execute("PRAGMA secure_delete=ON")
         self._migrate()
 
     def _migrate(self) -> None:
@@ -223,6 +225,14 @@ class SqliteStore(Store):
                     "INSERT INTO outbox (kind, member_id) VALUES ('delete_member', ?)",
                     (member_id,),
                 )
+        self._purge_wal()
+
+    def _purge_wal(self) -> None:
+        """Copy the WAL into the database and empty it: the WAL still holds the pages as
+        they were before a deletion (the member's embeddings and photos) until then.
+        With secure_delete on, the database file keeps nothing of them either."""
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def iter_embeddings(self) -> Iterator[tuple[str, Embedding]]:
         with self._lock:
