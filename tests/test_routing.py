@@ -279,3 +279,10 @@ def test_local_only_never_calls_the_cloud() -> None:
     cloud = FakeCloud(grant(AZURE, "m-1"))
     found = router(FakeLocal(unknown(LOCAL)), cloud, policy=Policy.LOCAL_ONLY).identify(b"", 1)
     assert found.engine is LOCAL and cloud.calls == 0
+
+
+def test_local_first_asks_the_cloud_about_an_ambiguous_face() -> None:
+    ambiguous = Identification(Decision.DENIED_AMBIGUOUS, LOCAL, confidence=0.7)
+    cloud = FakeCloud(grant(AZURE, "m-1"))
+    found = router(FakeLocal(ambiguous), cloud, policy=Policy.LOCAL_FIRST).identify(b"", 1.0)
+    assert (found.engine, found.member_id) == (AZURE, "m-1") and cloud.calls == 1

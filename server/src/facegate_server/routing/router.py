@@ -101,7 +101,8 @@ class RoutingEngine:
         self.local_confident = local_confident
         self._slots = threading.BoundedSemaphore(cloud_slots)
         self._cloud_pool = cf.ThreadPoolExecutor(cloud_slots, thread_name_prefix="cloud")
-        self._local_pool = cf.ThreadPoolExecutor(8, thread_name_prefix="local-wait")
+        # One waiter per Identify in progress: as many as the gRPC server has threads.
+        self._local_pool = cf.ThreadPoolExecutor(64, thread_name_prefix="local-wait")
         self.last_error = ""
         self.last_error_time = 0.0
 
@@ -157,6 +158,8 @@ class RoutingEngine:
             return local.confidence >= self.local_confident
         if local.decision is Decision.DENIED_UNKNOWN_FACE:
             return local.confidence <= 1.0 - self.local_confident
+        if local.decision is Decision.DENIED_AMBIGUOUS:
+            return False  # two members too close to call: a second opinion is worth it
         return True  # no face, several faces, poor quality: the cloud would see the same
 
     def _start_cloud(
