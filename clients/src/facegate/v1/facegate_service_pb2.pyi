@@ -16,6 +16,12 @@ field is at fault, a google.rpc.BadRequest naming it:
   ALREADY_EXISTS    Enroll with a member id that is already enrolled
   UNAVAILABLE       the server is starting or stopping; retry
   DEADLINE_EXCEEDED the recogniser did not answer within the deadline
+  UNAUTHENTICATED   no bearer token or client certificate the server knows
+  PERMISSION_DENIED the caller's role may not call the method
+  RESOURCE_EXHAUSTED over the caller's rate limit; a google.rpc.RetryInfo
+                    says when to retry
+Callers send `authorization: Bearer <token>` metadata; the roles are in the
+README's Security section.
 """
 
 from collections import abc as _abc
