@@ -187,6 +187,7 @@ FIELDS = {
     "GetMember": {"member_id"},
     "ListMembers": {"page_size", "page_token"},
     "DeleteMember": {"member_id"},
+    "SearchFaces": {"image", "max_candidates"},
     "ListAccessEvents": {
         "member_id",
         "turnstile_id",
@@ -225,6 +226,14 @@ def test_identify(fuzzed: Fuzzed, image: bytes, turnstile_id: str) -> None:
     )
     if not isinstance(answer, grpc.RpcError):
         assert answer.decision != pb.DECISION_GRANTED  # no member's face in these bytes
+
+
+@settings(FUZZ, max_examples=60)
+@given(image=images, max_candidates=sometimes(0, int32s))
+def test_search_faces(fuzzed: Fuzzed, image: bytes, max_candidates: int) -> None:
+    request = pb.SearchFacesRequest(image=image, max_candidates=max_candidates)
+    allowed = {Code.OK, Code.INVALID_ARGUMENT, Code.DEADLINE_EXCEEDED}
+    check(fuzzed, "SearchFaces", request, allowed)
 
 
 @settings(FUZZ, max_examples=60)
