@@ -26,6 +26,7 @@ from facegate_server.store import MemoryStore
 from tests.cloud import FakeClock
 
 LOCAL, AZURE = EngineKind.LOCAL, EngineKind.AZURE
+FRAME = b"\xff\xd8" + bytes(2000)  # above the Face API's 1 KB minimum
 
 
 def grant(engine: EngineKind, member: str, confidence: float = 0.9) -> Identification:
@@ -140,7 +141,7 @@ def test_a_success_resets_the_count() -> None:
 
 def test_the_cloud_decides_when_it_answers_and_agrees() -> None:
     found = router(FakeLocal(grant(LOCAL, "m-1")), FakeCloud(grant(AZURE, "m-1"))).identify(
-        b"", 1.0
+        FRAME, 1.0
     )
     assert (found.decision, found.member_id, found.engine) == (Decision.GRANTED, "m-1", AZURE)
     assert outcomes(found) == {"azure": "DECIDED", "local": "AGREED"}
@@ -149,7 +150,7 @@ def test_the_cloud_decides_when_it_answers_and_agrees() -> None:
 
 def test_engines_granting_different_members_is_a_denial() -> None:
     found = router(FakeLocal(grant(LOCAL, "m-1")), FakeCloud(grant(AZURE, "m-2"))).identify(
-        b"", 1.0
+        FRAME, 1.0
     )
     assert found.decision is Decision.DENIED_UNKNOWN_FACE
     assert found.member_id == ""
@@ -158,7 +159,7 @@ def test_engines_granting_different_members_is_a_denial() -> None:
 
 
 def test_a_member_not_yet_trained_in_the_cloud_gets_in_through_the_local_engine() -> None:
-    found = router(FakeLocal(grant(LOCAL, "m-new")), FakeCloud(unknown(AZURE))).identify(b"", 1)
+    found = router(FakeLocal(grant(LOCAL, "m-new")), FakeCloud(unknown(AZURE))).identify(FRAME, 1)
     assert (found.decision, found.member_id, found.engine) == (Decision.GRANTED, "m-new", LOCAL)
     assert outcomes(found) == {"azure": "OUTRANKED", "local": "DECIDED"}
 
@@ -167,7 +168,7 @@ def test_a_trained_member_the_cloud_does_not_recognise_is_denied() -> None:
     store = MemoryStore()
     ready_member(store, "m-1", "p-1")
     found = router(FakeLocal(grant(LOCAL, "m-1")), FakeCloud(unknown(AZURE)), store).identify(
-        b"", 1.0
+        FRAME, 1.0
     )
     assert (found.decision, found.engine) == (Decision.DENIED_UNKNOWN_FACE, AZURE)
     assert outcomes(found) == {"azure": "DECIDED", "local": "OUTRANKED"}
@@ -176,12 +177,12 @@ def test_a_trained_member_the_cloud_does_not_recognise_is_denied() -> None:
 def test_require_agreement_denies_a_cloud_grant_the_local_engine_does_not_share() -> None:
     options = {"agreement": Agreement.REQUIRE_AGREEMENT}
     found = router(FakeLocal(unknown(LOCAL)), FakeCloud(grant(AZURE, "m-1")), **options).identify(
-        b"", 1.0
+        FRAME, 1.0
     )
     assert found.decision is Decision.DENIED_UNKNOWN_FACE
     assert outcomes(found) == {"azure": "DISAGREED", "local": "DISAGREED"}
     # Default: the cloud, the primary engine, decides.
-    found = router(FakeLocal(unknown(LOCAL)), FakeCloud(grant(AZURE, "m-1"))).identify(b"", 1.0)
+    found = router(FakeLocal(unknown(LOCAL)), FakeCloud(grant(AZURE, "m-1"))).identify(FRAME, 1.0)
     assert (found.decision, found.member_id) == (Decision.GRANTED, "m-1")
 
 
@@ -196,7 +197,7 @@ def test_require_agreement_denies_a_cloud_grant_the_local_engine_does_not_share(
 def test_a_failing_cloud_leaves_the_decision_to_the_local_engine(
     failure: CloudFailure, outcome: str
 ) -> None:
-    found = router(FakeLocal(grant(LOCAL, "m-1")), FakeCloud(failure)).identify(b"", 1.0)
+    found = router(FakeLocal(grant(LOCAL, "m-1")), FakeCloud(failure)).identify(FRAME, 1.0)
     assert (found.decision, found.member_id, found.engine) == (Decision.GRANTED, "m-1", LOCAL)
     assert outcomes(found) == {"local": "DECIDED", "azure": outcome}
 
@@ -205,7 +206,7 @@ def test_a_hung_cloud_is_abandoned_at_the_deadline() -> None:
     cloud = FakeCloud(None)
     engine = router(FakeLocal(grant(LOCAL, "m-1"), delay=0.01), cloud)
     started = time.monotonic()
-    found = engine.identify(b"", 0.3)
+    found = engine.identify(FRAME, 0.3)
     assert time.monotonic() - started < 0.3
     assert outcomes(found) == {"local": "DECIDED", "azure": "TIMED_OUT"}
     cloud.release.set()
@@ -214,7 +215,7 @@ def test_a_hung_cloud_is_abandoned_at_the_deadline() -> None:
 def test_neither_engine_in_time_is_a_timeout() -> None:
     cloud = FakeCloud(None)
     with pytest.raises(RecognitionTimeout):
-        router(FakeLocal(grant(LOCAL, "m-1"), delay=5), cloud).identify(b"", 0.2)
+        router(FakeLocal(grant(LOCAL, "m-1"), delay=5), cloud).identify(FRAME, 0.2)
     cloud.release.set()
 
 
@@ -223,13 +224,13 @@ def test_the_circuit_opens_then_skips_the_cloud_then_recovers() -> None:
     cloud = FakeCloud(CloudFailure(EngineOutcome.ERROR, "HTTP 503"))
     engine = router(FakeLocal(grant(LOCAL, "m-1")), cloud, breaker=CircuitBreaker(3, 10, clock))
     for _ in range(3):
-        assert outcomes(engine.identify(b"", 1.0))["azure"] == "ERROR"
-    skipped = engine.identify(b"", 1.0)
+        assert outcomes(engine.identify(FRAME, 1.0))["azure"] == "ERROR"
+    skipped = engine.identify(FRAME, 1.0)
     assert outcomes(skipped)["azure"] == "CIRCUIT_OPEN"
     assert cloud.calls == 3 and skipped.cloud_transactions == 0
     clock.advance(10)
     cloud.answer = grant(AZURE, "m-1")
-    recovered = engine.identify(b"", 1.0)  # the half-open probe
+    recovered = engine.identify(FRAME, 1.0)  # the half-open probe
     assert recovered.engine is AZURE
     assert engine.breaker.state is CircuitState.CLOSED
 
@@ -245,7 +246,7 @@ def test_cloud_calls_in_flight_are_bounded() -> None:
     results: list[Identification] = []
 
     def call() -> None:
-        results.append(engine.identify(b"", 0.3))
+        results.append(engine.identify(FRAME, 0.3))
 
     threads = [threading.Thread(target=call) for _ in range(6)]
     for t in threads:
@@ -264,25 +265,39 @@ def test_cloud_calls_in_flight_are_bounded() -> None:
 def test_local_first_asks_the_cloud_only_when_unsure() -> None:
     cloud = FakeCloud(grant(AZURE, "m-1"))
     sure = router(FakeLocal(grant(LOCAL, "m-1", 0.9)), cloud, policy=Policy.LOCAL_FIRST).identify(
-        b"", 1.0
+        FRAME, 1.0
     )
     assert sure.engine is LOCAL and cloud.calls == 0
     assert outcomes(sure) == {"local": "DECIDED", "azure": "NOT_USED"}
     assert sure.cloud_transactions == 0
     unsure = router(FakeLocal(unknown(LOCAL, 0.45)), cloud, policy=Policy.LOCAL_FIRST).identify(
-        b"", 1.0
+        FRAME, 1.0
     )
     assert (unsure.engine, unsure.member_id) == (AZURE, "m-1") and cloud.calls == 1
 
 
 def test_local_only_never_calls_the_cloud() -> None:
     cloud = FakeCloud(grant(AZURE, "m-1"))
-    found = router(FakeLocal(unknown(LOCAL)), cloud, policy=Policy.LOCAL_ONLY).identify(b"", 1)
+    found = router(FakeLocal(unknown(LOCAL)), cloud, policy=Policy.LOCAL_ONLY).identify(FRAME, 1)
     assert found.engine is LOCAL and cloud.calls == 0
 
 
 def test_local_first_asks_the_cloud_about_an_ambiguous_face() -> None:
     ambiguous = Identification(Decision.DENIED_AMBIGUOUS, LOCAL, confidence=0.7)
     cloud = FakeCloud(grant(AZURE, "m-1"))
-    found = router(FakeLocal(ambiguous), cloud, policy=Policy.LOCAL_FIRST).identify(b"", 1.0)
+    found = router(FakeLocal(ambiguous), cloud, policy=Policy.LOCAL_FIRST).identify(FRAME, 1.0)
     assert (found.engine, found.member_id) == (AZURE, "m-1") and cloud.calls == 1
+
+
+def test_a_frame_the_cloud_refuses_does_not_open_the_circuit() -> None:
+    refused = CloudFailure(EngineOutcome.ERROR, "HTTP 400 InvalidImage", status=400)
+    engine = router(FakeLocal(grant(LOCAL, "m-1")), FakeCloud(refused))
+    for _ in range(5):
+        assert outcomes(engine.identify(b"x" * 2000, 1.0))["azure"] == "ERROR"
+    assert engine.breaker.state is CircuitState.CLOSED
+
+
+def test_images_under_a_kilobyte_are_not_sent_to_the_cloud() -> None:
+    cloud = FakeCloud(grant(AZURE, "m-1"))
+    found = router(FakeLocal(unknown(LOCAL)), cloud).identify(b"x" * 1000, 1.0)
+    assert cloud.calls == 0 and outcomes(found)["azure"] == "NOT_USED"

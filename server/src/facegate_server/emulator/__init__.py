@@ -7,19 +7,40 @@
         emu.admin.set_fault("throttle")
         emu.admin.counts()   # {"Face_DetectWithStream": 3, ...}
 
-See README.md beside this file.
+See README.md beside this file. The names below are imported on first use, so that the
+`facegate` command (which registers `azure-emulator` through emulator.cli) does not load
+aiohttp and numpy for every other command.
 """
 
-from facegate_server.emulator.clock import ManualClock
-from facegate_server.emulator.faults import FaultMode, FaultSettings, LatencyProfile
-from facegate_server.emulator.recognizer import Recognizer
-from facegate_server.emulator.server import (
-    EmulatorAdmin,
-    EmulatorSettings,
-    RunningEmulator,
-    start_emulator,
-)
-from facegate_server.emulator.state import Limits
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from facegate_server.emulator.clock import ManualClock
+    from facegate_server.emulator.faults import FaultMode, FaultSettings, LatencyProfile
+    from facegate_server.emulator.recognizer import Recognizer
+    from facegate_server.emulator.server import (
+        EmulatorAdmin,
+        EmulatorSettings,
+        RunningEmulator,
+        start_emulator,
+    )
+    from facegate_server.emulator.state import Limits
+
+_HOMES = {
+    "ManualClock": "clock",
+    "FaultMode": "faults",
+    "FaultSettings": "faults",
+    "LatencyProfile": "faults",
+    "Recognizer": "recognizer",
+    "EmulatorAdmin": "server",
+    "EmulatorSettings": "server",
+    "RunningEmulator": "server",
+    "start_emulator": "server",
+    "Limits": "state",
+}
 
 __all__ = [
     "EmulatorAdmin",
@@ -33,3 +54,10 @@ __all__ = [
     "RunningEmulator",
     "start_emulator",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{home}"), name)

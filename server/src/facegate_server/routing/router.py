@@ -51,6 +51,7 @@ from facegate_server.store import Store
 log = logging.getLogger(__name__)
 
 RESERVE = 0.1  # seconds kept back from the budget to decide, log the entry and answer
+AZURE_MIN_BYTES = 1024  # the Face API refuses smaller images (400 InvalidImageSize)
 
 
 class Policy(enum.Enum):
@@ -158,9 +159,9 @@ class RoutingEngine:
             return local.confidence >= self.local_confident
         if local.decision is Decision.DENIED_UNKNOWN_FACE:
             return local.confidence <= 1.0 - self.local_confident
-        if local.decision is Decision.DENIED_AMBIGUOUS:
-            return False  # two members too close to call: a second opinion is worth it
-        return True  # no face, several faces, poor quality: the cloud would see the same
+        # Two members too close to call: a second opinion is worth it. No face, several
+        # faces, poor quality: the cloud would see the same.
+        return local.decision is not Decision.DENIED_AMBIGUOUS
 
     def _start_cloud(
         self, image: bytes, deadline: float
@@ -168,6 +169,16 @@ class RoutingEngine:
         """Start the cloud call, or say why it was skipped."""
         call = CloudCall(threading.Event())
         assert self.cloud is not None
+        if len(image) < AZURE_MIN_BYTES:
+            return (
+                None,
+                call,
+                EngineReport(
+                    EngineKind.AZURE,
+                    EngineOutcome.NOT_USED,
+                    detail="image under the Face API's 1 KB",
+                ),
+            )
         if not self.breaker.allow():
             return (
                 None,
@@ -209,11 +220,19 @@ class RoutingEngine:
                 EngineReport(EngineKind.AZURE, EngineOutcome.ERROR, detail="server stopping"),
             )
 
-    def _cloud_failed(self, outcome: EngineOutcome, detail: str, retry_after: float | None) -> None:
+    def _cloud_failed(
+        self,
+        outcome: EngineOutcome,
+        detail: str,
+        retry_after: float | None,
+        status: int | None = None,
+    ) -> None:
         self.last_error = detail
         self.last_error_time = time.time()
-        if outcome is EngineOutcome.NOT_TRAINED:
-            self.breaker.release()  # the cloud works; the group is not ready yet
+        if outcome is EngineOutcome.NOT_TRAINED or status == 400:
+            # The cloud works: the group is not ready, or this frame was refused
+            # (InvalidImage, BadArgument). Neither is a reason to stop asking it.
+            self.breaker.release()
         elif outcome is EngineOutcome.THROTTLED:
             self.breaker.record_failure(retry_after=retry_after or 0.0)
         else:
@@ -246,7 +265,9 @@ class RoutingEngine:
                     latency=timedelta(seconds=time.monotonic() - started),
                 )
             except CloudFailure as failure:
-                self._cloud_failed(failure.outcome, failure.detail, failure.retry_after)
+                self._cloud_failed(
+                    failure.outcome, failure.detail, failure.retry_after, failure.status
+                )
                 cloud_report = EngineReport(
                     EngineKind.AZURE,
                     failure.outcome,
