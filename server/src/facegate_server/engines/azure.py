@@ -146,9 +146,7 @@ def _failure(error: BaseException) -> CloudFailure:
             )
         if isinstance(cause, requests.exceptions.ConnectionError):
             return CloudFailure(EngineOutcome.ERROR, "cannot connect to the Face API")
-        cause = (
-            getattr(cause, "inner_exception", None) or cause.__cause__ or cause.__context__
-        )
+        cause = getattr(cause, "inner_exception", None) or cause.__cause__ or cause.__context__
         if cause is error:
             break
     if isinstance(error, DeserializationError | ValueError):
