@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import io
+import json
+import os
 import struct
+import subprocess
+import sys
+import time
 import zlib
+from pathlib import Path
 
 import grpc
 from google.rpc import error_details_pb2
@@ -50,3 +56,35 @@ def details(error: grpc.RpcError) -> tuple[str, list[tuple[str, str]]]:
             detail.Unpack(bad)
             violations = [(v.field, v.description) for v in bad.field_violations]
     return reason, violations
+
+
+FACEGATE = str(Path(sys.executable).with_name("facegate"))
+"""The `facegate` console script of this environment: the real entry point."""
+
+
+def start_serve(settings: dict[str, str], log: Path) -> tuple[subprocess.Popen[str], str]:
+    """`facegate serve` on a free loopback port, configured by FACEGATE_* `settings` only
+    (the caller's own FACEGATE_* variables are not inherited); logs appended to `log`.
+    Returns the process and its HOST:PORT once it logs "serving"."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FACEGATE_")}
+    start = log.stat().st_size if log.exists() else 0
+    with log.open("a") as sink:
+        process = subprocess.Popen(
+            [FACEGATE, "serve", "--listen", "127.0.0.1:0"],
+            stdout=sink,
+            stderr=sink,
+            text=True,
+            env={**env, **settings},
+        )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        with log.open() as f:
+            f.seek(start)
+            for line in f:
+                entry = json.loads(line) if line.startswith("{") else {}
+                if entry.get("msg") == "serving":
+                    return process, f"127.0.0.1:{entry['port']}"
+        time.sleep(0.1)
+    process.kill()
+    process.wait()
+    raise AssertionError(f"the server did not start:\n{log.read_text()}")

@@ -4,11 +4,8 @@ commands against it, and a graceful stop on SIGTERM."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Faces
-from tests.helpers import image_bytes
-
-FACEGATE = str(Path(sys.executable).with_name("facegate"))
+from tests.helpers import FACEGATE, image_bytes, start_serve
 
 
 @dataclass
@@ -42,25 +37,9 @@ def facegate(*args: str, target: str) -> subprocess.CompletedProcess[str]:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp("serve")
     log = tmp / "serve.log"
-    env = {**os.environ, "FACEGATE_DATA_DIR": str(tmp / "data"), "FACEGATE_WORKERS": "1"}
-    with log.open("w") as sink:
-        process = subprocess.Popen(
-            [FACEGATE, "serve", "--listen", "127.0.0.1:0"],
-            stderr=sink,
-            stdout=sink,
-            text=True,
-            env=env,
-        )
-    port = None
-    deadline = time.monotonic() + 60
-    while port is None and time.monotonic() < deadline and process.poll() is None:
-        for line in log.read_text().splitlines():
-            entry = json.loads(line)
-            if entry["msg"] == "serving":
-                port = entry["port"]
-        time.sleep(0.1)
-    assert port, f"the server did not start:\n{log.read_text()}"
-    yield Served(process, f"127.0.0.1:{port}", log)
+    settings = {"FACEGATE_DATA_DIR": str(tmp / "data"), "FACEGATE_WORKERS": "1"}
+    process, target = start_serve(settings, log)
+    yield Served(process, target, log)
     if process.poll() is None:
         process.kill()
         process.wait()

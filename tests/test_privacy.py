@@ -12,8 +12,6 @@ import signal
 import sqlite3
 import stat
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -35,10 +33,9 @@ from facegate_server.store import SqliteStore
 from facegate_server.token_cli import new_token
 
 from tests.conftest import Faces
-from tests.helpers import image_bytes
+from tests.helpers import FACEGATE, image_bytes, start_serve
 from tests.pki import Authority
 
-FACEGATE = str(Path(sys.executable).with_name("facegate"))
 TOKENS = {"crm": new_token(), "gate-1": new_token()}
 WRONG_TOKEN = new_token()
 DENIED_NO_FACE = pb.DECISION_DENIED_NO_FACE
@@ -87,8 +84,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         f"turnstile gate-1 {auth.token_hash(TOKENS['gate-1'])}\n"
     )
     log, data = tmp / "serve.log", tmp / "data"
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("FACEGATE_")},
+    settings = {
         "FACEGATE_DATA_DIR": str(data),
         "FACEGATE_WORKERS": "1",
         "FACEGATE_KEEP_PHOTOS": "true",  # photos stored too: their deletion is checked
@@ -97,24 +93,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         "FACEGATE_TLS_CERT": str(cert),
         "FACEGATE_TLS_KEY": str(key),
     }
-    with log.open("w") as sink:
-        process = subprocess.Popen(
-            [FACEGATE, "serve", "--listen", "127.0.0.1:0"],
-            stderr=sink,
-            stdout=sink,
-            text=True,
-            env=env,
-        )
-    port = None
-    deadline = time.monotonic() + 60
-    while port is None and time.monotonic() < deadline and process.poll() is None:
-        for line in log.read_text().splitlines():
-            entry = json.loads(line) if line.startswith("{") else {}
-            if entry.get("msg") == "serving":
-                port = entry["port"]
-        time.sleep(0.1)
-    assert port, f"the server did not start:\n{log.read_text()}"
-    yield Run(process, f"127.0.0.1:{port}", log, data, ca, server.key)
+    process, target = start_serve(settings, log)
+    yield Run(process, target, log, data, ca, server.key)
     if process.poll() is None:
         process.kill()
         process.wait()

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from facegate_server.engines.azure import AzureFace, AzureSettings, CloudFailure
 
 from tests.cloud import KEY, CloudGate, cloud_gate, emulator, engines, wait_for
 from tests.conftest import Faces
-from tests.helpers import image_bytes
+from tests.helpers import FACEGATE, image_bytes, start_serve
 
 GRANTED, UNKNOWN = pb.DECISION_GRANTED, pb.DECISION_DENIED_UNKNOWN_FACE
 BUDGET = 1.2
@@ -288,7 +287,7 @@ def test_sync_reports_then_repairs_what_differs(
 
 def run_cli(*args: str) -> str:
     result = subprocess.run(
-        [str(Path(sys.executable).with_name("facegate")), *args],
+        [FACEGATE, *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -308,8 +307,7 @@ def test_sync_without_a_cloud_is_a_failed_precondition(stub: pb_grpc.FaceGateSer
 
 
 def serve(emu: RunningEmulator, data: Path, log: Path) -> tuple[subprocess.Popen[str], str]:
-    env = {
-        **os.environ,
+    settings = {
         "FACEGATE_DATA_DIR": str(data),
         "FACEGATE_WORKERS": "1",
         "FACEGATE_AZURE_ENDPOINT": emu.endpoint,
@@ -317,26 +315,7 @@ def serve(emu: RunningEmulator, data: Path, log: Path) -> tuple[subprocess.Popen
         "FACEGATE_SYNC_INTERVAL_S": "0.2",
         "FACEGATE_BREAKER_COOLDOWN_S": "0.5",
     }
-    with log.open("a") as sink:
-        process = subprocess.Popen(
-            [str(Path(sys.executable).with_name("facegate")), "serve", "--listen", "127.0.0.1:0"],
-            stdout=sink,
-            stderr=sink,
-            text=True,
-            env=env,
-        )
-    port: list[int] = []
-
-    def started() -> bool:
-        for line in log.read_text().splitlines()[-50:]:
-            entry = json.loads(line)
-            if entry["msg"] == "serving" and entry.get("pid", process.pid) == process.pid:
-                port.append(entry["port"])
-        assert process.poll() is None, log.read_text()
-        return bool(port)
-
-    wait_for(started, timeout=60)
-    return process, f"127.0.0.1:{port[-1]}"
+    return start_serve(settings, log)
 
 
 def test_killed_between_the_local_commit_and_the_replay(
@@ -360,7 +339,6 @@ def test_killed_between_the_local_commit_and_the_replay(
         first.send_signal(signal.SIGKILL)
         first.wait()
     emu.admin.set_fault("healthy")
-    log.write_text("")
     second, target = serve(emu, tmp_path / "data", log)
     try:
         with grpc.insecure_channel(target) as channel:
