@@ -43,7 +43,7 @@ from facegate.v1 import facegate_service_pb2 as pb
 from facegate_client import FaceGateClient
 from facegate_client.errors import FaceGateError, NotFound
 
-from facegate_server.engines.policy import DecisionPolicy
+from facegate_server.config import Settings  # the policy's defaults, without numpy
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 TURNSTILE = "facegate-evaluate"
@@ -376,7 +376,7 @@ def plot(
 
 
 def register_evaluate(subparsers: Any) -> None:
-    defaults = DecisionPolicy()
+    defaults = Settings()
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "evaluate",
         help="measure a running server's grants and rejections on labelled photos",
@@ -445,7 +445,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     except (OSError, RuntimeError) as error:  # an unreadable photo; a member not re-enrolled
         print(f"error: {error}", file=sys.stderr)
         return 1
-    defaults = DecisionPolicy()
+    defaults = Settings()
     shown = sorted({*thresholds(0.40, 0.70, 0.05), defaults.match_threshold})
     report(probes, args.margin, shown, sys.stdout)
     plot(probes, args.margin, thresholds(0.30, 0.80, 0.01), defaults.match_threshold, args.plot)
