@@ -1,0 +1,127 @@
+"""What a run measures: scenarios (a server configuration and the cloud's weather), each at
+one gallery size, and the cells (concurrency x probe resolution) run against it.
+
+One scenario = one fresh `facegate serve` process; its cells run one after the other
+against that server, in the order listed (so the cloud's circuit breaker carries its
+state from one cell to the next, as it would at a gym).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+RESOLUTIONS: dict[str, tuple[int, int]] = {"480p": (854, 480), "1080p": (1920, 1080)}
+
+POLICIES = ("local-only", "cloud-first", "local-first")
+FAULTS = ("healthy", "refuse", "hang", "throttle", "flap")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """Turnstiles calling at once, with frames of one resolution, for `seconds`."""
+
+    concurrency: int
+    resolution: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    """e.g. "local-only", "local-only, 1 worker", "cloud-first/hang"."""
+    policy: str
+    fault: str | None
+    """The emulator's fault mode; None without a cloud."""
+    gallery: int
+    """Members in the store: the real people enrolled through the API, the rest synthetic."""
+    cells: tuple[Cell, ...]
+    workers: int | None = None
+    """FACEGATE_WORKERS; None keeps the server's default (one a core)."""
+    latency_profile: str = "field"
+    """The emulator's latency per call once the scenario runs (enrolment runs without)."""
+
+    @property
+    def key(self) -> str:
+        return f"{self.name} @{self.gallery:,}"
+
+    @property
+    def cloud(self) -> bool:
+        return self.fault is not None
+
+
+def _cells(
+    concurrency: Sequence[int], resolutions: Sequence[str], seconds: float
+) -> tuple[Cell, ...]:
+    return tuple(Cell(c, r, seconds) for r in resolutions for c in concurrency)
+
+
+def quick_plan() -> list[Scenario]:
+    """Under 2 minutes: one small gallery, one or two turnstiles, the healthy and hung cloud."""
+    cells = (Cell(1, "480p", 5), Cell(2, "480p", 5), Cell(1, "1080p", 5))
+    return [
+        Scenario("local-only", "local-only", None, 1_000, cells),
+        Scenario("cloud-first/healthy", "cloud-first", "healthy", 1_000, (Cell(2, "480p", 6),)),
+        Scenario("cloud-first/hang", "cloud-first", "hang", 1_000, (Cell(2, "480p", 6),)),
+    ]
+
+
+def full_plan() -> list[Scenario]:
+    """About 20 minutes on 2 cores (39 cells of 20 s, 13 server starts, a 100k gallery)."""
+    s = 20.0
+    plan = [
+        # The local engine at the gym size of the aims, every concurrency, both frame sizes.
+        Scenario(
+            "local-only", "local-only", None, 10_000, _cells([1, 2, 4, 8], tuple(RESOLUTIONS), s)
+        ),
+        # Latency against gallery size.
+        *(
+            Scenario("local-only", "local-only", None, n, _cells([1, 4], ["480p"], s))
+            for n in (10, 1_000, 100_000)
+        ),
+        # One worker: the base of the throughput aim.
+        Scenario(
+            "local-only, 1 worker",
+            "local-only",
+            None,
+            10_000,
+            _cells([1, 2, 4, 8], ["480p"], s),
+            workers=1,
+        ),
+    ]
+    plan += [
+        Scenario(
+            f"cloud-first/{fault}", "cloud-first", fault, 10_000, _cells([1, 4, 8], ["480p"], s)
+        )
+        for fault in FAULTS
+    ]
+    plan += [
+        Scenario(f"local-first/{fault}", "local-first", fault, 10_000, _cells([1, 4], ["480p"], s))
+        for fault in ("healthy", "hang", "flap")
+    ]
+    return plan
+
+
+def select(plan: Sequence[Scenario], patterns: Sequence[str]) -> list[Scenario]:
+    """The scenarios whose name or key matches one of the shell patterns (all if none given)."""
+    if not patterns:
+        return list(plan)
+    return [
+        s
+        for s in plan
+        if any(fnmatch.fnmatchcase(s.name, p) or fnmatch.fnmatchcase(s.key, p) for p in patterns)
+    ]
+
+
+def with_seconds(plan: Sequence[Scenario], seconds: float) -> list[Scenario]:
+    """The same plan with every cell lasting `seconds`."""
+    return [replace(s, cells=tuple(replace(c, seconds=seconds) for c in s.cells)) for s in plan]
+
+
+def estimate_seconds(plan: Sequence[Scenario]) -> float:
+    """A rough duration: the cells, plus a server start (and cloud settling) per scenario."""
+    cells = sum(c.seconds + 1.0 for s in plan for c in s.cells)
+    starts = sum(16.0 if s.cloud else 12.0 for s in plan)
+    galleries = sum(n / 4_000 for n in {s.gallery for s in plan})  # ~0.25 ms a member
+    return cells + starts + galleries + 25.0  # + stage breakdown and the emulator

@@ -1,0 +1,269 @@
+"""Pure figures from measurements: percentiles, a cell's summary, the verdict against the
+budget, the month's cloud cost, and where a run stands against the issue's aims.
+
+Everything here works on plain numbers and dicts (what results.json holds), so the report
+can be rebuilt from a results file and tested on canned numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+GRANTED = "GRANTED"
+
+
+def percentile(samples: Sequence[float], p: float) -> float:
+    """The nearest-rank percentile: the smallest sample with at least p% of the samples at
+    or below it (never interpolated, so a p99 is a latency some turnstile really waited)."""
+    if not samples:
+        return math.nan
+    ordered = sorted(samples)
+    rank = max(1, math.ceil(p / 100.0 * len(ordered)))
+    return float(ordered[rank - 1])
+
+
+def latency_summary(samples: Sequence[float]) -> dict[str, float]:
+    if not samples:
+        return {
+            "n": 0,
+            "min": math.nan,
+            "p50": math.nan,
+            "p95": math.nan,
+            "p99": math.nan,
+            "max": math.nan,
+            "mean": math.nan,
+        }
+    return {
+        "n": len(samples),
+        "min": float(min(samples)),
+        "p50": percentile(samples, 50),
+        "p95": percentile(samples, 95),
+        "p99": percentile(samples, 99),
+        "max": float(max(samples)),
+        "mean": float(statistics.fmean(samples)),
+    }
+
+
+def outcome(decision: str, member_id: str, expected: str) -> str:
+    """What a decision was for its probe: `correct_grant`, `wrong_grant` (granted to a member
+    other than the probe's person, or granted at all for an unenrolled person),
+    `false_reject` (a member denied), `correct_reject` (an unenrolled person denied), or
+    `error` (no decision: the call failed)."""
+    if not decision:
+        return "error"
+    if decision == GRANTED:
+        return "correct_grant" if expected and member_id == expected else "wrong_grant"
+    return "false_reject" if expected else "correct_reject"
+
+
+def summarize_cell(records: Sequence[Mapping[str, Any]], wall_seconds: float) -> dict[str, Any]:
+    """A cell's figures from its Identify records.
+
+    A record: latency_ms (as the turnstile saw it, errors included), server_ms (the
+    response's server_latency; None on errors), code ("OK" or the gRPC status), decision
+    and engine names ("" on errors), member_id, expected (the probe's member, "" for an
+    unenrolled person), reports ({engine: outcome}), cloud_transactions.
+    """
+    latencies = [float(r["latency_ms"]) for r in records]
+    ok = [r for r in records if r["code"] == "OK"]
+    overhead = [float(r["latency_ms"]) - float(r["server_ms"]) for r in ok]
+    outcomes = Counter(outcome(r["decision"], r["member_id"], r["expected"]) for r in records)
+    decisions = Counter(f"{r['engine'].lower()}/{r['decision']}" for r in ok)
+    engine_outcomes = Counter(
+        f"{engine}/{result}" for r in ok for engine, result in sorted(r["reports"].items())
+    )
+    transactions = sum(int(r["cloud_transactions"]) for r in ok)
+    return {
+        "requests": len(records),
+        "latency_ms": latency_summary(latencies),
+        "server_latency_ms": latency_summary([float(r["server_ms"]) for r in ok]),
+        "client_overhead_ms": latency_summary(overhead),
+        "throughput_rps": len(records) / wall_seconds if wall_seconds > 0 else 0.0,
+        "wall_seconds": wall_seconds,
+        "errors": dict(sorted(Counter(r["code"] for r in records if r["code"] != "OK").items())),
+        "decisions": dict(sorted(decisions.items())),
+        "engine_outcomes": dict(sorted(engine_outcomes.items())),
+        "outcomes": {
+            k: outcomes.get(k, 0)
+            for k in ("correct_grant", "wrong_grant", "false_reject", "correct_reject", "error")
+        },
+        "wrong_grants": outcomes.get("wrong_grant", 0),
+        "cloud_transactions": transactions,
+        "cloud_transactions_per_entry": transactions / len(records) if records else 0.0,
+        "latency_samples_ms": [round(x, 2) for x in latencies],
+    }
+
+
+def verdict(p99_ms: float, budget_ms: float) -> dict[str, Any]:
+    """Pass when the p99 is within the budget; the margin is what is left (negative: over)."""
+    passed = not math.isnan(p99_ms) and p99_ms <= budget_ms
+    return {
+        "pass": passed,
+        "budget_ms": budget_ms,
+        "p99_ms": p99_ms,
+        "margin_ms": budget_ms - p99_ms,
+    }
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """A gym's month, at the seed document's prices (FACTS.md)."""
+
+    members: int = 1_000
+    visits_per_member: float = 12.0
+    """Entries a member makes in a month."""
+    faces_per_member: int = 1
+    free_transactions: int = 30_000
+    """Free transactions a month."""
+    price_per_1000: float = 1.0
+    """USD per 1,000 transactions beyond the free ones."""
+    storage_per_1000_faces: float = 0.01
+    """USD per 1,000 stored faces a month."""
+
+
+def monthly_cost(transactions_per_entry: float, model: CostModel) -> dict[str, float]:
+    entries = model.members * model.visits_per_member
+    transactions = entries * transactions_per_entry
+    billable = max(0.0, transactions - model.free_transactions)
+    transactions_usd = billable / 1000.0 * model.price_per_1000
+    storage_usd = model.members * model.faces_per_member / 1000.0 * model.storage_per_1000_faces
+    return {
+        "entries": entries,
+        "transactions": transactions,
+        "billable_transactions": billable,
+        "transactions_usd": transactions_usd,
+        "storage_usd": storage_usd,
+        "total_usd": transactions_usd + storage_usd,
+    }
+
+
+# ---- the aims of the issue -----------------------------------------------------------------
+
+
+def _runs(results: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return list(results.get("runs", []))
+
+
+def _find(runs: Iterable[Mapping[str, Any]], **match: Any) -> Mapping[str, Any] | None:
+    for run in runs:
+        if all(run.get(k) == v for k, v in match.items()):
+            return run
+    return None
+
+
+def _aim(name: str, target: str, measured: str, met: bool | None, note: str = "") -> dict[str, Any]:
+    return {"aim": name, "target": target, "measured": measured, "met": met, "note": note}
+
+
+def aims(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Where the run stands against each aim of the issue; `met` is None when the run did not
+    measure what the aim needs (e.g. the quick mode has no 100,000-member gallery)."""
+    runs = _runs(results)
+    budget = float(results.get("settings", {}).get("budget_ms", 1200))
+    found = []
+
+    if runs:
+        worst = max(runs, key=lambda r: r["latency_ms"]["p99"])
+        failing = [r for r in runs if not r["verdict"]["pass"]]
+        wrong = sum(int(r["wrong_grants"]) for r in runs)
+        found.append(
+            _aim(
+                "p99 within the budget in every scenario, zero wrong grants",
+                f"p99 <= {budget:.0f} ms; 0 wrong grants",
+                f"{len(runs) - len(failing)}/{len(runs)} cells within; worst p99 "
+                f"{worst['latency_ms']['p99']:.0f} ms ({worst['cell']}); {wrong} wrong grants",
+                not failing and wrong == 0,
+            )
+        )
+    else:
+        found.append(
+            _aim(
+                "p99 within the budget in every scenario, zero wrong grants",
+                f"p99 <= {budget:.0f} ms",
+                "no cells run",
+                None,
+            )
+        )
+
+    local = _find(runs, scenario="local-only", gallery=10_000, concurrency=1, resolution="480p")
+    if local is not None:
+        p50, p99 = local["latency_ms"]["p50"], local["latency_ms"]["p99"]
+        found.append(
+            _aim(
+                "local-only latency, 480p frame, 10,000 members, one turnstile",
+                "p50 <= 150 ms, p99 <= 250 ms",
+                f"p50 {p50:.0f} ms, p99 {p99:.0f} ms (n={local['latency_ms']['n']})",
+                p50 <= 150 and p99 <= 250,
+            )
+        )
+    else:
+        found.append(
+            _aim(
+                "local-only latency, 480p frame, 10,000 members, one turnstile",
+                "p50 <= 150 ms, p99 <= 250 ms",
+                "not run in this mode",
+                None,
+            )
+        )
+
+    small = _find(runs, scenario="local-only", gallery=10, concurrency=1, resolution="480p")
+    large = _find(runs, scenario="local-only", gallery=100_000, concurrency=1, resolution="480p")
+    match_ms = results.get("stages", {}).get("match_ms", {})
+    if small is not None and large is not None:
+        added = large["latency_ms"]["p50"] - small["latency_ms"]["p50"]
+        note = ""
+        if "10" in match_ms and "100000" in match_ms:
+            matched = match_ms["100000"]["p50"] - match_ms["10"]["p50"]
+            note = (
+                f"matching alone (in-process, median) adds {matched:.1f} ms; the rest of "
+                "the end-to-end difference is run-to-run noise of separate servers"
+            )
+        found.append(
+            _aim(
+                "10 -> 100,000 members adds little",
+                "<= 5 ms at p50 (local-only, 480p, one turnstile)",
+                f"{added:+.1f} ms end to end ({small['latency_ms']['p50']:.0f} -> "
+                f"{large['latency_ms']['p50']:.0f} ms)",
+                added <= 5.0,
+                note,
+            )
+        )
+    else:
+        found.append(
+            _aim(
+                "10 -> 100,000 members adds little", "<= 5 ms at p50", "not run in this mode", None
+            )
+        )
+
+    def best(scenario: str) -> Mapping[str, Any] | None:
+        candidates = [
+            r
+            for r in runs
+            if r["scenario"] == scenario and r["gallery"] == 10_000 and r["resolution"] == "480p"
+        ]
+        return max(candidates, key=lambda r: r["throughput_rps"]) if candidates else None
+
+    many, one = best("local-only"), best("local-only, 1 worker")
+    if many is not None and one is not None and one["throughput_rps"] > 0:
+        ratio = many["throughput_rps"] / one["throughput_rps"]
+        workers = many.get("server_workers", "?")
+        found.append(
+            _aim(
+                "throughput on 2 cores against 1 worker",
+                ">= 1.8x",
+                f"{ratio:.2f}x ({many['throughput_rps']:.1f}/s with {workers} workers at "
+                f"{many['concurrency']} turnstiles; {one['throughput_rps']:.1f}/s with 1 at "
+                f"{one['concurrency']})",
+                ratio >= 1.8,
+            )
+        )
+    else:
+        found.append(
+            _aim("throughput on 2 cores against 1 worker", ">= 1.8x", "not run in this mode", None)
+        )
+    return found
