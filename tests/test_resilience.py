@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 import pytest
 from facegate.v1 import facegate_service_pb2 as pb
 from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
@@ -336,8 +337,12 @@ def test_killed_between_the_local_commit_and_the_replay(
             )
             assert stub.GetStatus(pb.GetStatusRequest(), timeout=5).outbox_depth == 2
     finally:
+        workers = psutil.Process(first.pid).children(recursive=True)
         first.send_signal(signal.SIGKILL)
         first.wait()
+    # Its recognition workers do not outlive it.
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert workers and not alive
     emu.admin.set_fault("healthy")
     second, target = serve(emu, tmp_path / "data", log)
     try:

@@ -94,6 +94,14 @@ def confidence(distance: float, threshold: float) -> float:
     return min(1.0, max(0.0, 1.0 - distance / (2.0 * threshold)))
 
 
+def _init_worker() -> None:
+    """A recognition process: gone with the emulator, models loaded before any request."""
+    from facegate_server.engines.local_worker import exit_with_parent
+
+    exit_with_parent()
+    load_models()
+
+
 def load_models() -> None:
     """Import face_recognition (loads dlib's models) and warm it up once."""
     global _face_recognition
@@ -188,7 +196,7 @@ class Recognizer:
         return cf.ProcessPoolExecutor(
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=load_models,
+            initializer=_init_worker,
         )
 
     def warm_up(self) -> None:

@@ -18,6 +18,8 @@ encoding.
 from __future__ import annotations
 
 import math
+import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,9 +67,27 @@ class Analysis:
         return None if self.chosen is None else self.boxes[self.chosen]
 
 
+def exit_with_parent(interval: float = 1.0) -> None:
+    """End this worker process when the process that started it is gone.
+
+    A server killed outright (SIGKILL, the OOM killer) cannot shut its pool down, and its
+    workers would otherwise live on, holding dlib's models (~200 MB each). A daemon thread
+    notices the parent's death (the worker is re-parented) within `interval` seconds.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def init_worker() -> None:
     """Load dlib's models and run them once, so the first real request is not slow."""
     global _face_recognition
+    exit_with_parent()
     import warnings
 
     with warnings.catch_warnings():
