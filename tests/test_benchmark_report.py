@@ -240,7 +240,8 @@ def test_a_cell_summary_counts_errors_engines_and_transactions() -> None:
     ]
     summary = stats.summarize_cell(records, wall_seconds=2.0)
     assert summary["requests"] == 4
-    assert summary["throughput_rps"] == 2.0
+    assert summary["throughput_rps"] == 1.5  # answers: the failed call is not throughput
+    assert summary["attempts_rps"] == 2.0
     assert summary["latency_ms"]["max"] == 2000  # errors count: the turnstile waited
     assert summary["errors"] == {"DEADLINE_EXCEEDED": 1}
     assert summary["decisions"] == {

@@ -103,7 +103,7 @@ SUMMARY_HEADERS = [
     "p95",
     "p99",
     "max",
-    "req/s",
+    "answers/s",
     "decided by",
     "errors",
     "wrong",
@@ -142,8 +142,9 @@ def markdown(results: Mapping[str, Any]) -> str:
         "## Verdict",
         "",
         f"Every cell's p99 of the end-to-end Identify latency, as the turnstile sees it, "
-        f"against the budget ({budget:.0f} ms). Latencies in ms; `decided by` is the share "
-        "of answers by deciding engine and decision; `wrong` counts wrong grants; "
+        f"against the budget ({budget:.0f} ms). Latencies in ms, errors included; "
+        "`answers/s` decisions a second (errors excluded); `decided by` the share of answers "
+        "by deciding engine; `wrong` counts wrong grants; "
         "`tx/entry` cloud transactions per Identify; `$/month` the month's cloud cost for "
         f"{cost['members']:,} members visiting {cost['visits_per_member']:g} times; "
         "`peak MiB` the server's process tree during the cell.",

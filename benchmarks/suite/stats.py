@@ -83,7 +83,9 @@ def summarize_cell(records: Sequence[Mapping[str, Any]], wall_seconds: float) ->
         "latency_ms": latency_summary(latencies),
         "server_latency_ms": latency_summary([float(r["server_ms"]) for r in ok]),
         "client_overhead_ms": latency_summary(overhead),
-        "throughput_rps": len(records) / wall_seconds if wall_seconds > 0 else 0.0,
+        # Answers a second (a decision, granted or denied); errors are not throughput.
+        "throughput_rps": len(ok) / wall_seconds if wall_seconds > 0 else 0.0,
+        "attempts_rps": len(records) / wall_seconds if wall_seconds > 0 else 0.0,
         "wall_seconds": wall_seconds,
         "errors": dict(sorted(Counter(r["code"] for r in records if r["code"] != "OK").items())),
         "decisions": dict(sorted(decisions.items())),
