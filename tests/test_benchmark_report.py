@@ -64,6 +64,9 @@ def run(
         "peak_rss_mib": 480.0,
         "server_cpu_seconds": 9.5,
         "emulator_cpu_seconds": 0.0,
+        "benchmark_cpu_seconds": 1.0,
+        "others_cpu_seconds": 0.5,
+        "steal_cpu_seconds": 0.0,
         "monthly_cost": stats.monthly_cost(
             summary["cloud_transactions_per_entry"], stats.CostModel()
         ),

@@ -269,6 +269,20 @@ class Sampler:
         with self._lock:
             return self._peak.get(pid, 0.0)
 
+    @staticmethod
+    def machine_cpu() -> tuple[float, float]:
+        """(busy, steal) CPU seconds of the whole machine so far, all cores together."""
+        t = psutil.cpu_times()
+        idle = t.idle + getattr(t, "iowait", 0.0)
+        steal = getattr(t, "steal", 0.0)
+        return sum(t) - idle - steal, steal
+
+    @staticmethod
+    def own_cpu_seconds() -> float:
+        """This process's CPU seconds (the turnstiles and the sampler), children excluded."""
+        times = psutil.Process().cpu_times()
+        return times.user + times.system
+
     @classmethod
     def cpu_seconds(cls, pid: int) -> float:
         """User + system CPU seconds of the process tree so far."""

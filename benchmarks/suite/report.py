@@ -66,6 +66,7 @@ def _detail_row(run: Mapping[str, Any]) -> list[str]:
         calls,
         f"{run['server_cpu_seconds']:.1f}",
         f"{run['emulator_cpu_seconds']:.1f}",
+        f"{run.get('others_cpu_seconds', 0.0):.1f}",
         f"{_ms(overhead['p50'])}/{_ms(overhead['p95'])}",
     ]
 
@@ -159,7 +160,10 @@ def markdown(results: Mapping[str, Any]) -> str:
         "correct rejects (the unenrolled person denied) / errors. `engine outcomes`: what "
         "each engine did (EngineReport). `emulator calls/entry`: detect + identify calls the "
         "emulator received per Identify (faulted ones included). `overhead`: the turnstile's "
-        "latency minus the server's own server_latency (gRPC, the load generator), p50/p95.",
+        "latency minus the server's own server_latency (gRPC, the load generator), p50/p95. "
+        "CPU seconds during the cell (2 cores give 2 a second): `others'` is what other "
+        "users' processes on the machine took meanwhile; where it is high, the cell's "
+        "figures are slower than the server alone would give.",
         "",
         *_table(
             [
@@ -171,6 +175,7 @@ def markdown(results: Mapping[str, Any]) -> str:
                 "emulator calls/entry",
                 "server CPU s",
                 "emulator CPU s",
+                "others' CPU s",
                 "overhead ms",
             ],
             [_detail_row(run) for run in results.get("runs", [])],

@@ -267,9 +267,17 @@ class Run:
         server_cpu = Sampler.cpu_seconds(server.pid)
         emulator_cpu = Sampler.cpu_seconds(self.emulator.pid) if self.emulator else 0.0
         counts_before = self.emulator.counts() if scenario.cloud and self.emulator else {}
+        own = Sampler.own_cpu_seconds()
+        busy, steal = Sampler.machine_cpu()
         records, wall = load.run_cell(
             server.target, self.probes, resolution, concurrency, seconds, self.o.deadline_s
         )
+        busy_after, steal_after = Sampler.machine_cpu()
+        server_cpu = Sampler.cpu_seconds(server.pid) - server_cpu
+        emulator_cpu = (
+            Sampler.cpu_seconds(self.emulator.pid) - emulator_cpu if self.emulator else 0.0
+        )
+        own = Sampler.own_cpu_seconds() - own
         run: dict[str, Any] = {
             "cell": _cell_label(scenario, concurrency, resolution),
             "scenario": scenario.name,
@@ -283,10 +291,13 @@ class Run:
             **stats.summarize_cell(records, wall),
             "load_average_before": load_before,
             "peak_rss_mib": self.sampler.window_peak_mib(server.pid),
-            "server_cpu_seconds": Sampler.cpu_seconds(server.pid) - server_cpu,
-            "emulator_cpu_seconds": (
-                Sampler.cpu_seconds(self.emulator.pid) - emulator_cpu if self.emulator else 0.0
-            ),
+            "server_cpu_seconds": server_cpu,
+            "emulator_cpu_seconds": emulator_cpu,
+            "benchmark_cpu_seconds": own,
+            # What else ran on the machine meanwhile (other users' processes): figures
+            # measured while others took CPU are slower than the server alone would be.
+            "others_cpu_seconds": max(0.0, busy_after - busy - server_cpu - emulator_cpu - own),
+            "steal_cpu_seconds": steal_after - steal,
         }
         if scenario.cloud and self.emulator is not None:
             after = self.emulator.counts()
