@@ -222,8 +222,9 @@ def aims(results: Mapping[str, Any]) -> list[dict[str, Any]]:
         if "10" in match_ms and "100000" in match_ms:
             matched = match_ms["100000"]["p50"] - match_ms["10"]["p50"]
             note = (
-                f"matching alone (in-process, median) adds {matched:.1f} ms; the rest of "
-                "the end-to-end difference is run-to-run noise of separate servers"
+                f"matching alone (in-process, median) adds {matched:.1f} ms; the two "
+                "end-to-end p50s come from separate servers, so they differ by more than "
+                "matching (see benchmarks/README.md)"
             )
         found.append(
             _aim(
