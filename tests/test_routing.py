@@ -301,3 +301,24 @@ def test_images_under_a_kilobyte_are_not_sent_to_the_cloud() -> None:
     cloud = FakeCloud(grant(AZURE, "m-1"))
     found = router(FakeLocal(unknown(LOCAL)), cloud).identify(b"x" * 1000, 1.0)
     assert cloud.calls == 0 and outcomes(found)["azure"] == "NOT_USED"
+
+
+def test_an_idle_sync_tells_the_breaker_nothing() -> None:
+    from facegate_server.engines.azure import TransactionCounter
+    from facegate_server.engines.azure_sync import CloudSync
+
+    class IdleFace:
+        counter = TransactionCounter()
+
+        def ensure_group(self) -> bool:
+            return False
+
+    clock = FakeClock()
+    breaker = CircuitBreaker(3, 10, clock)
+    sync = CloudSync(IdleFace(), MemoryStore(), breaker)  # type: ignore[arg-type]
+    sync._group_checked = True
+    for _ in range(2):
+        breaker.record_failure()
+    sync.run_once()  # nothing in the outbox, no training: no call made
+    breaker.record_failure()
+    assert breaker.state is CircuitState.OPEN

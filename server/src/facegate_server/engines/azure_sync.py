@@ -118,6 +118,7 @@ class CloudSync:
         with self._lock:
             if not self.breaker.allow():
                 return
+            calls = sum(self.face.counter.totals().values())
             try:
                 self._ensure_group()
                 while not self._stop.is_set():
@@ -131,7 +132,10 @@ class CloudSync:
             except CloudFailure as failure:
                 self._failed(failure)
                 return
-            self.breaker.record_success()
+            if sum(self.face.counter.totals().values()) > calls:
+                self.breaker.record_success()  # the cloud answered us
+            else:
+                self.breaker.release()  # nothing asked: no news of the cloud either way
 
     def _failed(self, failure: CloudFailure) -> None:
         self.last_error = failure.detail
