@@ -301,6 +301,11 @@ class AzureFace:
                 return
             start = str(page[-1].person_id)
 
+    def person_faces(self, person_id: str) -> tuple[str, ...]:
+        """The persisted face ids of one person (one call)."""
+        person = self._call("get_person", self._persons.get, self.settings.group_id, person_id)
+        return tuple(map(str, person.persisted_face_ids or ()))
+
     def create_person(self, member_id: str) -> str:
         person = self._call(
             "create_person",

@@ -190,13 +190,11 @@ class CloudSync:
         else:
             person_id = person.person_id
         tag = face_tag(entry.face_id)
-        if uncertain:
-            for info in self.face.persons():
-                if info.person_id == person_id:
-                    for persisted in info.persisted_face_ids:
-                        if self.face.face_tag(person_id, persisted) == tag:
-                            self.store.save_cloud_face(entry.face_id, persisted)
-                            return
+        if uncertain:  # an add we never heard back from may have taken effect
+            for persisted in self.face.person_faces(person_id):
+                if self.face.face_tag(person_id, persisted) == tag:
+                    self.store.save_cloud_face(entry.face_id, persisted)
+                    return
         persisted = self.face.add_face(person_id, entry.photo, tag)
         self.store.save_cloud_face(entry.face_id, persisted)
 
