@@ -27,7 +27,13 @@ from facegate_server.engines.azure import CloudFailure
 from facegate_server.engines.azure_sync import Change, CloudSync
 from facegate_server.engines.base import RecognitionEngine
 from facegate_server.engines.local import LocalEngine, SearchResult
-from facegate_server.errors import CloudNotConfigured, CloudUnavailable, InvalidArgument
+from facegate_server.errors import (
+    CloudNotConfigured,
+    CloudUnavailable,
+    InvalidArgument,
+    MemberAlreadyExists,
+    MemberNotFound,
+)
 from facegate_server.routing.router import RoutingEngine
 from facegate_server.store import Store
 
@@ -172,7 +178,7 @@ class Gate:
     def enroll(self, member_id: str, display_name: str, photos: Sequence[bytes]) -> Member:
         validation.member_id(member_id)
         validation.display_name(display_name)
-        self.store_lookup_absent(member_id)
+        self._check_absent(member_id)
         templates = self._for_cloud(self._templates(photos), photos)
         with self._membership:
             member = self.store.create_member(member_id, display_name, templates, self.clock())
@@ -218,10 +224,8 @@ class Gate:
         except CloudFailure as failure:
             raise CloudUnavailable(f"the cloud could not be reconciled: {failure.detail}") from None
 
-    def store_lookup_absent(self, member_id: str) -> None:
-        """Fail fast (before minutes of encoding) when the id is taken; create re-checks."""
-        from facegate_server.errors import MemberAlreadyExists, MemberNotFound
-
+    def _check_absent(self, member_id: str) -> None:
+        """Fail fast (before seconds of encoding) when the id is taken; create re-checks."""
         try:
             self.store.get_member(member_id)
         except MemberNotFound:
