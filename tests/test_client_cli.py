@@ -572,3 +572,22 @@ def test_plugins_add_commands_and_broken_ones_are_skipped(
     code, _, err = run_main(capsys, "serve")
     assert code == 2
     assert "invalid choice: 'serve'" in err
+
+
+def test_identify_line_says_why_the_cloud_did_not_decide() -> None:
+    from facegate_client.cli import format_identify
+
+    response = pb.IdentifyResponse(
+        decision=pb.DECISION_GRANTED,
+        member_id="m-1001",
+        confidence=0.93,
+        engine=pb.ENGINE_LOCAL,
+        engines=[
+            pb.EngineReport(engine=pb.ENGINE_LOCAL, outcome=pb.ENGINE_OUTCOME_DECIDED),
+            pb.EngineReport(engine=pb.ENGINE_AZURE, outcome=pb.ENGINE_OUTCOME_TIMED_OUT),
+        ],
+    )
+    response.server_latency.FromMilliseconds(1101)
+    assert format_identify(response) == (
+        "GRANTED m-1001 confidence 0.93 (local) 1101 ms {azure: timed out}"
+    )

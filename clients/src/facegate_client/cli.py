@@ -122,8 +122,19 @@ def _quoted(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+_NOT_ANSWERED = {
+    pb.ENGINE_OUTCOME_TIMED_OUT: "timed out",
+    pb.ENGINE_OUTCOME_CIRCUIT_OPEN: "circuit open",
+    pb.ENGINE_OUTCOME_THROTTLED: "throttled",
+    pb.ENGINE_OUTCOME_ERROR: "error",
+    pb.ENGINE_OUTCOME_NOT_TRAINED: "not trained",
+    pb.ENGINE_OUTCOME_DISAGREED: "disagreed",
+}
+
+
 def format_identify(response: pb.IdentifyResponse) -> str:
-    """`GRANTED m-1001 "Kim Jiwoo" confidence 0.93 (local) 148 ms [hint]`."""
+    """`GRANTED m-1001 "Kim Jiwoo" confidence 0.93 (local) 148 ms [hint]`, then why another
+    engine did not decide, e.g. `{azure: timed out}` (the details are in --json)."""
     parts = [_decision(response.decision)]
     if response.member_id:
         parts.append(response.member_id)
@@ -134,6 +145,9 @@ def format_identify(response: pb.IdentifyResponse) -> str:
     parts.append(_millis(response.server_latency))
     if response.hint:
         parts.append(f"[{response.hint}]")
+    for report in response.engines:
+        if report.outcome in _NOT_ANSWERED:
+            parts.append(f"{{{_engine(report.engine)}: {_NOT_ANSWERED[report.outcome]}}}")
     return " ".join(parts)
 
 

@@ -106,7 +106,8 @@ def serve(args: argparse.Namespace) -> int:
         extra={
             "listen": settings.listen,
             "port": server.port,
-            "engine": "local",
+            "routing": settings.policy,
+            "engines": ["azure", "local"] if settings.cloud_enabled else ["local"],
             "store": str(settings.db_path),
         },
     )
