@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from facegate_server.engines import local_worker as worker
+from facegate_server.engines import worker
 from facegate_server.engines.policy import DecisionPolicy, QualityLimits
 from PIL import Image, ImageFilter
 

@@ -14,9 +14,9 @@ from typing import Any
 import grpc
 from facegate.v1 import facegate_service_pb2 as pb
 from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
+from facegate_azure_emulator import EmulatorSettings, RunningEmulator, start_emulator
 from facegate_server.app import FaceGateServer, build_server
 from facegate_server.config import load_settings
-from facegate_server.emulator import EmulatorSettings, RunningEmulator, start_emulator
 
 KEY = "test-face-key"
 

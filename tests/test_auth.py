@@ -7,11 +7,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from facegate_server import auth, ratelimit
-from facegate_server.auth import Caller, Role, SecurityConfigError
+from facegate_server.commands.token import new_token
 from facegate_server.config import load_settings
-from facegate_server.errors import PermissionDenied, RateLimited, Unauthenticated, to_status
-from facegate_server.token_cli import new_token
+from facegate_server.errors import PermissionDenied, RateLimited, Unauthenticated
+from facegate_server.rpc import auth, ratelimit
+from facegate_server.rpc.auth import Caller, Role, SecurityConfigError
+from facegate_server.rpc.status import code_of, to_status
 from google.rpc import error_details_pb2, status_pb2
 
 TURNSTILE_TOKEN, BACKEND_TOKEN, ADMIN_TOKEN = new_token(), new_token(), new_token()
@@ -208,7 +209,7 @@ def test_missing_and_bad_tokens_are_unauthenticated(
     with pytest.raises(Unauthenticated) as error:
         guard.admit(FACEGATE + "Identify", metadata, NO_CONTEXT)
     assert error.value.reason == reason
-    assert error.value.code is grpc.StatusCode.UNAUTHENTICATED
+    assert code_of(error.value) is grpc.StatusCode.UNAUTHENTICATED
     for secret in (TURNSTILE_TOKEN, ADMIN_TOKEN, "fg_not-a-token-of-ours", "dXNlcjpwYXNz"):
         assert secret not in error.value.message
 

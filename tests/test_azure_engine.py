@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from facegate.v1 import facegate_service_pb2 as pb
-from facegate_server.emulator import RunningEmulator
+from facegate_azure_emulator import RunningEmulator
 
 from tests.cloud import CloudGate, cloud_gate, emulator, engines
 from tests.conftest import Faces

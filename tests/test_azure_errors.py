@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from facegate_server.cloud.azure import AzureFace, AzureSettings, CloudFailure
 from facegate_server.domain import EngineOutcome
-from facegate_server.engines.azure import AzureFace, AzureSettings, CloudFailure
 
 
 class Canned:

@@ -20,7 +20,6 @@ from facegate_server.config import Settings, load_settings
 from facegate_server.domain import Decision, FaceBox
 from facegate_server.engines.index import FaceIndex, Match
 from facegate_server.engines.local import LocalEngine, WorkerPool
-from facegate_server.engines.local_worker import Analysis
 from facegate_server.engines.policy import (
     DecisionPolicy,
     FaceQuality,
@@ -31,6 +30,7 @@ from facegate_server.engines.policy import (
     decide_match,
     decision_policy,
 )
+from facegate_server.engines.worker import Analysis
 from PIL import Image, ImageFilter
 
 from tests.conftest import Faces

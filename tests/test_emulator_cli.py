@@ -17,15 +17,15 @@ from typing import Any
 
 import pytest
 import requests
-from facegate_client.cli import build_parser
-from facegate_server.emulator import (
+from facegate_azure_emulator import (
     EmulatorSettings,
     FaultMode,
     LatencyProfile,
     ManualClock,
     start_emulator,
 )
-from facegate_server.emulator.cli import run, settings_from_args
+from facegate_azure_emulator.cli import run, settings_from_args
+from facegate_client.cli import build_parser
 
 FACEGATE = str(Path(sys.executable).with_name("facegate"))
 KEY = "cli-key"

@@ -20,7 +20,7 @@ from typing import Any
 import jsonschema
 import pytest
 import requests
-from facegate_server.emulator import EmulatorSettings, ManualClock, RunningEmulator, start_emulator
+from facegate_azure_emulator import EmulatorSettings, ManualClock, RunningEmulator, start_emulator
 
 from tests.conftest import Faces
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import requests
-from facegate_server.emulator import (
+from facegate_azure_emulator import (
     EmulatorSettings,
     FaultMode,
     LatencyProfile,

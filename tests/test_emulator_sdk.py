@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pytest
 from azure.cognitiveservices.vision.face import FaceClient
 from azure.cognitiveservices.vision.face.models import APIErrorException, TrainingStatusType
-from facegate_server.emulator import EmulatorSettings, ManualClock, RunningEmulator, start_emulator
+from facegate_azure_emulator import EmulatorSettings, ManualClock, RunningEmulator, start_emulator
 from msrest.authentication import CognitiveServicesCredentials
 from msrest.exceptions import ClientRequestError
 

@@ -8,11 +8,11 @@ import statistics
 
 import numpy as np
 import pytest
-from facegate_server.emulator import FaultMode, FaultSettings, LatencyProfile, Limits, ManualClock
-from facegate_server.emulator.errors import FaceApiError
-from facegate_server.emulator.faults import FaultPicker
-from facegate_server.emulator.recognizer import confidence
-from facegate_server.emulator.state import FaceState, GroupKind, iso
+from facegate_azure_emulator import FaultMode, FaultSettings, LatencyProfile, Limits, ManualClock
+from facegate_azure_emulator.errors import FaceApiError
+from facegate_azure_emulator.faults import FaultPicker
+from facegate_azure_emulator.recognizer import confidence
+from facegate_azure_emulator.state import FaceState, GroupKind, iso
 
 LARGE = GroupKind.LARGE_PERSON_GROUP
 SMALL = GroupKind.PERSON_GROUP

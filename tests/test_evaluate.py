@@ -10,8 +10,7 @@ import pytest
 from facegate.v1 import facegate_service_pb2 as pb
 from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
 from facegate_client.cli import main
-from facegate_server.config import load_settings
-from facegate_server.evaluate import (
+from facegate_server.commands.evaluate import (
     OTHER_MEMBER,
     Person,
     Probe,
@@ -20,6 +19,7 @@ from facegate_server.evaluate import (
     split,
     tally,
 )
+from facegate_server.config import load_settings
 
 from tests.conftest import Faces
 

@@ -22,13 +22,13 @@ import numpy as np
 import pytest
 from facegate.v1 import facegate_service_pb2 as pb
 from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
-from facegate_server import auth
 from facegate_server.app import build_server
+from facegate_server.commands.token import new_token
 from facegate_server.config import load_settings
 from facegate_server.domain import FaceTemplate
-from facegate_server.images import ImageRejected, decode
+from facegate_server.engines.images import ImageRejected, decode
+from facegate_server.rpc import auth
 from facegate_server.store import SqliteStore
-from facegate_server.token_cli import new_token
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, example, given, settings

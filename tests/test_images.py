@@ -6,7 +6,7 @@ import io
 
 import numpy as np
 import pytest
-from facegate_server.images import ImageRejected, decode
+from facegate_server.engines.images import ImageRejected, decode
 from PIL import Image
 
 from tests.helpers import image_bytes, png_bomb

@@ -27,10 +27,10 @@ from facegate_client import (
     PermissionDenied,
     Unauthenticated,
 )
-from facegate_server import auth
+from facegate_server.commands.token import new_token
 from facegate_server.domain import FaceTemplate
+from facegate_server.rpc import auth
 from facegate_server.store import SqliteStore
-from facegate_server.token_cli import new_token
 
 from tests.conftest import Faces
 from tests.helpers import FACEGATE, image_bytes, start_serve

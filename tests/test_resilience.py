@@ -19,9 +19,9 @@ import psutil
 import pytest
 from facegate.v1 import facegate_service_pb2 as pb
 from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
+from facegate_azure_emulator import RunningEmulator
+from facegate_server.cloud.azure import AzureFace, AzureSettings, CloudFailure
 from facegate_server.domain import EngineOutcome
-from facegate_server.emulator import RunningEmulator
-from facegate_server.engines.azure import AzureFace, AzureSettings, CloudFailure
 
 from tests.cloud import KEY, CloudGate, cloud_gate, emulator, engines, wait_for
 from tests.conftest import Faces

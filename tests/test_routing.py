@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from facegate_server.cloud.azure import CloudCall, CloudFailure
 from facegate_server.domain import (
     Decision,
     EngineKind,
@@ -17,7 +18,6 @@ from facegate_server.domain import (
     FaceTemplate,
     Identification,
 )
-from facegate_server.engines.azure import CloudCall, CloudFailure
 from facegate_server.errors import RecognitionTimeout
 from facegate_server.routing.breaker import CircuitBreaker, CircuitState
 from facegate_server.routing.router import Agreement, Policy, RoutingEngine
@@ -304,8 +304,8 @@ def test_images_under_a_kilobyte_are_not_sent_to_the_cloud() -> None:
 
 
 def test_an_idle_sync_tells_the_breaker_nothing() -> None:
-    from facegate_server.engines.azure import TransactionCounter
-    from facegate_server.engines.azure_sync import CloudSync
+    from facegate_server.cloud.azure import TransactionCounter
+    from facegate_server.cloud.sync import CloudSync
 
     class IdleFace:
         counter = TransactionCounter()

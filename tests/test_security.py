@@ -18,11 +18,11 @@ from facegate_client import (
     Unauthenticated,
     Unavailable,
 )
-from facegate_server import auth
 from facegate_server.app import FaceGateServer, build_server
-from facegate_server.auth import Role, SecurityConfigError
+from facegate_server.commands.token import new_token
 from facegate_server.config import load_settings
-from facegate_server.token_cli import new_token
+from facegate_server.rpc import auth
+from facegate_server.rpc.auth import Role, SecurityConfigError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 

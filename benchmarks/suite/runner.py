@@ -131,7 +131,7 @@ class Run:
             GALLERY_SIZES, self.gallery_vectors, probed, self.o.match_repeats
         )
         self.results["stages"] = {
-            "method": "local_worker.analyse (the worker's function, its stages_ms) on every "
+            "method": "worker.analyse (the worker's function, its stages_ms) on every "
             f"probe frame x {self.o.stage_repeats}, and FaceIndex.match x "
             f"{self.o.match_repeats} per gallery size, in the benchmark process before any "
             "server ran",

@@ -1,5 +1,5 @@
 """The local pipeline's stages, measured in this process with the worker's own functions:
-`local_worker.analyse` (decode, detect, landmarks + quality, encode; its `stages_ms`) on
+`worker.analyse` (decode, detect, landmarks + quality, encode; its `stages_ms`) on
 every probe frame, and `FaceIndex.match` at each gallery size. The same analysis gives the
 real embeddings the synthetic gallery is shaped after and kept away from.
 
@@ -30,7 +30,7 @@ def analyse_real(
     """Stage timings per resolution, the enrolment photos' embeddings and the probe frames'
     embeddings (every resolution)."""
     from facegate_server.config import Settings
-    from facegate_server.engines import local_worker as worker
+    from facegate_server.engines import worker
     from facegate_server.engines.policy import decision_policy
 
     policy = decision_policy(Settings(workers=1))

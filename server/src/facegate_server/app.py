@@ -18,17 +18,17 @@ from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from facegate_server import auth, ratelimit, tls
+from facegate_server.cloud.azure import AzureEngine, AzureFace, AzureSettings
+from facegate_server.cloud.sync import CloudSync
 from facegate_server.config import Settings
-from facegate_server.engines.azure import AzureEngine, AzureFace, AzureSettings
-from facegate_server.engines.azure_sync import CloudSync
 from facegate_server.engines.index import FaceIndex
 from facegate_server.engines.local import LocalEngine, WorkerPool
 from facegate_server.engines.policy import decision_policy
 from facegate_server.gate import Gate
 from facegate_server.routing.breaker import CircuitBreaker
 from facegate_server.routing.router import Agreement, Policy, RoutingEngine
-from facegate_server.servicer import FaceGateServicer
+from facegate_server.rpc import auth, ratelimit, tls
+from facegate_server.rpc.servicer import FaceGateServicer
 from facegate_server.store import SqliteStore, Store
 
 log = logging.getLogger(__name__)

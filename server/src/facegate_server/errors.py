@@ -1,4 +1,5 @@
-"""Domain errors, and the one place that maps them to gRPC statuses.
+"""Domain errors: what a caller is told, with a stable reason (rpc/status.py maps them to
+gRPC statuses).
 
     FaceGateError                     -> INTERNAL (unless a subclass says otherwise)
     ├── InvalidArgument               -> INVALID_ARGUMENT, with BadRequest field violations
@@ -12,27 +13,17 @@
     ├── PermissionDenied              -> PERMISSION_DENIED (the caller's role may not)
     └── RateLimited                   -> RESOURCE_EXHAUSTED, with a RetryInfo
 
-Every status carries a google.rpc.Status with one ErrorInfo (domain "facegate.v1",
-reason in UPPER_SNAKE_CASE). Messages never quote credentials or image bytes.
+Messages never quote credentials or image bytes.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-
-import grpc
-from google.protobuf import any_pb2, duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
-
-ERROR_DOMAIN = "facegate.v1"
 
 
 class FaceGateError(Exception):
     """A failure that the caller is told about, with a stable reason."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     reason: str = "INTERNAL"
 
     def __init__(
@@ -48,8 +39,6 @@ class FaceGateError(Exception):
 class InvalidArgument(FaceGateError):
     """A request field is missing, malformed or out of bounds."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
-
     def __init__(self, field: str, message: str, *, reason: str) -> None:
         super().__init__(f"{field}: {message}", reason=reason, metadata={"field": field})
         self.field = field
@@ -57,7 +46,6 @@ class InvalidArgument(FaceGateError):
 
 
 class MemberNotFound(FaceGateError):
-    code = grpc.StatusCode.NOT_FOUND
     reason = "MEMBER_NOT_FOUND"
 
     def __init__(self, member_id: str) -> None:
@@ -65,7 +53,6 @@ class MemberNotFound(FaceGateError):
 
 
 class MemberAlreadyExists(FaceGateError):
-    code = grpc.StatusCode.ALREADY_EXISTS
     reason = "MEMBER_ALREADY_EXISTS"
 
     def __init__(self, member_id: str) -> None:
@@ -76,47 +63,40 @@ class MemberAlreadyExists(FaceGateError):
 
 
 class RecognitionTimeout(FaceGateError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
     reason = "RECOGNITION_TIMEOUT"
 
 
 class RecognitionUnavailable(FaceGateError):
-    code = grpc.StatusCode.UNAVAILABLE
     reason = "RECOGNITION_UNAVAILABLE"
 
 
 class CloudNotConfigured(FaceGateError):
     """A cloud operation (SyncCloud) on a server without a cloud engine."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
     reason = "CLOUD_NOT_CONFIGURED"
 
 
 class CloudUnavailable(FaceGateError):
     """The cloud could not be reached for an operation that needs it (SyncCloud)."""
 
-    code = grpc.StatusCode.UNAVAILABLE
     reason = "CLOUD_UNAVAILABLE"
 
 
 class Unauthenticated(FaceGateError):
     """No credentials, or credentials FaceGate does not know (never quoted back)."""
 
-    code = grpc.StatusCode.UNAUTHENTICATED
     reason = "CREDENTIALS_MISSING"
 
 
 class PermissionDenied(FaceGateError):
     """A known caller whose role may not call the method."""
 
-    code = grpc.StatusCode.PERMISSION_DENIED
     reason = "ROLE_NOT_ALLOWED"
 
 
 class RateLimited(FaceGateError):
     """The caller went over its rate; `retry_delay` seconds from now it may call again."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "RATE_LIMITED"
 
     def __init__(
@@ -124,34 +104,3 @@ class RateLimited(FaceGateError):
     ) -> None:
         super().__init__(message, metadata=metadata)
         self.retry_delay = retry_delay
-
-
-def _pack(message: object) -> any_pb2.Any:
-    packed = any_pb2.Any()
-    packed.Pack(message)  # type: ignore[arg-type]
-    return packed
-
-
-def to_status(error: FaceGateError) -> grpc.Status:
-    """The gRPC status (with google.rpc details) that tells the caller about `error`."""
-    details = [
-        _pack(
-            error_details_pb2.ErrorInfo(
-                reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata
-            )
-        )
-    ]
-    if isinstance(error, InvalidArgument):
-        violation = error_details_pb2.BadRequest.FieldViolation(
-            field=error.field, description=error.description
-        )
-        details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
-    if isinstance(error, RateLimited):
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(max(0, math.ceil(error.retry_delay * 1000)) * 1_000_000)
-        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-    code_number: int = getattr(code_pb2, error.code.name)
-    status: grpc.Status = rpc_status.to_status(
-        status_pb2.Status(code=code_number, message=error.message, details=details)
-    )
-    return status

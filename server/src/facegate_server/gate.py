@@ -15,6 +15,8 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from facegate_server import validation
+from facegate_server.cloud.azure import CloudFailure
+from facegate_server.cloud.sync import Change, CloudSync
 from facegate_server.domain import (
     AccessEvent,
     EventFilter,
@@ -23,8 +25,6 @@ from facegate_server.domain import (
     Member,
     NewAccessEvent,
 )
-from facegate_server.engines.azure import CloudFailure
-from facegate_server.engines.azure_sync import Change, CloudSync
 from facegate_server.engines.base import RecognitionEngine
 from facegate_server.engines.local import LocalEngine, SearchResult
 from facegate_server.errors import (

@@ -15,17 +15,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from facegate_server.domain import Decision, EngineKind, Identification
-from facegate_server.engines import local_worker
+from facegate_server.engines import worker
+from facegate_server.engines.images import ImageRejected, check_size
 from facegate_server.engines.index import FaceIndex
-from facegate_server.engines.local_worker import Analysis, FaceRules
 from facegate_server.engines.policy import (
     DecisionPolicy,
     FaceQuality,
     confidence,
     decide_match,
 )
+from facegate_server.engines.worker import Analysis, FaceRules
 from facegate_server.errors import InvalidArgument, RecognitionTimeout, RecognitionUnavailable
-from facegate_server.images import ImageRejected, check_size
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class WorkerPool:
         return cf.ProcessPoolExecutor(
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=local_worker.init_worker,
+            initializer=worker.init_worker,
         )
 
     def warm_up(self) -> None:
@@ -76,7 +76,7 @@ class WorkerPool:
         self._warm(self._pool)
 
     def _warm(self, pool: cf.ProcessPoolExecutor) -> None:
-        pings = [pool.submit(local_worker.ping) for _ in range(self.workers)]
+        pings = [pool.submit(worker.ping) for _ in range(self.workers)]
         try:
             for ping in pings:
                 ping.result()
@@ -92,7 +92,7 @@ class WorkerPool:
             raise RecognitionUnavailable("the recognition workers are starting; retry shortly")
         pool = self._pool
         try:
-            return pool.submit(local_worker.analyse, data, self._max_bytes, self._max_side, rules)
+            return pool.submit(worker.analyse, data, self._max_bytes, self._max_side, rules)
         except (cf.BrokenExecutor, RuntimeError):
             self._replace(pool)
             raise RecognitionUnavailable("the recognition workers are restarting; retry") from None

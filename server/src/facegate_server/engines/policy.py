@@ -54,7 +54,7 @@ def distance_for(score: float) -> float:
 
 @dataclass(frozen=True)
 class FaceQuality:
-    """What the worker measured of one face (see local_worker.measure_quality)."""
+    """What the worker measured of one face (see worker.measure_quality)."""
 
     size: int
     """The longer side of the face box, in pixels (HOG boxes are square, so the longer

@@ -35,6 +35,7 @@ import time
 from dataclasses import replace
 from datetime import timedelta
 
+from facegate_server.cloud.azure import AzureEngine, CloudCall, CloudFailure
 from facegate_server.domain import (
     Decision,
     EngineKind,
@@ -42,7 +43,6 @@ from facegate_server.domain import (
     EngineReport,
     Identification,
 )
-from facegate_server.engines.azure import AzureEngine, CloudCall, CloudFailure
 from facegate_server.engines.local import LocalEngine
 from facegate_server.errors import RecognitionTimeout
 from facegate_server.routing.breaker import CircuitBreaker

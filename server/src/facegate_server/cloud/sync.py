@@ -26,8 +26,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from facegate_server.cloud.azure import AzureFace, CloudFailure
 from facegate_server.domain import OutboxEntry
-from facegate_server.engines.azure import AzureFace, CloudFailure
 from facegate_server.routing.breaker import CircuitBreaker
 from facegate_server.store import Store
 

@@ -44,7 +44,7 @@ from typing import Any, Final, cast
 import grpc
 
 from facegate_server.errors import FaceGateError, PermissionDenied, Unauthenticated
-from facegate_server.intercept import Behaviour, method_name, refuse, wrap_behaviour
+from facegate_server.rpc.intercept import Behaviour, method_name, refuse, wrap_behaviour
 
 log = logging.getLogger(__name__)
 

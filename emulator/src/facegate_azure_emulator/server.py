@@ -31,18 +31,18 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from facegate_server.emulator import admin
-from facegate_server.emulator.errors import FaceApiError
-from facegate_server.emulator.face_api import FaceApi, Handler, error_response
-from facegate_server.emulator.faults import (
+from facegate_azure_emulator import admin
+from facegate_azure_emulator.errors import FaceApiError
+from facegate_azure_emulator.face_api import FaceApi, Handler, error_response
+from facegate_azure_emulator.faults import (
     PROFILES,
     FaultMode,
     FaultPicker,
     FaultSettings,
     LatencyProfile,
 )
-from facegate_server.emulator.recognizer import Recognizer
-from facegate_server.emulator.state import FaceState, GroupKind, Limits
+from facegate_azure_emulator.recognizer import Recognizer
+from facegate_azure_emulator.state import FaceState, GroupKind, Limits
 
 log = logging.getLogger("facegate.emulator")
 

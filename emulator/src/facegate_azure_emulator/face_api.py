@@ -21,11 +21,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from facegate_server.engines.images import ImageRejected
 
-from facegate_server.emulator.errors import UNAUTHORIZED_MESSAGE, FaceApiError, bad_argument
-from facegate_server.emulator.recognizer import Analysis, Box, Recognizer
-from facegate_server.emulator.state import DetectedFace, FaceState, GroupKind
-from facegate_server.images import ImageRejected
+from facegate_azure_emulator.errors import UNAUTHORIZED_MESSAGE, FaceApiError, bad_argument
+from facegate_azure_emulator.recognizer import Analysis, Box, Recognizer
+from facegate_azure_emulator.state import DetectedFace, FaceState, GroupKind
 
 log = logging.getLogger("facegate.emulator")
 

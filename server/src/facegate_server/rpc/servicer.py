@@ -1,7 +1,7 @@
 """The protobuf edge: each RPC validates its message, delegates to the Gate, converts back.
 
 Every RPC logs one structured line (method, caller, status, latency, member, decision;
-never image bytes). Domain errors become rich statuses (errors.to_status); anything else
+never image bytes). Domain errors become rich statuses (rpc/status.py); anything else
 is logged with its traceback and answered INTERNAL without internals.
 """
 
@@ -17,10 +17,11 @@ import grpc
 from facegate.v1 import facegate_service_pb2 as pb
 from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
 
-from facegate_server import serde
-from facegate_server.auth import current_caller
-from facegate_server.errors import FaceGateError, to_status
+from facegate_server.errors import FaceGateError
 from facegate_server.gate import Gate
+from facegate_server.rpc import serde
+from facegate_server.rpc.auth import current_caller
+from facegate_server.rpc.status import code_of, to_status
 
 log = logging.getLogger("facegate.rpc")
 
@@ -63,7 +64,7 @@ def rpc(method: Handler[Request, Response]) -> Handler[Request, Response]:
             response = method(self, request, context)
             return response
         except FaceGateError as error:
-            outcome = {"code": error.code.name, "reason": error.reason, "error": error.message}
+            outcome = {"code": code_of(error).name, "reason": error.reason, "error": error.message}
             context.abort_with_status(to_status(error))
         except Exception:
             log.exception("unexpected error", extra={"method": method.__name__})

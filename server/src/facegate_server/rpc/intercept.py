@@ -16,7 +16,8 @@ from typing import Any, NoReturn
 
 import grpc
 
-from facegate_server.errors import FaceGateError, to_status
+from facegate_server.errors import FaceGateError
+from facegate_server.rpc.status import code_of, to_status
 
 log = logging.getLogger("facegate.rpc")
 
@@ -72,7 +73,7 @@ def refuse(
         extra={
             "method": method_name(full_method),
             "peer": context.peer(),
-            "code": error.code.name,
+            "code": code_of(error).name,
             "reason": error.reason,
             "error": error.message,
             "latency_ms": round((time.perf_counter() - started) * 1000, 1),

@@ -11,6 +11,7 @@ from typing import Literal
 from facegate.v1 import facegate_service_pb2 as pb
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from facegate_server.cloud.sync import Change
 from facegate_server.domain import (
     AccessEvent,
     Decision,
@@ -20,7 +21,6 @@ from facegate_server.domain import (
     FaceBox,
     Member,
 )
-from facegate_server.engines.azure_sync import Change
 from facegate_server.engines.local import SearchResult
 from facegate_server.errors import InvalidArgument
 from facegate_server.gate import Status

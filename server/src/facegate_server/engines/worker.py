@@ -28,8 +28,8 @@ import numpy as np
 import numpy.typing as npt
 
 from facegate_server.domain import Embedding, FaceBox
+from facegate_server.engines.images import RGBImage, decode
 from facegate_server.engines.policy import FaceQuality, QualityLimits, choose_face
-from facegate_server.images import RGBImage, decode
 
 DETECT_PIXELS = 853 * 480
 

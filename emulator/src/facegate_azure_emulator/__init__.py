@@ -1,6 +1,6 @@
 """FaceGate's Azure Face API v1.0 emulator: real recognition, latency and faults on loopback.
 
-    from facegate_server.emulator import EmulatorSettings, start_emulator
+    from facegate_azure_emulator import EmulatorSettings, start_emulator
 
     with start_emulator(EmulatorSettings(key="k", training_seconds=0)) as emu:
         client = FaceClient(emu.endpoint, CognitiveServicesCredentials("k"))
@@ -18,16 +18,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from facegate_server.emulator.clock import ManualClock
-    from facegate_server.emulator.faults import FaultMode, FaultSettings, LatencyProfile
-    from facegate_server.emulator.recognizer import Recognizer
-    from facegate_server.emulator.server import (
+    from facegate_azure_emulator.clock import ManualClock
+    from facegate_azure_emulator.faults import FaultMode, FaultSettings, LatencyProfile
+    from facegate_azure_emulator.recognizer import Recognizer
+    from facegate_azure_emulator.server import (
         EmulatorAdmin,
         EmulatorSettings,
         RunningEmulator,
         start_emulator,
     )
-    from facegate_server.emulator.state import Limits
+    from facegate_azure_emulator.state import Limits
 
 _HOMES = {
     "ManualClock": "clock",

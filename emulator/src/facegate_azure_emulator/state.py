@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from facegate_server.emulator.errors import FaceApiError
-from facegate_server.emulator.recognizer import Embedding, confidence
+from facegate_azure_emulator.errors import FaceApiError
+from facegate_azure_emulator.recognizer import Embedding, confidence
 
 STATE_FORMAT = "facegate-azure-emulator-state/1"
 

@@ -21,9 +21,9 @@ from typing import Any, Final
 
 import grpc
 
-from facegate_server.auth import current_caller
 from facegate_server.errors import RateLimited
-from facegate_server.intercept import Behaviour, peer_host, refuse, wrap_behaviour
+from facegate_server.rpc.auth import current_caller
+from facegate_server.rpc.intercept import Behaviour, peer_host, refuse, wrap_behaviour
 
 Clock = Callable[[], float]
 

@@ -68,8 +68,8 @@ def register(subparsers: Any) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> Any:
     """EmulatorSettings from the parsed flags; ValueError for bad values."""
-    from facegate_server.emulator.faults import FaultMode, FaultSettings, LatencyProfile
-    from facegate_server.emulator.server import EmulatorSettings, parse_address
+    from facegate_azure_emulator.faults import FaultMode, FaultSettings, LatencyProfile
+    from facegate_azure_emulator.server import EmulatorSettings, parse_address
 
     host, port = parse_address(args.listen)
     admin_listen = args.admin_listen or f"127.0.0.1:{port + 1 if port else 0}"
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {error}", flush=True)
         return 2
     logs.configure(args.log_level)
-    from facegate_server.emulator.server import start_emulator  # dlib: only when running
+    from facegate_azure_emulator.server import start_emulator  # dlib: only when running
 
     stop = threading.Event()
 

@@ -11,7 +11,7 @@ import secrets
 import sys
 from typing import Any
 
-from facegate_server.auth import NAME, TOKEN_PREFIX, Role, token_hash
+from facegate_server.rpc.auth import NAME, TOKEN_PREFIX, Role, token_hash
 
 
 def new_token() -> str:

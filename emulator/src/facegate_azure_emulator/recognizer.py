@@ -2,7 +2,7 @@
 
 The emulator recognises for real, with face_recognition / dlib (HOG detection, 5-point
 alignment, 128-d embeddings), so an engine tested against it sees real rectangles and
-real decisions. Images are decoded by `facegate_server.images.decode` (limits checked
+real decisions. Images are decoded by `facegate_server.engines.images.decode` (limits checked
 before decoding, truncated data refused).
 
 dlib's shape predictor and encoder hold the GIL, so the work runs in worker processes
@@ -36,8 +36,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-
-from facegate_server.images import decode
+from facegate_server.engines.images import decode
 
 DETECT_PIXELS = 1280 * 720
 """Detection runs on a copy scaled down to about this many pixels (HOG's cost grows with
@@ -96,7 +95,7 @@ def confidence(distance: float, threshold: float) -> float:
 
 def _init_worker() -> None:
     """A recognition process: gone with the emulator, models loaded before any request."""
-    from facegate_server.engines.local_worker import exit_with_parent
+    from facegate_server.engines.worker import exit_with_parent
 
     exit_with_parent()
     load_models()
@@ -135,7 +134,7 @@ def ping() -> int:
 def analyse(data: bytes, *, max_bytes: int, max_side: int, encode: bool) -> Analysis:
     """Decode, detect every face (largest first), and embed them when `encode`.
 
-    Raises `facegate_server.images.ImageRejected` for bytes that are not a usable image.
+    Raises `facegate_server.engines.images.ImageRejected` for bytes that are not a usable image.
     """
     load_models()
     fr = _face_recognition

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 
-from facegate_server.auth import SecurityConfigError
+from facegate_server.rpc.auth import SecurityConfigError
 
 log = logging.getLogger(__name__)
 

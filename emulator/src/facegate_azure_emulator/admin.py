@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from facegate_server.emulator.faults import FaultMode, LatencyProfile
+from facegate_azure_emulator.faults import FaultMode, LatencyProfile
 
 if TYPE_CHECKING:
-    from facegate_server.emulator.server import Emulator
+    from facegate_azure_emulator.server import Emulator
 
 PREFIX = "/_emulator"
 

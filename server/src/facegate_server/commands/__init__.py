@@ -1,0 +1,1 @@
+"""The commands a server install adds to `facegate` (entry-point group `facegate.commands`)."""

@@ -1,0 +1,1 @@
+"""The protobuf edge: the servicer, serde, status mapping, callers, rate limits and TLS."""
