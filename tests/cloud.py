@@ -14,9 +14,11 @@ from typing import Any
 import grpc
 from facegate.v1 import facegate_service_pb2 as pb
 from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
-from facegate_azure_emulator import EmulatorSettings, RunningEmulator, start_emulator
+from facegate_azure_emulator import EmulatorSettings, ManualClock, RunningEmulator, start_emulator
 from facegate_server.app import FaceGateServer, build_server
+from facegate_server.cloud.sync import Training
 from facegate_server.config import load_settings
+from facegate_server.routing.router import RoutingEngine
 
 KEY = "test-face-key"
 
@@ -45,10 +47,19 @@ class CloudGate:
     clock: FakeClock
 
     def settle(self) -> None:
-        """Replay the outbox and wait for the cloud training, as the background thread would."""
+        """Replay the outbox and train, as the background thread would, moving both clocks
+        (FaceGate's and the emulator's) instead of waiting for the training to finish."""
         cloud = self.server.gate.cloud
         assert cloud is not None
-        assert cloud.settle(timeout=30), "the cloud did not settle"
+        for _ in range(100):
+            cloud.run_once()
+            if self.server.store.outbox_depth() == 0 and cloud.training is Training.IDLE:
+                return
+            self.clock.advance(1.0)  # the next training poll is due
+            emulator_clock = self.emulator.settings.clock
+            assert isinstance(emulator_clock, ManualClock), "start the emulator with emulator()"
+            emulator_clock.advance(1.0)  # the training has finished
+        raise AssertionError(f"the cloud did not settle: training {cloud.training.value}")
 
     def identify(self, image: bytes, timeout: float = 30) -> pb.IdentifyResponse:
         response: pb.IdentifyResponse = self.stub.Identify(
@@ -62,12 +73,18 @@ class CloudGate:
         return {p.user_data: list(p.persisted_face_ids) for p in face.persons()}
 
     def reset_breaker(self) -> None:
-        routing = self.server.gate.routing
-        assert routing is not None
-        routing.breaker.record_success()
+        self.router.breaker.record_success()
+
+    @property
+    def router(self) -> RoutingEngine:
+        router = self.server.gate.engine
+        assert isinstance(router, RoutingEngine)
+        return router
 
 
 def emulator(**settings: Any) -> RunningEmulator:
+    """An emulator whose clock stands still (trainings finish when `CloudGate.settle` moves it)."""
+    settings = {"clock": ManualClock(), **settings}
     return start_emulator(EmulatorSettings(key=KEY, training_seconds=0.05, workers=1, **settings))
 
 

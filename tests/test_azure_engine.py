@@ -135,8 +135,7 @@ def test_an_untrained_group_is_not_trained_not_an_outage(
         other.server.gate.cloud.face.ensure_group()  # type: ignore[union-attr]
         response = other.identify(faces.read("people/joe_biden/2.jpg"))
         assert engines(response)["azure"] == "NOT_TRAINED"
-        routing = other.server.gate.routing
-        assert routing is not None and routing.breaker.state.value == "closed"
+        assert other.router.breaker.state.value == "closed"
 
 
 def test_a_wrong_key_is_reported_and_the_local_engine_answers(

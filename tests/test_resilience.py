@@ -351,6 +351,7 @@ def test_killed_between_the_local_commit_and_the_replay(
 
             def synced() -> bool:
                 state = stub.GetStatus(pb.GetStatusRequest(), timeout=5)
+                emu.settings.clock.advance(1.0)  # type: ignore[attr-defined]  # trainings end
                 return state.outbox_depth == 0 and state.cloud_training == "idle"
 
             wait_for(synced, timeout=30)

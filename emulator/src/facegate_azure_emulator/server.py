@@ -432,6 +432,7 @@ class RunningEmulator:
         self._thread = thread
         self._owned_recognizer = recognizer
         self._stopped = False
+        self.settings = emulator.settings
         self.port = emulator.face_port
         self.admin_port = emulator.admin_port
         self.endpoint = _url(emulator.face_host, emulator.face_port)

@@ -1,7 +1,11 @@
 """Building the server from settings: `build_server(settings) -> FaceGateServer`.
 
-Building binds the port, loads and warms the recognition workers and rebuilds the matching
-index from the store; only the entry point (cli.py) waits for signals and serves.
+This is the one place that knows the concrete parts: it builds the store, the engines (the
+local engine's workers warmed and its index rebuilt from the store; the Azure engine, its
+read model and its outbox replayer when configured; the router between them), the gate,
+and the gRPC server; only the entry point (commands/serve.py) waits for signals and serves.
+Tests pass their own store, engine and clock: a server built with the in-memory fake engine
+(engines/memory.py) starts no recognition worker.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import time
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import grpc
 from facegate.v1 import facegate_service_pb2 as pb
@@ -18,9 +23,12 @@ from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from facegate_server.cloud.azure import AzureEngine, AzureFace, AzureSettings
+from facegate_server.cloud.azure import AzureFace, AzureSettings
+from facegate_server.cloud.engine import AzureEngine, CloudPeople
 from facegate_server.cloud.sync import CloudSync
 from facegate_server.config import Settings
+from facegate_server.domain import EngineStatus
+from facegate_server.engines.base import RecognitionEngine
 from facegate_server.engines.index import FaceIndex
 from facegate_server.engines.local import LocalEngine, WorkerPool
 from facegate_server.engines.policy import decision_policy
@@ -42,7 +50,6 @@ class FaceGateServer:
     port: int
     gate: Gate
     health: health.HealthServicer
-    pool: WorkerPool
     store: Store
     background_sync: bool = True
     """Replay the outbox in a background thread (tests drive `gate.cloud.settle()`)."""
@@ -64,16 +71,15 @@ class FaceGateServer:
                 "cloud transactions",
                 extra={"by_operation": self.gate.cloud.face.counter.totals()},
             )
-        if self.gate.routing is not None:
-            self.gate.routing.close()
-        self.pool.close()
+        self.gate.engine.close()
         self.store.close()
 
 
 def build_cloud(
     settings: Settings, store: Store, clock: Callable[[], float]
 ) -> tuple[AzureEngine, CircuitBreaker, CloudSync]:
-    """The Azure engine, its circuit breaker, and the outbox replayer."""
+    """The Azure engine, its circuit breaker, and the outbox replayer (sharing the read
+    model of cloud persons and the breaker)."""
     face = AzureFace(
         AzureSettings(
             endpoint=settings.azure_endpoint.rstrip("/"),
@@ -85,25 +91,13 @@ def build_cloud(
         )
     )
     breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_s, clock)
-    sync = CloudSync(face, store, breaker, interval=settings.sync_interval_s)
-    return AzureEngine(face, store), breaker, sync
+    people = CloudPeople(store)
+    sync = CloudSync(face, store, people, breaker, interval=settings.sync_interval_s, clock=clock)
+    return AzureEngine(face, people), breaker, sync
 
 
-def build_server(
-    settings: Settings,
-    *,
-    store: Store | None = None,
-    clock: Callable[[], float] = time.monotonic,
-) -> FaceGateServer:
-    # Security settings first: a refusal (open beyond loopback, bad files) starts nothing.
-    callers = auth.load_callers(
-        settings.tokens_file, settings.tokens, client_ca=settings.tls_client_ca is not None
-    )
-    open_warning = auth.check_exposure(settings.listen, callers, insecure=settings.insecure)
-    credentials = tls.server_credentials(
-        settings.tls_cert, settings.tls_key, settings.tls_client_ca
-    )
-    store = store if store is not None else SqliteStore(settings.db_path)
+def build_local(settings: Settings, store: Store) -> LocalEngine:
+    """The local engine: its workers started and warmed, its index rebuilt from the store."""
     pool = WorkerPool(
         settings.workers, max_bytes=settings.max_image_bytes, max_side=settings.max_image_side
     )
@@ -113,38 +107,91 @@ def build_server(
             "matching index built", extra={"templates": len(index), "members": index.member_count()}
         )
         pool.warm_up()
-        log.info("recognition workers ready", extra={"workers": settings.workers})
-        engine = LocalEngine(pool, index, decision_policy(settings))
-        router, cloud = None, None
-        if settings.cloud_enabled:
-            azure, breaker, cloud = build_cloud(settings, store, clock)
-            router = RoutingEngine(
-                engine,
-                azure,
-                store,
-                policy=Policy(settings.policy),
-                agreement=Agreement(settings.on_disagreement),
-                breaker=breaker,
-                cloud_slots=settings.cloud_slots,
-                local_confident=settings.local_confident,
-            )
-            log.info(
-                "cloud engine configured",
-                extra={
-                    "endpoint": settings.azure_endpoint,
-                    "group": settings.azure_group_id,
-                    "policy": settings.policy,
-                },
-            )
+    except BaseException:
+        pool.close()
+        raise
+    log.info("recognition workers ready", extra={"workers": settings.workers})
+    return LocalEngine(pool, index, decision_policy(settings))
+
+
+def build_engine(
+    settings: Settings, store: Store, local: RecognitionEngine, clock: Callable[[], float]
+) -> tuple[RecognitionEngine, CloudSync | None, Callable[[], EngineStatus]]:
+    """The engine the gate asks (the router), the outbox replayer, and their status."""
+    azure, breaker, sync = None, None, None
+    if settings.cloud_enabled:
+        azure, breaker, sync = build_cloud(settings, store, clock)
+        log.info(
+            "cloud engine configured",
+            extra={
+                "endpoint": settings.azure_endpoint,
+                "group": settings.azure_group_id,
+                "policy": settings.policy,
+            },
+        )
+    router = RoutingEngine(
+        local,
+        azure,
+        policy=Policy(settings.policy),
+        agreement=Agreement(settings.on_disagreement),
+        breaker=breaker,
+        cloud_slots=settings.cloud_slots,
+        local_confident=settings.local_confident,
+        clock=clock,
+    )
+
+    def status() -> EngineStatus:
+        if sync is None:
+            return EngineStatus(policy=router.policy.value)
+        error, error_time = max(
+            (router.last_error, router.last_error_time),
+            (sync.last_error, sync.last_error_time),
+            key=lambda e: e[1],
+        )
+        return EngineStatus(
+            policy=router.policy.value,
+            circuit=router.breaker.state.value,
+            last_cloud_error=error,
+            last_cloud_error_time=datetime.fromtimestamp(error_time, UTC) if error_time else None,
+            cloud_training=sync.training.value,
+            cloud_transactions=sync.face.counter.totals(),
+        )
+
+    return router, sync, status
+
+
+def build_server(
+    settings: Settings,
+    *,
+    store: Store | None = None,
+    engine: RecognitionEngine | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> FaceGateServer:
+    """Build (not start) the server. `engine` replaces the local engine (the router's
+    local part: the cloud, when configured, is still built from settings); `clock` is
+    the monotonic clock of the breaker, the rate limits and the outbox replayer."""
+    # Security settings first: a refusal (open beyond loopback, bad files) starts nothing.
+    callers = auth.load_callers(
+        settings.tokens_file, settings.tokens, client_ca=settings.tls_client_ca is not None
+    )
+    open_warning = auth.check_exposure(settings.listen, callers, insecure=settings.insecure)
+    credentials = tls.server_credentials(
+        settings.tls_cert, settings.tls_key, settings.tls_client_ca
+    )
+    store = store if store is not None else SqliteStore(settings.db_path)
+    router: RecognitionEngine | None = None
+    try:
+        local = engine if engine is not None else build_local(settings, store)
+        router, cloud, engine_status = build_engine(settings, store, local, clock)
         gate = Gate(
             store,
-            engine,
+            router,
             identify_budget=settings.identify_budget_ms / 1000,
             enroll_timeout=settings.enroll_timeout_s,
             max_photos=settings.max_photos,
             keep_photos=settings.keep_photos,
-            router=router,
             cloud=cloud,
+            engine_status=engine_status,
         )
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max(8, 4 * settings.workers)),
@@ -180,11 +227,12 @@ def build_server(
         if open_warning:
             log.warning(open_warning)
     except BaseException:
-        pool.close()
+        if router is not None:
+            router.close()
         store.close()
         raise
     if port == 0:
-        pool.close()
+        router.close()
         store.close()
         raise OSError(f"could not listen on {settings.listen}")
-    return FaceGateServer(server, port, gate, health_servicer, pool, store)
+    return FaceGateServer(server, port, gate, health_servicer, store)

@@ -7,7 +7,7 @@ or an enum, so the store, the engines and the gate can be tested without gRPC.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -78,6 +78,28 @@ class FaceBox:
 
 
 @dataclass(frozen=True)
+class FaceQuality:
+    """What the worker measured of one face (see worker.measure_quality)."""
+
+    size: int
+    """The longer side of the face box, in pixels (HOG boxes are square, so the longer
+    side is the face's scale even when the frame's edge cuts the box)."""
+    sharpness: float
+    """Detail left in the face: on the face crop scaled to 64x64 grey pixels, the variance
+    of the second difference in the flattest of 4 directions (0, 45, 90, 135 degrees),
+    scaled to a mean brightness of 128. The flattest direction catches motion blur, which
+    leaves detail across the motion."""
+    brightness: float
+    """Mean luma (0 to 255) of the face crop."""
+    yaw: float
+    """How far the nose base sits sideways from the eyes' midpoint, over the distance
+    between the eyes (0 facing the camera; signed: positive to the image's right)."""
+    pitch: float
+    """How far the nose base sits below the line of the eyes, over the distance between
+    the eyes (about 0.75 facing the camera; smaller when the head tips back)."""
+
+
+@dataclass(frozen=True)
 class Member:
     member_id: str
     display_name: str
@@ -90,7 +112,8 @@ class Member:
 class FaceTemplate:
     """One enrolled photo's embedding; the photo itself only when configured to keep it."""
 
-    embedding: Embedding
+    embedding: Embedding | None = None
+    """The local engine's part (every stored template has one)."""
     photo: bytes | None = None
     cloud_photo: bytes | None = None
     """The photo to add to the member's cloud person: held in the outbox until it is sent,
@@ -176,3 +199,59 @@ class CloudPerson:
     """True once a training that includes the member's first cloud faces has succeeded."""
     deleted: bool = False
     """The member is gone; the person waits in the outbox to be deleted in the cloud."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An enrolled member and how close the face is to their closest photo."""
+
+    member_id: str
+    distance: float
+    confidence: float
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """SearchFaces: the decision Identify would take, and the closest members."""
+
+    identification: Identification
+    candidates: list[Candidate]
+    quality: FaceQuality | None
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    """How the routing and the cloud are doing."""
+
+    policy: str = "local-only"
+    circuit: str = "disabled"
+    last_cloud_error: str = ""
+    last_cloud_error_time: datetime | None = None
+    cloud_training: str = ""
+    cloud_transactions: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Status:
+    """GetStatus: how the server, its engines and the cloud are doing."""
+
+    engines: EngineStatus
+    outbox_depth: int
+    decisions: dict[str, int]
+    member_count: int
+
+
+class ChangeKind(enum.Enum):
+    MISSING_PERSON = "missing_person"
+    MISSING_FACE = "missing_face"
+    ORPHAN_PERSON = "orphan_person"
+    ORPHAN_FACE = "orphan_face"
+
+
+@dataclass(frozen=True)
+class Change:
+    kind: ChangeKind
+    member_id: str
+    person_id: str
+    detail: str
+    applied: bool

@@ -11,22 +11,25 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from facegate_server import validation
 from facegate_server.cloud.azure import CloudFailure
-from facegate_server.cloud.sync import Change, CloudSync
+from facegate_server.cloud.sync import CloudSync
 from facegate_server.domain import (
     AccessEvent,
+    Change,
+    EngineStatus,
     EventFilter,
     FaceTemplate,
     Identification,
     Member,
     NewAccessEvent,
+    SearchResult,
+    Status,
 )
 from facegate_server.engines.base import RecognitionEngine
-from facegate_server.engines.local import LocalEngine, SearchResult
 from facegate_server.errors import (
     CloudNotConfigured,
     CloudUnavailable,
@@ -34,7 +37,6 @@ from facegate_server.errors import (
     MemberAlreadyExists,
     MemberNotFound,
 )
-from facegate_server.routing.router import RoutingEngine
 from facegate_server.store import Store
 
 log = logging.getLogger(__name__)
@@ -50,19 +52,6 @@ def utc_now() -> datetime:
 
 
 @dataclass(frozen=True)
-class Status:
-    policy: str
-    circuit: str
-    outbox_depth: int
-    last_cloud_error: str
-    last_cloud_error_time: datetime | None
-    cloud_training: str
-    cloud_transactions: dict[str, int]
-    decisions: dict[str, int]
-    member_count: int
-
-
-@dataclass(frozen=True)
 class IdentifyResult:
     identification: Identification
     display_name: str
@@ -70,31 +59,37 @@ class IdentifyResult:
 
 
 class Gate:
+    """The use cases, on one engine (the router, or any RecognitionEngine) and one store.
+
+    `cloud` is the outbox replayer, when a cloud engine is configured: woken after each
+    change of membership, and asked to reconcile by SyncCloud. `engine_status` reports
+    the routing and the cloud for GetStatus.
+    """
+
     def __init__(
         self,
         store: Store,
-        engine: LocalEngine,
+        engine: RecognitionEngine,
         *,
         identify_budget: float,
         enroll_timeout: float,
         max_photos: int,
         keep_photos: bool = False,
         clock: Clock = utc_now,
-        router: RoutingEngine | None = None,
         cloud: CloudSync | None = None,
+        engine_status: Callable[[], EngineStatus] | None = None,
     ) -> None:
         self.store = store
         self.engine = engine
-        self.routing = router
-        self.router: RecognitionEngine = router or engine
         self.cloud = cloud
+        self._engine_status = engine_status or EngineStatus
         self._decisions: Counter[str] = Counter()
         self.identify_budget = identify_budget
         self.enroll_timeout = enroll_timeout
         self.max_photos = max_photos
         self.keep_photos = keep_photos
         self.clock = clock
-        # Serialises changes of membership so the store and the index change together.
+        # Serialises changes of membership so the store and the engines change together.
         self._membership = threading.Lock()
 
     def identify(
@@ -103,7 +98,7 @@ class Gate:
         started = time.perf_counter()
         validation.turnstile_id(turnstile_id)
         budget = self.identify_budget if time_left is None else min(self.identify_budget, time_left)
-        identification = self.router.identify(image, budget)
+        identification = self.engine.identify(image, budget)
         self._decisions[
             f"{identification.engine.value.lower()}/{identification.decision.value}"
         ] += 1
@@ -129,38 +124,10 @@ class Gate:
         return IdentifyResult(identification, display_name, event)
 
     def _templates(self, photos: Sequence[bytes]) -> list[FaceTemplate]:
-        """One template a photo; the first bad photo fails them all, naming it.
-
-        Each photo must show exactly one face that passes the same quality limits as a
-        turnstile frame (size, pose, brightness, sharpness), so no member is made from a
-        template that would match poorly.
-        """
+        """One template a photo, each engine's part added; the first bad photo fails all."""
         validation.photo_count(len(photos), self.max_photos)
-        analyses = self.engine.analyse_many(photos, self.enroll_timeout)
-        limits = self.engine.policy.quality
-        templates = []
-        for i, (photo, analysis) in enumerate(zip(photos, analyses, strict=True)):
-            if not analysis.boxes:
-                raise InvalidArgument(
-                    f"photos[{i}]", "no face was found in this photo", reason="PHOTO_NO_FACE"
-                )
-            if len(analysis.boxes) > 1:
-                raise InvalidArgument(
-                    f"photos[{i}]",
-                    f"{len(analysis.boxes)} faces were found; an enrolment photo must show one",
-                    reason="PHOTO_MULTIPLE_FACES",
-                )
-            if analysis.quality is None or analysis.embedding is None:
-                explained = (
-                    limits.explain(analysis.quality) if analysis.quality else "no usable face"
-                )
-                raise InvalidArgument(
-                    f"photos[{i}]",
-                    f"{explained}; enrol a sharp, well-lit photo facing the camera",
-                    reason="PHOTO_POOR_QUALITY",
-                )
-            templates.append(FaceTemplate(analysis.embedding, photo if self.keep_photos else None))
-        return templates
+        kept = [FaceTemplate(photo=p if self.keep_photos else None) for p in photos]
+        return self.engine.enrol(photos, self.enroll_timeout, kept)
 
     def search(
         self, image: bytes, max_candidates: int, time_left: float | None = None
@@ -179,41 +146,23 @@ class Gate:
         validation.member_id(member_id)
         validation.display_name(display_name)
         self._check_absent(member_id)
-        templates = self._for_cloud(self._templates(photos), photos)
+        templates = self._templates(photos)
         with self._membership:
             member = self.store.create_member(member_id, display_name, templates, self.clock())
-            self.engine.index.add(member_id, [t.embedding for t in templates])
+            self.engine.enrolled(member_id, templates)
         self._wake_cloud()
         return member
-
-    def _for_cloud(
-        self, templates: list[FaceTemplate], photos: Sequence[bytes]
-    ) -> list[FaceTemplate]:
-        """With a cloud engine, each photo also goes to the outbox, for the cloud person."""
-        if self.cloud is None:
-            return templates
-        return [replace(t, cloud_photo=p) for t, p in zip(templates, photos, strict=True)]
 
     def _wake_cloud(self) -> None:
         if self.cloud is not None:
             self.cloud.wake()
 
     def status(self) -> Status:
-        routing, cloud = self.routing, self.cloud
-        error, error_time = "", 0.0
-        for source in (routing, cloud):
-            if source is not None and source.last_error_time > error_time:
-                error, error_time = source.last_error, source.last_error_time
         return Status(
-            policy=routing.policy.value if routing else "local-only",
-            circuit=routing.breaker.state.value if routing and routing.cloud else "disabled",
+            engines=self._engine_status(),
             outbox_depth=self.store.outbox_depth(),
-            last_cloud_error=error,
-            last_cloud_error_time=datetime.fromtimestamp(error_time, UTC) if error_time else None,
-            cloud_training=cloud.training.value if cloud else "",
-            cloud_transactions=cloud.face.counter.totals() if cloud else {},
             decisions=dict(self._decisions),
-            member_count=self.engine.index.member_count(),
+            member_count=self.store.count_members(),
         )
 
     def sync_cloud(self, dry_run: bool) -> list[Change]:
@@ -235,10 +184,10 @@ class Gate:
     def add_member_photos(self, member_id: str, photos: Sequence[bytes]) -> Member:
         validation.member_id(member_id)
         self.store.get_member(member_id)
-        templates = self._for_cloud(self._templates(photos), photos)
+        templates = self._templates(photos)
         with self._membership:
             member = self.store.add_templates(member_id, templates, self.clock())
-            self.engine.index.add(member_id, [t.embedding for t in templates])
+            self.engine.enrolled(member_id, templates)
         self._wake_cloud()
         return member
 
@@ -257,7 +206,7 @@ class Gate:
         validation.member_id(member_id)
         with self._membership:
             self.store.delete_member(member_id, cloud=self.cloud is not None)
-            self.engine.index.remove(member_id)
+            self.engine.removed(member_id)
         self._wake_cloud()
         log.info("member deleted", extra={"member_id": member_id})
 

@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from facegate_server.domain import Decision, EngineKind, EngineOutcome, FaceBox, Identification
-from facegate_server.store import Store
+from facegate_server.domain import EngineOutcome, FaceBox
+from facegate_server.engines.base import EngineFailure
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,12 @@ class AzureSettings:
     identify_confidence: float = 0.5
 
 
-class CloudFailure(Exception):
-    """A cloud call that did not give an answer, and why."""
+class CloudFailure(EngineFailure):
+    """A cloud call that did not give an answer, and why (with the HTTP status and code).
+
+    Not the cloud's fault: the group is not trained yet, or the frame was refused (400
+    InvalidImage, BadArgument): the router keeps asking the cloud.
+    """
 
     def __init__(
         self,
@@ -63,12 +67,14 @@ class CloudFailure(Exception):
         code: str = "",
         retry_after: float | None = None,
     ) -> None:
-        super().__init__(detail)
-        self.outcome = outcome
-        self.detail = detail
+        super().__init__(
+            outcome,
+            detail,
+            retry_after=retry_after,
+            engine_fault=outcome is not EngineOutcome.NOT_TRAINED and status != 400,
+        )
         self.status = status
         self.code = code
-        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -85,28 +91,23 @@ class CloudPersonInfo:
 
 
 class TransactionCounter:
-    """Counts cloud calls by operation, in total and per thread (for one Identify)."""
+    """Counts cloud calls by operation (each one is a paid transaction)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._totals: Counter[str] = Counter()
-        self._local = threading.local()
 
     def count(self, operation: str) -> None:
         with self._lock:
             self._totals[operation] += 1
-        self._local.calls = getattr(self._local, "calls", 0) + 1
 
     def totals(self) -> dict[str, int]:
         with self._lock:
             return dict(self._totals)
 
-    def thread_calls(self) -> int:
-        """Calls made by this thread since its last `reset_thread`."""
-        return int(getattr(self._local, "calls", 0))
-
-    def reset_thread(self) -> None:
-        self._local.calls = 0
+    def total(self) -> int:
+        with self._lock:
+            return sum(self._totals.values())
 
 
 def _failure(error: BaseException) -> CloudFailure:
@@ -236,14 +237,16 @@ class AzureFace:
             for f in faces or []
         ]
 
-    def identify(self, face_id: str, timeout: float) -> list[tuple[str, float]]:
+    def identify(
+        self, face_id: str, timeout: float, max_candidates: int = 2
+    ) -> list[tuple[str, float]]:
         """(person id, confidence) candidates, best first."""
         results = self._call(
             "identify",
             self._client.face.identify,
             [face_id],
             large_person_group_id=self.settings.group_id,
-            max_num_of_candidates_returned=2,
+            max_num_of_candidates_returned=max_candidates,
             confidence_threshold=self.settings.identify_confidence,
             read_timeout=timeout,
         )
@@ -277,7 +280,8 @@ class AzureFace:
         self._call("train", self._group.train, self.settings.group_id)
 
     def training_status(self) -> tuple[str, str]:
-        """(status, message): status is notstarted, running, succeeded or failed."""
+        """(status, message): status is nonstarted, running, succeeded or failed (the API's
+        spelling of "not started" is `nonstarted`)."""
         status = self._call(
             "training_status", self._group.get_training_status, self.settings.group_id
         )
@@ -358,62 +362,3 @@ class AzureFace:
         except CloudFailure as failure:
             if failure.status != 404:
                 raise
-
-
-@dataclass
-class CloudCall:
-    """One Identify's use of the cloud: what it cost, and whether its caller gave up."""
-
-    cancelled: threading.Event
-    transactions: int = 0
-
-
-class AzureEngine:
-    """Identify through Azure: detect (with a face id), then identify in the group.
-
-    The person found is mapped back to the member through the store; a person that maps to
-    no current member (deleted a moment ago, or never ours) is an unknown face.
-    """
-
-    kind = EngineKind.AZURE
-
-    def __init__(self, face: AzureFace, store: Store) -> None:
-        self.face = face
-        self.store = store
-
-    def identify(
-        self, image: bytes, timeout: float, call: CloudCall | None = None
-    ) -> Identification:
-        call = call or CloudCall(threading.Event())
-        deadline = time.monotonic() + timeout
-        call.transactions += 1
-        faces = self.face.detect(image, timeout)
-        if not faces:
-            return Identification(Decision.DENIED_NO_FACE, self.kind, hint="look at the camera")
-        if len(faces) > 1:
-            largest = max(faces, key=lambda f: f.box.area)
-            return Identification(
-                Decision.DENIED_MULTIPLE_FACES,
-                self.kind,
-                face_box=largest.box,
-                hint="one person at a time, please",
-            )
-        remaining = deadline - time.monotonic()
-        if call.cancelled.is_set() or remaining <= 0:
-            raise CloudFailure(EngineOutcome.TIMED_OUT, "no time left to identify")
-        call.transactions += 1
-        candidates = self.face.identify(faces[0].face_id, remaining)
-        for person_id, confidence in candidates:
-            member_id = self.store.member_of_person(person_id)
-            if member_id is not None:
-                return Identification(
-                    Decision.GRANTED,
-                    self.kind,
-                    member_id=member_id,
-                    confidence=confidence,
-                    face_box=faces[0].box,
-                )
-        best = candidates[0][1] if candidates else 0.0
-        return Identification(
-            Decision.DENIED_UNKNOWN_FACE, self.kind, confidence=best, face_box=faces[0].box
-        )

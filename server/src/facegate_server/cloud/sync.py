@@ -24,10 +24,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from facegate_server.cloud.azure import AzureFace, CloudFailure
-from facegate_server.domain import OutboxEntry
+from facegate_server.cloud.engine import CloudPeople
+from facegate_server.domain import Change, ChangeKind, OutboxEntry
 from facegate_server.routing.breaker import CircuitBreaker
 from facegate_server.store import Store
 
@@ -47,27 +47,12 @@ class Training(enum.Enum):
     FAILED = "failed"
 
 
-class ChangeKind(enum.Enum):
-    MISSING_PERSON = "missing_person"
-    MISSING_FACE = "missing_face"
-    ORPHAN_PERSON = "orphan_person"
-    ORPHAN_FACE = "orphan_face"
-
-
-@dataclass(frozen=True)
-class Change:
-    kind: ChangeKind
-    member_id: str
-    person_id: str
-    detail: str
-    applied: bool
-
-
 class CloudSync:
     def __init__(
         self,
         face: AzureFace,
         store: Store,
+        people: CloudPeople,
         breaker: CircuitBreaker,
         *,
         interval: float = 2.0,
@@ -75,6 +60,7 @@ class CloudSync:
     ) -> None:
         self.face = face
         self.store = store
+        self.people = people
         self.breaker = breaker
         self.interval = interval
         self._clock = clock
@@ -118,7 +104,7 @@ class CloudSync:
         with self._lock:
             if not self.breaker.allow():
                 return
-            calls = sum(self.face.counter.totals().values())
+            calls = self.face.counter.total()
             try:
                 self._ensure_group()
                 while not self._stop.is_set():
@@ -132,7 +118,7 @@ class CloudSync:
             except CloudFailure as failure:
                 self._failed(failure)
                 return
-            if sum(self.face.counter.totals().values()) > calls:
+            if self.face.counter.total() > calls:
                 self.breaker.record_success()  # the cloud answered us
             else:
                 self.breaker.release()  # nothing asked: no news of the cloud either way
@@ -150,7 +136,7 @@ class CloudSync:
             if self.face.ensure_group():
                 log.info("cloud group created", extra={"group": self.face.settings.group_id})
             self._group_checked = True
-            if any(not p.ready and not p.deleted for p in self.store.cloud_people()):
+            if any(not p.ready and not p.deleted for p in self.people.all()):
                 self.training = Training.NEEDED  # a training was cut short by a restart
 
     def _replay(self, entry: OutboxEntry) -> None:
@@ -172,7 +158,7 @@ class CloudSync:
         )
 
     def _find_person(self, member_id: str) -> str | None:
-        remembered = {p.person_id for p in self.store.cloud_people()}
+        remembered = {p.person_id for p in self.people.all()}
         for person in self.face.persons():
             if person.user_data == member_id and person.person_id not in remembered:
                 return person.person_id
@@ -181,12 +167,12 @@ class CloudSync:
     def _add_face(self, entry: OutboxEntry, uncertain: bool) -> None:
         assert entry.face_id is not None and entry.photo is not None
         self.store.outbox_attempt(entry.seq)
-        person = self.store.cloud_person(entry.member_id)
+        person = self.people.person_of(entry.member_id)
         if person is None:
             person_id = self._find_person(entry.member_id) if uncertain else None
             if person_id is None:
                 person_id = self.face.create_person(entry.member_id)
-            self.store.save_cloud_person(entry.member_id, person_id)
+            self.people.save(entry.member_id, person_id)
         else:
             person_id = person.person_id
         tag = face_tag(entry.face_id)
@@ -200,13 +186,13 @@ class CloudSync:
 
     def _delete_member(self, entry: OutboxEntry, uncertain: bool) -> None:
         self.store.outbox_attempt(entry.seq)
-        for person in self.store.cloud_people():
+        for person in self.people.all():
             if person.member_id == entry.member_id and person.deleted:
                 self.face.delete_person(person.person_id)
-                self.store.forget_cloud_person(person.person_id)
+                self.people.forget(person.person_id)
         if uncertain:  # a create we never heard back from may have left a person behind
             orphan = self._find_person(entry.member_id)
-            if orphan is not None and self.store.cloud_person(entry.member_id) is None:
+            if orphan is not None and self.people.person_of(entry.member_id) is None:
                 self.face.delete_person(orphan)
 
     def _train(self) -> None:
@@ -216,11 +202,11 @@ class CloudSync:
                 return
             status, message = self.face.training_status()
             if status == "succeeded":
-                self.store.training_succeeded()
+                self.people.training_succeeded()
                 self.training = Training.IDLE
                 log.info("cloud training succeeded")
             elif status == "failed":
-                if not any(not p.deleted for p in self.store.cloud_people()):
+                if not any(not p.deleted for p in self.people.all()):
                     # An empty group has nothing to train (the last person was deleted).
                     self.training = Training.IDLE
                     return
@@ -237,21 +223,11 @@ class CloudSync:
             self.training is Training.FAILED and now >= self._next_poll
         ):
             self.face.train()
-            self.store.training_queued()
+            self.people.training_queued()
             self.training = Training.RUNNING
             self._poll_delay = 0.5
             self._next_poll = now + self._poll_delay
             log.info("cloud training queued")
-
-    def settle(self, timeout: float = 30.0) -> bool:
-        """Replay and train until the outbox is empty and training done (tests, tools)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.run_once()
-            if self.store.outbox_depth() == 0 and self.training is Training.IDLE:
-                return True
-            time.sleep(0.05)
-        return False
 
     # `facegate sync`
     def reconcile(self, dry_run: bool) -> list[Change]:
@@ -264,7 +240,7 @@ class CloudSync:
     def _reconcile(self, dry_run: bool) -> list[Change]:
         changes: list[Change] = []
         cloud = {p.person_id: p for p in self.face.persons()}
-        remembered = {p.person_id: p for p in self.store.cloud_people()}
+        remembered = {p.person_id: p for p in self.people.all()}
         pending = {e.member_id for e in self.store.outbox(1_000_000)}
         apply = not dry_run
 
@@ -281,7 +257,7 @@ class CloudSync:
             if apply:
                 self.face.delete_person(person_id)
                 if known is not None:
-                    self.store.forget_cloud_person(person_id)
+                    self.people.forget(person_id)
             note(
                 ChangeKind.ORPHAN_PERSON,
                 orphan.user_data,
@@ -300,7 +276,7 @@ class CloudSync:
             for member in members:
                 if member.member_id in pending:
                     continue  # the outbox will create it
-                person = self.store.cloud_person(member.member_id)
+                person = self.people.person_of(member.member_id)
                 faces = self.store.faces(member.member_id)
                 info = cloud.get(person.person_id) if person is not None else None
                 restorable = [f for f in faces if f.photo is not None]
@@ -309,9 +285,9 @@ class CloudSync:
                     done = False
                     if apply and restorable:
                         if person is not None:
-                            self.store.forget_cloud_person(person.person_id)
+                            self.people.forget(person.person_id)
                         person_id = self.face.create_person(member.member_id)
-                        self.store.save_cloud_person(member.member_id, person_id)
+                        self.people.save(member.member_id, person_id)
                         for face in restorable:
                             assert face.photo is not None
                             persisted = self.face.add_face(

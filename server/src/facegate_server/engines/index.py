@@ -68,6 +68,10 @@ class FaceIndex:
     def member_count(self) -> int:
         return len(np.unique(self._snapshot.owners))
 
+    def has(self, member_id: str) -> bool:
+        code = self._codes.get(member_id)
+        return code is not None and bool(np.any(self._snapshot.owners == code))
+
     def add(self, member_id: str, embeddings: Iterable[Embedding]) -> None:
         new = np.asarray(list(embeddings), np.float32).reshape(-1, DIMENSIONS)
         with self._write_lock:

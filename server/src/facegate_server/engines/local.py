@@ -12,45 +12,30 @@ import logging
 import multiprocessing
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 
-from facegate_server.domain import Decision, EngineKind, Identification
+from facegate_server.domain import (
+    Candidate,
+    Decision,
+    EngineKind,
+    FaceTemplate,
+    Identification,
+    SearchResult,
+)
 from facegate_server.engines import worker
+from facegate_server.engines.base import Attempt
 from facegate_server.engines.images import ImageRejected, check_size
 from facegate_server.engines.index import FaceIndex
-from facegate_server.engines.policy import (
-    DecisionPolicy,
-    FaceQuality,
-    confidence,
-    decide_match,
-)
+from facegate_server.engines.policy import DecisionPolicy, confidence, decide_match
 from facegate_server.engines.worker import Analysis, FaceRules
 from facegate_server.errors import InvalidArgument, RecognitionTimeout, RecognitionUnavailable
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Candidate", "LocalEngine", "SearchResult", "WorkerPool", "confidence"]
+__all__ = ["LocalEngine", "WorkerPool"]
 
 HINT_NO_FACE = "look at the camera"
 HINT_MULTIPLE_FACES = "one person at a time, please"
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """An enrolled member and how close the face is to their closest photo."""
-
-    member_id: str
-    distance: float
-    confidence: float
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    """SearchFaces: the decision Identify would take, and the closest members."""
-
-    identification: Identification
-    candidates: list[Candidate]
-    quality: FaceQuality | None
 
 
 class WorkerPool:
@@ -136,6 +121,7 @@ class LocalEngine:
     """Identify against the in-memory index of enrolled templates, by `policy`."""
 
     kind = EngineKind.LOCAL
+    name = "local"
 
     def __init__(
         self, pool: WorkerPool, index: FaceIndex, policy: DecisionPolicy | None = None
@@ -185,8 +171,57 @@ class LocalEngine:
                 raise image_error(f"{field}[{i}]", rejected) from None
         return results
 
-    def identify(self, image: bytes, timeout: float) -> Identification:
+    def identify(
+        self, image: bytes, timeout: float, attempt: Attempt | None = None
+    ) -> Identification:
         return self.decide(self.analyse(image, timeout))
+
+    def enrol(
+        self, photos: Sequence[bytes], timeout: float, templates: Sequence[FaceTemplate]
+    ) -> list[FaceTemplate]:
+        """An embedding a photo; the first bad photo fails them all, naming it.
+
+        Each photo must show exactly one face that passes the same quality limits as a
+        turnstile frame (size, pose, brightness, sharpness), so no member is made from a
+        template that would match poorly.
+        """
+        analyses = self.analyse_many(photos, timeout)
+        limits = self.policy.quality
+        enrolled = []
+        for i, (template, analysis) in enumerate(zip(templates, analyses, strict=True)):
+            if not analysis.boxes:
+                raise InvalidArgument(
+                    f"photos[{i}]", "no face was found in this photo", reason="PHOTO_NO_FACE"
+                )
+            if len(analysis.boxes) > 1:
+                raise InvalidArgument(
+                    f"photos[{i}]",
+                    f"{len(analysis.boxes)} faces were found; an enrolment photo must show one",
+                    reason="PHOTO_MULTIPLE_FACES",
+                )
+            if analysis.quality is None or analysis.embedding is None:
+                explained = (
+                    limits.explain(analysis.quality) if analysis.quality else "no usable face"
+                )
+                raise InvalidArgument(
+                    f"photos[{i}]",
+                    f"{explained}; enrol a sharp, well-lit photo facing the camera",
+                    reason="PHOTO_POOR_QUALITY",
+                )
+            enrolled.append(replace(template, embedding=analysis.embedding))
+        return enrolled
+
+    def enrolled(self, member_id: str, templates: Sequence[FaceTemplate]) -> None:
+        self.index.add(member_id, [t.embedding for t in templates if t.embedding is not None])
+
+    def removed(self, member_id: str) -> None:
+        self.index.remove(member_id)
+
+    def knows(self, member_id: str) -> bool:
+        return self.index.has(member_id)
+
+    def close(self) -> None:
+        self.pool.close()
 
     def search(self, image: bytes, timeout: float, max_candidates: int) -> SearchResult:
         """The decision `identify` would take on `image`, with the closest members.

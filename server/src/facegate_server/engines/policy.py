@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from facegate_server.config import Settings
-from facegate_server.domain import Decision, FaceBox
+from facegate_server.domain import Decision, FaceBox, FaceQuality
 from facegate_server.engines.index import Match
 
 CONFIDENCE_REFERENCE = 0.6
@@ -50,28 +50,6 @@ def confidence(distance: float) -> float:
 def distance_for(score: float) -> float:
     """The inverse of `confidence`, for confidence in (0, 1)."""
     return CONFIDENCE_REFERENCE + math.log(1.0 / score - 1.0) / CONFIDENCE_SLOPE
-
-
-@dataclass(frozen=True)
-class FaceQuality:
-    """What the worker measured of one face (see worker.measure_quality)."""
-
-    size: int
-    """The longer side of the face box, in pixels (HOG boxes are square, so the longer
-    side is the face's scale even when the frame's edge cuts the box)."""
-    sharpness: float
-    """Detail left in the face: on the face crop scaled to 64x64 grey pixels, the variance
-    of the second difference in the flattest of 4 directions (0, 45, 90, 135 degrees),
-    scaled to a mean brightness of 128. The flattest direction catches motion blur, which
-    leaves detail across the motion."""
-    brightness: float
-    """Mean luma (0 to 255) of the face crop."""
-    yaw: float
-    """How far the nose base sits sideways from the eyes' midpoint, over the distance
-    between the eyes (0 facing the camera; signed: positive to the image's right)."""
-    pitch: float
-    """How far the nose base sits below the line of the eyes, over the distance between
-    the eyes (about 0.75 facing the camera; smaller when the head tips back)."""
 
 
 class QualityProblem(enum.Enum):

@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from facegate_server.domain import Embedding, FaceBox
+from facegate_server.domain import Embedding, FaceBox, FaceQuality
 from facegate_server.engines.images import RGBImage, decode
-from facegate_server.engines.policy import FaceQuality, QualityLimits, choose_face
+from facegate_server.engines.policy import QualityLimits, choose_face
 
 DETECT_PIXELS = 853 * 480
 

@@ -32,26 +32,26 @@ import enum
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import timedelta
 
-from facegate_server.cloud.azure import AzureEngine, CloudCall, CloudFailure
 from facegate_server.domain import (
     Decision,
     EngineKind,
     EngineOutcome,
     EngineReport,
+    FaceTemplate,
     Identification,
+    SearchResult,
 )
-from facegate_server.engines.local import LocalEngine
+from facegate_server.engines.base import Attempt, EngineFailure, RecognitionEngine
 from facegate_server.errors import RecognitionTimeout
 from facegate_server.routing.breaker import CircuitBreaker
-from facegate_server.store import Store
 
 log = logging.getLogger(__name__)
 
 RESERVE = 0.1  # seconds kept back from the budget to decide, log the entry and answer
-AZURE_MIN_BYTES = 1024  # the Face API refuses smaller images (400 InvalidImageSize)
 
 
 class Policy(enum.Enum):
@@ -77,29 +77,31 @@ def _report(found: Identification, outcome: EngineOutcome, latency: float) -> En
 
 
 class RoutingEngine:
-    """The engine the gate asks: routes between `local` and `cloud` (None: no cloud)."""
+    """The engine the gate asks: routes between `local` and `cloud` (None: no cloud).
 
-    kind = EngineKind.LOCAL
+    Itself a RecognitionEngine: enrolment goes to both engines, search to the local one.
+    `clock` is monotonic seconds (injected by tests, with the breaker's).
+    """
 
     def __init__(
         self,
-        local: LocalEngine,
-        cloud: AzureEngine | None,
-        store: Store,
+        local: RecognitionEngine,
+        cloud: RecognitionEngine | None,
         *,
         policy: Policy = Policy.CLOUD_FIRST,
         agreement: Agreement = Agreement.DENY_ON_CONFLICT,
         breaker: CircuitBreaker | None = None,
         cloud_slots: int = 4,
         local_confident: float = 0.75,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.local = local
         self.cloud = cloud
-        self.store = store
         self.policy = policy if cloud is not None else Policy.LOCAL_ONLY
         self.agreement = agreement
-        self.breaker = breaker or CircuitBreaker()
+        self.breaker = breaker or CircuitBreaker(clock=clock)
         self.local_confident = local_confident
+        self._clock = clock
         self._slots = threading.BoundedSemaphore(cloud_slots)
         self._cloud_pool = cf.ThreadPoolExecutor(cloud_slots, thread_name_prefix="cloud")
         # One waiter per Identify in progress: as many as the gRPC server has threads.
@@ -107,12 +109,55 @@ class RoutingEngine:
         self.last_error = ""
         self.last_error_time = 0.0
 
+    @property
+    def kind(self) -> EngineKind:
+        """The engine that decides when both answer: the cloud, unless local-only."""
+        if self.cloud is None or self.policy is Policy.LOCAL_ONLY:
+            return self.local.kind
+        return self.cloud.kind
+
+    @property
+    def name(self) -> str:
+        if self.cloud is None:
+            return f"{self.policy.value}({self.local.name})"
+        return f"{self.policy.value}({self.cloud.name}, {self.local.name})"
+
     def close(self) -> None:
         self._cloud_pool.shutdown(wait=False, cancel_futures=True)
         self._local_pool.shutdown(wait=False, cancel_futures=True)
+        self.local.close()
+        if self.cloud is not None:
+            self.cloud.close()
 
-    def identify(self, image: bytes, timeout: float) -> Identification:
-        deadline = time.monotonic() + timeout
+    # Membership: both engines learn and forget; search is the local engine's.
+    def enrol(
+        self, photos: Sequence[bytes], timeout: float, templates: Sequence[FaceTemplate]
+    ) -> list[FaceTemplate]:
+        templates = self.local.enrol(photos, timeout, templates)
+        if self.cloud is not None:
+            templates = self.cloud.enrol(photos, timeout, templates)
+        return list(templates)
+
+    def enrolled(self, member_id: str, templates: Sequence[FaceTemplate]) -> None:
+        self.local.enrolled(member_id, templates)
+        if self.cloud is not None:
+            self.cloud.enrolled(member_id, templates)
+
+    def removed(self, member_id: str) -> None:
+        self.local.removed(member_id)
+        if self.cloud is not None:
+            self.cloud.removed(member_id)
+
+    def knows(self, member_id: str) -> bool:
+        return self.local.knows(member_id)
+
+    def search(self, image: bytes, timeout: float, max_candidates: int) -> SearchResult:
+        return self.local.search(image, timeout, max_candidates)
+
+    def identify(
+        self, image: bytes, timeout: float, attempt: Attempt | None = None
+    ) -> Identification:
+        deadline = self._clock() + timeout
         if self.policy is Policy.LOCAL_ONLY:
             return self.local.identify(image, timeout)
         if self.policy is Policy.LOCAL_FIRST:
@@ -120,7 +165,7 @@ class RoutingEngine:
         return self._cloud_first(image, deadline)
 
     def _cloud_first(self, image: bytes, deadline: float) -> Identification:
-        started = time.monotonic()
+        started = self._clock()
         local_future = self._local_pool.submit(
             self.local.identify, image, max(0.0, deadline - started)
         )
@@ -131,16 +176,16 @@ class RoutingEngine:
             call.cancelled.set()
 
     def _local_first(self, image: bytes, deadline: float) -> Identification:
-        started = time.monotonic()
+        started = self._clock()
         local = self.local.identify(image, max(0.0, deadline - started))
-        local_latency = time.monotonic() - started
+        local_latency = self._clock() - started
         if self._confident(local):
             return replace(
                 local,
                 reports=(
                     _report(local, EngineOutcome.DECIDED, local_latency),
                     EngineReport(
-                        EngineKind.AZURE, EngineOutcome.NOT_USED, detail="local engine confident"
+                        self._cloud_kind, EngineOutcome.NOT_USED, detail="local engine confident"
                     ),
                 ),
             )
@@ -165,26 +210,16 @@ class RoutingEngine:
 
     def _start_cloud(
         self, image: bytes, deadline: float
-    ) -> tuple[cf.Future[Identification] | None, CloudCall, EngineReport | None]:
+    ) -> tuple[cf.Future[Identification] | None, Attempt, EngineReport | None]:
         """Start the cloud call, or say why it was skipped."""
-        call = CloudCall(threading.Event())
+        call = Attempt()
         assert self.cloud is not None
-        if len(image) < AZURE_MIN_BYTES:
-            return (
-                None,
-                call,
-                EngineReport(
-                    EngineKind.AZURE,
-                    EngineOutcome.NOT_USED,
-                    detail="image under the Face API's 1 KB",
-                ),
-            )
         if not self.breaker.allow():
             return (
                 None,
                 call,
                 EngineReport(
-                    EngineKind.AZURE,
+                    self._cloud_kind,
                     EngineOutcome.CIRCUIT_OPEN,
                     detail="circuit open: cloud skipped",
                 ),
@@ -195,12 +230,12 @@ class RoutingEngine:
                 None,
                 call,
                 EngineReport(
-                    EngineKind.AZURE,
+                    self._cloud_kind,
                     EngineOutcome.TIMED_OUT,
                     detail="too many cloud calls still in flight: cloud skipped",
                 ),
             )
-        budget = max(0.05, deadline - time.monotonic() - RESERVE)
+        budget = max(0.05, deadline - self._clock() - RESERVE)
         cloud = self.cloud
 
         def run() -> Identification:
@@ -217,32 +252,37 @@ class RoutingEngine:
             return (
                 None,
                 call,
-                EngineReport(EngineKind.AZURE, EngineOutcome.ERROR, detail="server stopping"),
+                EngineReport(self._cloud_kind, EngineOutcome.ERROR, detail="server stopping"),
             )
 
-    def _cloud_failed(
-        self,
-        outcome: EngineOutcome,
-        detail: str,
-        retry_after: float | None,
-        status: int | None = None,
-    ) -> None:
-        self.last_error = detail
+    def _cloud_failed(self, failure: EngineFailure, started: float) -> EngineReport:
+        """Tell the breaker (when the cloud is at fault); the cloud's part in the report."""
+        self.last_error = failure.detail
         self.last_error_time = time.time()
-        if outcome is EngineOutcome.NOT_TRAINED or status == 400:
-            # The cloud works: the group is not ready, or this frame was refused
-            # (InvalidImage, BadArgument). Neither is a reason to stop asking it.
+        if not failure.engine_fault:
+            # The cloud works: it is not ready, or this frame was refused. Neither is a
+            # reason to stop asking it.
             self.breaker.release()
-        elif outcome is EngineOutcome.THROTTLED:
-            self.breaker.record_failure(retry_after=retry_after or 0.0)
+        elif failure.outcome is EngineOutcome.THROTTLED:
+            self.breaker.record_failure(retry_after=failure.retry_after or 0.0)
         else:
             self.breaker.record_failure()
+        return EngineReport(
+            self._cloud_kind,
+            failure.outcome,
+            detail=failure.detail,
+            latency=timedelta(seconds=self._clock() - started),
+        )
+
+    @property
+    def _cloud_kind(self) -> EngineKind:
+        return self.cloud.kind if self.cloud is not None else EngineKind.AZURE
 
     def _combine(
         self,
         local_future: cf.Future[Identification],
         cloud_future: cf.Future[Identification] | None,
-        call: CloudCall,
+        call: Attempt,
         skipped: EngineReport | None,
         deadline: float,
         started: float,
@@ -252,43 +292,29 @@ class RoutingEngine:
         cloud_report = skipped
         if cloud_future is not None:
             try:
-                cloud = cloud_future.result(timeout=max(0.0, deadline - RESERVE - time.monotonic()))
+                cloud = cloud_future.result(timeout=max(0.0, deadline - RESERVE - self._clock()))
                 self.breaker.record_success()
             except cf.TimeoutError:
-                self._cloud_failed(
-                    EngineOutcome.TIMED_OUT, "no cloud answer within the budget", None
+                cloud_report = self._cloud_failed(
+                    EngineFailure(EngineOutcome.TIMED_OUT, "no cloud answer within the budget"),
+                    started,
                 )
-                cloud_report = EngineReport(
-                    EngineKind.AZURE,
-                    EngineOutcome.TIMED_OUT,
-                    detail="no cloud answer within the budget",
-                    latency=timedelta(seconds=time.monotonic() - started),
-                )
-            except CloudFailure as failure:
-                self._cloud_failed(
-                    failure.outcome, failure.detail, failure.retry_after, failure.status
-                )
-                cloud_report = EngineReport(
-                    EngineKind.AZURE,
-                    failure.outcome,
-                    detail=failure.detail,
-                    latency=timedelta(seconds=time.monotonic() - started),
-                )
+            except EngineFailure as failure:
+                cloud_report = self._cloud_failed(failure, started)
             except Exception as error:  # never let a cloud surprise reach the caller
                 log.exception("unexpected cloud error")
-                self._cloud_failed(EngineOutcome.ERROR, type(error).__name__, None)
-                cloud_report = EngineReport(
-                    EngineKind.AZURE, EngineOutcome.ERROR, detail=type(error).__name__
+                cloud_report = self._cloud_failed(
+                    EngineFailure(EngineOutcome.ERROR, type(error).__name__), started
                 )
-        cloud_latency = time.monotonic() - started
-        transactions = call.transactions
+        cloud_latency = self._clock() - started
+        transactions = call.billed
 
         try:
-            local = local_future.result(timeout=max(0.0, deadline - time.monotonic()))
+            local = local_future.result(timeout=max(0.0, deadline - self._clock()))
         except (cf.TimeoutError, RecognitionTimeout):
             local = None
         if local_latency is None:
-            local_latency = time.monotonic() - started
+            local_latency = self._clock() - started
 
         if cloud is None:
             if local is None:
@@ -304,7 +330,7 @@ class RoutingEngine:
                 cloud,
                 reports=(
                     _report(cloud, EngineOutcome.DECIDED, cloud_latency),
-                    EngineReport(EngineKind.LOCAL, EngineOutcome.TIMED_OUT),
+                    EngineReport(self.local.kind, EngineOutcome.TIMED_OUT),
                 ),
                 cloud_transactions=transactions,
             )
@@ -328,14 +354,14 @@ class RoutingEngine:
                 return cloud, EngineOutcome.DECIDED, EngineOutcome.AGREED
             denial = Identification(
                 Decision.DENIED_UNKNOWN_FACE,
-                EngineKind.AZURE,
+                self._cloud_kind,
                 face_box=cloud.face_box,
                 hint="please try again",
             )
             return denial, EngineOutcome.DISAGREED, EngineOutcome.DISAGREED
         if local.decision is granted and cloud.decision is Decision.DENIED_UNKNOWN_FACE:
-            person = self.store.cloud_person(local.member_id)
-            if person is None or not person.ready:
+            assert self.cloud is not None
+            if not self.cloud.knows(local.member_id):
                 # Enrolled but not yet trained in the cloud: the local engine knows them.
                 return local, EngineOutcome.OUTRANKED, EngineOutcome.DECIDED
         if cloud.decision is granted and self.agreement is Agreement.REQUIRE_AGREEMENT:

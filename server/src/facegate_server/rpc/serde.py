@@ -11,19 +11,19 @@ from typing import Literal
 from facegate.v1 import facegate_service_pb2 as pb
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from facegate_server.cloud.sync import Change
 from facegate_server.domain import (
     AccessEvent,
+    Change,
     Decision,
     EngineKind,
     EngineReport,
     EventFilter,
     FaceBox,
     Member,
+    SearchResult,
+    Status,
 )
-from facegate_server.engines.local import SearchResult
 from facegate_server.errors import InvalidArgument
-from facegate_server.gate import Status
 
 
 def timestamp(t: datetime) -> timestamp_pb2.Timestamp:
@@ -138,20 +138,21 @@ def decode_page_token(token: str, key: str, kind: type[str] | type[int]) -> str 
 
 
 def status(s: Status) -> pb.GetStatusResponse:
+    e = s.engines
     message = pb.GetStatusResponse(
-        routing_policy=s.policy,
-        circuit_state=pb.CircuitState.Value("CIRCUIT_STATE_" + s.circuit.upper().replace("-", "_")),
+        routing_policy=e.policy,
+        circuit_state=pb.CircuitState.Value("CIRCUIT_STATE_" + e.circuit.upper().replace("-", "_")),
         outbox_depth=s.outbox_depth,
-        last_cloud_error=s.last_cloud_error,
-        cloud_training=s.cloud_training,
+        last_cloud_error=e.last_cloud_error,
+        cloud_training=e.cloud_training,
         cloud_transactions=[
-            pb.Count(name=k, count=v) for k, v in sorted(s.cloud_transactions.items())
+            pb.Count(name=k, count=v) for k, v in sorted(e.cloud_transactions.items())
         ],
         decisions=[pb.Count(name=k, count=v) for k, v in sorted(s.decisions.items())],
         member_count=s.member_count,
     )
-    if s.last_cloud_error_time is not None:
-        message.last_cloud_error_time.CopyFrom(timestamp(s.last_cloud_error_time))
+    if e.last_cloud_error_time is not None:
+        message.last_cloud_error_time.CopyFrom(timestamp(e.last_cloud_error_time))
     return message
 
 

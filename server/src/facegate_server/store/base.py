@@ -26,6 +26,13 @@ from facegate_server.domain import (
 )
 
 
+def embedding_of(template: FaceTemplate) -> Embedding:
+    """A stored template's embedding: every stored template has the local engine's."""
+    if template.embedding is None:
+        raise ValueError("a stored template needs an embedding (the local engine's part)")
+    return template.embedding
+
+
 class Store(abc.ABC):
     @abc.abstractmethod
     def create_member(
@@ -50,6 +57,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def list_members(self, limit: int, after: str = "") -> list[Member]:
         """Up to `limit` members with ids greater than `after`, in id order."""
+
+    @abc.abstractmethod
+    def count_members(self) -> int:
+        """How many members are enrolled."""
 
     @abc.abstractmethod
     def delete_member(self, member_id: str, *, cloud: bool = False) -> None:

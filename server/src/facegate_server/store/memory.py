@@ -19,7 +19,7 @@ from facegate_server.domain import (
     StoredFace,
 )
 from facegate_server.errors import MemberAlreadyExists, MemberNotFound
-from facegate_server.store.base import Store
+from facegate_server.store.base import Store, embedding_of
 
 
 @dataclass
@@ -53,6 +53,7 @@ class MemoryStore(Store):
     def _add_faces(self, member_id: str, templates: Sequence[FaceTemplate]) -> list[_Face]:
         faces = []
         for t in templates:
+            embedding_of(t)
             face = _Face(self._next_face, t)
             self._next_face += 1
             faces.append(face)
@@ -102,6 +103,10 @@ class MemoryStore(Store):
             ids = sorted(i for i in self._members if i > after)[:limit]
             return [self._members[i] for i in ids]
 
+    def count_members(self) -> int:
+        with self._lock:
+            return len(self._members)
+
     def delete_member(self, member_id: str, *, cloud: bool = False) -> None:
         with self._lock:
             self._get(member_id)
@@ -118,7 +123,7 @@ class MemoryStore(Store):
 
     def iter_embeddings(self) -> Iterator[tuple[str, Embedding]]:
         with self._lock:
-            pairs = [(m, f.template.embedding) for m, fs in self._templates.items() for f in fs]
+            pairs = [(m, embedding_of(f.template)) for m, fs in self._templates.items() for f in fs]
         return iter(pairs)
 
     def record_event(self, event: NewAccessEvent) -> AccessEvent:

@@ -31,7 +31,7 @@ from facegate_server.domain import (
     StoredFace,
 )
 from facegate_server.errors import MemberAlreadyExists, MemberNotFound
-from facegate_server.store.base import Store
+from facegate_server.store.base import Store, embedding_of
 from facegate_server.store.reports import reports_from_json, reports_json
 
 EMBEDDING_DTYPE = np.dtype("<f8")
@@ -145,7 +145,12 @@ class SqliteStore(Store):
         for t in templates:
             face_id = self._db.execute(
                 "INSERT INTO faces (member_id, embedding, photo, create_us) VALUES (?, ?, ?, ?)",
-                (member_id, np.asarray(t.embedding, EMBEDDING_DTYPE).tobytes(), t.photo, now_us),
+                (
+                    member_id,
+                    np.asarray(embedding_of(t), EMBEDDING_DTYPE).tobytes(),
+                    t.photo,
+                    now_us,
+                ),
             ).lastrowid
             if t.cloud_photo is not None:
                 self._db.execute(
@@ -207,6 +212,11 @@ class SqliteStore(Store):
                 (after, limit),
             ).fetchall()
         return [self._member(r) for r in rows]
+
+    def count_members(self) -> int:
+        with self._lock:
+            (count,) = self._db.execute("SELECT COUNT(*) FROM members").fetchone()
+        return int(count)
 
     def delete_member(self, member_id: str, *, cloud: bool = False) -> None:
         with self._lock, self._transaction():

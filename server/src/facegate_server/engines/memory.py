@@ -1,0 +1,112 @@
+"""An in-memory engine that recognises no faces: the test double of `RecognitionEngine`.
+
+It decides by a `faces` function that names whose face an image shows (by default the
+image's SHA-256: the same bytes are the same face), so tests of roles, paging, the access
+log or the router run a real server without dlib or worker processes. It keeps the
+interface's contract (tests/test_engine_contract.py runs it beside the real engines):
+empty images are refused, a face enrolled is granted, a member removed is not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import numpy as np
+
+from facegate_server.domain import (
+    Candidate,
+    Decision,
+    EngineKind,
+    FaceTemplate,
+    Identification,
+    SearchResult,
+)
+from facegate_server.engines.base import Attempt
+from facegate_server.errors import InvalidArgument
+
+NO_FACE = b"no face"
+"""Image bytes the default `faces` function finds no face in."""
+
+
+def by_content(image: bytes) -> str | None:
+    """The default `faces`: identical bytes are one face; NO_FACE has none."""
+    return None if image == NO_FACE else hashlib.sha256(image).hexdigest()
+
+
+class MemoryEngine:
+    kind = EngineKind.LOCAL
+    name = "memory"
+
+    def __init__(self, faces: Callable[[bytes], str | None] = by_content) -> None:
+        self._faces = faces
+        self._lock = threading.Lock()
+        self._pending: dict[int, str] = {}  # id(template embedding) -> face, until enrolled
+        self._members: dict[str, set[str]] = {}  # member -> faces
+
+    def _face(self, image: bytes, field: str) -> str | None:
+        if not image:
+            raise InvalidArgument(field, "is empty", reason="IMAGE_EMPTY")
+        return self._faces(image)
+
+    def identify(
+        self, image: bytes, timeout: float, attempt: Attempt | None = None
+    ) -> Identification:
+        face = self._face(image, "image")
+        if face is None:
+            return Identification(Decision.DENIED_NO_FACE, self.kind, hint="look at the camera")
+        with self._lock:
+            owners = sorted(m for m, faces in self._members.items() if face in faces)
+        if len(owners) == 1:
+            return Identification(Decision.GRANTED, self.kind, member_id=owners[0], confidence=1.0)
+        if owners:
+            return Identification(Decision.DENIED_AMBIGUOUS, self.kind, confidence=1.0)
+        return Identification(Decision.DENIED_UNKNOWN_FACE, self.kind)
+
+    def search(self, image: bytes, timeout: float, max_candidates: int) -> SearchResult:
+        found = self.identify(image, timeout)
+        face = self._face(image, "image")
+        with self._lock:
+            owners = sorted(m for m, faces in self._members.items() if face in faces)
+        candidates = [Candidate(m, 0.0, 1.0) for m in owners[:max_candidates]]
+        return SearchResult(found, candidates, None)
+
+    def enrol(
+        self, photos: Sequence[bytes], timeout: float, templates: Sequence[FaceTemplate]
+    ) -> list[FaceTemplate]:
+        enrolled = []
+        for i, (photo, template) in enumerate(zip(photos, templates, strict=True)):
+            face = self._face(photo, f"photos[{i}]")
+            if face is None:
+                raise InvalidArgument(
+                    f"photos[{i}]", "no face was found in this photo", reason="PHOTO_NO_FACE"
+                )
+            # A stored template needs an embedding; this one stands for the face's name.
+            embedding = np.frombuffer(hashlib.sha256(face.encode()).digest() * 32, np.uint8)
+            enrolled.append(replace(template, embedding=embedding[:128].astype(np.float64)))
+            with self._lock:
+                self._pending[_key(enrolled[-1])] = face
+        return enrolled
+
+    def enrolled(self, member_id: str, templates: Sequence[FaceTemplate]) -> None:
+        with self._lock:
+            faces = {self._pending.pop(_key(t)) for t in templates if _key(t) in self._pending}
+            self._members.setdefault(member_id, set()).update(faces)
+
+    def removed(self, member_id: str) -> None:
+        with self._lock:
+            self._members.pop(member_id, None)
+
+    def knows(self, member_id: str) -> bool:
+        with self._lock:
+            return member_id in self._members
+
+    def close(self) -> None:
+        pass
+
+
+def _key(template: FaceTemplate) -> int:
+    assert template.embedding is not None
+    return hash(template.embedding.tobytes())
