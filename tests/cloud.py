@@ -49,7 +49,7 @@ class CloudGate:
     def settle(self) -> None:
         """Replay the outbox and train, as the background thread would, moving both clocks
         (FaceGate's and the emulator's) instead of waiting for the training to finish."""
-        cloud = self.server.gate.cloud
+        cloud = self.server.gate.replayer
         assert cloud is not None
         for _ in range(100):
             cloud.run_once()
@@ -69,7 +69,7 @@ class CloudGate:
 
     def persons(self) -> dict[str, list[str]]:
         """The emulator's persons in FaceGate's group: userData -> persisted face ids."""
-        face = self.server.gate.cloud.face  # type: ignore[union-attr]
+        face = self.server.gate.replayer.face  # type: ignore[union-attr]
         return {p.user_data: list(p.persisted_face_ids) for p in face.persons()}
 
     def reset_breaker(self) -> None:

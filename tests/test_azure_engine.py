@@ -132,7 +132,7 @@ def test_an_untrained_group_is_not_trained_not_an_outage(
     emu: RunningEmulator, tmp_path: Path, faces: Faces
 ) -> None:
     with cloud_gate(emu, tmp_path, azure_group_id="fresh-group") as other:
-        other.server.gate.cloud.face.ensure_group()  # type: ignore[union-attr]
+        other.server.gate.replayer.face.ensure_group()  # type: ignore[union-attr]
         response = other.identify(faces.read("people/joe_biden/2.jpg"))
         assert engines(response)["azure"] == "NOT_TRAINED"
         assert other.router.breaker.state.value == "closed"

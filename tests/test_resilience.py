@@ -180,7 +180,7 @@ def test_enrolment_during_an_outage_reaches_the_cloud_exactly_once(
             "m-biden",
             pb.ENGINE_LOCAL,
         )
-        gate.server.gate.cloud.run_once()  # type: ignore[union-attr]  # fails: cloud away
+        gate.server.gate.replayer.run_once()  # type: ignore[union-attr]  # fails: cloud away
         state = status(gate)
         assert state.outbox_depth == 2
         assert state.last_cloud_error
@@ -219,7 +219,7 @@ def test_replays_after_lost_answers_create_nothing_twice(
     emu: RunningEmulator, faces: Faces, tmp_path: Path
 ) -> None:
     with cloud_gate(emu, tmp_path) as gate:
-        cloud = gate.server.gate.cloud
+        cloud = gate.server.gate.replayer
         assert cloud is not None
         forgetful = Forgetful(cloud.face.settings, cloud.face.counter)
         forgetful.dropped = set()
@@ -260,7 +260,7 @@ def test_sync_reports_then_repairs_what_differs(
     with cloud_gate(emu, tmp_path, keep_photos=True) as gate:
         enroll(gate, faces, "m-obama", "people/barack_obama/1.jpg", "people/barack_obama/2.jpg")
         gate.settle()
-        face = gate.server.gate.cloud.face  # type: ignore[union-attr]
+        face = gate.server.gate.replayer.face  # type: ignore[union-attr]
         orphan = face.create_person("someone-else")
         obama = gate.server.store.cloud_person("m-obama")
         assert obama is not None

@@ -52,12 +52,12 @@ class FaceGateServer:
     health: health.HealthServicer
     store: Store
     background_sync: bool = True
-    """Replay the outbox in a background thread (tests drive `gate.cloud.settle()`)."""
+    """Replay the outbox in a background thread (tests call `gate.replayer.run_once()`)."""
 
     def start(self) -> None:
         self.server.start()
-        if self.gate.cloud is not None and self.background_sync:
-            self.gate.cloud.start()
+        if self.gate.replayer is not None and self.background_sync:
+            self.gate.replayer.start()
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
@@ -65,11 +65,11 @@ class FaceGateServer:
         """Report NOT_SERVING, let calls in flight finish for `grace` seconds, release all."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
-        if self.gate.cloud is not None:
-            self.gate.cloud.stop()
+        if self.gate.replayer is not None:
+            self.gate.replayer.stop()
             log.info(
                 "cloud transactions",
-                extra={"by_operation": self.gate.cloud.face.counter.totals()},
+                extra={"by_operation": self.gate.replayer.face.counter.totals()},
             )
         self.gate.engine.close()
         self.store.close()
@@ -182,7 +182,7 @@ def build_server(
     router: RecognitionEngine | None = None
     try:
         local = engine if engine is not None else build_local(settings, store)
-        router, cloud, engine_status = build_engine(settings, store, local, clock)
+        router, replayer, engine_status = build_engine(settings, store, local, clock)
         gate = Gate(
             store,
             router,
@@ -190,7 +190,7 @@ def build_server(
             enroll_timeout=settings.enroll_timeout_s,
             max_photos=settings.max_photos,
             keep_photos=settings.keep_photos,
-            cloud=cloud,
+            replayer=replayer,
             engine_status=engine_status,
         )
         server = grpc.server(

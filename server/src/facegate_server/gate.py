@@ -61,7 +61,7 @@ class IdentifyResult:
 class Gate:
     """The use cases, on one engine (the router, or any RecognitionEngine) and one store.
 
-    `cloud` is the outbox replayer, when a cloud engine is configured: woken after each
+    `replayer` is the cloud's outbox replayer, when one is configured: woken after each
     change of membership, and asked to reconcile by SyncCloud. `engine_status` reports
     the routing and the cloud for GetStatus.
     """
@@ -76,12 +76,12 @@ class Gate:
         max_photos: int,
         keep_photos: bool = False,
         clock: Clock = utc_now,
-        cloud: CloudSync | None = None,
+        replayer: CloudSync | None = None,
         engine_status: Callable[[], EngineStatus] | None = None,
     ) -> None:
         self.store = store
         self.engine = engine
-        self.cloud = cloud
+        self.replayer = replayer
         self._engine_status = engine_status or EngineStatus
         self._decisions: Counter[str] = Counter()
         self.identify_budget = identify_budget
@@ -154,8 +154,8 @@ class Gate:
         return member
 
     def _wake_cloud(self) -> None:
-        if self.cloud is not None:
-            self.cloud.wake()
+        if self.replayer is not None:
+            self.replayer.wake()
 
     def status(self) -> Status:
         return Status(
@@ -166,10 +166,10 @@ class Gate:
         )
 
     def sync_cloud(self, dry_run: bool) -> list[Change]:
-        if self.cloud is None:
+        if self.replayer is None:
             raise CloudNotConfigured("no cloud engine is configured (FACEGATE_AZURE_ENDPOINT)")
         try:
-            return self.cloud.reconcile(dry_run)
+            return self.replayer.reconcile(dry_run)
         except CloudFailure as failure:
             raise CloudUnavailable(f"the cloud could not be reconciled: {failure.detail}") from None
 
@@ -205,7 +205,7 @@ class Gate:
     def delete_member(self, member_id: str) -> None:
         validation.member_id(member_id)
         with self._membership:
-            self.store.delete_member(member_id, cloud=self.cloud is not None)
+            self.store.delete_member(member_id, cloud=self.replayer is not None)
             self.engine.removed(member_id)
         self._wake_cloud()
         log.info("member deleted", extra={"member_id": member_id})

@@ -1,10 +1,10 @@
 """An in-memory engine that recognises no faces: the test double of `RecognitionEngine`.
 
-It decides by a `faces` function that names whose face an image shows (by default the
-image's SHA-256: the same bytes are the same face), so tests of roles, paging, the access
-log or the router run a real server without dlib or worker processes. It keeps the
-interface's contract (tests/test_engine_contract.py runs it beside the real engines):
-empty images are refused, a face enrolled is granted, a member removed is not.
+It decodes images as the local engine does (engines/images.py: the same limits and
+refusals), then decides by a `faces` function that names whose face an image shows (by
+default the image's SHA-256: the same bytes are the same face), so tests of roles, paging,
+the access log or the router run a real server without dlib or worker processes. It keeps
+the interface's contract (tests/test_engine_contract.py runs it beside the real engines).
 """
 
 from __future__ import annotations
@@ -25,30 +25,37 @@ from facegate_server.domain import (
     SearchResult,
 )
 from facegate_server.engines.base import Attempt
+from facegate_server.engines.images import ImageRejected, decode
 from facegate_server.errors import InvalidArgument
-
-NO_FACE = b"no face"
-"""Image bytes the default `faces` function finds no face in."""
 
 
 def by_content(image: bytes) -> str | None:
-    """The default `faces`: identical bytes are one face; NO_FACE has none."""
-    return None if image == NO_FACE else hashlib.sha256(image).hexdigest()
+    """The default `faces`: identical bytes are one face."""
+    return hashlib.sha256(image).hexdigest()
 
 
 class MemoryEngine:
     kind = EngineKind.LOCAL
     name = "memory"
 
-    def __init__(self, faces: Callable[[bytes], str | None] = by_content) -> None:
+    def __init__(
+        self,
+        faces: Callable[[bytes], str | None] = by_content,
+        *,
+        max_bytes: int = 6 * 1024 * 1024,
+        max_side: int = 4096,
+    ) -> None:
         self._faces = faces
+        self._max_bytes, self._max_side = max_bytes, max_side
         self._lock = threading.Lock()
         self._pending: dict[int, str] = {}  # id(template embedding) -> face, until enrolled
         self._members: dict[str, set[str]] = {}  # member -> faces
 
     def _face(self, image: bytes, field: str) -> str | None:
-        if not image:
-            raise InvalidArgument(field, "is empty", reason="IMAGE_EMPTY")
+        try:
+            decode(image, max_bytes=self._max_bytes, max_side=self._max_side)
+        except ImageRejected as rejected:
+            raise InvalidArgument(field, rejected.message, reason=rejected.reason) from None
         return self._faces(image)
 
     def identify(

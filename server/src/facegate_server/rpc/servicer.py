@@ -47,7 +47,9 @@ def _log_fields(request: Any, response: Any) -> dict[str, Any]:
         fields["confidence"] = round(response.confidence, 3)
         if response.engines:
             fields["engines"] = {
-                pb.Engine.Name(r.engine)[7:].lower(): pb.EngineOutcome.Name(r.outcome)[15:]
+                pb.Engine.Name(r.engine).removeprefix("ENGINE_").lower(): pb.EngineOutcome.Name(
+                    r.outcome
+                ).removeprefix("ENGINE_OUTCOME_")
                 for r in response.engines
             }
             fields["cloud_transactions"] = response.cloud_transactions
