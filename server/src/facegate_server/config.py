@@ -26,15 +26,19 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails, PydanticCustomError
-from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
-from pydantic_settings.sources import PydanticBaseSettingsSource
-from pydantic_settings.sources.utils import parse_env_vars
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 MIB = 1024 * 1024
 ENV_PREFIX = "FACEGATE_"
 
-# The values of routing/router.py's Policy and Agreement (a test keeps them equal); the
-# enums live with the router, which config must not import (it is imported by the CLI).
+# The values of routing/router.py's Policy and Agreement (test_config keeps them equal);
+# the enums live with the router, which config must not import (the router imports the
+# engines, which import config).
 RoutingPolicy = Literal["cloud-first", "local-first", "local-only"]
 Disagreement = Literal["deny-on-conflict", "require-agreement"]
 
@@ -119,8 +123,19 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Only the values given: load_settings chooses the sources (and their mapping).
+        # Only the values given: `load` reads the environment, from the mapping it is given.
         return (init_settings,)
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Self:
+        """The environment (`env`; os.environ when None), then `overrides` that are not
+        None. Raises SettingsError (a ValueError), one line naming the variable."""
+        values = _Environment(cls, os.environ if env is None else env)()
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**values)
+        except ValidationError as error:
+            raise SettingsError(describe(cls, error)) from None
 
     @model_validator(mode="after")
     def _cloud_needs_both(self) -> Self:
@@ -161,16 +176,20 @@ def _flag_only(field: FieldInfo) -> bool:
 
 
 class _Environment(EnvSettingsSource):
-    """FACEGATE_* variables from `env` (os.environ when None), not the flag-only fields."""
+    """The FACEGATE_* variables in `env`, a mapping rather than os.environ (pydantic-settings
+    reads os.environ in `_load_env_vars`; test_config pins this), and not the flag-only
+    fields. Names match case-insensitively (pydantic-settings' default); empty is unset."""
 
     def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
         self._env = env
         super().__init__(settings_cls)
 
     def _load_env_vars(self) -> Mapping[str, str | None]:
-        return parse_env_vars(
-            self._env, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str
-        )
+        return {
+            name if self.case_sensitive else name.lower(): value
+            for name, value in self._env.items()
+            if not (self.env_ignore_empty and value == "")
+        }
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         if _flag_only(field):
@@ -181,31 +200,24 @@ class _Environment(EnvSettingsSource):
 def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
     """Settings from the environment (`env`; os.environ when None, `{}` for none), then
     `overrides` (None values are ignored). Raises SettingsError, a ValueError."""
-    values = _Environment(Settings, os.environ if env is None else env)()
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return Settings(**values)
-    except ValidationError as error:
-        raise SettingsError(describe(error)) from None
+    return Settings.load(env, **overrides)
 
 
-_SECRETS = frozenset(name for name, f in Settings.model_fields.items() if f.repr is False)
-
-
-def describe(error: ValidationError) -> str:
+def describe(settings_cls: type[BaseSettings], error: ValidationError) -> str:
     """A ValidationError as one line: `FACEGATE_WORKERS=abc: not a whole number; ...`."""
-    return "; ".join(_describe_one(detail) for detail in error.errors(include_url=False))
+    fields = settings_cls.model_fields
+    return "; ".join(_describe_one(fields, d) for d in error.errors(include_url=False))
 
 
-def _describe_one(detail: ErrorDetails) -> str:
+def _describe_one(fields: Mapping[str, FieldInfo], detail: ErrorDetails) -> str:
     problem = _problem(detail)
     if not detail["loc"]:  # a rule across fields: the message names the variables
         return problem
     field = str(detail["loc"][0])
-    if field not in Settings.model_fields:
+    if field not in fields:
         return f"{field}: not a setting"
-    name = field if _flag_only(Settings.model_fields[field]) else env_name(field)
-    if field in _SECRETS:
+    name = field if _flag_only(fields[field]) else env_name(field)
+    if fields[field].repr is False:  # a secret: never its value
         return f"{name}: {problem}"
     return f"{name}={shlex.quote(str(detail['input']))}: {problem}"
 
@@ -216,6 +228,10 @@ def _problem(detail: ErrorDetails) -> str:
         return "not a whole number"
     if kind in ("float_parsing", "float_type"):
         return "not a number"
+    if kind == "string_type":
+        return "not text"
+    if kind == "path_type":
+        return "not a path"
     if kind == "finite_number":
         return "not a finite number"
     if kind in ("bool_parsing", "bool_type"):
