@@ -1,90 +1,156 @@
 """Settings: the only module that reads the environment.
 
 Every setting has a default that runs the embedded service (local engine, SQLite in
-./facegate-data); each can be set by an environment variable, and `facegate serve` flags
-override the environment.
+./facegate-data); each can be set by an environment variable, FACEGATE_ and the setting's
+name in capitals (`workers`: FACEGATE_WORKERS), and `facegate serve` flags override the
+environment. `insecure` is the exception: the `serve --insecure` flag only.
+
+The values are typed (pydantic-settings): each arrives as its field's type, whatever the
+annotation (`int | None` included), and the rules are field constraints. `load_settings`
+is the one reader: `Settings()` is the defaults alone, whatever the environment holds.
+
+An empty variable counts as unset (the default applies). Variables that start with
+FACEGATE_ but name no setting are ignored, not warned about: the prefix is shared with the
+client (FACEGATE_TARGET, FACEGATE_TOKEN, FACEGATE_CA, ...) and the tests
+(FACEGATE_TEST_FACES), so a server warning would fire on every machine that runs both.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails, PydanticCustomError
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 MIB = 1024 * 1024
+ENV_PREFIX = "FACEGATE_"
+
+# The values of routing/router.py's Policy and Agreement (test_config keeps them equal);
+# the enums live with the router, which config must not import (the router imports the
+# engines, which import config).
+RoutingPolicy = Literal["cloud-first", "local-first", "local-only"]
+Disagreement = Literal["deny-on-conflict", "require-agreement"]
+
+
+class SettingsError(ValueError):
+    """An invalid setting; the message is one line that names the variable and the problem."""
+
+
+class FlagOnly:
+    """Field marker: no environment variable sets this field (a command-line flag does)."""
 
 
 def _default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
 
 
-@dataclass(frozen=True)
-class Settings:
-    """FaceGate's configuration. Field metadata names the environment variable."""
+class Settings(BaseSettings):
+    """FaceGate's configuration, frozen. Secrets (`tokens`, `azure_key`) stay out of repr."""
 
-    listen: str = field(default="127.0.0.1:50051", metadata={"env": "FACEGATE_LISTEN"})
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_ignore_empty=True,
+        frozen=True,
+        extra="forbid",
+        allow_inf_nan=False,
+        hide_input_in_errors=True,  # a secret never reaches a log through an error
+    )
+
+    listen: str = "127.0.0.1:50051"
     # Callers and transport (auth.py, tls.py read the files). No callers: open, loopback only.
-    tokens_file: Path | None = field(default=None, metadata={"env": "FACEGATE_TOKENS_FILE"})
-    tokens: str = field(default="", repr=False, metadata={"env": "FACEGATE_TOKENS"})
-    tls_cert: Path | None = field(default=None, metadata={"env": "FACEGATE_TLS_CERT"})
-    tls_key: Path | None = field(default=None, metadata={"env": "FACEGATE_TLS_KEY"})
-    tls_client_ca: Path | None = field(default=None, metadata={"env": "FACEGATE_TLS_CLIENT_CA"})
-    insecure: bool = field(default=False, metadata={"env": None})  # `serve --insecure` only
-    identify_rate: float = field(default=10.0, metadata={"env": "FACEGATE_IDENTIFY_RATE"})
-    identify_burst: int = field(default=20, metadata={"env": "FACEGATE_IDENTIFY_BURST"})
-    enroll_rate: float = field(default=1.0, metadata={"env": "FACEGATE_ENROLL_RATE"})
-    enroll_burst: int = field(default=20, metadata={"env": "FACEGATE_ENROLL_BURST"})
-    data_dir: Path = field(default=Path("facegate-data"), metadata={"env": "FACEGATE_DATA_DIR"})
-    workers: int = field(default_factory=_default_workers, metadata={"env": "FACEGATE_WORKERS"})
+    tokens_file: Path | None = None
+    tokens: str = Field(default="", repr=False)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    insecure: Annotated[bool, FlagOnly()] = False  # `serve --insecure` only
+    identify_rate: float = Field(default=10.0, ge=0)  # per caller, per second; 0: off
+    identify_burst: int = Field(default=20, ge=1)
+    enroll_rate: float = Field(default=1.0, ge=0)
+    enroll_burst: int = Field(default=20, ge=1)
+    data_dir: Path = Path("facegate-data")
+    workers: int = Field(default_factory=_default_workers, ge=1)
     # The local engine's decision policy (engines/policy.py; README: How the local engine
     # decides). Defaults measured on ../shared/faces.
-    match_threshold: float = field(default=0.55, metadata={"env": "FACEGATE_MATCH_THRESHOLD"})
-    match_margin: float = field(default=0.10, metadata={"env": "FACEGATE_MATCH_MARGIN"})
-    dominant_face_ratio: float = field(
-        default=4.0, metadata={"env": "FACEGATE_DOMINANT_FACE_RATIO"}
-    )
-    min_face_px: int = field(default=60, metadata={"env": "FACEGATE_MIN_FACE_PX"})
-    max_yaw: float = field(default=0.30, metadata={"env": "FACEGATE_MAX_YAW"})
-    min_pitch: float = field(default=0.40, metadata={"env": "FACEGATE_MIN_PITCH"})
-    min_brightness: float = field(default=40.0, metadata={"env": "FACEGATE_MIN_BRIGHTNESS"})
-    min_sharpness: float = field(default=30.0, metadata={"env": "FACEGATE_MIN_SHARPNESS"})
-    identify_budget_ms: int = field(default=1200, metadata={"env": "FACEGATE_IDENTIFY_BUDGET_MS"})
-    enroll_timeout_s: float = field(default=60.0, metadata={"env": "FACEGATE_ENROLL_TIMEOUT_S"})
-    keep_photos: bool = field(default=False, metadata={"env": "FACEGATE_KEEP_PHOTOS"})
-    max_image_bytes: int = field(default=6 * MIB, metadata={"env": "FACEGATE_MAX_IMAGE_BYTES"})
-    max_image_side: int = field(default=4096, metadata={"env": "FACEGATE_MAX_IMAGE_SIDE"})
-    max_photos: int = field(default=10, metadata={"env": "FACEGATE_MAX_PHOTOS"})
-    grace_period_s: float = field(default=5.0, metadata={"env": "FACEGATE_GRACE_PERIOD_S"})
-    log_level: str = field(default="INFO", metadata={"env": "FACEGATE_LOG_LEVEL"})
+    match_threshold: float = Field(default=0.55, gt=0, lt=2)
+    match_margin: float = Field(default=0.10, ge=0, lt=2)
+    dominant_face_ratio: float = Field(default=4.0, ge=1)
+    min_face_px: int = Field(default=60, ge=0)
+    max_yaw: float = Field(default=0.30, gt=0)
+    min_pitch: float = Field(default=0.40, ge=0)
+    min_brightness: float = Field(default=40.0, ge=0)
+    min_sharpness: float = Field(default=30.0, ge=0)
+    identify_budget_ms: int = Field(default=1200, ge=1)
+    enroll_timeout_s: float = 60.0
+    keep_photos: bool = False
+    max_image_bytes: int = Field(default=6 * MIB, ge=1)
+    max_image_side: int = Field(default=4096, ge=1)
+    max_photos: int = Field(default=10, ge=1)
+    grace_period_s: float = 5.0
+    log_level: str = "INFO"
     # The cloud engine (Azure Face): primary when endpoint and key are both set.
-    azure_endpoint: str = field(default="", metadata={"env": "FACEGATE_AZURE_ENDPOINT"})
-    azure_key: str = field(default="", repr=False, metadata={"env": "FACEGATE_AZURE_KEY"})
-    azure_group_id: str = field(default="facegate", metadata={"env": "FACEGATE_AZURE_GROUP_ID"})
-    azure_recognition_model: str = field(
-        default="recognition_04", metadata={"env": "FACEGATE_AZURE_RECOGNITION_MODEL"}
-    )
-    azure_detection_model: str = field(
-        default="detection_03", metadata={"env": "FACEGATE_AZURE_DETECTION_MODEL"}
-    )
-    azure_timeout_s: float = field(default=10.0, metadata={"env": "FACEGATE_AZURE_TIMEOUT_S"})
-    routing_policy: str = field(default="", metadata={"env": "FACEGATE_ROUTING_POLICY"})
-    on_disagreement: str = field(
-        default="deny-on-conflict", metadata={"env": "FACEGATE_ON_DISAGREEMENT"}
-    )
-    local_confident: float = field(default=0.75, metadata={"env": "FACEGATE_LOCAL_CONFIDENT"})
-    breaker_failures: int = field(default=3, metadata={"env": "FACEGATE_BREAKER_FAILURES"})
-    breaker_cooldown_s: float = field(default=10.0, metadata={"env": "FACEGATE_BREAKER_COOLDOWN_S"})
-    cloud_slots: int = field(default=4, metadata={"env": "FACEGATE_CLOUD_SLOTS"})
-    sync_interval_s: float = field(default=2.0, metadata={"env": "FACEGATE_SYNC_INTERVAL_S"})
+    azure_endpoint: str = ""
+    azure_key: str = Field(default="", repr=False)
+    azure_group_id: str = "facegate"
+    azure_recognition_model: str = "recognition_04"
+    azure_detection_model: str = "detection_03"
+    azure_timeout_s: float = 10.0
+    routing_policy: RoutingPolicy | None = None  # None: cloud-first when the cloud is set
+    on_disagreement: Disagreement = "deny-on-conflict"
+    local_confident: float = 0.75
+    breaker_failures: int = Field(default=3, ge=1)
+    breaker_cooldown_s: float = Field(default=10.0, gt=0)
+    cloud_slots: int = Field(default=4, ge=1)
+    sync_interval_s: float = 2.0
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Only the values given: `load` reads the environment, from the mapping it is given.
+        return (init_settings,)
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Self:
+        """The environment (`env`; os.environ when None), then `overrides` that are not
+        None. Raises SettingsError (a ValueError), one line naming the variable."""
+        values = _Environment(cls, os.environ if env is None else env)()
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**values)
+        except ValidationError as error:
+            raise SettingsError(describe(cls, error)) from None
+
+    @model_validator(mode="after")
+    def _cloud_needs_both(self) -> Self:
+        if bool(self.azure_endpoint) != bool(self.azure_key):
+            raise PydanticCustomError(
+                "azure_pair", "set both FACEGATE_AZURE_ENDPOINT and FACEGATE_AZURE_KEY, or neither"
+            )
+        return self
 
     @property
     def cloud_enabled(self) -> bool:
         return bool(self.azure_endpoint and self.azure_key)
 
     @property
-    def policy(self) -> str:
+    def policy(self) -> RoutingPolicy:
         """The routing policy in force: cloud-first by default when the cloud is configured."""
         if not self.cloud_enabled:
             return "local-only"
@@ -99,70 +165,89 @@ class Settings:
         """gRPC's receive limit: an Enroll with the most photos of the largest size fits."""
         return self.max_photos * self.max_image_bytes + MIB
 
-    def __post_init__(self) -> None:
-        if self.identify_rate < 0 or self.enroll_rate < 0:
-            raise ValueError("rate limits must be 0 (off) or positive")
-        if self.identify_burst < 1 or self.enroll_burst < 1:
-            raise ValueError("rate limit bursts must be at least 1")
-        if self.workers < 1:
-            raise ValueError("workers must be at least 1")
-        if not 0.0 < self.match_threshold < 2.0:
-            raise ValueError("match_threshold must be in (0, 2)")
-        if not 0.0 <= self.match_margin < 2.0:
-            raise ValueError("match_margin must be in [0, 2)")
-        if self.dominant_face_ratio < 1.0:
-            raise ValueError("dominant_face_ratio must be at least 1")
-        if self.min_face_px < 0 or self.min_brightness < 0 or self.min_sharpness < 0:
-            raise ValueError("min_face_px, min_brightness and min_sharpness must not be negative")
-        if self.max_yaw <= 0 or self.min_pitch < 0:
-            raise ValueError("max_yaw must be positive and min_pitch not negative")
-        if self.identify_budget_ms < 1:
-            raise ValueError("identify_budget_ms must be positive")
-        if self.max_image_bytes < 1 or self.max_image_side < 1 or self.max_photos < 1:
-            raise ValueError("image limits must be positive")
-        if self.routing_policy not in ("", "cloud-first", "local-first", "local-only"):
-            raise ValueError(
-                "FACEGATE_ROUTING_POLICY must be cloud-first, local-first or local-only"
-            )
-        if self.on_disagreement not in ("deny-on-conflict", "require-agreement"):
-            raise ValueError(
-                "FACEGATE_ON_DISAGREEMENT must be deny-on-conflict or require-agreement"
-            )
-        if bool(self.azure_endpoint) != bool(self.azure_key):
-            raise ValueError("set both FACEGATE_AZURE_ENDPOINT and FACEGATE_AZURE_KEY, or neither")
-        if self.breaker_failures < 1 or self.breaker_cooldown_s <= 0 or self.cloud_slots < 1:
-            raise ValueError("breaker and cloud slot settings must be positive")
+
+def env_name(field: str) -> str:
+    """The environment variable that sets `field` (FACEGATE_WORKERS for `workers`)."""
+    return ENV_PREFIX + field.upper()
 
 
-def _parse(kind: Any, name: str, raw: str) -> Any:
-    try:
-        if kind in (bool, "bool"):
-            lowered = raw.strip().lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off", ""):
-                return False
-            raise ValueError(raw)
-        if kind in (int, "int"):
-            return int(raw)
-        if kind in (float, "float"):
-            return float(raw)
-        if kind in (Path, "Path"):
-            return Path(raw)
-        if kind == "Path | None":
-            return Path(raw) if raw else None
-        return raw
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a valid {kind}") from None
+def _flag_only(field: FieldInfo) -> bool:
+    return any(isinstance(marker, FlagOnly) for marker in field.metadata)
+
+
+class _Environment(EnvSettingsSource):
+    """The FACEGATE_* variables in `env`, a mapping rather than os.environ (pydantic-settings
+    reads os.environ in `_load_env_vars`; test_config pins this), and not the flag-only
+    fields. Names match case-insensitively (pydantic-settings' default); empty is unset."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
+        self._env = env
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {
+            name if self.case_sensitive else name.lower(): value
+            for name, value in self._env.items()
+            if not (self.env_ignore_empty and value == "")
+        }
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        if _flag_only(field):
+            return None, field_name, False
+        return super().get_field_value(field, field_name)
 
 
 def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-    """Settings from the environment, then `overrides` (None values are ignored)."""
-    env = os.environ if env is None else env
-    values: dict[str, Any] = {}
-    for f in fields(Settings):
-        name = f.metadata["env"]
-        if name is not None and name in env:
-            values[f.name] = _parse(f.type, name, env[name])
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return replace(Settings(), **values)
+    """Settings from the environment (`env`; os.environ when None, `{}` for none), then
+    `overrides` (None values are ignored). Raises SettingsError, a ValueError."""
+    return Settings.load(env, **overrides)
+
+
+def describe(settings_cls: type[BaseSettings], error: ValidationError) -> str:
+    """A ValidationError as one line: `FACEGATE_WORKERS=abc: not a whole number; ...`."""
+    fields = settings_cls.model_fields
+    return "; ".join(_describe_one(fields, d) for d in error.errors(include_url=False))
+
+
+def _describe_one(fields: Mapping[str, FieldInfo], detail: ErrorDetails) -> str:
+    problem = _problem(detail)
+    if not detail["loc"]:  # a rule across fields: the message names the variables
+        return problem
+    field = str(detail["loc"][0])
+    if field not in fields:
+        return f"{field}: not a setting"
+    name = field if _flag_only(fields[field]) else env_name(field)
+    if fields[field].repr is False:  # a secret: never its value
+        return f"{name}: {problem}"
+    return f"{name}={shlex.quote(str(detail['input']))}: {problem}"
+
+
+def _problem(detail: ErrorDetails) -> str:
+    kind, ctx = detail["type"], detail.get("ctx", {})
+    if kind in ("int_parsing", "int_from_float", "int_type"):
+        return "not a whole number"
+    if kind in ("float_parsing", "float_type"):
+        return "not a number"
+    if kind == "string_type":
+        return "not text"
+    if kind == "path_type":
+        return "not a path"
+    if kind == "finite_number":
+        return "not a finite number"
+    if kind in ("bool_parsing", "bool_type"):
+        return "not true or false (1/0, yes/no, on/off)"
+    if kind == "greater_than":
+        return "must be greater than " + _number(ctx["gt"])
+    if kind == "greater_than_equal":
+        return "must be at least " + _number(ctx["ge"])
+    if kind == "less_than":
+        return "must be less than " + _number(ctx["lt"])
+    if kind == "less_than_equal":
+        return "must be at most " + _number(ctx["le"])
+    if kind == "literal_error":
+        return "must be " + str(ctx["expected"]).replace("'", "")
+    return str(detail["msg"])
+
+
+def _number(bound: Any) -> str:
+    return f"{bound:g}" if isinstance(bound, float) else str(bound)

@@ -43,8 +43,6 @@ from facegate.v1 import facegate_service_pb2 as pb
 from facegate_client import FaceGateClient
 from facegate_client.errors import FaceGateError, NotFound
 
-from facegate_server.config import Settings  # the policy's defaults, without numpy
-
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 TURNSTILE = "facegate-evaluate"
 OTHER_MEMBER = "(a member not created by this run)"
@@ -376,7 +374,6 @@ def plot(
 
 
 def register_evaluate(subparsers: Any) -> None:
-    defaults = Settings()
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "evaluate",
         help="measure a running server's grants and rejections on labelled photos",
@@ -398,8 +395,7 @@ def register_evaluate(subparsers: Any) -> None:
     parser.add_argument(
         "--margin",
         type=float,
-        default=defaults.match_margin,
-        help=f"margin for the recomputed sweep (default {defaults.match_margin})",
+        help="margin for the recomputed sweep (default: FACEGATE_MATCH_MARGIN's default)",
     )
     parser.add_argument(
         "--plot", type=Path, default=Path("evaluate.png"), help="PNG to write (evaluate.png)"
@@ -445,9 +441,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     except (OSError, RuntimeError) as error:  # an unreadable photo; a member not re-enrolled
         print(f"error: {error}", file=sys.stderr)
         return 1
+    from facegate_server.config import Settings  # the policy's defaults; pydantic, not for --help
+
     defaults = Settings()
+    margin = defaults.match_margin if args.margin is None else args.margin
     shown = sorted({*thresholds(0.40, 0.70, 0.05), defaults.match_threshold})
-    report(probes, args.margin, shown, sys.stdout)
-    plot(probes, args.margin, thresholds(0.30, 0.80, 0.01), defaults.match_threshold, args.plot)
+    report(probes, margin, shown, sys.stdout)
+    plot(probes, margin, thresholds(0.30, 0.80, 0.01), defaults.match_threshold, args.plot)
     print(f"\nplot: {args.plot}")
     return 0

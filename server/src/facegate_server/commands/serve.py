@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from facegate_server import logs
-from facegate_server.config import load_settings
 
 log = logging.getLogger("facegate.serve")
 
@@ -61,6 +60,8 @@ def register_serve(subparsers: Any) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from facegate_server.config import load_settings  # pydantic: not for `facegate --help`
+
     try:
         settings = load_settings(
             listen=args.listen,
