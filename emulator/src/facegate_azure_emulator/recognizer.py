@@ -25,9 +25,9 @@ the Euclidean distance d between two 128-d embeddings, with the match threshold 
 their closest persisted face. So Azure's default threshold 0.5 means d <= 0.6 here.
 
 This is not the local engine's map: `facegate_server.engines.policy.confidence` is
-logistic, 1 / (1 + exp(10 (d - 0.6))), and does not depend on a threshold. The two agree
-at d = 0.6 (0.5) and nowhere else in general; compare decisions, not confidences, across
-the two engines.
+logistic, 1 / (1 + exp(10 (d - 0.6))), and does not depend on a threshold. Both give 0.5
+at d = 0.6 and fall as d grows, but not alike (at d = 0.35: 0.92 there, 0.71 here), so
+compare the two engines' decisions, not their confidences.
 """
 
 from __future__ import annotations
@@ -44,10 +44,9 @@ from facegate_server.engines import worker
 from facegate_server.engines.images import decode
 
 DETECT_PIXELS = 1280 * 720
-"""Detection runs on a copy scaled down to about this many pixels (HOG's cost grows with
-pixels); smaller images are upsampled once so that small faces are still found. The local
-engine's budget is smaller (`worker.DETECT_PIXELS`, 853x480): a turnstile's camera frames
-its member, where a photo sent to the Face API may hold a small face."""
+"""The emulator's detection budget (see `worker.detect_faces`): a copy scaled down to
+about this many pixels, or upsampled once when the image has a quarter of them or fewer.
+The local engine's is smaller (`worker.DETECT_PIXELS`, 853x480)."""
 
 MAX_FACES = 100
 """The service returns at most 100 faces, largest first."""
