@@ -159,8 +159,7 @@ def test_stopping_drops_hung_requests_and_saves(tmp_path: Path) -> None:
 
     caller = threading.Thread(target=hung_call)
     caller.start()
-    while emulator.admin.status()["hung"] != 1:
-        time.sleep(0.01)
+    emulator.admin.wait_hung(1)
     started = time.monotonic()
     emulator.stop()
     caller.join(timeout=5)

@@ -345,6 +345,7 @@ def test_admin_answers_while_a_face_is_being_recognised(
     worker = threading.Thread(
         target=lambda: (detect(client, faces, "edge/obama_1080p.jpg"), done.set())
     )
+    recognising = time.monotonic()
     worker.start()
     worst = 0.0
     while not done.is_set():
@@ -352,5 +353,8 @@ def test_admin_answers_while_a_face_is_being_recognised(
         emulator.admin.status()
         worst = max(worst, time.monotonic() - started)
     worker.join()
-    # In a worker process: ~10 ms here; on the loop's thread it would be over 100 ms.
-    assert worst < 0.1, f"admin took {worst:.3f} s: is recognition blocking the event loop?"
+    took = time.monotonic() - recognising
+    # On the loop's thread, recognition would hold one admin call for about all of `took`;
+    # in a worker process the slowest admin call is ~2% of it (5 ms of 250 ms measured),
+    # in a thread (workers=0, the GIL) 13-33%. A ratio, so a busy machine slows both sides.
+    assert worst < took / 4, f"admin took {worst:.3f} s of {took:.3f}: is the loop blocked?"

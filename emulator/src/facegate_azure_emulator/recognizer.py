@@ -1,9 +1,11 @@
-"""Real face detection and embeddings for the emulator, with the local engine's library.
+"""Real face detection and embeddings for the emulator, with the local engine's code.
 
-The emulator recognises for real, with face_recognition / dlib (HOG detection, 5-point
+The emulator recognises for real, with the local engine's worker functions
+(`facegate_server.engines.worker`: dlib's models loaded once, HOG detection, 5-point
 alignment, 128-d embeddings), so an engine tested against it sees real rectangles and
-real decisions. Images are decoded by `facegate_server.engines.images.decode` (limits checked
-before decoding, truncated data refused).
+real decisions. Only its detection budget differs (`DETECT_PIXELS`), and it keeps every
+face rather than choosing one. Images are decoded by `facegate_server.engines.images.decode`
+(limits checked before decoding, truncated data refused).
 
 dlib's shape predictor and encoder hold the GIL, so the work runs in worker processes
 (`workers` >= 1, spawned) and never on the emulator's event loop: fault modes, latency
@@ -15,12 +17,17 @@ one thread instead (slower to answer admin calls while encoding, but no processe
 Azure reports a confidence in [0, 1] and treats 0.5 as "the same person" (Verify's
 `isIdentical`, Identify's default `confidenceThreshold`). The emulator derives it from
 the Euclidean distance d between two 128-d embeddings, with the match threshold T
-(face_recognition's tolerance, 0.6 by default), exactly as FaceGate's local engine does:
+(face_recognition's tolerance, 0.6 by default), by a linear map:
 
     confidence = clip(1 - d / (2 T), 0, 1)
 
 1.0 for identical embeddings, 0.5 at d = T, 0 at d >= 2 T. A person's distance is that of
 their closest persisted face. So Azure's default threshold 0.5 means d <= 0.6 here.
+
+This is not the local engine's map: `facegate_server.engines.policy.confidence` is
+logistic, 1 / (1 + exp(10 (d - 0.6))), and does not depend on a threshold. Both give 0.5
+at d = 0.6 and fall as d grows, but not alike (at d = 0.35: 0.92 there, 0.71 here), so
+compare the two engines' decisions, not their confidences.
 """
 
 from __future__ import annotations
@@ -28,27 +35,21 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import functools
-import math
 import multiprocessing
 import threading
 from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
-import numpy.typing as npt
+from facegate_server.domain import Embedding
+from facegate_server.engines import worker
 from facegate_server.engines.images import decode
 
 DETECT_PIXELS = 1280 * 720
-"""Detection runs on a copy scaled down to about this many pixels (HOG's cost grows with
-pixels); smaller images are upsampled once so that small faces are still found."""
+"""The emulator's detection budget (see `worker.detect_faces`): a copy scaled down to
+about this many pixels, or upsampled once when the image has a quarter of them or fewer.
+The local engine's is smaller (`worker.DETECT_PIXELS`, 853x480)."""
 
 MAX_FACES = 100
 """The service returns at most 100 faces, largest first."""
-
-Embedding = npt.NDArray[np.float64]
-
-_face_recognition: Any = None
-_load_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -93,86 +94,26 @@ def confidence(distance: float, threshold: float) -> float:
     return min(1.0, max(0.0, 1.0 - distance / (2.0 * threshold)))
 
 
-def _init_worker() -> None:
-    """A recognition process: gone with the emulator, models loaded before any request."""
-    from facegate_server.engines.worker import exit_with_parent
-
-    exit_with_parent()
-    load_models()
-
-
-def load_models() -> None:
-    """Import face_recognition (loads dlib's models) and warm it up once."""
-    global _face_recognition
-    with _load_lock:
-        if _face_recognition is not None:
-            return
-        import warnings
-
-        with warnings.catch_warnings():
-            # face_recognition_models imports pkg_resources, which warns on import.
-            warnings.simplefilter("ignore", UserWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            import face_recognition
-        from PIL import ImageFile
-
-        # face_recognition turns on Pillow's "decode truncated images" at import; a cut-off
-        # upload must be refused (InvalidImage), not decoded as a grey-padded frame.
-        ImageFile.LOAD_TRUNCATED_IMAGES = False
-        rng = np.random.default_rng(0)
-        frame = rng.integers(0, 255, size=(240, 320, 3), dtype=np.uint8)
-        face_recognition.face_locations(frame, number_of_times_to_upsample=0, model="hog")
-        face_recognition.face_encodings(frame, known_face_locations=[(50, 150, 150, 50)])
-        _face_recognition = face_recognition
-
-
-def ping() -> int:
-    """A no-op task: submitted once per worker, it makes the pool start every worker."""
-    return 1
-
-
 def analyse(data: bytes, *, max_bytes: int, max_side: int, encode: bool) -> Analysis:
     """Decode, detect every face (largest first), and embed them when `encode`.
 
     Raises `facegate_server.engines.images.ImageRejected` for bytes that are not a usable image.
     """
-    load_models()
-    fr = _face_recognition
-    from PIL import Image
-
+    worker.load_models()
     pixels = decode(data, max_bytes=max_bytes, max_side=max_side)
     height, width = pixels.shape[:2]
-    scale = min(1.0, math.sqrt(DETECT_PIXELS / (width * height)))
-    upsample = 1 if width * height * 4 <= DETECT_PIXELS else 0
-    if scale < 1.0:
-        small = Image.fromarray(pixels).resize(
-            (max(1, round(width * scale)), max(1, round(height * scale))),
-            Image.Resampling.BILINEAR,
-        )
-        detect_on = np.asarray(small)
-    else:
-        detect_on = pixels
-    found = fr.face_locations(detect_on, number_of_times_to_upsample=upsample, model="hog")
-    located: list[tuple[Box, tuple[int, int, int, int]]] = []
-    for top, right, bottom, left in found:
-        t = max(0, round(top / scale))
-        r = min(width, round(right / scale))
-        b = min(height, round(bottom / scale))
-        lft = max(0, round(left / scale))
-        if r > lft and b > t:
-            located.append((Box(lft, t, r - lft, b - t), (t, r, b, lft)))
-    located.sort(key=lambda item: item[0].width * item[0].height, reverse=True)
-    located = located[:MAX_FACES]
-    embeddings: list[Embedding | None] = [None] * len(located)
-    if encode and located:
-        encoded = fr.face_encodings(
-            pixels, known_face_locations=[loc for _, loc in located], model="small"
-        )
-        embeddings = [np.asarray(e, dtype=np.float64) for e in encoded]
+    found = worker.detect_faces(pixels, DETECT_PIXELS)
+    boxes = sorted(found, key=lambda box: box.area, reverse=True)[:MAX_FACES]
+    embeddings: list[Embedding | None] = [None] * len(boxes)
+    if encode:
+        embeddings = list(worker.encode_faces(pixels, boxes))
     return Analysis(
         width=width,
         height=height,
-        faces=[Face(box, emb) for (box, _), emb in zip(located, embeddings, strict=True)],
+        faces=[
+            Face(Box(b.left, b.top, b.width, b.height), embedding)
+            for b, embedding in zip(boxes, embeddings, strict=True)
+        ],
     )
 
 
@@ -195,15 +136,15 @@ class Recognizer:
         return cf.ProcessPoolExecutor(
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker,
+            initializer=worker.init_worker,
         )
 
     def warm_up(self) -> None:
         """Start every worker and wait until each has loaded the models."""
         if self.workers == 0:
-            self._pool.submit(load_models).result()
+            self._pool.submit(worker.load_models).result()
             return
-        for future in [self._pool.submit(ping) for _ in range(self.workers)]:
+        for future in [self._pool.submit(worker.ping) for _ in range(self.workers)]:
             future.result()
 
     async def analyse(

@@ -26,7 +26,6 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -144,6 +143,7 @@ class Emulator:
         self.hung = 0
         self._stopping = False
         self._released: asyncio.Event | None = None
+        self._hung_changed: asyncio.Event | None = None
         self._save_lock: asyncio.Lock | None = None
         self._saver: asyncio.Task[None] | None = None
         self._face_site: web.TCPSite | None = None
@@ -154,6 +154,7 @@ class Emulator:
 
     async def start(self) -> None:
         self._released = asyncio.Event()
+        self._hung_changed = asyncio.Event()
         self._save_lock = asyncio.Lock()
         face_app = web.Application(middlewares=[self.faults, self.api.errors, self.api.auth])
         face_app.add_routes(self.api.routes())
@@ -245,15 +246,27 @@ class Emulator:
         """Wait unanswered; True when released by a change of mode."""
         assert self._released is not None
         released = self._released
-        self.hung += 1
+        self._count_hung(+1)
         try:
             async with asyncio.timeout(self.picker.settings.hang_max_seconds):
                 await released.wait()
         except TimeoutError:
             return False
         finally:
-            self.hung -= 1
+            self._count_hung(-1)
         return not self._stopping
+
+    def _count_hung(self, change: int) -> None:
+        assert self._hung_changed is not None
+        self.hung += change
+        self._hung_changed.set()
+        self._hung_changed = asyncio.Event()
+
+    async def wait_hung(self, count: int) -> None:
+        """Return once exactly `count` requests are hung (at once, if they are now)."""
+        while self.hung != count:
+            assert self._hung_changed is not None
+            await self._hung_changed.wait()
 
     def _release_hung(self) -> None:
         if self._released is not None:
@@ -347,7 +360,7 @@ class EmulatorAdmin:
         self._emulator = emulator
         self._loop = loop
 
-    def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+    def _call(self, coroutine: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
@@ -355,7 +368,7 @@ class EmulatorAdmin:
         if running is self._loop:
             coroutine.close()
             raise RuntimeError("EmulatorAdmin cannot be called from the emulator's own loop")
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=30)
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=timeout)
 
     def set_fault(
         self,
@@ -408,6 +421,11 @@ class EmulatorAdmin:
     def status(self) -> dict[str, Any]:
         return self._call(self._emulator.status())
 
+    def wait_hung(self, count: int, timeout: float = 10.0) -> None:
+        """Wait until exactly `count` Face API requests are hung (status()["hung"]), woken
+        by the change itself rather than by polling. Raises TimeoutError after `timeout`."""
+        self._call(asyncio.wait_for(self._emulator.wait_hung(count), timeout), timeout + 5.0)
+
     def clear_state(self) -> None:
         """Forget every group, person, face and faceId."""
         self._call(self._emulator.clear_state())
@@ -456,12 +474,7 @@ class RunningEmulator:
     def __enter__(self) -> RunningEmulator:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
 

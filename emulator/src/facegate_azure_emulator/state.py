@@ -16,7 +16,7 @@ Rules kept from the service:
 - At most 248 faces a person; 10,000 persons a PersonGroup, 1,000,000 a LargePersonGroup
   (the S0 tier's limits): over them, 403 QuotaExceeded.
 
-State can be saved to and loaded from JSON (`to_json`, `from_json`); detected faceIds
+State can be saved to JSON (`to_json`) and loaded from it (`load_json`); detected faceIds
 are not saved (they are short-lived by design).
 """
 
@@ -33,9 +33,10 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from facegate_server.domain import Embedding
 
 from facegate_azure_emulator.errors import FaceApiError
-from facegate_azure_emulator.recognizer import Embedding, confidence
+from facegate_azure_emulator.recognizer import confidence
 
 STATE_FORMAT = "facegate-azure-emulator-state/1"
 

@@ -13,6 +13,10 @@ once and serve both the quality measurements (pose) and the encoder, which is wh
 face_recognition.face_encodings does inside. A face of poor quality is not encoded unless
 asked (`FaceRules.encode_poor`), so a frame that will be answered "come closer" costs no
 encoding.
+
+The steps are public so that the Face API emulator (facegate-azure-emulator) recognises
+with this same code: `load_models`, `init_worker`, `detect_faces` (with its own pixel
+budget), `landmarks`, `encode` and `encode_faces`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +39,7 @@ from facegate_server.engines.policy import QualityLimits, choose_face
 DETECT_PIXELS = 853 * 480
 
 _face_recognition: Any = None
+_load_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -84,27 +90,39 @@ def exit_with_parent(interval: float = 1.0) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def init_worker() -> None:
-    """Load dlib's models and run them once, so the first real request is not slow."""
+def load_models() -> Any:
+    """Import face_recognition (loading dlib's models) and run it once; return the module.
+
+    Once a process: later calls (from any thread) return the loaded module at once.
+    """
     global _face_recognition
+    with _load_lock:
+        if _face_recognition is not None:
+            return _face_recognition
+        import warnings
+
+        with warnings.catch_warnings():
+            # face_recognition_models imports pkg_resources, which warns on import.
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import face_recognition
+        from PIL import ImageFile
+
+        # face_recognition turns on Pillow's "decode truncated images" at import: a cut-off
+        # upload would then be decoded as a grey-padded frame instead of being rejected.
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        rng = np.random.default_rng(0)
+        frame = rng.integers(0, 255, size=(480, 853, 3), dtype=np.uint8)
+        face_recognition.face_locations(frame, number_of_times_to_upsample=0, model="hog")
+        face_recognition.face_encodings(frame, known_face_locations=[(100, 300, 300, 100)])
+        _face_recognition = face_recognition
+        return face_recognition
+
+
+def init_worker() -> None:
+    """A worker process's start: end with the parent, load the models before any request."""
     exit_with_parent()
-    import warnings
-
-    with warnings.catch_warnings():
-        # face_recognition_models imports pkg_resources, which warns on import.
-        warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import face_recognition
-    from PIL import ImageFile
-
-    # face_recognition turns on Pillow's "decode truncated images" at import: a cut-off
-    # upload would then be decoded as a grey-padded frame instead of being rejected.
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    _face_recognition = face_recognition
-    rng = np.random.default_rng(0)
-    frame = rng.integers(0, 255, size=(480, 853, 3), dtype=np.uint8)
-    face_recognition.face_locations(frame, number_of_times_to_upsample=0, model="hog")
-    face_recognition.face_encodings(frame, known_face_locations=[(100, 300, 300, 100)])
+    load_models()
 
 
 def ping() -> int:
@@ -161,20 +179,19 @@ def measure_quality(pixels: RGBImage, box: FaceBox, points: npt.NDArray[np.float
     )
 
 
-def analyse(data: bytes, max_bytes: int, max_side: int, rules: FaceRules) -> Analysis:
-    """Find the faces in an image; measure and encode the one to decide on."""
-    if _face_recognition is None:
-        init_worker()
-    fr = _face_recognition
+def detect_faces(pixels: RGBImage, detect_pixels: int = DETECT_PIXELS) -> list[FaceBox]:
+    """The faces HOG finds in `pixels`, as boxes in its pixels, in the detector's order.
+
+    Detection runs on a copy scaled down to about `detect_pixels` pixels (HOG's cost grows
+    with pixels); an image of a quarter of that or less is upsampled once instead, so that
+    small faces are still found. Boxes are scaled back and clipped to the image.
+    """
+    fr = load_models()
     from PIL import Image
 
-    started = time.perf_counter()
-    pixels = decode(data, max_bytes=max_bytes, max_side=max_side)
     height, width = pixels.shape[:2]
-    decoded = time.perf_counter()
-
-    scale = min(1.0, math.sqrt(DETECT_PIXELS / (width * height)))
-    upsample = 1 if width * height * 4 <= DETECT_PIXELS else 0
+    scale = min(1.0, math.sqrt(detect_pixels / (width * height)))
+    upsample = 1 if width * height * 4 <= detect_pixels else 0
     if scale < 1.0:
         small = Image.fromarray(pixels).resize(
             (max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BILINEAR
@@ -191,6 +208,40 @@ def analyse(data: bytes, max_bytes: int, max_side: int, rules: FaceRules) -> Ana
         l_ = max(0, round(left / scale))
         if r > l_ and b > t:
             boxes.append(FaceBox(left=l_, top=t, width=r - l_, height=b - t))
+    return boxes
+
+
+def landmarks(pixels: RGBImage, box: FaceBox) -> Any:
+    """dlib's 5-point landmarks of the face in `box` (a dlib full_object_detection)."""
+    fr = load_models()
+    import dlib
+
+    rect = dlib.rectangle(box.left, box.top, box.left + box.width, box.top + box.height)
+    return fr.api.pose_predictor_5_point(pixels, rect)
+
+
+def encode(pixels: RGBImage, shape: Any) -> Embedding:
+    """The 128-d embedding of the face whose landmarks are `shape` (see `landmarks`)."""
+    descriptor = load_models().api.face_encoder.compute_face_descriptor(pixels, shape, 1)
+    return np.asarray(descriptor, dtype=np.float64)
+
+
+def encode_faces(pixels: RGBImage, boxes: Sequence[FaceBox]) -> list[Embedding]:
+    """The embeddings of the faces in `boxes`, in their order."""
+    return [encode(pixels, landmarks(pixels, box)) for box in boxes]
+
+
+def analyse(data: bytes, max_bytes: int, max_side: int, rules: FaceRules) -> Analysis:
+    """Find the faces in an image; measure and encode the one to decide on."""
+    if _face_recognition is None:
+        init_worker()
+
+    started = time.perf_counter()
+    pixels = decode(data, max_bytes=max_bytes, max_side=max_side)
+    height, width = pixels.shape[:2]
+    decoded = time.perf_counter()
+
+    boxes = detect_faces(pixels)
     detected = time.perf_counter()
 
     chosen = choose_face(boxes, rules.dominant_face_ratio)
@@ -198,17 +249,13 @@ def analyse(data: bytes, max_bytes: int, max_side: int, rules: FaceRules) -> Ana
     embedding = None
     measured = encoded = detected
     if chosen is not None:
-        import dlib
-
         box = boxes[chosen]
-        rect = dlib.rectangle(box.left, box.top, box.left + box.width, box.top + box.height)
-        shape = fr.api.pose_predictor_5_point(pixels, rect)
+        shape = landmarks(pixels, box)
         points = np.array([(p.x, p.y) for p in shape.parts()], np.float64)
         quality = measure_quality(pixels, box, points)
         measured = time.perf_counter()
         if rules.encode_poor or rules.limits.problem(quality) is None:
-            descriptor = fr.api.face_encoder.compute_face_descriptor(pixels, shape, 1)
-            embedding = np.asarray(descriptor, dtype=np.float64)
+            embedding = encode(pixels, shape)
         encoded = time.perf_counter()
     return Analysis(
         width=width,
