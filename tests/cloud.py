@@ -1,9 +1,8 @@
-"""Fixtures' building blocks for tests of the Azure engine: the Face API emulator, a FaceGate
-server wired to it, and a hand-moved clock for the circuit breaker."""
+"""Fixtures' building blocks for tests of the Azure engine: the Face API emulator (its clock
+moved by the tests) and a FaceGate server wired to it."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,28 +14,13 @@ import grpc
 from facegate.v1 import facegate_service_pb2 as pb
 from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
 from facegate_azure_emulator import EmulatorSettings, ManualClock, RunningEmulator, start_emulator
-from facegate_server.app import FaceGateServer, build_server
+from facegate_server.app import FaceGateServer
 from facegate_server.cloud.sync import Training
-from facegate_server.config import load_settings
 from facegate_server.routing.router import RoutingEngine
 
+from tests.helpers import FakeClock, running_server
+
 KEY = "test-face-key"
-
-
-class FakeClock:
-    """Monotonic seconds that move only when told to."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self._lock:
-            return self.now
-
-    def advance(self, seconds: float) -> None:
-        with self._lock:
-            self.now += seconds
 
 
 @dataclass
@@ -92,26 +76,25 @@ def emulator(**settings: Any) -> RunningEmulator:
 def cloud_gate(
     emu: RunningEmulator, data: Path, key: str = KEY, **settings: Any
 ) -> Iterator[CloudGate]:
+    """A server wired to the emulator, whose outbox the test replays (`CloudGate.settle`).
+
+    A generous budget by default: the tests share two cores with the emulator. No rate
+    limit: the clock stands still, so no token bucket would ever refill."""
     clock = FakeClock()
-    config = load_settings(
-        {},
-        listen="127.0.0.1:0",
-        data_dir=data,
-        azure_endpoint=emu.endpoint,
-        azure_key=key,
-        azure_timeout_s=5.0,
-        # A generous budget by default: the tests share two cores with the emulator. No
-        # rate limit: the clock below stands still, so no token bucket would ever refill.
-        **{"identify_budget_ms": 4000, "workers": 1, "identify_rate": 0, **settings},
-    )
-    server = build_server(config, clock=clock)
-    server.background_sync = False
-    server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            yield CloudGate(server, pb_grpc.FaceGateServiceStub(channel), emu, clock)
-    finally:
-        server.stop(grace=1)
+    values = {"identify_budget_ms": 4000, **settings}
+    with (
+        running_server(
+            data,
+            clock=clock,
+            background_sync=False,
+            azure_endpoint=emu.endpoint,
+            azure_key=key,
+            azure_timeout_s=5.0,
+            **values,
+        ) as server,
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        yield CloudGate(server, pb_grpc.FaceGateServiceStub(channel), emu, clock)
 
 
 def engines(response: pb.IdentifyResponse) -> dict[str, str]:

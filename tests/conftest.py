@@ -12,6 +12,8 @@ import grpc
 import pytest
 from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
 
+from tests.helpers import running_server
+
 ROOT = Path(__file__).resolve().parent.parent
 # The photographs live beside the checkout; FACEGATE_TEST_FACES points elsewhere (or at
 # nothing, to see the suite skip what needs them).
@@ -43,18 +45,8 @@ def faces() -> Faces:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """A real FaceGate server (local engine, SQLite, 2 workers) on a free loopback port."""
-    from facegate_server.app import build_server
-    from facegate_server.config import load_settings
-
-    data = tmp_path_factory.mktemp("facegate-data")
-    # Rate limits off: suites call as fast as they like (test_security.py tests the limits).
-    settings = load_settings(
-        {}, listen="127.0.0.1:0", data_dir=data, workers=2, identify_rate=0, enroll_rate=0
-    )
-    built = build_server(settings)
-    built.start()
-    yield built
-    built.stop(grace=1.0)
+    with running_server(tmp_path_factory.mktemp("facegate-data"), workers=2) as built:
+        yield built
 
 
 @pytest.fixture(scope="module")

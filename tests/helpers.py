@@ -1,4 +1,6 @@
-"""Small builders shared by tests: hostile images and rich-status readers."""
+"""Small builders shared by tests: hostile images, rich-status readers, a hand-moved clock,
+and the one way tests start a FaceGate server (in-process with `running_server`, or as a
+`facegate serve` process with `start_serve`)."""
 
 from __future__ import annotations
 
@@ -8,14 +10,22 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from PIL import Image
+
+if TYPE_CHECKING:
+    from facegate_server.app import FaceGateServer
+    from facegate_server.engines.base import RecognitionEngine
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -88,3 +98,54 @@ def start_serve(settings: dict[str, str], log: Path) -> tuple[subprocess.Popen[s
     process.kill()
     process.wait()
     raise AssertionError(f"the server did not start:\n{log.read_text()}")
+
+
+class FakeClock:
+    """Monotonic seconds that move only when told to."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.now += seconds
+
+
+@contextmanager
+def running_server(
+    data: Path,
+    *,
+    engine: RecognitionEngine | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    background_sync: bool = True,
+    **settings: Any,
+) -> Iterator[FaceGateServer]:
+    """A started FaceGate server on a free loopback port, stopped on exit.
+
+    Settings are FaceGate's (none read from the environment), with test defaults: one
+    worker, no rate limits (tests/test_security.py tests them). `engine` replaces the local
+    engine: pass `MemoryEngine()` where a test recognises no faces (no dlib, no workers).
+    """
+    from facegate_server.app import build_server
+    from facegate_server.config import load_settings
+
+    values = {
+        "listen": "127.0.0.1:0",
+        "data_dir": data,
+        "workers": 1,
+        "identify_rate": 0,
+        "enroll_rate": 0,
+        **settings,
+    }
+    server = build_server(load_settings({}, **values), engine=engine, clock=clock)
+    server.background_sync = background_sync
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(grace=1.0)

@@ -17,12 +17,11 @@ import pytest
 from facegate.v1 import facegate_service_pb2 as pb
 from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
 from facegate_server.config import Settings, load_settings
-from facegate_server.domain import Decision, FaceBox
+from facegate_server.domain import Decision, FaceBox, FaceQuality
 from facegate_server.engines.index import FaceIndex, Match
 from facegate_server.engines.local import LocalEngine, WorkerPool
 from facegate_server.engines.policy import (
     DecisionPolicy,
-    FaceQuality,
     QualityLimits,
     QualityProblem,
     choose_face,
@@ -34,7 +33,7 @@ from facegate_server.engines.worker import Analysis
 from PIL import Image, ImageFilter
 
 from tests.conftest import Faces
-from tests.helpers import details
+from tests.helpers import details, running_server
 
 POLICY = DecisionPolicy()
 GOOD = FaceQuality(size=200, sharpness=120.0, brightness=130.0, yaw=0.02, pitch=0.75)
@@ -222,16 +221,9 @@ def search(stub: Stub, image: bytes, n: int = 10) -> pb.SearchFacesResponse:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """conftest's server, with a recognition budget that a busy 2-core machine keeps."""
-    from facegate_server.app import build_server
-
     data = tmp_path_factory.mktemp("facegate-data")
-    settings = load_settings(
-        {}, listen="127.0.0.1:0", data_dir=data, workers=2, identify_budget_ms=20_000
-    )
-    built = build_server(settings)
-    built.start()
-    yield built
-    built.stop(grace=1.0)
+    with running_server(data, workers=2, identify_budget_ms=20_000) as built:
+        yield built
 
 
 @pytest.fixture(scope="module")

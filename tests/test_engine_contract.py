@@ -77,7 +77,8 @@ def azure_harness(faces: Faces) -> Iterator[Harness]:
     from facegate_server.cloud.sync import CloudSync, Training
     from facegate_server.routing.breaker import CircuitBreaker
 
-    from tests.cloud import KEY, FakeClock, emulator
+    from tests.cloud import KEY, emulator
+    from tests.helpers import FakeClock
 
     store = MemoryStore()
     clock = FakeClock()

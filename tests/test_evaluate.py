@@ -19,9 +19,9 @@ from facegate_server.commands.evaluate import (
     split,
     tally,
 )
-from facegate_server.config import load_settings
 
 from tests.conftest import Faces
+from tests.helpers import running_server
 
 
 def probe(person: str, genuine: bool, *candidates: tuple[str, float]) -> Probe:
@@ -68,16 +68,9 @@ def test_people_and_their_enrolment_photos(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """conftest's server, with a recognition budget that a busy 2-core machine keeps."""
-    from facegate_server.app import build_server
-
     data = tmp_path_factory.mktemp("facegate-data")
-    settings = load_settings(
-        {}, listen="127.0.0.1:0", data_dir=data, workers=2, identify_budget_ms=20_000
-    )
-    built = build_server(settings)
-    built.start()
-    yield built
-    built.stop(grace=1.0)
+    with running_server(data, workers=2, identify_budget_ms=20_000) as built:
+        yield built
 
 
 def test_evaluate_a_running_server_and_leave_its_members_alone(

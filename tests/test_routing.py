@@ -20,7 +20,7 @@ from facegate_server.errors import RecognitionTimeout
 from facegate_server.routing.breaker import CircuitBreaker, CircuitState
 from facegate_server.routing.router import Agreement, Policy, RoutingEngine
 
-from tests.cloud import FakeClock
+from tests.helpers import FakeClock
 
 LOCAL, AZURE = EngineKind.LOCAL, EngineKind.AZURE
 FRAME = b"\xff\xd8" + bytes(2000)  # above the Face API's 1 KB minimum

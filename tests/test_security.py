@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -18,14 +19,16 @@ from facegate_client import (
     Unauthenticated,
     Unavailable,
 )
-from facegate_server.app import FaceGateServer, build_server
+from facegate_server.app import build_server
 from facegate_server.commands.token import new_token
 from facegate_server.config import load_settings
+from facegate_server.engines.memory import MemoryEngine
 from facegate_server.rpc import auth
 from facegate_server.rpc.auth import Role, SecurityConfigError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from tests.helpers import FakeClock, running_server
 from tests.pki import Authority
 
 TOKENS = {name: new_token() for name in ("gate-1", "crm", "ops", "flood")}
@@ -34,19 +37,10 @@ CALLERS = "\n".join(f"{ROLES[n]} {n} {auth.token_hash(t)}" for n, t in TOKENS.it
 SERVICE = pb.DESCRIPTOR.services_by_name["FaceGateService"]
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def start(tmp: Path, clock: FakeClock | None = None, **settings: object) -> FaceGateServer:
-    values = {"listen": "127.0.0.1:0", "data_dir": tmp, "workers": 1, **settings}
-    server = build_server(load_settings({}, **values), clock=clock or FakeClock())
-    server.start()
-    return server
+def serve(tmp: Path, clock: FakeClock | None = None, **settings: Any) -> Any:
+    """A server with callers and rate limits, on the fake engine: these tests recognise
+    no faces, so no recognition worker starts."""
+    return running_server(tmp, engine=MemoryEngine(), clock=clock or FakeClock(), **settings)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +51,7 @@ def clock() -> FakeClock:
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory, clock: FakeClock) -> Iterator[str]:
     """A plaintext loopback server with callers: its target."""
-    server = start(
+    with serve(
         tmp_path_factory.mktemp("guarded"),
         clock,
         tokens=CALLERS,
@@ -65,9 +59,8 @@ def guarded(tmp_path_factory: pytest.TempPathFactory, clock: FakeClock) -> Itera
         identify_burst=5,
         enroll_rate=1.0,
         enroll_burst=5,
-    )
-    yield f"127.0.0.1:{server.port}"
-    server.stop(grace=1)
+    ) as server:
+        yield f"127.0.0.1:{server.port}"
 
 
 def call_raw(channel: grpc.Channel, method: str, token: str | None) -> grpc.StatusCode:
@@ -228,15 +221,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def mutual(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, Path]) -> Iterator[str]:
     """A server requiring client certificates of our CA; gate-7's certificate is a caller."""
-    server = start(
+    with serve(
         tmp_path_factory.mktemp("mutual"),
         tokens=f"{CALLERS}\nturnstile gate-7 cert:gate-7",
         tls_cert=pki["server.crt"],
         tls_key=pki["server.key"],
         tls_client_ca=pki["ca"],
-    )
-    yield f"127.0.0.1:{server.port}"
-    server.stop(grace=1)
+    ) as server:
+        yield f"127.0.0.1:{server.port}"
 
 
 def client(target: str, pki: dict[str, Path], who: str | None, **options: object) -> FaceGateClient:

@@ -13,14 +13,12 @@ from facegate.v1 import facegate_service_pb2 as pb
 from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
 from facegate_server.app import FaceGateServer, build_server
 from facegate_server.config import load_settings
+from facegate_server.engines.local import LocalEngine
+from facegate_server.engines.memory import MemoryEngine
+from facegate_server.routing.router import RoutingEngine
 
 from tests.conftest import Faces
-
-
-def start(data: Path, workers: int = 1) -> FaceGateServer:
-    server = build_server(load_settings({}, listen="127.0.0.1:0", data_dir=data, workers=workers))
-    server.start()
-    return server
+from tests.helpers import running_server
 
 
 def identify(server: FaceGateServer, image: bytes) -> pb.IdentifyResponse:
@@ -33,29 +31,26 @@ def identify(server: FaceGateServer, image: bytes) -> pb.IdentifyResponse:
 
 
 def test_members_survive_a_restart(tmp_path: Path, faces: Faces) -> None:
-    first = start(tmp_path)
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{first.port}") as channel:
-            pb_grpc.FaceGateServiceStub(channel).Enroll(
-                pb.EnrollRequest(member_id="m-1001", photos=[faces.read("people/joe_biden/1.jpg")]),
-                timeout=30,
-            )
-    finally:
-        first.stop(grace=1)
-    second = start(tmp_path)
-    try:
+    with (
+        running_server(tmp_path) as first,
+        grpc.insecure_channel(f"127.0.0.1:{first.port}") as channel,
+    ):
+        pb_grpc.FaceGateServiceStub(channel).Enroll(
+            pb.EnrollRequest(member_id="m-1001", photos=[faces.read("people/joe_biden/1.jpg")]),
+            timeout=30,
+        )
+    with running_server(tmp_path) as second:
         response = identify(second, faces.read("people/joe_biden/2.jpg"))
         assert (response.decision, response.member_id) == (pb.DECISION_GRANTED, "m-1001")
-    finally:
-        second.stop(grace=1)
 
 
 def test_a_killed_worker_is_replaced(tmp_path: Path, faces: Faces) -> None:
-    server = start(tmp_path)
-    try:
+    with running_server(tmp_path) as server:
         frame = faces.read("people/lin_manuel_miranda/1.png")
         assert identify(server, frame).decision == pb.DECISION_DENIED_UNKNOWN_FACE
-        for pid in list(server.pool._pool._processes):  # a dlib crash, as seen from outside
+        router = server.gate.engine
+        assert isinstance(router, RoutingEngine) and isinstance(router.local, LocalEngine)
+        for pid in router.local.pool.pids():  # a dlib crash, as seen from outside
             os.kill(pid, signal.SIGKILL)
         unavailable = 0
         deadline = time.monotonic() + 60
@@ -69,8 +64,6 @@ def test_a_killed_worker_is_replaced(tmp_path: Path, faces: Faces) -> None:
                 time.sleep(0.2)
         assert unavailable > 0
         assert decision == pb.DECISION_DENIED_UNKNOWN_FACE
-    finally:
-        server.stop(grace=1)
 
 
 def test_an_unusable_listen_address_fails_to_build(tmp_path: Path) -> None:
@@ -79,4 +72,4 @@ def test_an_unusable_listen_address_fails_to_build(tmp_path: Path) -> None:
         {}, listen="203.0.113.1:0", data_dir=tmp_path, workers=1, insecure=True
     )
     with pytest.raises(RuntimeError, match=r"203\.0\.113\.1"):
-        build_server(settings)
+        build_server(settings, engine=MemoryEngine())  # binding fails: no engine needed
