@@ -149,3 +149,26 @@ def running_server(
         yield server
     finally:
         server.stop(grace=1.0)
+
+
+@contextmanager
+def serving(servicer: Any) -> Iterator[str]:
+    """A plain gRPC server for a fake FaceGateService servicer (client tests): its target.
+    On exit, a servicer's `release` event (if any) frees calls it holds, then it stops."""
+    from concurrent import futures
+
+    from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
+
+    executor = futures.ThreadPoolExecutor(max_workers=4)
+    server = grpc.server(executor)
+    pb_grpc.add_FaceGateServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        release = getattr(servicer, "release", None)
+        if release is not None:
+            release.set()
+        server.stop(grace=None).wait()
+        executor.shutdown(wait=True)

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,6 +28,8 @@ from facegate_client import cli
 from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
+from tests.helpers import serving
 
 T0 = datetime(2026, 11, 26, 23, 0, 0, tzinfo=UTC)
 KIM = b"kim-frame"
@@ -265,17 +266,8 @@ class Served:
 @pytest.fixture
 def served() -> Iterator[Served]:
     servicer = FakeFaceGateServicer()
-    executor = futures.ThreadPoolExecutor(max_workers=4)
-    server = grpc.server(executor)
-    pb_grpc.add_FaceGateServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield Served(servicer, f"127.0.0.1:{port}")
-    finally:
-        servicer.release.set()
-        server.stop(grace=None).wait()
-        executor.shutdown(wait=True)
+    with serving(servicer) as target:
+        yield Served(servicer, target)
 
 
 @pytest.fixture(autouse=True)
