@@ -149,3 +149,16 @@ def test_the_sdk_does_not_retry_posts(endpoint: str) -> None:
     finally:
         Handler.do_POST = original  # type: ignore[method-assign]
     assert len(requests_seen) == 1  # msrest would have sent it 4 times
+
+
+def test_an_image_under_a_kilobyte_is_not_sent() -> None:
+    from facegate_server.cloud.engine import AzureEngine, CloudPeople
+    from facegate_server.store import MemoryStore
+
+    face = AzureFace(AzureSettings("http://127.0.0.1:9", "key"))  # nothing listens there
+    engine = AzureEngine(face, CloudPeople(MemoryStore()))
+    with pytest.raises(CloudFailure) as refused:
+        engine.identify(b"x" * 1023, 1.0)
+    assert refused.value.outcome is EngineOutcome.NOT_USED
+    assert not refused.value.engine_fault  # no reason to open the circuit
+    assert face.counter.total() == 0  # no call, no transaction
