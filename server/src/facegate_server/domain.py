@@ -187,6 +187,8 @@ class OutboxEntry:
     photo: bytes | None = None
     attempts: int = 0
     last_error: str = ""
+    parked: str = ""
+    """Why the cloud refused this entry for its own sake; empty while it is in line."""
 
 
 @dataclass(frozen=True)

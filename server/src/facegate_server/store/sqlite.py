@@ -92,6 +92,18 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX outbox_by_member ON outbox(member_id)",
     ),
+    (
+        # The store's identity, made once: the cloud persons this store makes carry it, so
+        # that two stores on one Face API resource never touch each other's persons.
+        """CREATE TABLE store_meta (
+            key   TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        ) WITHOUT ROWID""",
+        "INSERT INTO store_meta VALUES ('store_id', lower(hex(randomblob(16))))",
+        # An entry the cloud refused for its own sake (a photo it cannot take) is set aside
+        # with the reason; the entries behind it keep moving.
+        "ALTER TABLE outbox ADD COLUMN parked TEXT NOT NULL DEFAULT ''",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -316,18 +328,60 @@ class SqliteStore(Store):
             for r in rows
         ]
 
+    def store_id(self) -> str:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM store_meta WHERE key = 'store_id'").fetchone()
+        return str(row[0])
+
+    _OUTBOX_SQL = (
+        "SELECT seq, kind, member_id, face_id, photo, attempts, last_error, parked FROM outbox"
+    )
+
     def outbox(self, limit: int) -> list[OutboxEntry]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT seq, kind, member_id, face_id, photo, attempts, last_error FROM outbox"
-                " ORDER BY seq LIMIT ?",
-                (limit,),
+                self._OUTBOX_SQL + " WHERE parked = '' ORDER BY seq LIMIT ?", (limit,)
             ).fetchall()
         return [OutboxEntry(*row) for row in rows]
 
     def outbox_depth(self) -> int:
         with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+            return int(
+                self._db.execute("SELECT COUNT(*) FROM outbox WHERE parked = ''").fetchone()[0]
+            )
+
+    def outbox_members(self) -> set[str]:
+        with self._lock:
+            rows = self._db.execute("SELECT DISTINCT member_id FROM outbox").fetchall()
+        return {str(r[0]) for r in rows}
+
+    def outbox_park(self, seq: int, reason: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE outbox SET parked = ?, last_error = ? WHERE seq = ?",
+                (reason or "refused", reason, seq),
+            )
+
+    def outbox_parked(self, limit: int) -> list[OutboxEntry]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, kind, member_id, face_id, NULL, attempts, last_error, parked"
+                " FROM outbox WHERE parked != '' ORDER BY seq LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [OutboxEntry(*row) for row in rows]
+
+    def outbox_parked_count(self) -> int:
+        with self._lock:
+            return int(
+                self._db.execute("SELECT COUNT(*) FROM outbox WHERE parked != ''").fetchone()[0]
+            )
+
+    def outbox_unpark(self) -> int:
+        with self._lock:
+            return self._db.execute(
+                "UPDATE outbox SET parked = '', attempts = 0 WHERE parked != ''"
+            ).rowcount
 
     def outbox_attempt(self, seq: int, error: str = "") -> None:
         with self._lock:
