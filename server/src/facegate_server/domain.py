@@ -231,6 +231,9 @@ class EngineStatus:
     last_cloud_error_time: datetime | None = None
     cloud_training: str = ""
     cloud_transactions: dict[str, int] = field(default_factory=dict)
+    cloud_readiness: str = ""
+    outbox_waiting: str = ""
+    cloud_cost: str = ""
 
 
 @dataclass(frozen=True)
@@ -241,6 +244,8 @@ class Status:
     outbox_depth: int
     decisions: dict[str, int]
     member_count: int
+    outbox_parked: int = 0
+    parked: tuple[OutboxEntry, ...] = ()
 
 
 class ChangeKind(enum.Enum):

@@ -47,6 +47,9 @@ MAX_CANDIDATES = 10
 """The most members SearchFaces returns."""
 
 
+PARKED_SHOWN = 20  # parked outbox entries GetStatus lists
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -163,7 +166,15 @@ class Gate:
             outbox_depth=self.store.outbox_depth(),
             decisions=dict(self._decisions),
             member_count=self.store.count_members(),
+            outbox_parked=self.store.outbox_parked_count(),
+            parked=tuple(self.store.outbox_parked(PARKED_SHOWN)),
         )
+
+    def retry_parked(self) -> int:
+        """Put the parked outbox entries back in line; how many."""
+        if self.replayer is None:
+            raise CloudNotConfigured("no cloud engine is configured (FACEGATE_AZURE_ENDPOINT)")
+        return self.replayer.retry_parked()
 
     def sync_cloud(self, dry_run: bool) -> list[Change]:
         if self.replayer is None:
