@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 from facegate.v1 import facegate_service_pb2 as pb
-from facegate_azure_emulator import EmulatorSettings, RunningEmulator
+from facegate_azure_emulator import EmulatorSettings, ManualClock, RunningEmulator, start_emulator
 from facegate_client.cli import format_status
 from facegate_server.cloud.sync import Training
 from facegate_server.engines.memory import MemoryEngine
 
-from tests.cloud import CloudGate, cloud_gate, emulator, engines
+from tests.cloud import KEY, CloudGate, cloud_gate, emulator, engines
 from tests.conftest import Faces
 from tests.test_cloud_path import photo
 
@@ -65,7 +65,10 @@ def advance(gate: CloudGate, seconds: float) -> None:
 
 @pytest.fixture
 def training30(faces: Faces) -> Iterator[RunningEmulator]:
-    with emulator(training_seconds=30) as running:
+    settings = EmulatorSettings(
+        key=KEY, training_seconds=30, workers=1, clock=ManualClock(), rate_per_second=0
+    )
+    with start_emulator(settings) as running:
         yield running
 
 
