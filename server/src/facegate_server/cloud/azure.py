@@ -230,7 +230,7 @@ def _failure(error: BaseException) -> CloudFailure:
         shown = code
         if inner_code:  # the field form of a refusal: InvalidRequest / UnsupportedFeature
             shown, code = f"{code}/{inner_code}" if code else inner_code, inner_code
-        detail = f"HTTP {status} {shown}: {message}".strip()[:300]
+        detail = (f"HTTP {status}" + (f" {shown}" if shown else "") + f": {message}")[:300]
         if status == 429:
             return CloudFailure(
                 EngineOutcome.THROTTLED,
