@@ -255,6 +255,14 @@ def test_sqlite_keeps_its_identity_and_two_stores_differ(tmp_path: Path) -> None
         other.close()
 
 
+def test_faces_can_be_read_without_their_photos(store: Store) -> None:
+    store.create_member("m-1", "", [template(1, photo=b"kept"), template(2)], T0)
+    kept, bare = store.faces("m-1", photos=False)
+    assert (kept.photo, kept.photo_kept, bare.photo, bare.photo_kept) == (None, True, None, False)
+    assert store.face_photo(kept.face_id) == b"kept" and store.face_photo(bare.face_id) is None
+    assert store.faces("m-1")[0].photo == b"kept"
+
+
 def test_failed_enrolment_leaves_no_outbox_entry(store: Store) -> None:
     store.create_member("m-1", "", [template(1)], T0)
     with pytest.raises(MemberAlreadyExists):

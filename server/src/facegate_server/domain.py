@@ -128,6 +128,9 @@ class StoredFace:
     member_id: str
     photo: bytes | None
     persisted_face_id: str | None
+    photo_kept: bool = False
+    """Whether the store keeps the photo (read with `Store.face_photo` when `photo` was
+    not asked for)."""
 
 
 @dataclass(frozen=True)

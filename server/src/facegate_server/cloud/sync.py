@@ -34,7 +34,8 @@ deletes them — never a full listing on the replay path.
 `reconcile` (`facegate sync`) compares the group with the store and repairs what differs:
 members without a person, faces missing from a person, and this store's persons and faces
 that FaceGate does not know (orphans). A person another store made (another tag) is never
-touched. With dry_run it only reports.
+touched. It pages through the group and reads no photo but the kept one it re-adds. With
+dry_run it only reports.
 """
 
 from __future__ import annotations
@@ -402,6 +403,13 @@ class CloudSync:
             self.wake()
         return count
 
+    def _restore(self, person_id: str, face_id: int) -> None:
+        """Add a kept photo to the person: the one photo read, when it is needed."""
+        photo = self.store.face_photo(face_id)
+        if photo is not None:
+            persisted = self.face.add_face(person_id, photo, face_tag(face_id))
+            self.store.save_cloud_face(face_id, persisted)
+
     # `facegate sync`
     def reconcile(self, dry_run: bool) -> list[Change]:
         """Compare the cloud group with the store; repair the differences unless dry_run."""
@@ -456,9 +464,9 @@ class CloudSync:
                 if member.member_id in pending:
                     continue  # the outbox will create it
                 person = self.people.person_of(member.member_id)
-                faces = self.store.faces(member.member_id)
+                faces = self.store.faces(member.member_id, photos=False)
                 info = cloud.get(person.person_id) if person is not None else None
-                restorable = [f for f in faces if f.photo is not None]
+                restorable = [f for f in faces if f.photo_kept]
                 if info is None:
                     detail = f"no cloud person; {len(restorable)} of {len(faces)} photos kept"
                     done = False
@@ -467,11 +475,7 @@ class CloudSync:
                             self.people.forget(person.person_id)
                         person_id = self._create_person(member.member_id, uncertain=False)
                         for face in restorable:
-                            assert face.photo is not None
-                            persisted = self.face.add_face(
-                                person_id, face.photo, face_tag(face.face_id)
-                            )
-                            self.store.save_cloud_face(face.face_id, persisted)
+                            self._restore(person_id, face.face_id)
                         done = True
                     if not restorable:
                         detail += ": re-enrol the member (or keep photos: FACEGATE_KEEP_PHOTOS)"
@@ -490,18 +494,15 @@ class CloudSync:
                     if face.persisted_face_id in in_cloud:
                         continue
                     done = False
-                    if apply and face.photo is not None:
-                        persisted = self.face.add_face(
-                            person.person_id, face.photo, face_tag(face.face_id)
-                        )
-                        self.store.save_cloud_face(face.face_id, persisted)
+                    if apply and face.photo_kept:
+                        self._restore(person.person_id, face.face_id)
                         done = True
                     note(
                         ChangeKind.MISSING_FACE,
                         member.member_id,
                         person.person_id,
                         f"face {face.face_id} is not in the cloud"
-                        + ("" if face.photo is not None else " (photo not kept)"),
+                        + ("" if face.photo_kept else " (photo not kept)"),
                         done,
                     )
                 for persisted in sorted(in_cloud - known_faces):

@@ -156,8 +156,13 @@ class Store(abc.ABC):
         needs training again before the cloud can use it."""
 
     @abc.abstractmethod
-    def faces(self, member_id: str) -> list[StoredFace]:
-        """The member's faces with their cloud ids, if any (empty when there is no member)."""
+    def faces(self, member_id: str, *, photos: bool = True) -> list[StoredFace]:
+        """The member's faces with their cloud ids, if any (empty when there is no member);
+        without `photos`, no photo is read (`photo_kept` says which are kept)."""
+
+    @abc.abstractmethod
+    def face_photo(self, face_id: int) -> bytes | None:
+        """One face's kept photo, if the store keeps it."""
 
     @abc.abstractmethod
     def training_queued(self) -> None:

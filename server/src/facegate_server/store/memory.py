@@ -251,12 +251,26 @@ class MemoryStore(Store):
                             if p.member_id == member_id and not p.deleted:
                                 p.pending = True
 
-    def faces(self, member_id: str) -> list[StoredFace]:
+    def faces(self, member_id: str, *, photos: bool = True) -> list[StoredFace]:
         with self._lock:
             return [
-                StoredFace(f.face_id, member_id, f.template.photo, f.persisted_face_id)
+                StoredFace(
+                    f.face_id,
+                    member_id,
+                    f.template.photo if photos else None,
+                    f.persisted_face_id,
+                    f.template.photo is not None,
+                )
                 for f in self._templates.get(member_id, [])
             ]
+
+    def face_photo(self, face_id: int) -> bytes | None:
+        with self._lock:
+            for faces in self._templates.values():
+                for f in faces:
+                    if f.face_id == face_id:
+                        return f.template.photo
+        return None
 
     def training_queued(self) -> None:
         with self._lock:

@@ -440,14 +440,22 @@ class SqliteStore(Store):
                 (face_id,),
             )
 
-    def faces(self, member_id: str) -> list[StoredFace]:
+    def faces(self, member_id: str, *, photos: bool = True) -> list[StoredFace]:
+        photo = "photo" if photos else "NULL"
         with self._lock:
             rows = self._db.execute(
-                "SELECT face_id, member_id, photo, persisted_face_id FROM faces"
-                " WHERE member_id = ? ORDER BY face_id",
+                f"SELECT face_id, member_id, {photo}, persisted_face_id, photo IS NOT NULL"
+                " FROM faces WHERE member_id = ? ORDER BY face_id",
                 (member_id,),
             ).fetchall()
-        return [StoredFace(*row) for row in rows]
+        return [StoredFace(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
+
+    def face_photo(self, face_id: int) -> bytes | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT photo FROM faces WHERE face_id = ?", (face_id,)
+            ).fetchone()
+        return None if row is None else row[0]
 
     def training_queued(self) -> None:
         with self._lock:
