@@ -42,6 +42,7 @@ from facegate_server.engines.memory import MemoryEngine
 from facegate_server.routing.breaker import CircuitBreaker, CircuitState
 from facegate_server.routing.router import RoutingEngine
 from facegate_server.store import MemoryStore
+from facegate_server.store.reports import reports_from_json, reports_json
 from PIL import Image
 
 from tests.helpers import FakeClock
@@ -440,6 +441,17 @@ def test_through_the_router_the_local_engine_decides_and_the_circuit_stays_close
     assert found.decision is not Decision.GRANTED and found.engine.value == "LOCAL"
     assert {r.engine.value: r.outcome for r in found.reports}["AZURE"] is EngineOutcome.NOT_USED
     assert router.breaker.state is CircuitState.CLOSED
+    # What the cloud cost for this entry goes with its report into the access log.
+    [cloud] = [r for r in found.reports if r.engine.value == "AZURE"]
+    assert cloud.transactions == 2 == found.cloud_transactions
+    assert reports_from_json(reports_json(found.reports)) == found.reports
+    assert (
+        reports_from_json(
+            '[{"engine": "AZURE", "outcome": "ERROR", "decision": null,'
+            ' "member_id": "", "confidence": 0, "detail": "", "latency_us": null}]'
+        )[0].transactions
+        == 0
+    )
 
 
 def test_the_margin_and_the_threshold_apply_to_the_clouds_candidates() -> None:

@@ -61,6 +61,8 @@ class EngineReport:
     confidence: float = 0.0
     detail: str = ""
     latency: timedelta | None = None
+    transactions: int = 0
+    """Paid calls this engine spent on the frame (the cloud's transactions)."""
 
 
 @dataclass(frozen=True)

@@ -255,6 +255,7 @@ class EngineReport(_message.Message):
     CONFIDENCE_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     LATENCY_FIELD_NUMBER: _builtins.int
+    TRANSACTIONS_FIELD_NUMBER: _builtins.int
     engine: Global___Engine.ValueType
     """The engine."""
     outcome: Global___EngineOutcome.ValueType
@@ -267,6 +268,10 @@ class EngineReport(_message.Message):
     """Its confidence, when it answered (see IdentifyResponse.confidence)."""
     detail: _builtins.str
     """Why it did not answer, in a few words (never image data or keys)."""
+    transactions: _builtins.int
+    """Paid cloud transactions this engine spent on the frame (kept in the
+    access log with the entry).
+    """
     @_builtins.property
     def latency(self) -> _duration_pb2.Duration:
         """How long it took, when it was asked."""
@@ -281,10 +286,11 @@ class EngineReport(_message.Message):
         confidence: _builtins.float = ...,
         detail: _builtins.str = ...,
         latency: _duration_pb2.Duration | None = ...,
+        transactions: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "decision", b"decision", "detail", b"detail", "engine", b"engine", "latency", b"latency", "member_id", b"member_id", "outcome", b"outcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "decision", b"decision", "detail", b"detail", "engine", b"engine", "latency", b"latency", "member_id", b"member_id", "outcome", b"outcome", "transactions", b"transactions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

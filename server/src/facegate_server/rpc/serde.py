@@ -53,6 +53,7 @@ def engine_report(r: EngineReport) -> pb.EngineReport:
         member_id=r.member_id,
         confidence=r.confidence,
         detail=r.detail,
+        transactions=r.transactions,
     )
     if r.decision is not None:
         message.decision = decision(r.decision)
