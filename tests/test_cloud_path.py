@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import io
 import itertools
+import socket
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -612,3 +614,35 @@ def readme_example() -> int:
     deletion = churn
     training = churn * (1 + 3)  # enrolled one at a time: a train and ~3 polls each
     return identify + retried + enrolment + deletion + training
+
+
+def test_the_start_up_check_runs_in_the_background_and_never_delays_serving(
+    tmp_path: Path,
+) -> None:
+    import grpc
+    from facegate.v1 import facegate_service_pb2 as pb
+    from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
+
+    from tests.helpers import running_server
+
+    hung = socket.socket()  # accepts connections (the backlog) and never answers
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)
+    try:
+        endpoint = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        with (
+            running_server(
+                tmp_path,
+                engine=MemoryEngine(),
+                azure_endpoint=endpoint,
+                azure_key="k",
+                azure_timeout_s=2,
+            ) as server,
+            grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+        ):
+            stub = pb_grpc.FaceGateServiceStub(channel)
+            state = stub.GetStatus(pb.GetStatusRequest(), timeout=5)
+            # Serving while the check waits for a cloud that never answers.
+            assert state.cloud_readiness == "checking" and state.routing_policy == "cloud-first"
+    finally:
+        hung.close()
