@@ -646,3 +646,27 @@ def test_the_start_up_check_runs_in_the_background_and_never_delays_serving(
             assert state.cloud_readiness == "checking" and state.routing_policy == "cloud-first"
     finally:
         hung.close()
+
+
+def test_facegate_status_explains_a_parked_photo_and_sync_retries_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from facegate.v1 import facegate_service_pb2 as pb
+    from facegate_client.cli import main
+
+    from tests.cloud import cloud_gate, emulator
+
+    with emulator() as emu, cloud_gate(emu, tmp_path, engine=MemoryEngine()) as gate:
+        refused_photo = photo(42, (400, 400))  # no face: the Face API answers InvalidImage
+        gate.stub.Enroll(pb.EnrollRequest(member_id="m-bad", photos=[refused_photo]), timeout=30)
+        gate.server.gate.replayer.run_once()  # type: ignore[union-attr]
+        target = f"127.0.0.1:{gate.server.port}"
+        assert main(["status", "--target", target]) == 0
+        shown = capsys.readouterr().out
+        assert "cloud: ready" in shown
+        assert "outbox parked: 1 (retry: facegate sync --retry-parked)" in shown
+        assert "add_face m-bad face 1: HTTP 400 InvalidImage" in shown
+        assert "cloud cost: S0: " in shown
+        assert main(["sync", "--retry-parked", "--target", target]) == 0
+        assert capsys.readouterr().out == "1 parked changes put back in line\n"
+        assert gate.server.store.outbox_depth() == 1
