@@ -55,7 +55,7 @@ def test_a_killed_worker_is_replaced(tmp_path: Path, faces: Faces) -> None:
     try:
         frame = faces.read("people/lin_manuel_miranda/1.png")
         assert identify(server, frame).decision == pb.DECISION_DENIED_UNKNOWN_FACE
-        for pid in list(server.pool._pool._processes):  # a dlib crash, as seen from outside
+        for pid in server.pool.pids():  # a dlib crash, as seen from outside
             os.kill(pid, signal.SIGKILL)
         unavailable = 0
         deadline = time.monotonic() + 60
