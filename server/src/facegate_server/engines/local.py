@@ -125,7 +125,7 @@ class WorkerPool:
         broken.shutdown(wait=False, cancel_futures=True)
 
     def pids(self) -> list[int]:
-        """The process ids of the current workers (for health checks and tests)."""
+        """The process ids of the running recognition workers (none before they start)."""
         return sorted(self._pool._processes or ())
 
     def close(self) -> None:
