@@ -38,6 +38,8 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from tests.helpers import serving
+
 DOMAIN = "facegate.v1"
 
 
@@ -185,17 +187,8 @@ class Served:
 @pytest.fixture
 def served() -> Iterator[Served]:
     servicer = FakeFaceGateServicer(members={"m-1": member("m-1", "Kim Jiwoo", 2)})
-    executor = futures.ThreadPoolExecutor(max_workers=4)
-    server = grpc.server(executor)
-    pb_grpc.add_FaceGateServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield Served(servicer, f"127.0.0.1:{port}")
-    finally:
-        servicer.release.set()
-        server.stop(grace=None).wait()
-        executor.shutdown(wait=True)
+    with serving(servicer) as target:
+        yield Served(servicer, target)
 
 
 @pytest.fixture
