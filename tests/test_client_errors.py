@@ -8,7 +8,6 @@ served by a real gRPC server on a free port.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -38,6 +37,8 @@ from facegate_client import (
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
+from tests.helpers import serving
 
 DOMAIN = "facegate.v1"
 
@@ -88,6 +89,8 @@ class FakeFaceGateServicer(pb_grpc.FaceGateServiceServicer):
     invocation_metadata: list[dict[str, str]] = field(default_factory=list)
     get_member_unavailable: int = 0  # fail this many GetMember calls with UNAVAILABLE
     release: threading.Event = field(default_factory=threading.Event)
+    """Set when the test ends: it lets go of the calls held by "slow"."""
+    answered_slow: threading.Event = field(default_factory=threading.Event)
 
     def _record(self, name: str, request: Any, context: grpc.ServicerContext) -> None:
         self.calls[name] = self.calls.get(name, 0) + 1
@@ -106,8 +109,9 @@ class FakeFaceGateServicer(pb_grpc.FaceGateServiceServicer):
                     (("image", "must hold an encoded image"),),
                 )
             )
-        if request.image == b"slow":  # longer than any client deadline in these tests
-            self.release.wait(timeout=1.0)
+        if request.image == b"slow":  # held until the test ends: past any client deadline
+            self.release.wait(timeout=60.0)
+            self.answered_slow.set()
         if request.image == b"busy":
             context.abort_with_status(
                 rich_status(code_pb2.RESOURCE_EXHAUSTED, "too busy", "BUSY", retry_delay=1.5)
@@ -183,17 +187,8 @@ class Served:
 @pytest.fixture
 def served() -> Iterator[Served]:
     servicer = FakeFaceGateServicer(members={"m-1": member("m-1", "Kim Jiwoo", 2)})
-    executor = futures.ThreadPoolExecutor(max_workers=4)
-    server = grpc.server(executor)
-    pb_grpc.add_FaceGateServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield Served(servicer, f"127.0.0.1:{port}")
-    finally:
-        servicer.release.set()
-        server.stop(grace=None).wait()
-        executor.shutdown(wait=True)
+    with serving(servicer) as target:
+        yield Served(servicer, target)
 
 
 @pytest.fixture
@@ -336,12 +331,14 @@ def test_every_call_has_a_deadline_by_default(served: Served, client: FaceGateCl
     assert 1.0 < identify_remaining < 2.5
 
 
-def test_deadline_exceeded(client: FaceGateClient) -> None:
-    started = time.monotonic()
+def test_deadline_exceeded(served: Served, client: FaceGateClient) -> None:
     with pytest.raises(DeadlineExceeded) as caught:
         client.identify(b"slow", "gate-1", timeout=0.1)
-    assert time.monotonic() - started < 0.9
     assert caught.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+    # The client gave up by itself, at its deadline: the server holds the call until the
+    # test ends, and (if the call reached it in time) saw a deadline of 0.1 s, not more.
+    assert not served.servicer.answered_slow.is_set()
+    assert all(remaining <= 0.15 for remaining in served.servicer.time_remaining)
 
 
 def test_constructor_timeout_applies(served: Served) -> None:

@@ -3,6 +3,9 @@ of its own that the evaluation must leave alone."""
 
 from __future__ import annotations
 
+import itertools
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +14,7 @@ from facegate.v1 import facegate_service_pb2 as pb
 from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
 from facegate_client.cli import main
 from facegate_server.commands.evaluate import (
+    NO_MATPLOTLIB,
     OTHER_MEMBER,
     Person,
     Probe,
@@ -19,6 +23,9 @@ from facegate_server.commands.evaluate import (
     split,
     tally,
 )
+from facegate_server.domain import Decision
+from facegate_server.engines.index import Match
+from facegate_server.engines.policy import DecisionPolicy, decide_match
 
 from tests.conftest import Faces
 from tests.helpers import running_server
@@ -43,6 +50,47 @@ def test_tally_recomputes_decisions_at_each_threshold() -> None:
     assert (no_margin.correct, no_margin.wrong_member, no_margin.impostor_grant) == (2, 1, 1)
     poor = Probe(Path("y.jpg"), "a", True, "DENIED_POOR_QUALITY", "", [("a", 0.2)])
     assert tally([poor], 0.6, 0.0).correct == 0  # no threshold grants a poor-quality face
+
+
+def test_the_sweep_grants_exactly_what_the_local_engine_would() -> None:
+    distances = [0.3, 0.45, 0.5, 0.55, 0.6, 0.65, float("inf")]
+    for threshold, margin in itertools.product((0.5, 0.55, 0.6), (0.0, 0.05, 0.1)):
+        policy = DecisionPolicy(match_threshold=threshold, match_margin=margin)
+        for best, runner_up in itertools.product(distances[:-1], distances):
+            if runner_up < best:
+                continue
+            engine = decide_match(Match("m-a", best, "m-b", runner_up), policy).decision
+            swept = tally([probe("a", True, ("a", best), ("b", runner_up))], threshold, margin)
+            assert (swept.correct == 1) == (engine is Decision.GRANTED), (best, runner_up)
+
+
+def test_evaluate_loads_neither_numpy_nor_matplotlib() -> None:
+    """`facegate` loads the command to list it: that must stay cheap, and work without the
+    `evaluate` extra."""
+    code = (
+        "import sys, facegate_server.commands.evaluate;"
+        "print(sorted({'numpy', 'matplotlib'} & set(sys.modules)))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert loaded.stdout.strip() == "[]"
+
+
+def test_without_matplotlib_evaluate_says_which_extra_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "kim").mkdir()
+    for name in ("1.jpg", "2.jpg"):
+        (tmp_path / "kim" / name).write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+
+    # Nothing listens on port 9: the check comes before any call to a server.
+    code = main(["evaluate", str(tmp_path), "--target", "127.0.0.1:9"])
+
+    out, err = capsys.readouterr()
+    assert (code, out, err) == (1, "", NO_MATPLOTLIB + "\n")
+    assert "pip install 'facegate-server[evaluate]'" in NO_MATPLOTLIB
 
 
 def test_people_and_their_enrolment_photos(tmp_path: Path) -> None:

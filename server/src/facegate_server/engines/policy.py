@@ -9,7 +9,8 @@
 3. The match: grant the closest member when their distance is at most `match_threshold`
    AND the runner-up member is at least `match_margin` further away. A member's distance
    is that of their closest enrolled photo (every photo is kept and matched). A face
-   within the threshold of two members with too small a margin is DENIED_AMBIGUOUS.
+   within the threshold of two members with too small a margin is DENIED_AMBIGUOUS. The
+   rule itself is grant.verdict, which `facegate evaluate` also recomputes decisions with.
 4. Confidence: a fixed map of distance to [0, 1] (`confidence`), the same whatever the
    threshold is configured to, so that it means the same from either engine.
 
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 
 from facegate_server.config import Settings
 from facegate_server.domain import Decision, FaceBox, FaceQuality
+from facegate_server.engines.grant import Verdict, verdict
 from facegate_server.engines.index import Match
 
 CONFIDENCE_REFERENCE = 0.6
@@ -170,8 +172,11 @@ def decide_match(match: Match | None, policy: DecisionPolicy) -> MatchDecision:
     if match is None:
         return MatchDecision(Decision.DENIED_UNKNOWN_FACE)
     score = confidence(match.distance)
-    if match.distance > policy.match_threshold:
+    found = verdict(
+        match.distance, match.runner_up_distance, policy.match_threshold, policy.match_margin
+    )
+    if found is Verdict.UNKNOWN:
         return MatchDecision(Decision.DENIED_UNKNOWN_FACE, confidence=score)
-    if match.runner_up_distance - match.distance < policy.match_margin:
+    if found is Verdict.AMBIGUOUS:
         return MatchDecision(Decision.DENIED_AMBIGUOUS, confidence=score, hint=HINT_AMBIGUOUS)
     return MatchDecision(Decision.GRANTED, match.member_id, score)
