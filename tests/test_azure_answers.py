@@ -154,11 +154,18 @@ def test_the_quota_403_with_status_code_pauses(endpoint: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("code", "entry"),
-    [("InvalidImage", True), ("InvalidImageSize", True), ("BadArgument", True)],
+    ("status", "code", "entry"),
+    [
+        (400, "InvalidImage", True),
+        (400, "InvalidImageSize", True),
+        (400, "BadArgument", True),
+        (403, "QuotaExceeded", True),  # the group (F0: 1,000 persons) or the person is full
+    ],
 )
-def test_a_refused_photo_is_the_entrys_fault(endpoint: str, code: str, entry: bool) -> None:
-    Canned.answers = {"POST": (400, {"error": {"code": code, "message": "no"}}, {})}
+def test_a_refused_photo_is_the_entrys_fault(
+    endpoint: str, status: int, code: str, entry: bool
+) -> None:
+    Canned.answers = {"POST": (status, {"error": {"code": code, "message": "no"}}, {})}
     with pytest.raises(CloudFailure) as raised:
         face(endpoint).add_face("p-1", FRAME, "tag")
     assert raised.value.entry_fault is entry and not raised.value.resource_fault

@@ -76,6 +76,7 @@ ENTRY_CODES = frozenset({"InvalidImage", "InvalidImageSize", "BadArgument", "Inv
 """400 codes that are the request's own fault (the photo), not the resource's."""
 LIMITED_ACCESS = "UnsupportedFeature"
 NO_FACE_ID = "NoFaceId"  # our code: a detect that returned faces without a faceId
+FULL = "QuotaExceeded"  # 403: persons per group, or faces per person, at the limit
 
 
 class CloudFailure(EngineFailure):
@@ -117,6 +118,10 @@ class CloudFailure(EngineFailure):
         can never succeed, and nothing else is wrong."""
         if self.outcome is EngineOutcome.NOT_TRAINED or self.limited_access:
             return False
+        if self.status == 403 and self.code == FULL:
+            # The group's persons (F0: 1,000) or the person's faces (248) are at their
+            # limit: this entry waits for an operator; deletions behind it still free room.
+            return True
         return self.status in (413, 415) or (
             self.status == 400 and (self.code in ENTRY_CODES or not self.code)
         )
@@ -124,8 +129,8 @@ class CloudFailure(EngineFailure):
     @property
     def resource_fault(self) -> bool:
         """The resource refuses everything until an operator acts: the key (401), the
-        quota or Limited Access (403)."""
-        return self.status in (401, 403) or self.limited_access
+        monthly quota or Limited Access (403)."""
+        return (self.status in (401, 403) and self.code != FULL) or self.limited_access
 
     @property
     def not_found(self) -> bool:
