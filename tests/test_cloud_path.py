@@ -80,13 +80,23 @@ class FakeFace:
     detect_faces: list[DetectedFace] = field(default_factory=list)
     candidates: list[tuple[str, float]] = field(default_factory=list)
     counter: TransactionCounter = field(default_factory=TransactionCounter)
+    rate: CloudRate = field(default_factory=lambda: CloudRate(0))
     lose_create_answer: bool = False
     _ids: Any = field(default_factory=lambda: itertools.count(1))
 
     def __post_init__(self) -> None:
         self.settings = AzureSettings("http://fake", "key", store_id=self.store_id)
 
-    def _op(self, name: str) -> None:
+    def _op(self, name: str, urgent: bool = False) -> None:
+        wait = self.rate.take(urgent=urgent)
+        if wait > 0:
+            raise CloudFailure(
+                EngineOutcome.THROTTLED,
+                "client-side rate limit",
+                code="ClientRateLimit",
+                retry_after=wait,
+                engine_fault=False,
+            )
         self.counter.count(name)
         pending = self.fail.get(name)
         if pending:
@@ -94,13 +104,13 @@ class FakeFace:
 
     # The engine's
     def detect(self, image: bytes, timeout: float, *, urgent: bool = True) -> list[DetectedFace]:
-        self._op("detect")
+        self._op("detect", urgent)
         return list(self.detect_faces)
 
     def identify(
         self, face_id: str, timeout: float, max_candidates: int = 2
     ) -> list[tuple[str, float]]:
-        self._op("identify")
+        self._op("identify", urgent=True)
         return list(self.candidates)
 
     # The replayer's
@@ -541,6 +551,25 @@ def test_a_throttled_outbox_backs_off_for_what_it_was_told() -> None:
     ]
     world.sync.run_once()
     assert world.sync._retry_delay == 17.0
+
+
+def test_the_outbox_keeps_to_the_rate_without_backing_off_or_doubting_itself() -> None:
+    world = World()
+    world.face.rate = CloudRate(10, clock=world.clock)  # 5 tokens spare for the outbox
+    for n in range(6):
+        world.enrol(f"m-{n}")
+    world.sync.run_once()  # the readiness check (2), the group, the training read: 4
+    assert world.store.outbox_depth() == 6  # 2 left: not enough to start an entry...
+    assert world.sync.waiting.startswith("keeping to") and world.sync._retry_delay == 0.0
+    world.clock.advance(0.2)
+    world.sync.run_once()
+    assert world.store.outbox_depth() == 5  # ...then one entry (create + add) at a time
+    assert all(e.attempts == 0 for e in world.store.outbox(10))  # none cut short
+    for _ in range(10):
+        world.clock.advance(0.5)
+        world.sync.run_once()
+    assert world.store.outbox_depth() == 0 and world.face.members() == [f"m-{n}" for n in range(6)]
+    assert not world.sync.sweeping  # no replay was uncertain
 
 
 # 7. Each store owns its persons

@@ -319,7 +319,7 @@ class AzureFace:
                 EngineOutcome.THROTTLED,
                 f"client-side rate limit: next call in {wait:.1f} s",
                 retry_after=wait,
-                code="ClientRateLimit",
+                code="ClientRateLimit",  # cloud/sync.py's CLIENT_RATE_LIMIT
                 engine_fault=False,
             )
         self.counter.count(operation)

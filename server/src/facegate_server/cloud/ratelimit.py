@@ -68,6 +68,14 @@ class CloudRate:
                 return 0.0
             return (floor - self._tokens) / self.per_second
 
+    def spare(self) -> float:
+        """Tokens the outbox could take now (beyond the reserve); infinite without a limit."""
+        if not self.limited:
+            return float("inf")
+        with self._lock:
+            self._refill()
+            return max(0.0, self._tokens - min(self.reserve, self.burst - 1.0))
+
     def hold_off(self, seconds: float) -> None:
         """The resource answered 429: no token for `seconds` (its Retry-After)."""
         if not self.limited or seconds <= 0:

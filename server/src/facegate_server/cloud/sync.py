@@ -62,6 +62,8 @@ MAX_CHECK = 300.0
 """The back-off of the readiness check while the cloud is off or paused: ≤ 5 min (each
 check costs two transactions)."""
 FAILED_TRAINING_RETRY = 30.0
+CALLS_PER_ENTRY = 2  # an add-face: a person create (the member's first) and the add
+CLIENT_RATE_LIMIT = "ClientRateLimit"
 
 
 def face_tag(face_id: int) -> str:
@@ -143,7 +145,10 @@ class CloudSync:
                 self.run_once()
             except Exception:  # keep syncing whatever happened; the next tick retries
                 log.exception("cloud sync failed")
-            self._wake.wait(self.interval)
+            # Sooner when only our own rate limit holds the outbox back.
+            due = self._retry_at - self._clock()
+            rate_bound = self.waiting.startswith("keeping to")
+            self._wake.wait(max(0.05, min(self.interval, due)) if rate_bound else self.interval)
             self._wake.clear()
 
     def run_once(self) -> None:
@@ -176,6 +181,12 @@ class CloudSync:
         self.waiting = f"{why}; retrying in {self._retry_delay:.0f} s"
 
     def _failed(self, failure: CloudFailure) -> None:
+        if failure.code == CLIENT_RATE_LIMIT:
+            # Not a failure: our own rate limit (Identify first). Resume when it allows,
+            # without growing the back-off.
+            self._retry_at = self._clock() + (failure.retry_after or FIRST_RETRY)
+            self.waiting = "keeping to the resource's rate (Identify first)"
+            return
         self.last_error = failure.detail
         self.last_error_time = time.time()
         if failure.resource_fault:
@@ -283,6 +294,16 @@ class CloudSync:
             if not entries:
                 return
             for entry in entries:
+                if self.face.rate.spare() < CALLS_PER_ENTRY:
+                    # Do not start an entry the rate limit would cut short: its attempt
+                    # would count, and an uncertain replay costs lookups.
+                    raise CloudFailure(
+                        EngineOutcome.THROTTLED,
+                        "client-side rate limit",
+                        code=CLIENT_RATE_LIMIT,
+                        retry_after=CALLS_PER_ENTRY / max(self.face.rate.per_second, 1e-9),
+                        engine_fault=False,
+                    )
                 if self._replay(entry):
                     self._changed()
 
