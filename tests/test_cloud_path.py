@@ -244,6 +244,11 @@ def test_a_refused_photo_is_parked_and_the_ten_behind_it_reach_the_cloud() -> No
     assert parked.member_id == "m-bad" and "InvalidImage" in parked.parked
     assert world.store.outbox_depth() == 0 and world.store.outbox_parked_count() == 1
     assert all(world.people.ready(f"m-{n}") for n in range(10))
+    # The member's cloud state says so (GetMember).
+    assert world.sync.cloud_state("m-bad").startswith("1 change(s) refused by the cloud: HTTP")
+    assert world.sync.cloud_state("m-0") == "ready"
+    world.enrol("m-new")
+    assert world.sync.cloud_state("m-new") == "1 change(s) waiting to be sent"
     # Retried only when an operator asks: the cloud takes it now.
     world.face.refuse_photo.clear()
     assert world.sync.retry_parked() == 1
@@ -696,6 +701,10 @@ def test_facegate_status_explains_a_parked_photo_and_sync_retries_it(
         assert "outbox parked: 1 (retry: facegate sync --retry-parked)" in shown
         assert "add_face m-bad face 1: HTTP 400 InvalidImage" in shown
         assert "cloud cost: S0: " in shown
+        assert main(["members", "get", "--target", target, "m-bad"]) == 0
+        assert "cloud: 1 change(s) refused by the cloud: HTTP 400 InvalidImage" in (
+            capsys.readouterr().out
+        )
         assert main(["sync", "--retry-parked", "--target", target]) == 0
         assert capsys.readouterr().out == "1 parked changes put back in line\n"
         assert gate.server.store.outbox_depth() == 1

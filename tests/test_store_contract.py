@@ -221,6 +221,11 @@ def test_a_parked_entry_steps_aside_until_it_is_retried(store: Store) -> None:
     assert parked.photo is None  # listing what is parked reads no photo
     assert store.outbox_parked_count() == 1
     assert store.outbox_members() == {"m-1", "m-2"}
+    of_m1 = store.outbox_of("m-1")
+    assert [(e.seq, e.parked != "", e.photo) for e in of_m1] == [
+        (first.seq, True, None),
+        (second.seq, False, None),
+    ]
     assert store.outbox_unpark() == 1
     again = store.outbox(10)
     assert [e.seq for e in again] == [first.seq, second.seq, third.seq]

@@ -155,7 +155,8 @@ def format_member(member: pb.Member) -> str:
     """`m-1001  "Kim Jiwoo"  2 faces  enrolled 2026-11-26T23:00:00Z`."""
     faces = "1 face" if member.face_count == 1 else f"{member.face_count} faces"
     enrolled = _time(member.create_time, member.HasField("create_time"))
-    return f"{member.member_id}  {_quoted(member.display_name)}  {faces}  enrolled {enrolled}"
+    line = f"{member.member_id}  {_quoted(member.display_name)}  {faces}  enrolled {enrolled}"
+    return line + (f"  cloud: {member.cloud_state}" if member.cloud_state else "")
 
 
 def format_event(event: pb.AccessEvent) -> str:

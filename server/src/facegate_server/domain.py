@@ -108,6 +108,8 @@ class Member:
     face_count: int
     create_time: datetime
     update_time: datetime
+    cloud_state: str = ""
+    """The member in the cloud, in a few words (GetMember, when a cloud is configured)."""
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from facegate_server import validation
@@ -203,7 +203,10 @@ class Gate:
         return member
 
     def get_member(self, member_id: str) -> Member:
-        return self.store.get_member(validation.member_id(member_id))
+        member = self.store.get_member(validation.member_id(member_id))
+        if self.replayer is None:
+            return member
+        return replace(member, cloud_state=self.replayer.cloud_state(member.member_id))
 
     def list_members(self, page_size: int, after: str) -> tuple[list[Member], str]:
         """A page of members, and the id to continue after ("" on the last page)."""

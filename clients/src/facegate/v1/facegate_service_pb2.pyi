@@ -554,12 +554,17 @@ class Member(_message.Message):
     FACE_COUNT_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    CLOUD_STATE_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
     """The backend's id for the member."""
     display_name: _builtins.str
     """The member's display name."""
     face_count: _builtins.int
     """How many face templates (one a photo) the member has."""
+    cloud_state: _builtins.str
+    """The member in the cloud, in a few words ("ready", "training", "1 change(s)
+    refused by the cloud: ..."); GetMember only, when a cloud is configured.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the member was enrolled."""
@@ -576,10 +581,11 @@ class Member(_message.Message):
         face_count: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        cloud_state: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display_name", b"display_name", "face_count", b"face_count", "member_id", b"member_id", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cloud_state", b"cloud_state", "create_time", b"create_time", "display_name", b"display_name", "face_count", b"face_count", "member_id", b"member_id", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -415,6 +415,27 @@ class CloudSync:
         self._sweep_from = following
         self._sweep = following is not None
 
+    # What operators see
+    def cloud_state(self, member_id: str) -> str:
+        """The member in the cloud, in a few words (GetMember)."""
+        entries = self.store.outbox_of(member_id)
+        parked = [e for e in entries if e.parked]
+        if parked:
+            return (
+                f"{len(parked)} change(s) refused by the cloud: {parked[0].parked}"
+                " (facegate sync --retry-parked)"
+            )
+        if entries:
+            return f"{len(entries)} change(s) waiting to be sent" + (
+                f" ({self.waiting})" if self.waiting else ""
+            )
+        person = self.people.person_of(member_id)
+        if person is None:
+            return "not in the cloud (facegate sync)"
+        if person.ready:
+            return "ready"
+        return "training" if self.training is Training.RUNNING else "waiting for a training"
+
     # Operator actions
     def retry_parked(self) -> int:
         """Put every parked entry back in line (`facegate sync --retry-parked`)."""

@@ -73,6 +73,7 @@ def member(m: Member) -> pb.Member:
         face_count=m.face_count,
         create_time=timestamp(m.create_time),
         update_time=timestamp(m.update_time),
+        cloud_state=m.cloud_state,
     )
 
 

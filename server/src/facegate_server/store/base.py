@@ -114,6 +114,10 @@ class Store(abc.ABC):
         """The oldest `limit` parked entries, without their photos."""
 
     @abc.abstractmethod
+    def outbox_of(self, member_id: str) -> list[OutboxEntry]:
+        """The member's entries not yet done, parked or not, oldest first, without photos."""
+
+    @abc.abstractmethod
     def outbox_parked_count(self) -> int:
         """How many entries are parked."""
 

@@ -183,6 +183,10 @@ class MemoryStore(Store):
         with self._lock:
             return [replace(e, photo=None) for e in self._outbox if e.parked][:limit]
 
+    def outbox_of(self, member_id: str) -> list[OutboxEntry]:
+        with self._lock:
+            return [replace(e, photo=None) for e in self._outbox if e.member_id == member_id]
+
     def outbox_parked_count(self) -> int:
         with self._lock:
             return sum(1 for e in self._outbox if e.parked)

@@ -371,6 +371,15 @@ class SqliteStore(Store):
             ).fetchall()
         return [OutboxEntry(*row) for row in rows]
 
+    def outbox_of(self, member_id: str) -> list[OutboxEntry]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, kind, member_id, face_id, NULL, attempts, last_error, parked"
+                " FROM outbox WHERE member_id = ? ORDER BY seq",
+                (member_id,),
+            ).fetchall()
+        return [OutboxEntry(*row) for row in rows]
+
     def outbox_parked_count(self) -> int:
         with self._lock:
             return int(
