@@ -276,8 +276,11 @@ def test_a_token_bucket_refills_at_its_rate() -> None:
 
 def test_identify_and_enrolment_have_separate_buckets() -> None:
     limits = ratelimit.method_limits(5.0, 10, 1.0, 2)
-    assert set(limits) == {FACEGATE + m for m in ("Identify", "Enroll", "AddMemberPhotos")}
+    assert set(limits) == {
+        FACEGATE + m for m in ("Identify", "Verify", "Enroll", "AddMemberPhotos")
+    }
     assert limits[FACEGATE + "Enroll"] is limits[FACEGATE + "AddMemberPhotos"]
+    assert limits[FACEGATE + "Verify"] is limits[FACEGATE + "Identify"]  # one camera's bucket
     assert limits[FACEGATE + "Identify"] == ratelimit.Limit("identify", 5.0, 10)
     assert set(ratelimit.method_limits(0, 10, 1.0, 2)) == {
         FACEGATE + "Enroll",
