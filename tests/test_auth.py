@@ -154,6 +154,7 @@ def test_an_open_server_is_allowed_on_loopback_only_unless_insecure() -> None:
 # Every FaceGate method (and two that do not exist yet), and who may call it.
 ROLE_TABLE = {
     "Identify": {Role.TURNSTILE, Role.BACKEND, Role.ADMIN},
+    "Verify": {Role.TURNSTILE, Role.BACKEND, Role.ADMIN},
     "Enroll": {Role.BACKEND, Role.ADMIN},
     "AddMemberPhotos": {Role.BACKEND, Role.ADMIN},
     "GetMember": {Role.BACKEND, Role.ADMIN},
