@@ -304,6 +304,32 @@ def test_a_verification_is_kept_as_one(store: Store) -> None:
     assert (oldest.kind, oldest.claimed_member_id, oldest.detail) == (AccessKind.IDENTIFY, "", "")
 
 
+def test_a_members_events_include_the_verifications_that_claimed_them(store: Store) -> None:
+    from dataclasses import replace
+
+    from facegate_server.domain import AccessKind
+
+    granted = store.record_event(
+        replace(event(T0), kind=AccessKind.VERIFY, claimed_member_id="m-1")
+    )
+    misused = store.record_event(
+        replace(
+            event(T0, ""),
+            decision=Decision.DENIED_NOT_THIS_MEMBER,
+            kind=AccessKind.VERIFY,
+            claimed_member_id="m-1",
+        )
+    )
+    store.record_event(event(T0, "m-2"))
+    store.record_event(replace(event(T0, ""), kind=AccessKind.VERIFY, claimed_member_id="m-2"))
+    identified = store.record_event(event(T0))
+    m1 = store.list_events(EventFilter(member_id="m-1"), 10)
+    assert [e.event_id for e in m1] == [identified.event_id, misused.event_id, granted.event_id]
+    assert [
+        e.event_id for e in store.list_events(EventFilter(member_id="m-1"), 1, m1[0].event_id)
+    ] == [misused.event_id]
+
+
 def test_sqlite_upgrades_older_events_as_identifications(tmp_path: Path) -> None:
     from facegate_server.domain import AccessKind
     from facegate_server.store.sqlite import MIGRATIONS

@@ -76,6 +76,9 @@ def test_a_stranger_with_a_members_id_is_denied(stub: Stub, gym: Faces) -> None:
     )
     assert 0.0 < logged.confidence < 0.5  # the log keeps what was measured
     assert logged.detail == ""
+    # The member's own history shows their card used with another face.
+    theirs = stub.ListAccessEvents(pb.ListAccessEventsRequest(member_id="m-obama"), timeout=5)
+    assert response.event_id in [e.event_id for e in theirs.events]
 
 
 def test_another_member_is_not_this_member(stub: Stub, gym: Faces) -> None:

@@ -169,6 +169,7 @@ class EventFilter:
     """Which access events to list; None or empty means no restriction."""
 
     member_id: str = ""
+    """The events granted to the member, and the verifications that claimed them."""
     turnstile_id: str = ""
     start_time: datetime | None = None
     end_time: datetime | None = None

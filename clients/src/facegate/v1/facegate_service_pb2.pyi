@@ -943,7 +943,10 @@ class ListAccessEventsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
-    """Only this member's events; empty for everybody."""
+    """Only this member's events: those that granted them, and the verifications
+    that claimed them (granted or not: a card used with another face shows
+    here); empty for everybody.
+    """
     turnstile_id: _builtins.str
     """Only this turnstile's events; empty for every turnstile."""
     page_size: _builtins.int

@@ -99,6 +99,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE access_events ADD COLUMN kind TEXT NOT NULL DEFAULT 'IDENTIFY'",
         "ALTER TABLE access_events ADD COLUMN claimed_member_id TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE access_events ADD COLUMN detail TEXT NOT NULL DEFAULT ''",
+        # A member's events include the verifications that claimed them (a card misused).
+        "CREATE INDEX events_by_claimed ON access_events(claimed_member_id, event_id)",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -294,8 +296,8 @@ class SqliteStore(Store):
             clauses.append("event_id < ?")
             params.append(before_id)
         if where.member_id:
-            clauses.append("member_id = ?")
-            params.append(where.member_id)
+            clauses.append("(member_id = ? OR claimed_member_id = ?)")
+            params.extend([where.member_id, where.member_id])
         if where.turnstile_id:
             clauses.append("turnstile_id = ?")
             params.append(where.turnstile_id)
