@@ -58,6 +58,8 @@ def utc_now() -> datetime:
 
 @dataclass(frozen=True)
 class IdentifyResult:
+    """What Identify or Verify answers (`identification`, `display_name`) and logged."""
+
     identification: Identification
     display_name: str
     event: AccessEvent
