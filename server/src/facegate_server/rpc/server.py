@@ -19,6 +19,11 @@ How a call goes:
 3. In the thread, `arrival()` is when the call arrived: the Identify budget starts there,
    not when a thread became free.
 
+New methods that wait long (the operations issue's live events, the chain's change feeds)
+are written as asyncio handlers (`async def`, async generators): they run on the loop and
+hold no thread. Nothing on the loop may block: blocking work goes to a thread pool.
+With 2 recognition workers app.py makes 8 threads and a queue of 16 (24 calls at most).
+
 Tests and the entry point see only sync methods: `start()`, `stop(grace)` (health
 NOT_SERVING first, then `grace` seconds for the calls in flight), `port`.
 """
@@ -111,18 +116,25 @@ class Slots:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()
 
     def take(self) -> bool:
-        with self._lock:
+        with self._changed:
             if self.used >= self.limit:
                 return False
             self.used += 1
+            self._changed.notify_all()
             return True
 
     def give(self) -> None:
-        with self._lock:
+        with self._changed:
             self.used -= 1
+            self._changed.notify_all()
+
+    def wait_for(self, used: int, timeout: float) -> bool:
+        """Wait until exactly `used` slots are taken (for status and tests); False on timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.used == used, timeout)
 
 
 class Dispatcher(grpc.aio.ServerInterceptor):
