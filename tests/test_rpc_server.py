@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 from facegate_server.rpc.server import RpcServer, arrival
+from facegate_server.rpc.servicer import FaceGateServicer
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -132,3 +133,25 @@ def test_stop_reports_not_serving_and_releases_its_thread() -> None:
     server.stop(grace=0)
     assert not server._thread.is_alive()
     assert server.health._server_status[SERVICE] == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class _Budget:
+    identify_budget: float
+
+
+@dataclass
+class _Deadline:
+    remaining: float | None
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
+
+
+def test_the_identify_budget_starts_when_the_call_arrived() -> None:
+    servicer = FaceGateServicer(_Budget(identify_budget=1.2))
+    waited = time.monotonic() - 0.5  # arrived half a second ago, waiting for a thread
+    left = servicer._time_left(waited, _Deadline(None))
+    assert left <= 0.7
+    assert servicer._time_left(waited, _Deadline(0.2)) == 0.2
+    assert servicer._time_left(None, _Deadline(None)) == 1.2
