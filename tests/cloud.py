@@ -67,8 +67,11 @@ class CloudGate:
 
 
 def emulator(**settings: Any) -> RunningEmulator:
-    """An emulator whose clock stands still (trainings finish when `CloudGate.settle` moves it)."""
-    settings = {"clock": ManualClock(), **settings}
+    """An emulator whose clock stands still (trainings finish when `CloudGate.settle` moves it).
+
+    No rate limit unless a test asks for one (`rate_per_second=...`): on a clock that
+    stands still, the tier's token bucket would never refill."""
+    settings = {"clock": ManualClock(), "rate_per_second": 0, **settings}
     return start_emulator(EmulatorSettings(key=KEY, training_seconds=0.05, workers=1, **settings))
 
 

@@ -155,6 +155,10 @@ class EmulatorProcess(Process):
                 "1",
                 "--training-seconds",
                 "0.2",
+                # No rate limit of its own: the benchmark's turnstiles and enrolment would
+                # exceed S0's 10 calls a second; FaceGate's own client-side limit is measured.
+                "--rate",
+                "0",
                 "--seed",
                 str(seed),
                 "--log-level",
