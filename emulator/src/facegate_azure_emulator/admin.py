@@ -141,7 +141,7 @@ def routes(emulator: Emulator) -> list[web.RouteDef]:
                         raise ValueError(f"{name} must be {kind}")
                     args.append(value)
                 return web.json_response(await emulator.set_strict(setting, *args))
-            except ValueError as error:
+            except (ValueError, TypeError) as error:
                 return _bad(str(error))
 
         return put

@@ -272,7 +272,7 @@ class FaceApi:
             raise ValueError("the quota left must be >= 0")
         self.quota_remaining = self.tier.monthly_transactions if remaining is None else remaining
 
-    def set_throttle(self, form: str, retry_after_header: bool) -> None:
+    def set_throttle(self, form: str, retry_after_header: bool = True) -> None:
         self.throttle_form = strict.check_choice(form, strict.THROTTLE_FORMS, "throttle form")
         self.retry_after_header = retry_after_header
 

@@ -76,6 +76,10 @@ def check_choice(value: str, allowed: tuple[str, ...], what: str) -> str:
     return value
 
 
+_EPSILON = 1e-6
+"""Clock readings near 1.8e9 s carry about 2e-7 s of rounding: a call due is not refused."""
+
+
 class RateLimiter:
     """A token bucket on the emulator's clock: `rate` calls a second, a burst of a second's
     calls (S0: 10) or, under one a second, a minute's (F0: 20). `None` or 0: no limit."""
@@ -99,10 +103,10 @@ class RateLimiter:
         now = self._clock()
         self._tokens = min(self.capacity, self._tokens + (now - self._at) * self.rate)
         self._at = now
-        if self._tokens >= 1:
-            self._tokens -= 1
+        if self._tokens >= 1 - _EPSILON:
+            self._tokens = max(0.0, self._tokens - 1)
             return None
-        return max(1, math.ceil((1 - self._tokens) / self.rate))
+        return max(1, math.ceil((1 - self._tokens) / self.rate - _EPSILON))
 
 
 def throttled(form: str, seconds: int, retry_after_header: bool) -> tuple[Any, dict[str, str]]:
