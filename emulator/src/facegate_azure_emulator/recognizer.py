@@ -58,6 +58,11 @@ SMALL_FACE_PIXELS = 1920 * 1080
 beyond ("Face identity input technicals"). The small-face pass looks at up to this many
 pixels of the image, upsampled once (dlib's HOG then finds faces from about 36 pixels)."""
 
+SMALL_FACE_SCALE = 0.8
+"""The small-face pass looks at a copy at this fraction of those pixels' side, upsampled
+once: 1.6 times the image. HOG then finds faces from about 34 pixels of the image (1.5
+times found a 36-pixel face, 1.4 times did not), at two thirds of the cost of 2 times."""
+
 SMALL_FACE_PASS_ABOVE = 36
 """The small-face pass runs only when the first pass's smallest findable face (about 80
 pixels at its scale) is larger than this in the image's pixels."""
@@ -123,9 +128,10 @@ def detect_all(pixels: RGBImage, *, small_faces: bool) -> list[FaceBox]:
     in a 1080p frame). When it finds at most one face (two or more are "several faces"
     whatever else is there) and could have missed faces of 36 pixels, a second pass looks
     for small ones: `worker.detect_faces` on a grey copy (dlib's HOG costs a third less on
-    one channel than on three) of at most SMALL_FACE_PIXELS, upsampled once. Faces it finds
-    that overlap none of the first pass's are added; the first pass's rectangles are kept,
-    so the large face's embedding does not change.
+    one channel than on three) of at most SMALL_FACE_PIXELS, scaled by SMALL_FACE_SCALE and
+    upsampled once (1.6 times the image). Faces it finds that overlap none of the first
+    pass's are added; the first pass's rectangles are kept, so the large face's embedding
+    does not change.
     """
     found = worker.detect_faces(pixels, DETECT_PIXELS)
     height, width = pixels.shape[:2]
@@ -137,12 +143,20 @@ def detect_all(pixels: RGBImage, *, small_faces: bool) -> list[FaceBox]:
         return found
     from PIL import Image
 
-    grey = np.asarray(Image.fromarray(pixels).convert("L"))
-    budget = 4 * min(width * height, SMALL_FACE_PIXELS)
-    small = worker.detect_faces(grey, budget)  # dlib's HOG takes one channel as well
-    for box in small:
-        if all(_iou(box, other) < 0.3 for other in found):
-            found.append(box)
+    scale = SMALL_FACE_SCALE * min(1.0, math.sqrt(SMALL_FACE_PIXELS / (width * height)))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    grey = np.asarray(Image.fromarray(pixels).convert("L").resize(size, Image.Resampling.BILINEAR))
+    # A budget of four times its pixels: detect_faces upsamples it once, at full size.
+    # dlib's HOG takes one channel as well as three.
+    for box in worker.detect_faces(grey, 4 * size[0] * size[1]):
+        left, top = round(box.left / scale), round(box.top / scale)
+        right = min(width, round((box.left + box.width) / scale))
+        bottom = min(height, round((box.top + box.height) / scale))
+        if right <= left or bottom <= top:
+            continue
+        scaled = FaceBox(left=left, top=top, width=right - left, height=bottom - top)
+        if all(_iou(scaled, other) < 0.3 for other in found):
+            found.append(scaled)
     return found
 
 
