@@ -5,6 +5,10 @@ codes and messages follow Microsoft's error-code tables. Each route is named by 
 swagger's operationId (`LargePersonGroup_Train`, ...; the two Verify overloads share
 one path and are counted as `Face_Verify`), which is what the request counters use.
 
+The `strict` middleware, after the key check, keeps what the documented service enforces
+before serving a call (strict.py): the tier's rate (429), its monthly quota (403) and
+Limited Access (403 on the gated operations; Detect checks returnFaceId itself).
+
 Request bodies are read from aiohttp's stream, so chunked uploads (the SDK's
 `detect_with_stream` and `add_face_from_stream` send `Transfer-Encoding: chunked` and no
 Content-Length) are read like any other; an image over 6 MB is refused while reading.
@@ -470,8 +474,8 @@ class FaceApi:
         )
         if return_face_id:
             self._refuse_unapproved()
-        analysis = await self._analyse(await self._image(request), encode=return_face_id)
         with_face_id = return_face_id and self.limited_access != "no-face-id"
+        analysis = await self._analyse(await self._image(request), encode=with_face_id)
         faces = []
         for face in analysis.faces:
             item: dict[str, Any] = {}
