@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import time
 from datetime import UTC, datetime, timedelta
 from typing import Literal, TypeVar
 
@@ -66,9 +65,9 @@ def engine_report(r: EngineReport) -> pb.EngineReport:
 Decided = TypeVar("Decided", pb.IdentifyResponse, pb.VerifyResponse)
 
 
-def decided(response: Decided, result: IdentifyResult, started: float) -> Decided:
-    """Fill an Identify or Verify response (the same fields) from the gate's result;
-    `started` is the request's `time.perf_counter()`, for its server latency."""
+def decided(response: Decided, result: IdentifyResult, server_latency: float) -> Decided:
+    """Fill an Identify or Verify response (the same fields) from the gate's result, and
+    the seconds it spent in the server."""
     found = result.identification
     response.decision = decision(found.decision)
     response.member_id = found.member_id
@@ -81,7 +80,7 @@ def decided(response: Decided, result: IdentifyResult, started: float) -> Decide
     response.cloud_transactions = found.cloud_transactions
     if found.face_box is not None:
         response.face_box.CopyFrom(face_box(found.face_box))
-    response.server_latency.FromNanoseconds(int((time.perf_counter() - started) * 1e9))
+    response.server_latency.FromNanoseconds(int(server_latency * 1e9))
     return response
 
 
