@@ -45,6 +45,9 @@ engines/policy.py, 0.10 of distance at a typical same-person distance (0.35 → 
 0.45 → 0.82) is 0.10 of confidence. Azure's scale is not ours, so it is a setting
 (FACEGATE_AZURE_MARGIN); 0.10 keeps the rule's intent: two people the cloud cannot tell
 apart are not a grant."""
+NO_PERSON = "00000000-0000-0000-0000-000000000000"
+"""The person Verify asks about for a member with no cloud person (no such member, or not
+synchronised yet): the Face API answers 404, as after a real verification's round trip."""
 
 
 class CloudPeople:
@@ -222,6 +225,67 @@ class AzureEngine:
             )
         return Identification(
             Decision.GRANTED, self.kind, member_id=member_id, confidence=confidence, face_box=box
+        )
+
+    def verify(
+        self, member_id: str, image: bytes, timeout: float, attempt: Attempt | None = None
+    ) -> Identification:
+        """Detect (with a face id), then verify it against the member's person: two calls.
+
+        A member with no cloud person (no such member, or not synchronised yet) costs the
+        same two calls, the second about a person that does not exist, and is answered as
+        a face that is not theirs. Granted at `threshold`, Identify's boundary; an OFF
+        cloud costs nothing; of several faces, the dominant one is verified.
+        """
+        attempt = attempt or Attempt()
+        if len(image) < MIN_BYTES:
+            raise CloudFailure(
+                EngineOutcome.NOT_USED, "image under the Face API's 1 KB", status=400
+            )
+        if self.health.off:
+            raise CloudFailure(
+                EngineOutcome.NOT_USED,
+                f"cloud off: {self.health.state.reason}",
+                engine_fault=False,
+            )
+        deadline = time.monotonic() + timeout
+        attempt.billed += 1
+        try:
+            faces = self.face.detect(image, timeout)
+        except CloudFailure as failure:
+            self.health.failed(failure, frame=image if failure.limited_access else None)
+            raise
+        if not faces:
+            return Identification(Decision.DENIED_NO_FACE, self.kind, hint=HINT_NO_FACE)
+        chosen = choose_face([f.box for f in faces], self.dominant_face_ratio)
+        if chosen is None:
+            largest = max(faces, key=lambda f: f.box.area)
+            return Identification(
+                Decision.DENIED_MULTIPLE_FACES,
+                self.kind,
+                face_box=largest.box,
+                hint=HINT_MULTIPLE_FACES,
+            )
+        face = faces[chosen]
+        remaining = deadline - time.monotonic()
+        if attempt.cancelled.is_set() or remaining <= 0:
+            raise CloudFailure(EngineOutcome.TIMED_OUT, "no time left to verify")
+        person = self.people.person_of(member_id)
+        attempt.billed += 1
+        try:
+            score = self.face.verify(
+                face.face_id, person.person_id if person else NO_PERSON, remaining
+            )
+        except CloudFailure as failure:
+            self.health.failed(failure)
+            raise
+        box = face.box
+        if score is not None and score >= self.threshold:
+            return Identification(
+                Decision.GRANTED, self.kind, member_id=member_id, confidence=score, face_box=box
+            )
+        return Identification(
+            Decision.DENIED_NOT_THIS_MEMBER, self.kind, confidence=score or 0.0, face_box=box
         )
 
     def search(self, image: bytes, timeout: float, max_candidates: int) -> SearchResult:
