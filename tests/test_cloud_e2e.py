@@ -7,7 +7,6 @@ two servers with different stores on one group keep each other's persons."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,11 +20,6 @@ from facegate_server.engines.memory import MemoryEngine
 from tests.cloud import KEY, CloudGate, cloud_gate, emulator, engines
 from tests.conftest import Faces
 from tests.test_cloud_path import photo
-
-STRICT = "limited_access" in {f.name for f in dataclasses.fields(EmulatorSettings)}
-pytestmark = pytest.mark.skipif(
-    not STRICT, reason="needs the strict emulator (branch strictemu: limited_access, tiers)"
-)
 
 PEOPLE = [
     "barack_obama",
