@@ -41,6 +41,8 @@ ENV_PREFIX = "FACEGATE_"
 # engines, which import config).
 RoutingPolicy = Literal["cloud-first", "local-first", "local-only"]
 Disagreement = Literal["deny-on-conflict", "require-agreement"]
+# engines/worker.py's Encoder (test_config keeps them equal; config imports no engine).
+Encoder = Literal["onnx", "dlib"]
 
 
 class SettingsError(ValueError):
@@ -81,6 +83,9 @@ class Settings(BaseSettings):
     enroll_burst: int = Field(default=20, ge=1)
     data_dir: Path = Path("facegate-data")
     workers: int = Field(default_factory=_default_workers, ge=1)
+    # The local engine's encoder: dlib's network on ONNX Runtime, or dlib itself (the
+    # reference); the same embeddings (engines/encoder.py, tests/test_encoder.py).
+    encoder: Encoder = "onnx"
     # The local engine's decision policy (engines/policy.py; README: How the local engine
     # decides). Defaults measured on ../shared/faces.
     match_threshold: float = Field(default=0.55, gt=0, lt=2)
