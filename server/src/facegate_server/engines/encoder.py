@@ -308,6 +308,8 @@ def build_model(network: Network) -> Any:
     """
     from onnx import TensorProto, checker, helper
 
+    if not network.layers or network.layers[-1].kind != "fc":
+        raise NetworkFormatError("the network does not end in a fully connected layer")
     g = _Graph()
     rows, cols = network.input_size
     means = np.array(network.channel_means, np.float32)
@@ -394,11 +396,8 @@ def build_model(network: Network) -> Any:
         i += 1
     if remembered:
         raise NetworkFormatError(f"{len(remembered)} tags were never used")
-    out_name, (dims, _, _) = current
-    if g.nodes[-1].op_type not in ("MatMul", "Add"):
-        raise NetworkFormatError("the network does not end in a fully connected layer")
-    g.nodes[-1].output[0] = "embeddings"
-    del out_name
+    out, (dims, _, _) = current
+    g.nodes.append(helper.make_node("Identity", [out], ["embeddings"]))
     graph = helper.make_graph(
         g.nodes,
         "dlib_face_recognition_resnet",
