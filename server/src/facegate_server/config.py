@@ -41,7 +41,8 @@ ENV_PREFIX = "FACEGATE_"
 # engines, which import config).
 RoutingPolicy = Literal["cloud-first", "local-first", "local-only"]
 Disagreement = Literal["deny-on-conflict", "require-agreement"]
-# engines/worker.py's Encoder (test_config keeps them equal; config imports no engine).
+# engines/worker.py's Encoder (tests/test_encoder.py keeps them equal; config imports no
+# engine).
 Encoder = Literal["onnx", "dlib"]
 
 
