@@ -104,6 +104,7 @@ def exit_with_parent(interval: float = 1.0) -> None:
 
 def load_models() -> Any:
     """Import face_recognition (loading dlib's models) and run it once; return the module.
+    The ONNX encoder is built then too when it is this process's encoder (`use_encoder`).
 
     Once a process: later calls (from any thread) return the loaded module at once.
     """
@@ -128,6 +129,8 @@ def load_models() -> Any:
         face_recognition.face_locations(frame, number_of_times_to_upsample=0, model="hog")
         face_recognition.face_encodings(frame, known_face_locations=[(100, 300, 300, 100)])
         _face_recognition = face_recognition
+        if _encoder == "onnx":  # warm too, so that no first request pays for building it
+            _build_onnx_encoder()
         return face_recognition
 
 
@@ -139,18 +142,25 @@ def use_encoder(encoder: Encoder) -> None:
     _encoder = encoder
     if encoder == "onnx":
         with _load_lock:
-            if _onnx_encoder is None:
-                from facegate_server.engines.encoder import CHIP_SIZE, OnnxEncoder
+            _build_onnx_encoder()
 
-                _onnx_encoder = OnnxEncoder(threads=1)
-                _onnx_encoder.encode_chips(np.zeros((CHIP_SIZE, CHIP_SIZE, 3), np.uint8))
+
+def _build_onnx_encoder() -> None:
+    """Build and run once the ONNX encoder, if not yet built (with _load_lock held)."""
+    global _onnx_encoder
+    if _onnx_encoder is None:
+        from facegate_server.engines.encoder import CHIP_SIZE, OnnxEncoder
+
+        built = OnnxEncoder(threads=1)
+        built.encode_chips(np.zeros((CHIP_SIZE, CHIP_SIZE, 3), np.uint8))
+        _onnx_encoder = built
 
 
 def init_worker(encoder: Encoder = DEFAULT_ENCODER) -> None:
     """A worker process's start: end with the parent, load the models before any request."""
     exit_with_parent()
-    load_models()
     use_encoder(encoder)
+    load_models()
 
 
 def ping() -> int:
