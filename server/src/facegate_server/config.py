@@ -93,11 +93,11 @@ class Settings(BaseSettings):
     match_margin: float = Field(default=0.10, ge=0, lt=2)
     verify_threshold: float = Field(default=0.55, gt=0, lt=2)  # Verify (1:1); README: Verify
     dominant_face_ratio: float = Field(default=4.0, ge=1)
-    min_face_px: int = Field(default=60, ge=0)
+    min_face_px: int = Field(default=36, ge=0)
     max_yaw: float = Field(default=0.30, gt=0)
     min_pitch: float = Field(default=0.40, ge=0)
     min_brightness: float = Field(default=40.0, ge=0)
-    min_sharpness: float = Field(default=30.0, ge=0)
+    min_sharpness: float = Field(default=15.0, ge=0)
     identify_budget_ms: int = Field(default=1200, ge=1)
     enroll_timeout_s: float = 60.0
     keep_photos: bool = False

@@ -168,17 +168,30 @@ def ping() -> int:
     return 1
 
 
-def _grey64(pixels: RGBImage, box: FaceBox) -> npt.NDArray[np.float64]:
+SHARPNESS_SIDE = 64
+"""The face crop is measured at this many pixels a side, or at its own size when smaller
+(never upsampled: interpolation would read as blur)."""
+
+
+def _grey_crop(pixels: RGBImage, box: FaceBox) -> npt.NDArray[np.float64]:
     from PIL import Image
 
     crop = pixels[box.top : box.top + box.height, box.left : box.left + box.width]
-    grey = Image.fromarray(crop).convert("L").resize((64, 64), Image.Resampling.BILINEAR)
+    side = max(3, min(SHARPNESS_SIDE, box.width, box.height))
+    grey = Image.fromarray(crop).convert("L").resize((side, side), Image.Resampling.BILINEAR)
     return np.asarray(grey, np.float64)
 
 
 def sharpness_and_brightness(pixels: RGBImage, box: FaceBox) -> tuple[float, float]:
-    """(sharpness, brightness) of a face crop; see policy.FaceQuality."""
-    g = _grey64(pixels, box)
+    """(sharpness, brightness) of a face crop; see domain.FaceQuality.
+
+    Sharpness: the variance of the second difference in the flattest of 4 directions (0,
+    45, 90, 135 degrees; the flattest catches motion blur, which leaves detail across the
+    motion), scaled to a mean brightness of 128, on the crop scaled to 64x64 grey pixels,
+    or kept at its own size when smaller: a small face is not upsampled, as interpolation
+    would read as blur (faces of 43-62 px measured 40-193 upsampled, 183-580 not).
+    """
+    g = _grey_crop(pixels, box)
     brightness = float(g.mean())
     centre = 2.0 * g[1:-1, 1:-1]
     second_differences = (
@@ -296,7 +309,7 @@ def analyse(data: bytes, max_bytes: int, max_side: int, rules: FaceRules) -> Ana
     boxes = detect_faces(pixels)
     detected = time.perf_counter()
 
-    chosen = choose_face(boxes, rules.dominant_face_ratio)
+    chosen = choose_face(boxes, rules.dominant_face_ratio, (width, height))
     quality = None
     embedding = None
     measured = encoded = detected
