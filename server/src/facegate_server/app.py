@@ -99,7 +99,10 @@ def build_cloud(
 def build_local(settings: Settings, store: Store) -> LocalEngine:
     """The local engine: its workers started and warmed, its index rebuilt from the store."""
     pool = WorkerPool(
-        settings.workers, max_bytes=settings.max_image_bytes, max_side=settings.max_image_side
+        settings.workers,
+        max_bytes=settings.max_image_bytes,
+        max_side=settings.max_image_side,
+        max_photo_bytes=settings.max_photo_bytes,
     )
     try:
         index = FaceIndex(store.iter_embeddings())
