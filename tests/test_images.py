@@ -11,7 +11,7 @@ import numpy as np
 import pillow_heif
 import pytest
 from facegate_server.engines.images import (
-    MAX_BITMAP_PIXELS,
+    DECODE_BYTES_PER_PIXEL,
     ImageRejected,
     decode,
     decode_image,
@@ -222,21 +222,30 @@ def test_the_side_limit_can_still_refuse() -> None:
     assert "4097x8" in str(rejected.value)
 
 
-def test_formats_decoded_in_full_have_a_bitmap_bound() -> None:
-    """Checked from the header: a PNG that claims 9000x8000 is refused, a JPEG of the same
-    size is DCT-scaled; a progressive JPEG keeps every coefficient, so it is bounded like
-    a PNG."""
+def test_formats_decoded_in_full_have_a_pixel_bound_of_their_own() -> None:
+    """Checked from the header, by each format's memory per pixel: a PNG that claims
+    10000x10000 is refused, a JPEG of that size is DCT-scaled; a progressive JPEG keeps
+    every coefficient, so it is bounded like the formats decoded in full."""
     with pytest.raises(ImageRejected) as rejected:
-        decode(png_bomb(9000, 8000), **LIMITS)
+        decode(png_bomb(10_000, 10_000), **LIMITS)
     assert rejected.value.reason == "IMAGE_DIMENSIONS_TOO_LARGE"
-    assert "9000x8000" in str(rejected.value) and "PNG" in str(rejected.value)
-    assert MAX_BITMAP_PIXELS < 9000 * 8000
-    small = {"max_bitmap_pixels": 1000, "max_bytes": 1 << 20, "max_side": 16}
+    assert "10000x10000" in str(rejected.value) and "PNG" in str(rejected.value)
+    # libjpeg fills what the 16x16 image's data does not cover: decoded, at 1/4.
+    assert decode(jpeg_claiming(10_000, 10_000), **LIMITS).shape == (2500, 2500, 3)
+
+    budget = 100 * 100 * DECODE_BYTES_PER_PIXEL["PNG"]
+    small = {"max_decode_bytes": budget, "max_bytes": 1 << 20, "max_side": 16}
     photo = Image.new("RGB", (100, 100), "green")
-    assert decode(encoded(photo, "JPEG"), **small).shape == (13, 13, 3)
-    with pytest.raises(ImageRejected) as progressive:
-        decode(encoded(photo, "JPEG", progressive=True), **small)
-    assert "progressive JPEG" in str(progressive.value)
+    assert decode(encoded(photo, "PNG"), **small).shape == (15, 15, 3)  # reduced by 7
+    assert decode(encoded(photo, "JPEG"), **small).shape == (13, 13, 3)  # held at 1/8
+    for fmt, options, kind in [
+        ("JPEG", {"progressive": True}, "progressive JPEG"),
+        ("WEBP", {}, "WebP"),
+        ("HEIC", {}, "HEIC"),
+    ]:
+        with pytest.raises(ImageRejected) as full:
+            decode(encoded(photo, fmt, **options), **small)
+        assert f"a {kind} is decoded in full" in str(full.value)
 
 
 def test_decode_scaled_gives_the_smallest_dct_scale_still_large_enough() -> None:

@@ -7,7 +7,7 @@ Checked in order, each failure an `ImageRejected` with a stable reason:
    own plugin); anything else is IMAGE_FORMAT_UNSUPPORTED;
 3. the header only, before a pixel is decoded (decompression bombs stop here):
    IMAGE_DIMENSIONS_TOO_LARGE for an image of more than `max_pixels` pixels, or one whose
-   bitmap would be decoded at more than `max_bitmap_pixels` pixels (see "Memory" below);
+   decoding would need more than `max_decode_bytes` of memory (see "Memory" below);
 4. the decode: IMAGE_CORRUPT (truncated or malformed data).
 
 `max_side` is the longest side of the bitmap recognition works on, not a refusal: a larger
@@ -18,12 +18,15 @@ full-resolution bitmap is never built; other formats are decoded in full, then r
 (`refuse_over_side=True` restores the old meaning, a refusal, for callers that emulate a
 service with that limit.)
 
-Memory. The largest bitmap ever held is bounded by `max_bitmap_pixels` (Pillow keeps 4
-bytes a pixel for RGB): a format decoded in full (PNG, GIF, BMP, WebP, HEIC, AVIF, and
-progressive JPEG, whose decoder keeps every DCT coefficient of the full image) is refused
-above it; a baseline JPEG is held at its DCT-scaled size, so it may have up to
-`max_pixels` pixels (Pillow's own decompression-bomb limit, about 179 megapixels, is not
-consulted: the two bounds here replace it, and they exceed it only on that scaled path).
+Memory. A format decoded in full needs memory in proportion to its pixels: the factors in
+`DECODE_BYTES_PER_PIXEL` are a decoding process's measured peak growth per pixel
+(benchmarks/decode_memory.py), rounded up. An image whose pixels times its format's factor
+exceed `max_decode_bytes` is refused from its header; that is each format's own pixel
+bound (with the default 512 MiB: PNG, GIF and BMP 89 megapixels, a progressive JPEG 76,
+HEIC 59, AVIF 53, WebP 31). A baseline JPEG is bounded by its DCT-scaled bitmap instead,
+so it may have up to `max_pixels` pixels, which bounds decoding time. Pillow's own
+decompression-bomb limit (about 179 megapixels) is not consulted (the plugins are opened
+directly): these bounds replace it, and exceed it only on the DCT-scaled JPEG path.
 
 Every mode becomes 8-bit RGB: 16-bit grey and 16-bit RGB by their high byte (not clipped),
 palette by its colours, CMYK and YCbCr converted, alpha composited over white (as a viewer
@@ -58,11 +61,23 @@ SUPPORTED_FORMATS = FORMATS  # the name this module used to export
 
 MAX_PIXELS = 1 << 28
 """An image's pixels (width x height from its header), any format: 268 megapixels, above
-the 200-megapixel phone cameras. It bounds decode time; memory is bounded by the next."""
-MAX_BITMAP_PIXELS = 1 << 26
-"""The largest bitmap decoded (67 megapixels: 268 MB at Pillow's 4 bytes a pixel): a
-48-megapixel iPhone HEIC or a 64-megapixel PNG fits; a baseline JPEG's DCT-scaled bitmap
-is far below it."""
+the 200-megapixel phone cameras. It bounds decoding time; memory is bounded by the next."""
+MAX_DECODE_BYTES = 512 * 1024 * 1024
+"""The memory one decode may need, by DECODE_BYTES_PER_PIXEL: a 48-megapixel iPhone HEIC
+fits; a baseline JPEG, held at its DCT-scaled size, needs at most about 160 MiB."""
+DECODE_BYTES_PER_PIXEL = {
+    # Peak growth of a decoding process per pixel of the image (per pixel decoded, for a
+    # baseline JPEG), measured by benchmarks/decode_memory.py and rounded up: the
+    # decoder's buffers, Pillow's bitmap (4 bytes a pixel for RGB), the conversions.
+    "PNG": 6,  # 4.4 for RGB; 16-bit grey and palette images convert once more
+    "GIF": 6,  # 5.3: a palette bitmap, then RGB
+    "BMP": 6,  # 4.4
+    "WebP": 17,  # 16.1: libwebp's animation decoder keeps two RGBA canvases, then copies
+    "HEIC": 9,  # 8.2: libheif's planes, its RGB, Pillow's copy
+    "AVIF": 10,  # 9.4
+    "progressive JPEG": 7,  # 3.3 at 4:2:0, 6.3 at 4:4:4: every DCT coefficient is kept
+    "JPEG": 10,  # 9.4 a pixel decoded (not of the image): Pillow's bitmap, the array
+}
 
 RGBImage = npt.NDArray[np.uint8]
 
@@ -274,7 +289,7 @@ def decode_image(
     max_bytes: int,
     max_side: int,
     max_pixels: int = MAX_PIXELS,
-    max_bitmap_pixels: int = MAX_BITMAP_PIXELS,
+    max_decode_bytes: int = MAX_DECODE_BYTES,
     at_least: tuple[int, int] | None = None,
     refuse_over_side: bool = False,
 ) -> Decoded:
@@ -310,11 +325,15 @@ def decode_image(
         if width * height > max_pixels:
             raise _too_large(width, height, max_pixels, "the limit")
         orientation = _orientation(image)
-        full_decode = fmt != "JPEG" or bool(image.info.get("progressive"))
-        if full_decode and width * height > max_bitmap_pixels:
-            kind = "a progressive JPEG" if fmt == "JPEG" else f"a {fmt} image"
+        kind = fmt
+        if fmt == "JPEG" and image.info.get("progressive"):
+            kind = "progressive JPEG"
+        if kind != "JPEG" and width * height * DECODE_BYTES_PER_PIXEL[kind] > max_decode_bytes:
             raise _too_large(
-                width, height, max_bitmap_pixels, f"{kind} is decoded in full, and the limit"
+                width,
+                height,
+                max_decode_bytes // DECODE_BYTES_PER_PIXEL[kind],
+                f"a {kind} is decoded in full, and its limit",
             )
         if fmt == "JPEG":
             wanted = at_least
@@ -324,9 +343,12 @@ def decode_image(
             if factor > 1:
                 image.draft(None, (width // factor, height // factor))
             held = image.size[0] * image.size[1]
-            if held > max_bitmap_pixels:
+            if kind == "JPEG" and held * DECODE_BYTES_PER_PIXEL["JPEG"] > max_decode_bytes:
                 raise _too_large(
-                    width, height, max_bitmap_pixels, "at the scale decoded, the limit"
+                    width,
+                    height,
+                    max_decode_bytes // DECODE_BYTES_PER_PIXEL["JPEG"] * factor * factor,
+                    f"decoded at 1/{factor}, its limit",
                 )
         try:
             image.load()
@@ -354,7 +376,7 @@ def decode(
     max_bytes: int,
     max_side: int,
     max_pixels: int = MAX_PIXELS,
-    max_bitmap_pixels: int = MAX_BITMAP_PIXELS,
+    max_decode_bytes: int = MAX_DECODE_BYTES,
     refuse_over_side: bool = False,
 ) -> RGBImage:
     """Decode `data` into an (height, width, 3) uint8 RGB array at most `max_side` a side
@@ -364,7 +386,7 @@ def decode(
         max_bytes=max_bytes,
         max_side=max_side,
         max_pixels=max_pixels,
-        max_bitmap_pixels=max_bitmap_pixels,
+        max_decode_bytes=max_decode_bytes,
         refuse_over_side=refuse_over_side,
     ).pixels
 
