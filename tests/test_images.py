@@ -282,6 +282,8 @@ def test_decode_scaled_gives_the_smallest_dct_scale_still_large_enough() -> None
         (image_bytes(8, 8, "TIFF"), "IMAGE_FORMAT_UNSUPPORTED"),
         (NOISE_JPEG[: len(NOISE_JPEG) // 2], "IMAGE_CORRUPT"),
         (b"RIFF\0\0\0\0WEBPVP8 garbage", "IMAGE_FORMAT_UNSUPPORTED"),
+        # found by tests/test_fuzz.py: a 0x0 GIF whose frame claims 180 megapixels
+        (b"GIF87a\0\0\0\0\0\0\0,\0\0\0\0\0+\0@", "IMAGE_DIMENSIONS_TOO_LARGE"),
         (b"\0\0\0\x18ftypheic\0\0\0\0mif1heic garbage", "IMAGE_FORMAT_UNSUPPORTED"),
     ],
 )

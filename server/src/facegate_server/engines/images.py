@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -310,7 +311,15 @@ def decode_image(
             "image is not a JPEG, PNG, GIF, BMP, WebP, HEIC or AVIF file",
         )
     try:
-        image = _open(data, fmt)
+        with warnings.catch_warnings():
+            # Pillow's own bomb check still runs inside some plugins (a GIF's frames):
+            # its warning is for the bounds below to decide, its error is a refusal.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = _open(data, fmt)
+    except Image.DecompressionBombError:
+        raise ImageRejected(
+            "IMAGE_DIMENSIONS_TOO_LARGE", "a frame of the image is too large to decode"
+        ) from None
     except _HEADER_ERRORS:
         raise ImageRejected(
             "IMAGE_FORMAT_UNSUPPORTED",
@@ -355,7 +364,9 @@ def decode_image(
                     f"decoded at 1/{factor}, its limit",
                 )
         try:
-            image.load()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image.load()
             if fmt != "JPEG":
                 orientation = _orientation(image)  # PNG may carry EXIF after the pixels
             out: Image.Image = _reducible(image)
@@ -363,6 +374,10 @@ def decode_image(
             if longest > max_side:
                 out = out.reduce(-(-longest // max_side))
             out = _to_rgb(out)
+        except Image.DecompressionBombError:
+            raise ImageRejected(
+                "IMAGE_DIMENSIONS_TOO_LARGE", "a frame of the image is too large to decode"
+            ) from None
         except _DECODE_ERRORS as err:
             # Not Pillow's words: some quote the file's bytes ("broken PNG file (chunk b'...')").
             damage = "truncated" if "truncated" in str(err) else "corrupt"
