@@ -13,15 +13,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from concurrent import futures
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import grpc
 from facegate.v1 import facegate_service_pb2 as pb
 from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from facegate_server.cloud.azure import AzureFace, AzureSettings
 from facegate_server.cloud.engine import AzureEngine, CloudPeople
@@ -36,6 +32,7 @@ from facegate_server.gate import Gate
 from facegate_server.routing.breaker import CircuitBreaker
 from facegate_server.routing.router import Agreement, Policy, RoutingEngine
 from facegate_server.rpc import auth, ratelimit, tls
+from facegate_server.rpc.server import RpcServer
 from facegate_server.rpc.servicer import FaceGateServicer
 from facegate_server.store import SqliteStore, Store
 
@@ -46,25 +43,21 @@ SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["FaceGateService"].full_name
 
 @dataclass
 class FaceGateServer:
-    server: grpc.Server
+    rpc: RpcServer
     port: int
     gate: Gate
-    health: health.HealthServicer
     store: Store
     background_sync: bool = True
     """Replay the outbox in a background thread (tests call `gate.replayer.run_once()`)."""
 
     def start(self) -> None:
-        self.server.start()
         if self.gate.replayer is not None and self.background_sync:
             self.gate.replayer.start()
-        for service in ("", SERVICE_NAME):
-            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.rpc.start()
 
     def stop(self, grace: float) -> None:
         """Report NOT_SERVING, let calls in flight finish for `grace` seconds, release all."""
-        self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+        self.rpc.stop(grace)
         if self.gate.replayer is not None:
             self.gate.replayer.stop()
             log.info(
@@ -196,8 +189,14 @@ def build_server(
             replayer=replayer,
             engine_status=engine_status,
         )
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=max(8, 4 * settings.workers)),
+        threads = max(8, 4 * settings.workers)
+        rpc = RpcServer(
+            listen=settings.listen,
+            credentials=credentials,
+            register=lambda server: pb_grpc.add_FaceGateServiceServicer_to_server(
+                FaceGateServicer(gate), server
+            ),
+            service_names=(SERVICE_NAME,),
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", 16 * 1024 * 1024),
@@ -210,16 +209,9 @@ def build_server(
                     clock,
                 ),
             ],
+            threads=threads,
+            queue=2 * threads,
         )
-        pb_grpc.add_FaceGateServiceServicer_to_server(FaceGateServicer(gate), server)
-        health_servicer = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        for service in ("", SERVICE_NAME):
-            health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
-        port = tls.bind(server, settings.listen, credentials)
         log.info(
             "security",
             extra={
@@ -234,8 +226,9 @@ def build_server(
             router.close()
         store.close()
         raise
-    if port == 0:
+    if rpc.port == 0:
+        rpc.stop(0)
         router.close()
         store.close()
         raise OSError(f"could not listen on {settings.listen}")
-    return FaceGateServer(server, port, gate, health_servicer, store)
+    return FaceGateServer(rpc, rpc.port, gate, store)

@@ -26,6 +26,17 @@ class Decision(enum.Enum):
     DENIED_MULTIPLE_FACES = "DENIED_MULTIPLE_FACES"
     DENIED_POOR_QUALITY = "DENIED_POOR_QUALITY"
     DENIED_AMBIGUOUS = "DENIED_AMBIGUOUS"
+    DENIED_NOT_THIS_MEMBER = "DENIED_NOT_THIS_MEMBER"
+    """Verify only: the face is not the claimed member's (or no such member is enrolled)."""
+
+
+class AccessKind(enum.Enum):
+    """What a turnstile asked (names match facegate.v1.AccessKind)."""
+
+    IDENTIFY = "IDENTIFY"
+    """Who is this? (1:N, every member)"""
+    VERIFY = "VERIFY"
+    """Is this the member claimed? (1:1, a card or QR code names them)"""
 
 
 class EngineKind(enum.Enum):
@@ -141,6 +152,11 @@ class NewAccessEvent:
     latency: timedelta
     reports: tuple[EngineReport, ...] = ()
     """What each engine did, when more than one was involved."""
+    kind: AccessKind = AccessKind.IDENTIFY
+    claimed_member_id: str = ""
+    """Verify: the member the card named (`member_id` is set only when granted)."""
+    detail: str = ""
+    """Why, when the decision alone does not say (Verify: "no member with this id")."""
 
 
 @dataclass(frozen=True)
@@ -153,6 +169,7 @@ class EventFilter:
     """Which access events to list; None or empty means no restriction."""
 
     member_id: str = ""
+    """The events granted to the member, and the verifications that claimed them."""
     turnstile_id: str = ""
     start_time: datetime | None = None
     end_time: datetime | None = None

@@ -33,8 +33,8 @@ import ipaddress
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -44,16 +44,16 @@ from typing import Any, Final, cast
 import grpc
 
 from facegate_server.errors import FaceGateError, PermissionDenied, Unauthenticated
-from facegate_server.rpc.intercept import Behaviour, method_name, refuse, wrap_behaviour
+from facegate_server.rpc.intercept import guard_behaviour, method_name, refuse
 
 log = logging.getLogger(__name__)
 
 
 class Role(StrEnum):
     TURNSTILE = "turnstile"
-    """A gate's camera: Identify only."""
+    """A gate's camera: Identify and Verify only."""
     BACKEND = "backend"
-    """The gym's backend: members, enrolment, the access log, and Identify."""
+    """The gym's backend: members, enrolment, the access log, Identify and Verify."""
     ADMIN = "admin"
     """Operators: every method (status, sync, ...)."""
 
@@ -64,6 +64,7 @@ _ANY_ROLE: Final = frozenset(Role)
 
 ALLOWED: Final[Mapping[str, frozenset[Role]]] = {
     _FACEGATE + "Identify": frozenset({Role.TURNSTILE, Role.BACKEND}),
+    _FACEGATE + "Verify": frozenset({Role.TURNSTILE, Role.BACKEND}),
     _FACEGATE + "Enroll": _BACKEND,
     _FACEGATE + "AddMemberPhotos": _BACKEND,
     _FACEGATE + "GetMember": _BACKEND,
@@ -357,40 +358,40 @@ class Authenticator:
         return caller
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
+class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Admits or refuses every call before the servicer sees it (one log line a refusal)."""
 
     def __init__(self, authenticator: Authenticator) -> None:
         self.authenticator = authenticator
 
-    def intercept_service(
+    async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         if handler is None:
             return None  # no such method: gRPC answers UNIMPLEMENTED
         full_method = handler_call_details.method
         metadata = cast(Metadata, tuple(handler_call_details.invocation_metadata or ()))
         authenticator = self.authenticator
 
-        def guard(behaviour: Behaviour) -> Behaviour:
-            def guarded(request: Any, context: grpc.ServicerContext) -> Any:
-                started = time.perf_counter()
-                caller = None
-                try:
-                    caller = authenticator.identify(full_method, metadata, context.auth_context())
-                    authenticator.authorize(caller, full_method)
-                except FaceGateError as error:
-                    fields = caller.log_fields() if caller is not None else {}
-                    refuse(context, full_method, error, started, **fields)
-                with calling_as(caller):
-                    return behaviour(request, context)
+        @asynccontextmanager
+        async def admitted(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+            started = time.perf_counter()
+            caller = None
+            try:
+                caller = authenticator.identify(full_method, metadata, context.auth_context())
+                authenticator.authorize(caller, full_method)
+            except FaceGateError as error:
+                fields = caller.log_fields() if caller is not None else {}
+                await refuse(context, full_method, error, started, **fields)
+            with calling_as(caller):
+                yield
 
-            return guarded
-
-        return wrap_behaviour(handler, guard)
+        return guard_behaviour(handler, admitted)
 
 
 def interceptor(callers: Callers) -> AuthInterceptor:

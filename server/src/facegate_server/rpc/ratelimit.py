@@ -1,10 +1,10 @@
 """Per-caller rate limits: a token bucket per (limit, caller), checked before the servicer.
 
-Each limited method draws from a named bucket (`METHOD_LIMITS`): Identify from
-"identify", Enroll and AddMemberPhotos from "enroll". A bucket holds up to `burst` calls
-and refills at `rate` calls a second; a call finding it empty is refused with
-RESOURCE_EXHAUSTED, reason RATE_LIMITED and a google.rpc.RetryInfo saying when the next
-call will be admitted. Refused calls take nothing from the bucket.
+Each limited method draws from a named bucket (`METHOD_LIMITS`): Identify and Verify (the
+same camera's other question) from "identify", Enroll and AddMemberPhotos from "enroll". A
+bucket holds up to `burst` calls and refills at `rate` calls a second; a call finding it
+empty is refused with RESOURCE_EXHAUSTED, reason RATE_LIMITED and a google.rpc.RetryInfo
+saying when the next call will be admitted. Refused calls take nothing from the bucket.
 
 The caller is the admitted identity (token name or certificate CN, from auth); on an open
 server, where everybody is "anonymous", it is the caller's address. The clock is injected
@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -23,13 +24,14 @@ import grpc
 
 from facegate_server.errors import RateLimited
 from facegate_server.rpc.auth import current_caller
-from facegate_server.rpc.intercept import Behaviour, peer_host, refuse, wrap_behaviour
+from facegate_server.rpc.intercept import guard_behaviour, peer_host, refuse
 
 Clock = Callable[[], float]
 
 _FACEGATE = "/facegate.v1.FaceGateService/"
 METHOD_LIMITS: Final[Mapping[str, str]] = {
     _FACEGATE + "Identify": "identify",
+    _FACEGATE + "Verify": "identify",
     _FACEGATE + "Enroll": "enroll",
     _FACEGATE + "AddMemberPhotos": "enroll",
 }
@@ -105,46 +107,46 @@ def method_limits(
     return {method: limits[name] for method, name in METHOD_LIMITS.items() if name in limits}
 
 
-class RateLimitInterceptor(grpc.ServerInterceptor):
+class RateLimitInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls over their caller's rate. Put it after the AuthInterceptor."""
 
     def __init__(self, limiter: RateLimiter) -> None:
         self.limiter = limiter
 
-    def intercept_service(
+    async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         full_method = handler_call_details.method
         limit = self.limiter.limit_for(full_method)
         if handler is None or limit is None:
             return handler
         take = self.limiter.take
 
-        def limit_calls(behaviour: Behaviour) -> Behaviour:
-            def limited(request: Any, context: grpc.ServicerContext) -> Any:
-                started = time.perf_counter()
-                caller = current_caller()
-                if caller is None or caller.via == "open":
-                    key, fields = peer_host(context), {}
-                else:
-                    key, fields = caller.name, caller.log_fields()
-                delay = take(limit, key)
-                if delay > 0:
-                    error = RateLimited(
-                        f"over the {limit.name} rate limit ({limit.rate:g} calls a second, "
-                        f"bursts of {limit.burst}); retry in {delay:.3g} s",
-                        retry_delay=delay,
-                        metadata={"limit": limit.name},
-                    )
-                    refuse(context, full_method, error, started, **fields)
-                return behaviour(request, context)
+        @asynccontextmanager
+        async def within_limit(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+            started = time.perf_counter()
+            caller = current_caller()
+            if caller is None or caller.via == "open":
+                key, fields = peer_host(context), {}
+            else:
+                key, fields = caller.name, caller.log_fields()
+            delay = take(limit, key)
+            if delay > 0:
+                error = RateLimited(
+                    f"over the {limit.name} rate limit ({limit.rate:g} calls a second, "
+                    f"bursts of {limit.burst}); retry in {delay:.3g} s",
+                    retry_delay=delay,
+                    metadata={"limit": limit.name},
+                )
+                await refuse(context, full_method, error, started, **fields)
+            yield
 
-            return limited
-
-        return wrap_behaviour(handler, limit_calls)
+        return guard_behaviour(handler, within_limit)
 
 
 def interceptor(

@@ -3,6 +3,10 @@
 Every RPC logs one structured line (method, caller, status, latency, member, decision;
 never image bytes). Domain errors become rich statuses (rpc/status.py); anything else
 is logged with its traceback and answered INTERNAL without internals.
+
+The methods are synchronous: the server runs them on its thread pool (rpc/server.py).
+Identify's and Verify's budget starts when the call arrived (`arrival()`), not when a
+thread took it; the log line says how long the call waited for one (`queued_ms`).
 """
 
 from __future__ import annotations
@@ -21,9 +25,16 @@ from facegate_server.errors import FaceGateError
 from facegate_server.gate import Gate
 from facegate_server.rpc import serde
 from facegate_server.rpc.auth import current_caller
+from facegate_server.rpc.server import arrival
 from facegate_server.rpc.status import code_of, to_status
 
 log = logging.getLogger("facegate.rpc")
+
+
+def since(moment: float) -> float:
+    """Seconds since `moment` (`time.monotonic()`)."""
+    return time.monotonic() - moment
+
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -36,11 +47,13 @@ def _log_fields(request: Any, response: Any) -> dict[str, Any]:
         value = getattr(request, name, "")
         if value:
             fields[name] = value[:80]
-    if isinstance(request, pb.IdentifyRequest):
+    if isinstance(request, pb.VerifyRequest) and request.member_id:
+        fields["claimed_member_id"] = fields.pop("member_id")
+    if isinstance(request, pb.IdentifyRequest | pb.VerifyRequest):
         fields["image_bytes"] = len(request.image)
     if isinstance(request, pb.EnrollRequest | pb.AddMemberPhotosRequest):
         fields["photos"] = len(request.photos)
-    if isinstance(response, pb.IdentifyResponse):
+    if isinstance(response, pb.IdentifyResponse | pb.VerifyResponse):
         fields["decision"] = pb.Decision.Name(response.decision)
         fields["engine"] = pb.Engine.Name(response.engine)
         fields["member_id"] = response.member_id
@@ -60,6 +73,8 @@ def rpc(method: Handler[Request, Response]) -> Handler[Request, Response]:
     @functools.wraps(method)
     def handler(self: Any, request: Request, context: grpc.ServicerContext) -> Response:
         started = time.perf_counter()
+        arrived = arrival()
+        queued = {} if arrived is None else {"queued_ms": round(since(arrived) * 1000, 1)}
         outcome: dict[str, Any] = {"code": "OK"}
         response = None
         try:
@@ -83,6 +98,7 @@ def rpc(method: Handler[Request, Response]) -> Handler[Request, Response]:
                     "peer": context.peer(),
                     **(caller.log_fields() if caller is not None else {}),
                     **outcome,
+                    **queued,
                     "latency_ms": round((time.perf_counter() - started) * 1000, 1),
                     **_log_fields(request, response),
                 },
@@ -96,28 +112,35 @@ class FaceGateServicer(pb_grpc.FaceGateServiceServicer):
     def __init__(self, gate: Gate) -> None:
         self.gate = gate
 
+    def _time_left(self, arrived: float | None, context: grpc.ServicerContext) -> float:
+        """What is left of the recognition budget, which starts when the call arrived (not
+        when a thread took it), and of the caller's deadline."""
+        left = self.gate.identify_budget - (0.0 if arrived is None else since(arrived))
+        deadline = context.time_remaining()
+        return left if deadline is None else min(left, deadline)
+
     @rpc
     def Identify(
         self, request: pb.IdentifyRequest, context: grpc.ServicerContext
     ) -> pb.IdentifyResponse:
-        started = time.perf_counter()
-        result = self.gate.identify(request.image, request.turnstile_id, context.time_remaining())
-        found = result.identification
-        response = pb.IdentifyResponse(
-            decision=serde.decision(found.decision),
-            member_id=found.member_id,
-            display_name=result.display_name,
-            confidence=found.confidence,
-            engine=serde.engine(found.engine),
-            event_id=result.event.event_id,
-            hint=found.hint,
-            engines=[serde.engine_report(r) for r in found.reports],
-            cloud_transactions=found.cloud_transactions,
+        arrived = arrival()
+        arrived = time.monotonic() if arrived is None else arrived
+        result = self.gate.identify(
+            request.image, request.turnstile_id, self._time_left(arrived, context)
         )
-        if found.face_box is not None:
-            response.face_box.CopyFrom(serde.face_box(found.face_box))
-        response.server_latency.FromNanoseconds(int((time.perf_counter() - started) * 1e9))
-        return response
+        return serde.decided(pb.IdentifyResponse(), result, since(arrived))
+
+    @rpc
+    def Verify(self, request: pb.VerifyRequest, context: grpc.ServicerContext) -> pb.VerifyResponse:
+        arrived = arrival()
+        arrived = time.monotonic() if arrived is None else arrived
+        result = self.gate.verify(
+            request.member_id,
+            request.image,
+            request.turnstile_id,
+            self._time_left(arrived, context),
+        )
+        return serde.decided(pb.VerifyResponse(), result, since(arrived))
 
     @rpc
     def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollResponse:
@@ -185,5 +208,7 @@ class FaceGateServicer(pb_grpc.FaceGateServiceServicer):
     def SearchFaces(
         self, request: pb.SearchFacesRequest, context: grpc.ServicerContext
     ) -> pb.SearchFacesResponse:
-        result = self.gate.search(request.image, request.max_candidates, context.time_remaining())
+        result = self.gate.search(
+            request.image, request.max_candidates, self._time_left(arrival(), context)
+        )
         return serde.search_faces(result)

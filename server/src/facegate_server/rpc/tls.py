@@ -59,7 +59,9 @@ def server_credentials(
     )
 
 
-def bind(server: grpc.Server, listen: str, credentials: grpc.ServerCredentials | None) -> int:
+def bind(
+    server: grpc.Server | grpc.aio.Server, listen: str, credentials: grpc.ServerCredentials | None
+) -> int:
     """Add the listening port (TLS when `credentials`); the bound port, 0 if none."""
     if credentials is None:
         return server.add_insecure_port(listen)

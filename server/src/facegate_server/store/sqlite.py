@@ -19,6 +19,7 @@ import numpy as np
 
 from facegate_server.domain import (
     AccessEvent,
+    AccessKind,
     CloudPerson,
     Decision,
     Embedding,
@@ -91,6 +92,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             last_error TEXT NOT NULL DEFAULT ''
         )""",
         "CREATE INDEX outbox_by_member ON outbox(member_id)",
+    ),
+    (
+        # Verify (1:1) beside Identify (1:N): what was asked, the member a card claimed,
+        # and why, when the decision alone does not say. Older events were all Identify.
+        "ALTER TABLE access_events ADD COLUMN kind TEXT NOT NULL DEFAULT 'IDENTIFY'",
+        "ALTER TABLE access_events ADD COLUMN claimed_member_id TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE access_events ADD COLUMN detail TEXT NOT NULL DEFAULT ''",
+        # A member's events include the verifications that claimed them (a card misused).
+        "CREATE INDEX events_by_claimed ON access_events(claimed_member_id, event_id)",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -256,7 +266,8 @@ class SqliteStore(Store):
         with self._lock:
             cursor = self._db.execute(
                 "INSERT INTO access_events (time_us, turnstile_id, member_id, decision, engine,"
-                " confidence, latency_us, reports) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " confidence, latency_us, reports, kind, claimed_member_id, detail)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     _us(event.time),
                     event.turnstile_id,
@@ -266,6 +277,9 @@ class SqliteStore(Store):
                     event.confidence,
                     round(event.latency / timedelta(microseconds=1)),
                     reports_json(event.reports),
+                    event.kind.value,
+                    event.claimed_member_id,
+                    event.detail,
                 ),
             )
             event_id = cursor.lastrowid
@@ -282,8 +296,8 @@ class SqliteStore(Store):
             clauses.append("event_id < ?")
             params.append(before_id)
         if where.member_id:
-            clauses.append("member_id = ?")
-            params.append(where.member_id)
+            clauses.append("(member_id = ? OR claimed_member_id = ?)")
+            params.extend([where.member_id, where.member_id])
         if where.turnstile_id:
             clauses.append("turnstile_id = ?")
             params.append(where.turnstile_id)
@@ -295,7 +309,7 @@ class SqliteStore(Store):
             params.append(_us(where.end_time))
         sql = (
             "SELECT event_id, time_us, turnstile_id, member_id, decision, engine, confidence,"
-            " latency_us, reports FROM access_events"
+            " latency_us, reports, kind, claimed_member_id, detail FROM access_events"
             + (" WHERE " + " AND ".join(clauses) if clauses else "")
             + " ORDER BY event_id DESC LIMIT ?"
         )
@@ -312,6 +326,9 @@ class SqliteStore(Store):
                 confidence=r[6],
                 latency=timedelta(microseconds=r[7]),
                 reports=reports_from_json(r[8]),
+                kind=AccessKind(r[9]),
+                claimed_member_id=r[10],
+                detail=r[11],
             )
             for r in rows
         ]

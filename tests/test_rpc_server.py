@@ -1,0 +1,157 @@
+"""The gRPC server model (rpc/server.py): the bound on calls in the server, the arrival
+time, and calls whose caller has gone. No recognition: raw-bytes methods, 1 thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+from facegate_server.rpc.server import RpcServer, arrival
+from facegate_server.rpc.servicer import FaceGateServicer
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+SERVICE = "test.Blocking"
+
+
+@dataclass
+class Blocking:
+    """`Hold` blocks its thread until `release` is set; every call records its arrival and
+    start."""
+
+    release: threading.Event = field(default_factory=threading.Event)
+    started: list[tuple[bytes, float | None, float]] = field(default_factory=list)
+
+    def hold(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self.started.append((request, arrival(), time.monotonic()))
+        if not self.release.wait(30):
+            raise AssertionError("never released")
+        return request
+
+    def register(self, server: grpc.aio.Server) -> None:
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    SERVICE, {"Hold": grpc.unary_unary_rpc_method_handler(self.hold)}
+                ),
+            )
+        )
+
+
+@pytest.fixture
+def blocking() -> Iterator[tuple[RpcServer, Blocking, grpc.Channel]]:
+    service = Blocking()
+    server = RpcServer(
+        listen="127.0.0.1:0",
+        credentials=None,
+        register=service.register,
+        service_names=(SERVICE,),
+        threads=1,
+        queue=1,
+    )
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        yield server, service, channel
+    finally:
+        service.release.set()
+        channel.close()
+        server.stop(grace=1)
+
+
+def test_over_the_bound_a_caller_is_refused_at_once_and_queued_calls_keep_their_arrival(
+    blocking: tuple[RpcServer, Blocking, grpc.Channel],
+) -> None:
+    server, service, channel = blocking
+    hold = channel.unary_unary(f"/{SERVICE}/Hold")
+    first = hold.future(b"first", timeout=30)
+    assert server.slots.wait_for(1, timeout=10)  # the only thread is held
+    sent = time.monotonic()
+    second = hold.future(b"second", timeout=30)
+    assert server.slots.wait_for(2, timeout=10)  # the queue (1) is full
+
+    with pytest.raises(grpc.RpcError) as refused:
+        hold(b"third", timeout=30)
+    assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    status = rpc_status.from_call(refused.value)
+    assert status is not None
+    infos = {d.type_url.rsplit("/", 1)[-1]: d for d in status.details}
+    info, retry = error_details_pb2.ErrorInfo(), error_details_pb2.RetryInfo()
+    infos["google.rpc.ErrorInfo"].Unpack(info)
+    infos["google.rpc.RetryInfo"].Unpack(retry)
+    assert info.reason == "SERVER_BUSY"
+    assert retry.retry_delay.ToNanoseconds() > 0
+    assert "busy" in status.message
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as probe:  # health needs no thread
+        answer = health_pb2_grpc.HealthStub(probe).Check(
+            health_pb2.HealthCheckRequest(service=SERVICE), timeout=10
+        )
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+    released = time.monotonic()
+    service.release.set()
+    assert (first.result(), second.result()) == (b"first", b"second")
+    request, arrived, began = service.started[1]
+    assert request == b"second" and arrived is not None
+    assert sent <= arrived < released <= began  # it arrived long before a thread took it
+    assert server.slots.wait_for(0, timeout=10)
+
+
+def test_a_call_whose_caller_has_gone_is_never_started(
+    blocking: tuple[RpcServer, Blocking, grpc.Channel],
+) -> None:
+    server, service, channel = blocking
+    hold = channel.unary_unary(f"/{SERVICE}/Hold")
+    first = hold.future(b"first", timeout=30)
+    assert server.slots.wait_for(1, timeout=10)
+    gone = hold.future(b"gone", timeout=30)
+    assert server.slots.wait_for(2, timeout=10)
+    gone.cancel()
+    assert server.slots.wait_for(1, timeout=10)  # its slot is free before a thread took it
+    service.release.set()
+    assert first.result() == b"first"
+    assert server.slots.wait_for(0, timeout=10)
+    assert [request for request, _, _ in service.started] == [b"first"]
+
+
+def test_stop_reports_not_serving_and_releases_its_thread() -> None:
+    service = Blocking()
+    server = RpcServer(
+        listen="127.0.0.1:0",
+        credentials=None,
+        register=service.register,
+        service_names=(SERVICE,),
+        threads=1,
+    )
+    server.start()
+    server.stop(grace=0)
+    assert not server._thread.is_alive()
+    assert server.health._server_status[SERVICE] == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class _Budget:
+    identify_budget: float
+
+
+@dataclass
+class _Deadline:
+    remaining: float | None
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
+
+
+def test_the_identify_budget_starts_when_the_call_arrived() -> None:
+    servicer = FaceGateServicer(_Budget(identify_budget=1.2))
+    waited = time.monotonic() - 0.5  # arrived half a second ago, waiting for a thread
+    left = servicer._time_left(waited, _Deadline(None))
+    assert left <= 0.7
+    assert servicer._time_left(waited, _Deadline(0.2)) == 0.2
+    assert servicer._time_left(None, _Deadline(None)) == 1.2
