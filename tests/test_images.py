@@ -222,6 +222,15 @@ def test_the_side_limit_can_still_refuse() -> None:
     assert "4097x8" in str(rejected.value)
 
 
+def test_a_caller_can_narrow_the_formats() -> None:
+    """The Face API emulator takes Azure's four formats only."""
+    webp = encoded(Image.new("RGB", (8, 8)), "WEBP")
+    with pytest.raises(ImageRejected) as rejected:
+        decode(webp, **LIMITS, formats=("JPEG", "PNG", "GIF", "BMP"))
+    assert rejected.value.reason == "IMAGE_FORMAT_UNSUPPORTED"
+    assert str(rejected.value) == "image is not a JPEG, PNG, GIF or BMP file"
+
+
 def test_formats_decoded_in_full_have_a_pixel_bound_of_their_own() -> None:
     """Checked from the header, by each format's memory per pixel: a PNG that claims
     10000x10000 is refused, a JPEG of that size is DCT-scaled; a progressive JPEG keeps

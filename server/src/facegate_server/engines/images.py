@@ -42,6 +42,7 @@ from __future__ import annotations
 import io
 import struct
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -297,18 +298,21 @@ def decode_image(
     max_decode_bytes: int = MAX_DECODE_BYTES,
     at_least: tuple[int, int] | None = None,
     refuse_over_side: bool = False,
+    formats: Collection[str] = FORMATS,
 ) -> Decoded:
     """Decode `data` into RGB pixels at most `max_side` a side, or raise ImageRejected.
 
     `at_least` (width, height, as displayed): a JPEG may be DCT-scaled further, as long as
     the result keeps at least that size (see `decode_scaled`); other formats ignore it.
+    `formats` narrows FORMATS (an emulated service that takes fewer).
     """
     check_size(data, max_bytes)
     fmt = sniff(data)
-    if fmt is None:
+    if fmt is None or fmt not in formats:
+        named = [f for f in FORMATS if f in formats]
         raise ImageRejected(
             "IMAGE_FORMAT_UNSUPPORTED",
-            "image is not a JPEG, PNG, GIF, BMP, WebP, HEIC or AVIF file",
+            f"image is not a {', '.join(named[:-1])} or {named[-1]} file",
         )
     try:
         with warnings.catch_warnings():
@@ -398,6 +402,7 @@ def decode(
     max_pixels: int = MAX_PIXELS,
     max_decode_bytes: int = MAX_DECODE_BYTES,
     refuse_over_side: bool = False,
+    formats: Collection[str] = FORMATS,
 ) -> RGBImage:
     """Decode `data` into an (height, width, 3) uint8 RGB array at most `max_side` a side
     (larger images scaled down), or raise ImageRejected. See the module's docstring."""
@@ -408,6 +413,7 @@ def decode(
         max_pixels=max_pixels,
         max_decode_bytes=max_decode_bytes,
         refuse_over_side=refuse_over_side,
+        formats=formats,
     ).pixels
 
 
