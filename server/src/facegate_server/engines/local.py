@@ -49,11 +49,18 @@ class WorkerPool:
     """A pool of recognition processes (spawned, never forked: gRPC threads don't fork)."""
 
     def __init__(
-        self, workers: int, *, max_bytes: int, max_side: int, max_photo_bytes: int | None = None
+        self,
+        workers: int,
+        *,
+        max_bytes: int,
+        max_side: int,
+        encoder: worker.Encoder = worker.DEFAULT_ENCODER,
+        max_photo_bytes: int | None = None,
     ) -> None:
         """`max_bytes` bounds a frame, `max_photo_bytes` an enrolment photo (default: the
         same); `max_side` is the longest side decoded (engines/images.py)."""
         self.workers = workers
+        self.encoder = encoder
         self._max_bytes = max_bytes
         self._max_photo_bytes = max_bytes if max_photo_bytes is None else max_photo_bytes
         self._max_side = max_side
@@ -66,6 +73,7 @@ class WorkerPool:
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=worker.init_worker,
+            initargs=(self.encoder,),
         )
 
     def warm_up(self) -> None:
