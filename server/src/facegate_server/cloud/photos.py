@@ -51,9 +51,10 @@ def for_cloud(photo: bytes) -> bytes:
     if acceptable(photo):
         return photo
     try:
-        # Decoded at most MAX_SIDE a side: a phone JPEG is DCT-scaled while it is decoded, so
-        # a 100-megapixel photo stays within the decoder's memory bound (engines/images.py).
-        pixels = decode(photo, max_bytes=DECODE_LIMIT_BYTES, max_side=MAX_SIDE)
+        # Decoded at most twice MAX_SIDE a side (the decoder scales by whole factors, so it
+        # leaves at least MAX_SIDE for the resize below): a phone JPEG is DCT-scaled while
+        # it is decoded, and a 100-megapixel one stays within the decoder's memory bound.
+        pixels = decode(photo, max_bytes=DECODE_LIMIT_BYTES, max_side=2 * MAX_SIDE)
     except ImageRejected:
         return photo
     image = Image.fromarray(pixels)
