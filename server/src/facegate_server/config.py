@@ -101,7 +101,10 @@ class Settings(BaseSettings):
     identify_budget_ms: int = Field(default=1200, ge=1)
     enroll_timeout_s: float = 60.0
     keep_photos: bool = False
-    max_image_bytes: int = Field(default=6 * MIB, ge=1)
+    max_image_bytes: int = Field(default=6 * MIB, ge=1)  # a frame (Identify, SearchFaces)
+    max_photo_bytes: int = Field(default=48 * MIB, ge=1)  # an enrolment photo: phone-sized
+    # The longest side decoded: larger images are scaled down to it, not refused
+    # (engines/images.py; its pixel bounds refuse decompression bombs).
     max_image_side: int = Field(default=4096, ge=1)
     max_photos: int = Field(default=10, ge=1)
     grace_period_s: float = 5.0
@@ -183,8 +186,9 @@ class Settings(BaseSettings):
 
     @property
     def max_message_bytes(self) -> int:
-        """gRPC's receive limit: an Enroll with the most photos of the largest size fits."""
-        return self.max_photos * self.max_image_bytes + MIB
+        """gRPC's receive limit: an Enroll with the most photos of the largest size fits
+        (and a frame of the largest size, should frames be allowed more than photos)."""
+        return max(self.max_photos * self.max_photo_bytes, self.max_image_bytes) + MIB
 
 
 def env_name(field: str) -> str:
