@@ -335,7 +335,8 @@ def analyse(data: bytes, max_bytes: int, max_side: int, rules: FaceRules) -> Ana
     boxes = detect_faces(pixels)
     detected = time.perf_counter()
 
-    chosen = choose_face(boxes, rules.dominant_face_ratio, (width, height))
+    # The frame's size in the pixels the boxes are in (the decoded, maybe scaled, image).
+    chosen = choose_face(boxes, rules.dominant_face_ratio, (pixels.shape[1], pixels.shape[0]))
     quality = None
     embedding = None
     measured = encoded = detected
