@@ -26,6 +26,13 @@ class Decision(enum.Enum):
     DENIED_MULTIPLE_FACES = "DENIED_MULTIPLE_FACES"
     DENIED_POOR_QUALITY = "DENIED_POOR_QUALITY"
     DENIED_AMBIGUOUS = "DENIED_AMBIGUOUS"
+    # No decision, recorded in the access log only (the call fails; the gate stays shut):
+    NOT_DECIDED_TIMEOUT = "NOT_DECIDED_TIMEOUT"
+    """No engine decided in time (DEADLINE_EXCEEDED)."""
+    NOT_DECIDED_BUSY = "NOT_DECIDED_BUSY"
+    """Refused at once for load (RESOURCE_EXHAUSTED)."""
+    NOT_DECIDED_UNAVAILABLE = "NOT_DECIDED_UNAVAILABLE"
+    """No engine could decide at all (UNAVAILABLE)."""
 
 
 class EngineKind(enum.Enum):
@@ -229,6 +236,27 @@ class EngineStatus:
     last_cloud_error_time: datetime | None = None
     cloud_training: str = ""
     cloud_transactions: dict[str, int] = field(default_factory=dict)
+    workers: tuple[WorkerStatus, ...] = ()
+    """The local engine's recognition worker slots (none without one)."""
+    recognition_queue: int = 0
+    admission: dict[str, int] = field(default_factory=dict)
+    """The recognition queue's counts (admitted, refused_full, lost, retried, ...)."""
+    can_decide: bool = True
+    """A recognition worker is running, or the cloud is reachable."""
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """One recognition worker slot."""
+
+    slot: int
+    state: str
+    """starting, idle, busy or stopped."""
+    pid: int
+    jobs: int
+    """Images its workers have analysed since the server started."""
+    restarts: int
+    """Workers it replaced (dead or hung) since the server started."""
 
 
 @dataclass(frozen=True)
@@ -239,6 +267,8 @@ class Status:
     outbox_depth: int
     decisions: dict[str, int]
     member_count: int
+    refusals: dict[str, int] = field(default_factory=dict)
+    """Calls refused before the servicer, by "method/code/reason"."""
 
 
 class ChangeKind(enum.Enum):

@@ -32,7 +32,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,9 +80,13 @@ def holding(ticket: Ticket) -> Iterator[None]:
         _ticket.reset(token)
 
 
-def set_ticket(ticket: Ticket) -> None:
+def set_ticket_token(ticket: Ticket) -> Token[Ticket | None]:
     """Set the ticket in the current context (for a context about to be copied)."""
-    _ticket.set(ticket)
+    return _ticket.set(ticket)
+
+
+def reset_ticket(token: Token[Ticket | None]) -> None:
+    _ticket.reset(token)
 
 
 @dataclass(eq=False)
@@ -139,6 +143,11 @@ class Admission:
     # Admission -------------------------------------------------------------------
     def cost(self, caller: str) -> float:
         return self._cost.get(caller, self._default_cost)
+
+    def snapshot(self) -> dict[str, int]:
+        """The counts so far (a copy)."""
+        with self._changed:
+            return dict(self.counts)
 
     def queued(self) -> int:
         with self._changed:

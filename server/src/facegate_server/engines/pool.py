@@ -32,10 +32,10 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+from facegate_server.domain import WorkerStatus
 from facegate_server.engines import worker
 from facegate_server.engines.admission import (
     ENROL,
@@ -50,23 +50,9 @@ from facegate_server.errors import RecognitionTimeout, RecognitionUnavailable
 
 log = logging.getLogger("facegate_server.engines.local")
 
-__all__ = ["ENROL", "IDENTIFY", "WorkerPool", "WorkerState"]
+__all__ = ["ENROL", "IDENTIFY", "WorkerPool"]
 
 _CTX = multiprocessing.get_context("spawn")
-
-
-@dataclass(frozen=True)
-class WorkerState:
-    """One worker slot, as GetStatus shows it."""
-
-    slot: int
-    state: str
-    """starting, idle, busy or stopped."""
-    pid: int
-    jobs: int
-    """Jobs this slot's workers have finished since the server started."""
-    restarts: int
-    """Workers this slot replaced (dead or hung) since the server started."""
 
 
 def _heartbeat(stamp: Any) -> None:
@@ -344,11 +330,11 @@ class WorkerPool:
         """The process ids of the workers ready for jobs."""
         return sorted(slot.pid for slot in self._slots if slot.ready.is_set())
 
-    def state(self) -> list[WorkerState]:
-        return [
-            WorkerState(slot.index, slot.state, slot.pid, slot.jobs, slot.restarts)
+    def state(self) -> tuple[WorkerStatus, ...]:
+        return tuple(
+            WorkerStatus(slot.index, slot.state, slot.pid, slot.jobs, slot.restarts)
             for slot in self._slots
-        ]
+        )
 
     def close(self) -> None:
         self.closing.set()
