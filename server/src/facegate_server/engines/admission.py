@@ -249,7 +249,14 @@ class Admission:
                 eligible = [c for c in by_caller if self._running[c] < self.per_caller]
                 if not eligible:
                     break
-                caller = min(eligible, key=lambda c: (self._running[c], self._served.get(c, -1)))
+                caller = min(  # a retried job first, then the fewest running, then turns
+                    eligible,
+                    key=lambda c: (
+                        by_caller[c][0].attempts == 0,
+                        self._running[c],
+                        self._served.get(c, -1),
+                    ),
+                )
                 queue = by_caller[caller]
                 job = queue.popleft()
                 if not queue:
@@ -267,7 +274,8 @@ class Admission:
         with self._changed:
             elapsed = max(0.0, self._clock() - job.started)
             self._release(job.caller)
-            self._cost[job.caller] = 0.7 * self.cost(job.caller) + 0.3 * elapsed
+            known = self._cost.get(job.caller)  # a caller's first job sets its cost
+            self._cost[job.caller] = elapsed if known is None else 0.7 * known + 0.3 * elapsed
             self._default_cost = 0.9 * self._default_cost + 0.1 * elapsed
             if len(self._cost) > 10_000:
                 self._cost.clear()

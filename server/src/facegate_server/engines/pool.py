@@ -101,6 +101,8 @@ class _Slot:
         self.process: Any = None
         self._conn: Connection | None = None
         self._stamp: Any = _CTX.RawValue("d", 0.0)
+        self.job: Job | None = None
+        self.killed_for = ""
         self.thread = threading.Thread(target=self._run, name=f"worker-{index}", daemon=True)
 
     # The slot's thread ----------------------------------------------------------------
@@ -129,6 +131,7 @@ class _Slot:
         process.start()
         child.close()
         self.process, self._conn, self.pid = process, parent, process.pid or 0
+        self.killed_for = ""
         end = time.monotonic() + pool.start_timeout
         while not pool.closing.is_set() and time.monotonic() < end:
             try:
@@ -158,39 +161,45 @@ class _Slot:
         if was_ready != self.ready.is_set():
             self.pool.changed()
 
-    def _problem(self, job: Job | None) -> str:
-        """Why this worker must be replaced ("" while it is well)."""
-        if self.process is None or self.process.exitcode is not None:
-            return "died"
-        if time.monotonic() - self._stamp.value > self.pool.hang_after:
-            return "hung"
-        if job is not None and time.monotonic() - job.started > self.pool.job_limit:
-            return "overran"
-        return ""
+    def check(self) -> None:
+        """The watchdog's look at this worker: kill it when hung or overrunning (its slot's
+        thread, blocked on the pipe or waiting for an answer, then sees it die)."""
+        process, job = self.process, self.job
+        if not self.ready.is_set() or process is None or process.exitcode is not None:
+            return
+        now = time.monotonic()
+        if now - self._stamp.value > self.pool.hang_after:
+            self.killed_for = "hung"
+        elif job is not None and now - job.started > self.pool.job_limit:
+            self.killed_for = "overran its job limit"
+        else:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGKILL)
 
     def _serve(self) -> None:
-        pool, conn = self.pool, self._conn
-        assert conn is not None
+        pool, conn, process = self.pool, self._conn, self.process
+        assert conn is not None and process is not None
         while not pool.closing.is_set():
             job = pool.admission.take(timeout=0.1)
             if job is None:
-                problem = self._problem(None)
-                if problem:
-                    self._lost(None, problem)
+                if process.exitcode is not None:
+                    self._lost(None, self.killed_for or "died")
                     return
                 continue
+            self.job = job
             self._set("busy")
             try:
                 conn.send(job.args)
                 while not conn.poll(0.05):
-                    problem = self._problem(job)
-                    if problem or pool.closing.is_set():
-                        self._lost(job, problem or "closing")
-                        return
+                    if process.exitcode is not None or pool.closing.is_set():
+                        raise EOFError
                 ok, value = conn.recv()
             except (EOFError, OSError):
-                self._lost(job, "died")
+                self._lost(job, "closing" if pool.closing.is_set() else self.killed_for or "died")
                 return
+            finally:
+                self.job = None
             pool.admission.finished(job)
             self.jobs += 1
             self._set("idle")
@@ -265,6 +274,13 @@ class WorkerPool:
         self._slots = [_Slot(self, i) for i in range(workers)]
         for slot in self._slots:
             slot.thread.start()
+        self._watchdog = threading.Thread(target=self._watch, name="worker-watchdog", daemon=True)
+        self._watchdog.start()
+
+    def _watch(self) -> None:
+        while not self.closing.wait(0.1):
+            for slot in self._slots:
+                slot.check()
 
     def warm_up(self, timeout: float | None = None) -> None:
         """Wait until every worker has loaded and run the models."""
@@ -341,3 +357,4 @@ class WorkerPool:
         self.admission.close()
         for slot in self._slots:
             slot.thread.join(10)
+        self._watchdog.join(10)
