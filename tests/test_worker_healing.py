@@ -12,15 +12,23 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import grpc
 import pytest
+from facegate.v1 import facegate_service_pb2 as pb
+from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
+from facegate_client.cli import format_status
 from facegate_server.engines.admission import RecognitionBusy
 from facegate_server.engines.index import FaceIndex
 from facegate_server.engines.local import LocalEngine
 from facegate_server.engines.pool import WorkerPool
 from facegate_server.engines.worker import Analysis
+from facegate_server.routing.router import RoutingEngine
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import Faces
+from tests.helpers import running_server
 
 HANG_AFTER = 3.0
 
@@ -126,3 +134,30 @@ def test_a_full_queue_is_refused_at_once(faces: Faces) -> None:
         assert all(len(r.boxes) == 1 for r in analysed(waiting))
     finally:
         pool.close()
+
+
+def test_health_says_not_serving_while_nothing_can_decide(tmp_path: Path) -> None:
+    """One worker, no cloud: its death leaves nothing to decide with (NOT_SERVING, and
+    `facegate status` says so), until its replacement is ready (SERVING)."""
+    with (
+        running_server(tmp_path, workers=1) as server,
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        stub = health_pb2_grpc.HealthStub(channel)
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=180)
+        serving, not_serving = (
+            health_pb2.HealthCheckResponse.SERVING,
+            health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+        assert next(watch).status == serving
+        router = server.gate.engine
+        assert isinstance(router, RoutingEngine) and isinstance(router.local, LocalEngine)
+        os.kill(router.local.pool.pids()[0], signal.SIGKILL)
+        assert next(watch).status == not_serving
+        status = pb_grpc.FaceGateServiceStub(channel).GetStatus(pb.GetStatusRequest())
+        assert not status.can_decide and status.workers[0].state in ("stopped", "starting")
+        assert "CANNOT DECIDE" in format_status(status)
+        assert next(watch).status == serving
+        status = pb_grpc.FaceGateServiceStub(channel).GetStatus(pb.GetStatusRequest())
+        assert status.can_decide and status.workers[0].restarts == 1
+        watch.cancel()

@@ -26,6 +26,7 @@ The ticket travels in a context variable: rpc/server.py sets it for each call.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import heapq
 import itertools
 import threading
 import time
@@ -36,7 +37,9 @@ from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from typing import Any
 
-from facegate_server.errors import RateLimited, RecognitionTimeout, RecognitionUnavailable
+from facegate_server.errors import RecognitionBusy, RecognitionTimeout, RecognitionUnavailable
+
+__all__ = ["ENROL", "IDENTIFY", "Admission", "Job", "RecognitionBusy", "Ticket", "current_ticket"]
 
 IDENTIFY = 0
 """Priority of a frame to decide on (Identify, SearchFaces): first."""
@@ -45,11 +48,9 @@ ENROL = 1
 
 Clock = Callable[[], float]
 
-
-class RecognitionBusy(RateLimited):
-    """The recognition queue is full, or this job could not finish before its deadline."""
-
-    reason = "RECOGNITION_BUSY"
+MARGIN = 1.15
+"""A job is refused when its estimated finish, times this, lies past its deadline: costs
+are averages, and an answer late by a little is still late."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ class Admission:
         self._clock = clock
         self._queues: dict[int, dict[str, deque[Job]]] = {IDENTIFY: {}, ENROL: {}}
         self._running: Counter[str] = Counter()
+        self._active: set[Job] = set()
         self._cost: dict[str, float] = {}
         self._default_cost = initial_cost
         self._served: dict[str, int] = {}
@@ -157,21 +159,47 @@ class Admission:
         return sum(len(q) for by_caller in self._queues.values() for q in by_caller.values())
 
     def estimate(self, caller: str, priority: int) -> float:
-        """Seconds from now until a new job of `caller` would finish (call under the lock)."""
+        """Seconds from now until a new job of `caller` would finish (call under the lock).
+
+        A small simulation of the workers: each is free when its running job's remaining
+        cost is spent; the jobs fair scheduling would start before this one (its caller's
+        own queued jobs, higher priorities, and the callers whose turn comes first) take the
+        earliest free worker in turn; this job takes the next, after its caller's running
+        jobs when the caller is at its limit. Costs are the callers' measured averages.
+        """
+        now = self._clock()
         live = max(1, self._live())
+        remaining = sorted(max(0.0, self.cost(j.caller) - (now - j.started)) for j in self._active)[
+            :live
+        ]
+        free = remaining + [0.0] * (live - len(remaining))
+        heapq.heapify(free)
         mine = self._queues[priority].get(caller, deque())
-        ahead_of_me = len(mine) + 1
-        others = 0.0
+        my_turn = (self._running[caller], self._served.get(caller, -1))
+        ahead = [self.cost(caller)] * len(mine)
         for p, by_caller in self._queues.items():
             if p > priority:
                 continue
             for other, queue in by_caller.items():
-                if other != caller:
-                    others += min(len(queue), ahead_of_me) * self.cost(other)
-        own = len(mine) * self.cost(caller) / max(1, min(self.per_caller, live))
+                if other == caller or self._running[other] >= self.per_caller:
+                    continue  # an at-limit caller's next job waits for its own worker
+                if p < priority:
+                    n = len(queue)
+                else:
+                    first = (self._running[other], self._served.get(other, -1)) < my_turn
+                    n = min(len(queue), len(mine) + (1 if first else 0))
+                ahead += [self.cost(other)] * n
+        for cost in ahead:
+            heapq.heappush(free, heapq.heappop(free) + cost)
+        start = heapq.heappop(free)
         if self._running[caller] >= self.per_caller:
-            own += self.cost(caller) / 2  # its running jobs are half done, on average
-        return max(others / live, own) + self.cost(caller)
+            own = [
+                max(0.0, self.cost(caller) - (now - j.started))
+                for j in self._active
+                if j.caller == caller
+            ]
+            start = max(start, min(own, default=0.0))
+        return start + self.cost(caller)
 
     def admit(self, job: Job) -> None:
         """Queue `job`, or raise RecognitionBusy / RecognitionUnavailable at once."""
@@ -191,7 +219,7 @@ class Admission:
                     metadata={"queued": str(self.limit)},
                 )
             finish = self.estimate(job.caller, job.priority)
-            if job.deadline is not None and now + finish > job.deadline:
+            if job.deadline is not None and now + finish * MARGIN > job.deadline:
                 self.counts["refused_late"] += 1
                 raise RecognitionBusy(
                     f"this image could not be analysed within its deadline (about "
@@ -264,6 +292,7 @@ class Admission:
                 if self._dropped(job, now) or not job.future.set_running_or_notify_cancel():
                     continue
                 self._running[caller] += 1
+                self._active.add(job)
                 self._served[caller] = next(self._turn)
                 job.started = now
                 return job
@@ -273,7 +302,7 @@ class Admission:
         """A worker ran `job` (whatever the image's outcome): learn its caller's cost."""
         with self._changed:
             elapsed = max(0.0, self._clock() - job.started)
-            self._release(job.caller)
+            self._release(job)
             known = self._cost.get(job.caller)  # a caller's first job sets its cost
             self._cost[job.caller] = elapsed if known is None else 0.7 * known + 0.3 * elapsed
             self._default_cost = 0.9 * self._default_cost + 0.1 * elapsed
@@ -288,7 +317,7 @@ class Admission:
         One retry only: an image that kills its worker must not kill them all.
         """
         with self._changed:
-            self._release(job.caller)
+            self._release(job)
             self.counts["lost"] += 1
             if job.attempts == 0 and not job.abandoned(self._clock()) and self._live() > 0:
                 job.attempts += 1
@@ -309,7 +338,9 @@ class Admission:
                 )
             self._changed.notify_all()
 
-    def _release(self, caller: str) -> None:
+    def _release(self, job: Job) -> None:
+        self._active.discard(job)
+        caller = job.caller
         self._running[caller] -= 1
         if self._running[caller] <= 0:
             del self._running[caller]

@@ -10,10 +10,12 @@ one worker at a time:
   is replaced; the others keep serving. The job it was running is queued once more, first
   in line, for another worker — once: an image that kills workers kills two at most.
 - **Hung** (SIGSTOP, a native call that never returns): each worker's heartbeat thread
-  stamps a shared clock every 0.1 s; a stamp older than `hang_after` seconds, idle or
-  busy, gets the worker killed and replaced, its job retried as above. A job running
-  longer than `job_limit` is treated the same way. (dlib calls hold the GIL for tens of
-  milliseconds, so a stale heartbeat means a stopped worker, not a busy one.)
+  stamps a shared clock every 0.1 s; the pool's watchdog thread kills (SIGKILL) a worker
+  whose stamp is older than `hang_after` seconds, idle or busy, and its slot replaces it
+  and retries its job as above (a slot blocked writing a large image to a stopped worker
+  is freed by the kill too). A job running longer than `job_limit` is treated the same
+  way. (dlib calls hold the GIL for tens of milliseconds, so a stale heartbeat means a
+  stopped worker, not a busy one.)
 - **Starting**: a new worker loads its models (a few seconds) while the others serve.
 
 `live()` is the number of workers ready to take a job; with none, jobs are refused at once

@@ -18,6 +18,10 @@ How a call goes:
    A call whose caller has gone (deadline, cancel) before a thread took it never starts.
 3. In the thread, `arrival()` is when the call arrived: the Identify budget starts there,
    not when a thread became free.
+4. The call carries a `Ticket` (engines/admission.py) to the recognition queue: its caller
+   (the authenticated name; on an open server, the connection's peer) for fairness, and an
+   event set when the call ends, so that images it queued are never started for nobody.
+   An Identify refused here for load still gets its access event (`on_busy`).
 
 New methods that wait long (the operations issue's live events, the chain's change feeds)
 are written as asyncio handlers (`async def`, async generators): they run on the loop and
@@ -50,7 +54,7 @@ from facegate_server.engines.admission import Ticket
 from facegate_server.errors import FaceGateError, RateLimited
 from facegate_server.rpc import tls
 from facegate_server.rpc.auth import current_caller
-from facegate_server.rpc.intercept import Refusals, peer_host, refuse
+from facegate_server.rpc.intercept import Refusals, refuse
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +186,8 @@ class Dispatcher(grpc.aio.ServerInterceptor):
 
         async def dispatched(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             caller = current_caller()
-            if caller is None or caller.via == "open":
-                ticket = Ticket(peer_host(context))
+            if caller is None or caller.via == "open":  # each connection is its own caller
+                ticket = Ticket(context.peer())
             else:
                 ticket = Ticket(caller.name)
             if not slots.take():
