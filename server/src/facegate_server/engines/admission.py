@@ -12,9 +12,9 @@ The queue is the only way to a worker, and it decides:
 - **Refused at once, not after the deadline.** Each caller's cost per job is measured
   (a moving average of its jobs' worker time). A job is refused when it is admitted
   (`RecognitionBusy`: RESOURCE_EXHAUSTED, reason RECOGNITION_BUSY, with a RetryInfo) when
-  the queue is full, or when the estimate of its finish (the work queued ahead of it that
-  fair scheduling would run first, shared by the live workers, then its own cost) lies past
-  its deadline. A caller sending expensive images is refused early; the others are not
+  the queue is full, or when it would have to wait and the estimate of its finish (see
+  `estimate`), with a margin, lies past its deadline. A job that can start at once is
+  admitted. A caller sending expensive images is refused early; the others are not
   slowed by it.
 - **Never started for nobody.** A job whose deadline has passed, whose future was
   cancelled, or whose caller has gone (`Ticket.gone`, set by the gRPC server when the call
@@ -158,8 +158,9 @@ class Admission:
     def _queued(self) -> int:
         return sum(len(q) for by_caller in self._queues.values() for q in by_caller.values())
 
-    def estimate(self, caller: str, priority: int) -> float:
-        """Seconds from now until a new job of `caller` would finish (call under the lock).
+    def estimate(self, caller: str, priority: int) -> tuple[float, float]:
+        """Seconds from now until a new job of `caller` would start, and finish (call under
+        the lock).
 
         A small simulation of the workers: each is free when its running job's remaining
         cost is spent; the jobs fair scheduling would start before this one (its caller's
@@ -199,7 +200,7 @@ class Admission:
                 if j.caller == caller
             ]
             start = max(start, min(own, default=0.0))
-        return start + self.cost(caller)
+        return start, start + self.cost(caller)
 
     def admit(self, job: Job) -> None:
         """Queue `job`, or raise RecognitionBusy / RecognitionUnavailable at once."""
@@ -218,8 +219,10 @@ class Admission:
                     retry_delay=round(self.cost(job.caller), 3),
                     metadata={"queued": str(self.limit)},
                 )
-            finish = self.estimate(job.caller, job.priority)
-            if job.deadline is not None and now + finish * MARGIN > job.deadline:
+            start, finish = self.estimate(job.caller, job.priority)
+            # A job that can start at once is never refused (nothing would serve it sooner,
+            # and a caller whose measured cost exceeds its deadline is measured again).
+            if job.deadline is not None and start > 0 and now + finish * MARGIN > job.deadline:
                 self.counts["refused_late"] += 1
                 raise RecognitionBusy(
                     f"this image could not be analysed within its deadline (about "
