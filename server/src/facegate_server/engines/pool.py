@@ -30,6 +30,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import pickle
 import signal
 import threading
 import time
@@ -84,9 +85,13 @@ def serve(
         if message is None:
             return
         try:
-            conn.send((True, worker.analyse(*message)))
+            answer: tuple[bool, Any] = (True, worker.analyse(*message))
         except Exception as error:  # the image's failure, sent back
-            conn.send((False, error))
+            answer = (False, error)
+        try:
+            conn.send(answer)
+        except (TypeError, AttributeError, pickle.PicklingError) as unsendable:
+            conn.send((False, RuntimeError(f"the worker's answer could not be sent: {unsendable}")))
 
 
 class _Slot:

@@ -19,7 +19,7 @@ How a call goes:
 3. In the thread, `arrival()` is when the call arrived: the Identify budget starts there,
    not when a thread became free.
 4. The call carries a `Ticket` (engines/admission.py) to the recognition queue: its caller
-   (the authenticated name; on an open server, the connection's peer) for fairness, and an
+   (the authenticated name; on an open server, the peer and its turnstile id) for fairness, and an
    event set when the call ends, so that images it queued are never started for nobody.
    An Identify refused here for load still gets its access event (`on_busy`).
 
@@ -54,7 +54,7 @@ from facegate_server.engines.admission import Ticket
 from facegate_server.errors import FaceGateError, RateLimited
 from facegate_server.rpc import tls
 from facegate_server.rpc.auth import current_caller
-from facegate_server.rpc.intercept import Refusals, refuse
+from facegate_server.rpc.intercept import Refusals, peer_host, refuse
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +186,12 @@ class Dispatcher(grpc.aio.ServerInterceptor):
 
         async def dispatched(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             caller = current_caller()
-            if caller is None or caller.via == "open":  # each connection is its own caller
-                ticket = Ticket(context.peer())
+            if caller is None or caller.via == "open":
+                # Nobody is authenticated: the peer host and the turnstile it names (channels
+                # to one target in one process share a connection, so a peer alone would
+                # make one caller of every turnstile a process drives).
+                named = getattr(request, "turnstile_id", "")
+                ticket = Ticket(f"{peer_host(context)}/{named}" if named else context.peer())
             else:
                 ticket = Ticket(caller.name)
             if not slots.take():
