@@ -1,8 +1,10 @@
-"""The `facegate` command: enrol members, identify a frame, read members and the access log.
+"""The `facegate` command: enrol members, identify or verify a frame, read members and the
+access log.
 
     facegate enroll --member-id m-1001 --name "Kim Jiwoo" kim1.jpg kim2.jpg
     facegate add-photos --member-id m-1001 kim3.jpg
     facegate identify frame.jpg --turnstile-id gate-1
+    facegate verify --member-id m-1001 frame.jpg --turnstile-id gate-1
     facegate members list | get ID | delete ID
     facegate events --member-id m-1001 --since 2026-11-26T00:00:00Z --limit 20
 
@@ -132,7 +134,7 @@ _NOT_ANSWERED = {
 }
 
 
-def format_identify(response: pb.IdentifyResponse) -> str:
+def format_identify(response: pb.IdentifyResponse | pb.VerifyResponse) -> str:
     """`GRANTED m-1001 "Kim Jiwoo" confidence 0.93 (local) 148 ms [hint]`, then why another
     engine did not decide, e.g. `{azure: timed out}` (the details are in --json)."""
     parts = [_decision(response.decision)]
@@ -155,22 +157,27 @@ def format_member(member: pb.Member) -> str:
     """`m-1001  "Kim Jiwoo"  2 faces  enrolled 2026-11-26T23:00:00Z`."""
     faces = "1 face" if member.face_count == 1 else f"{member.face_count} faces"
     enrolled = _time(member.create_time, member.HasField("create_time"))
-    return f"{member.member_id}  {_quoted(member.display_name)}  {faces}  enrolled {enrolled}"
+    line = f"{member.member_id}  {_quoted(member.display_name)}  {faces}  enrolled {enrolled}"
+    return line + (f"  cloud: {member.cloud_state}" if member.cloud_state else "")
 
 
 def format_event(event: pb.AccessEvent) -> str:
-    """`2026-11-26T23:01:02Z  gate-1  GRANTED  m-1001  0.93  local  148 ms`."""
-    return "  ".join(
-        [
-            _time(event.time, event.HasField("time")),
-            event.turnstile_id,
-            _decision(event.decision),
-            event.member_id or "-",
-            f"{event.confidence:.2f}",
-            _engine(event.engine),
-            _millis(event.server_latency),
-        ]
-    )
+    """`2026-11-26T23:01:02Z  gate-1  GRANTED  m-1001  0.93  local  148 ms`; a verification
+    ends with what was claimed, and why when the decision does not say:
+    `... verify m-1001` or `... verify m-9 (no member with this id)`."""
+    fields = [
+        _time(event.time, event.HasField("time")),
+        event.turnstile_id,
+        _decision(event.decision),
+        event.member_id or "-",
+        f"{event.confidence:.2f}",
+        _engine(event.engine),
+        _millis(event.server_latency),
+    ]
+    if event.kind == pb.ACCESS_KIND_VERIFY:
+        fields.append(f"verify {event.claimed_member_id or '-'}")
+    line = "  ".join(fields)
+    return f"{line} ({event.detail})" if event.detail else line
 
 
 def _print_json(message: Message, out: TextIO) -> None:
@@ -227,6 +234,12 @@ def _cmd_identify(client: FaceGateClient, args: argparse.Namespace, out: TextIO)
     _show(args, out, response, format_identify(response))
 
 
+def _cmd_verify(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -> None:
+    frame = _read_file(args.frame)
+    response = client.verify(args.member_id, frame, args.turnstile_id)
+    _show(args, out, response, format_identify(response))
+
+
 def _cmd_members_list(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -> None:
     members = client.iter_members(page_size=args.page_size)
     if args.json:
@@ -273,6 +286,17 @@ def format_status(status: pb.GetStatusResponse) -> str:
         f"cloud training: {status.cloud_training or '-'}",
         f"members: {status.member_count}",
     ]
+    if status.cloud_readiness:
+        lines.insert(1, f"cloud: {status.cloud_readiness}")
+    if status.outbox_waiting:
+        lines.append(f"outbox waiting: {status.outbox_waiting}")
+    if status.outbox_parked:
+        lines.append(f"outbox parked: {status.outbox_parked} (retry: facegate sync --retry-parked)")
+        for parked in status.parked:
+            face = f" face {parked.face_id}" if parked.face_id else ""
+            lines.append(f"  {parked.kind} {parked.member_id}{face}: {parked.reason}")
+    if status.cloud_cost:
+        lines.append(f"cloud cost: {status.cloud_cost}")
     if status.last_cloud_error:
         when = _time(status.last_cloud_error_time, status.HasField("last_cloud_error_time"))
         lines.append(f"last cloud error: {when} {status.last_cloud_error}")
@@ -312,7 +336,15 @@ def _cmd_status(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -
 
 
 def _cmd_sync(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -> None:
-    response = client.sync_cloud(dry_run=args.dry_run, timeout=args.timeout or 300.0)
+    response = client.sync_cloud(
+        dry_run=args.dry_run, retry_parked=args.retry_parked, timeout=args.timeout or 300.0
+    )
+    if args.json:
+        _print_json(response, out)
+        return
+    if args.retry_parked:
+        print(f"{response.retried} parked changes put back in line", file=out)
+        return
     if args.json:
         _print_json(response, out)
         return
@@ -383,7 +415,7 @@ def _common_options() -> argparse.ArgumentParser:
         "--timeout",
         metavar="SECONDS",
         type=_positive_float,
-        help="deadline of each call (default: 2 for identify, 5 for the rest)",
+        help="deadline of each call (default: 2 for identify and verify, 5 for the rest)",
     )
     group.add_argument(
         "--json", action="store_true", help="print protobuf JSON (proto field names)"
@@ -435,6 +467,17 @@ def _add_client_commands(
         "--turnstile-id", default="cli", metavar="ID", help="recorded in the log (default: cli)"
     )
 
+    verify = add(
+        subparsers, "verify", _cmd_verify, "decide whether one camera frame shows a given member"
+    )
+    verify.add_argument(
+        "--member-id", required=True, metavar="ID", help="the member claimed (a card, a QR code)"
+    )
+    verify.add_argument("frame", metavar="FRAME", help="an image file")
+    verify.add_argument(
+        "--turnstile-id", default="cli", metavar="ID", help="recorded in the log (default: cli)"
+    )
+
     members = subparsers.add_parser(
         "members", help="list, show or delete members", description="Members."
     )
@@ -482,6 +525,11 @@ def _add_client_commands(
     sync = add(subparsers, "sync", _cmd_sync, "reconcile the cloud group with the server's members")
     sync.add_argument(
         "--dry-run", action="store_true", help="only show what differs; change nothing"
+    )
+    sync.add_argument(
+        "--retry-parked",
+        action="store_true",
+        help="instead, put the changes the cloud refused (see `facegate status`) back in line",
     )
 
 

@@ -26,6 +26,8 @@ class Decision(enum.Enum):
     DENIED_MULTIPLE_FACES = "DENIED_MULTIPLE_FACES"
     DENIED_POOR_QUALITY = "DENIED_POOR_QUALITY"
     DENIED_AMBIGUOUS = "DENIED_AMBIGUOUS"
+    DENIED_NOT_THIS_MEMBER = "DENIED_NOT_THIS_MEMBER"
+    """Verify only: the face is not the claimed member's (or no such member is enrolled)."""
     # No decision, recorded in the access log only (the call fails; the gate stays shut):
     NOT_DECIDED_TIMEOUT = "NOT_DECIDED_TIMEOUT"
     """No engine decided in time (DEADLINE_EXCEEDED)."""
@@ -33,6 +35,15 @@ class Decision(enum.Enum):
     """Refused at once for load (RESOURCE_EXHAUSTED)."""
     NOT_DECIDED_UNAVAILABLE = "NOT_DECIDED_UNAVAILABLE"
     """No engine could decide at all (UNAVAILABLE)."""
+
+
+class AccessKind(enum.Enum):
+    """What a turnstile asked (names match facegate.v1.AccessKind)."""
+
+    IDENTIFY = "IDENTIFY"
+    """Who is this? (1:N, every member)"""
+    VERIFY = "VERIFY"
+    """Is this the member claimed? (1:1, a card or QR code names them)"""
 
 
 class EngineKind(enum.Enum):
@@ -68,6 +79,8 @@ class EngineReport:
     confidence: float = 0.0
     detail: str = ""
     latency: timedelta | None = None
+    transactions: int = 0
+    """Paid calls this engine spent on the frame (the cloud's transactions)."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +126,8 @@ class Member:
     face_count: int
     create_time: datetime
     update_time: datetime
+    cloud_state: str = ""
+    """The member in the cloud, in a few words (GetMember, when a cloud is configured)."""
 
 
 @dataclass(frozen=True)
@@ -135,6 +150,9 @@ class StoredFace:
     member_id: str
     photo: bytes | None
     persisted_face_id: str | None
+    photo_kept: bool = False
+    """Whether the store keeps the photo (read with `Store.face_photo` when `photo` was
+    not asked for)."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +166,11 @@ class NewAccessEvent:
     latency: timedelta
     reports: tuple[EngineReport, ...] = ()
     """What each engine did, when more than one was involved."""
+    kind: AccessKind = AccessKind.IDENTIFY
+    claimed_member_id: str = ""
+    """Verify: the member the card named (`member_id` is set only when granted)."""
+    detail: str = ""
+    """Why, when the decision alone does not say (Verify: "no member with this id")."""
 
 
 @dataclass(frozen=True)
@@ -160,6 +183,7 @@ class EventFilter:
     """Which access events to list; None or empty means no restriction."""
 
     member_id: str = ""
+    """The events granted to the member, and the verifications that claimed them."""
     turnstile_id: str = ""
     start_time: datetime | None = None
     end_time: datetime | None = None
@@ -194,6 +218,8 @@ class OutboxEntry:
     photo: bytes | None = None
     attempts: int = 0
     last_error: str = ""
+    parked: str = ""
+    """Why the cloud refused this entry for its own sake; empty while it is in line."""
 
 
 @dataclass(frozen=True)
@@ -236,6 +262,9 @@ class EngineStatus:
     last_cloud_error_time: datetime | None = None
     cloud_training: str = ""
     cloud_transactions: dict[str, int] = field(default_factory=dict)
+    cloud_readiness: str = ""
+    outbox_waiting: str = ""
+    cloud_cost: str = ""
     workers: tuple[WorkerStatus, ...] = ()
     """The local engine's recognition worker slots (none without one)."""
     recognition_queue: int = 0
@@ -267,6 +296,8 @@ class Status:
     outbox_depth: int
     decisions: dict[str, int]
     member_count: int
+    outbox_parked: int = 0
+    parked: tuple[OutboxEntry, ...] = ()
     refusals: dict[str, int] = field(default_factory=dict)
     """Calls refused before the servicer, by "method/code/reason"."""
 

@@ -1,7 +1,7 @@
 """The gate: what each RPC does, in domain terms (no protobuf here).
 
 It validates requests, asks the engine, keeps the store and the matching index in step,
-and writes every Identify decision to the access log.
+and writes every Identify and Verify decision to the access log.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from facegate_server import validation
@@ -19,6 +19,7 @@ from facegate_server.cloud.azure import CloudFailure
 from facegate_server.cloud.sync import CloudSync
 from facegate_server.domain import (
     AccessEvent,
+    AccessKind,
     Change,
     Decision,
     EngineStatus,
@@ -51,6 +52,12 @@ Clock = Callable[[], datetime]
 MAX_CANDIDATES = 10
 """The most members SearchFaces returns."""
 
+NO_SUCH_MEMBER = "no member with this id"
+"""The access log's detail for a Verify of an id nobody has (the turnstile is not told)."""
+
+
+PARKED_SHOWN = 20  # parked outbox entries GetStatus lists
+
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
@@ -58,9 +65,26 @@ def utc_now() -> datetime:
 
 @dataclass(frozen=True)
 class IdentifyResult:
+    """What Identify or Verify answers (`identification`, `display_name`) and logged."""
+
     identification: Identification
     display_name: str
     event: AccessEvent
+
+
+def told(found: Identification) -> Identification:
+    """A Verify answer as the turnstile hears it: on a denial, no confidence and no detail.
+
+    How close the face came to the member, or that no photo of theirs was compared, would
+    tell a turnstile which member ids exist.
+    """
+    if found.decision is Decision.GRANTED:
+        return found
+    return replace(
+        found,
+        confidence=0.0,
+        reports=tuple(replace(r, confidence=0.0, detail="", member_id="") for r in found.reports),
+    )
 
 
 class Gate:
@@ -163,6 +187,46 @@ class Gate:
             )
         )
 
+    def verify(
+        self, member_id: str, image: bytes, turnstile_id: str, time_left: float | None = None
+    ) -> IdentifyResult:
+        """Verify: is the face in `image` the member `member_id` (1:1)?
+
+        An id nobody has gets the engine's answer for a face that is not theirs, after the
+        same work (the engine analyses the frame and compares it with nobody's photos);
+        the access log says why. A denial tells the turnstile nothing measured about the
+        member (`told`): the log keeps the confidences.
+        """
+        started = time.perf_counter()
+        validation.turnstile_id(turnstile_id)
+        validation.member_id(member_id)
+        budget = self.identify_budget if time_left is None else min(self.identify_budget, time_left)
+        found = self.engine.verify(member_id, image, budget)
+        try:  # one read whatever the answer: the name on a grant, existence on a denial
+            display_name, enrolled = self.store.get_member(member_id).display_name, True
+        except MemberNotFound:
+            display_name, enrolled = "", False
+        granted = found.decision is Decision.GRANTED
+        detail = NO_SUCH_MEMBER if not (enrolled or granted) else ""
+        self._decisions[f"{found.engine.value.lower()}/{found.decision.value}"] += 1
+        latency = timedelta(seconds=time.perf_counter() - started)
+        event = self.store.record_event(
+            NewAccessEvent(
+                time=self.clock(),
+                turnstile_id=turnstile_id,
+                member_id=found.member_id,
+                decision=found.decision,
+                engine=found.engine,
+                confidence=found.confidence,
+                latency=latency,
+                reports=found.reports,
+                kind=AccessKind.VERIFY,
+                claimed_member_id=member_id,
+                detail=detail,
+            )
+        )
+        return IdentifyResult(told(found), display_name if granted else "", event)
+
     def _templates(self, photos: Sequence[bytes]) -> list[FaceTemplate]:
         """One template a photo, each engine's part added; the first bad photo fails all."""
         validation.photo_count(len(photos), self.max_photos)
@@ -207,8 +271,16 @@ class Gate:
             outbox_depth=self.store.outbox_depth(),
             decisions=dict(self._decisions),
             member_count=self.store.count_members(),
+            outbox_parked=self.store.outbox_parked_count(),
+            parked=tuple(self.store.outbox_parked(PARKED_SHOWN)),
             refusals=self._refusals(),
         )
+
+    def retry_parked(self) -> int:
+        """Put the parked outbox entries back in line; how many."""
+        if self.replayer is None:
+            raise CloudNotConfigured("no cloud engine is configured (FACEGATE_AZURE_ENDPOINT)")
+        return self.replayer.retry_parked()
 
     def sync_cloud(self, dry_run: bool) -> list[Change]:
         if self.replayer is None:
@@ -237,7 +309,10 @@ class Gate:
         return member
 
     def get_member(self, member_id: str) -> Member:
-        return self.store.get_member(validation.member_id(member_id))
+        member = self.store.get_member(validation.member_id(member_id))
+        if self.replayer is None:
+            return member
+        return replace(member, cloud_state=self.replayer.cloud_state(member.member_id))
 
     def list_members(self, page_size: int, after: str) -> tuple[list[Member], str]:
         """A page of members, and the id to continue after ("" on the last page)."""

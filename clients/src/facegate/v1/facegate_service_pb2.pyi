@@ -66,18 +66,25 @@ class _DecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decision.Val
     """The face is within the threshold of one member but not far enough ahead
     of another (the margin rule): it could be either, so neither is granted.
     """
-    DECISION_NOT_DECIDED_TIMEOUT: _Decision.ValueType  # 7
+    DECISION_DENIED_NOT_THIS_MEMBER: _Decision.ValueType  # 7
+    """Verify only: a face was found, good enough to decide on, but it is not the
+    claimed member's (further than the 1:1 threshold from each of their
+    photos), or no member has the claimed id; the turnstile is not told which.
+    Identify never answers it; Verify never answers DENIED_UNKNOWN_FACE or
+    DENIED_AMBIGUOUS.
+    """
+    DECISION_NOT_DECIDED_TIMEOUT: _Decision.ValueType  # 8
     """The next three are never in an IdentifyResponse (the call fails with the
     status named): they are how the access log records an Identify that got no
     decision, so that it counts every attempt. The gate stays closed.
     No engine decided within the budget or the caller's deadline
     (DEADLINE_EXCEEDED).
     """
-    DECISION_NOT_DECIDED_BUSY: _Decision.ValueType  # 8
+    DECISION_NOT_DECIDED_BUSY: _Decision.ValueType  # 9
     """Refused for load before any work, at once (RESOURCE_EXHAUSTED with a
     RetryInfo: reason SERVER_BUSY or RECOGNITION_BUSY).
     """
-    DECISION_NOT_DECIDED_UNAVAILABLE: _Decision.ValueType  # 9
+    DECISION_NOT_DECIDED_UNAVAILABLE: _Decision.ValueType  # 10
     """No engine could decide: no recognition worker running and no cloud
     (UNAVAILABLE).
     """
@@ -103,22 +110,53 @@ DECISION_DENIED_AMBIGUOUS: Decision.ValueType  # 6
 """The face is within the threshold of one member but not far enough ahead
 of another (the margin rule): it could be either, so neither is granted.
 """
-DECISION_NOT_DECIDED_TIMEOUT: Decision.ValueType  # 7
+DECISION_DENIED_NOT_THIS_MEMBER: Decision.ValueType  # 7
+"""Verify only: a face was found, good enough to decide on, but it is not the
+claimed member's (further than the 1:1 threshold from each of their
+photos), or no member has the claimed id; the turnstile is not told which.
+Identify never answers it; Verify never answers DENIED_UNKNOWN_FACE or
+DENIED_AMBIGUOUS.
+"""
+DECISION_NOT_DECIDED_TIMEOUT: Decision.ValueType  # 8
 """The next three are never in an IdentifyResponse (the call fails with the
 status named): they are how the access log records an Identify that got no
 decision, so that it counts every attempt. The gate stays closed.
 No engine decided within the budget or the caller's deadline
 (DEADLINE_EXCEEDED).
 """
-DECISION_NOT_DECIDED_BUSY: Decision.ValueType  # 8
+DECISION_NOT_DECIDED_BUSY: Decision.ValueType  # 9
 """Refused for load before any work, at once (RESOURCE_EXHAUSTED with a
 RetryInfo: reason SERVER_BUSY or RECOGNITION_BUSY).
 """
-DECISION_NOT_DECIDED_UNAVAILABLE: Decision.ValueType  # 9
+DECISION_NOT_DECIDED_UNAVAILABLE: Decision.ValueType  # 10
 """No engine could decide: no recognition worker running and no cloud
 (UNAVAILABLE).
 """
 Global___Decision: _TypeAlias = Decision  # noqa: Y015
+
+class _AccessKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AccessKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AccessKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ACCESS_KIND_UNSPECIFIED: _AccessKind.ValueType  # 0
+    """Never sent."""
+    ACCESS_KIND_IDENTIFY: _AccessKind.ValueType  # 1
+    """Identify: who is this (1:N, every member)?"""
+    ACCESS_KIND_VERIFY: _AccessKind.ValueType  # 2
+    """Verify: is this the member claimed (1:1)?"""
+
+class AccessKind(_AccessKind, metaclass=_AccessKindEnumTypeWrapper):
+    """What a turnstile asked."""
+
+ACCESS_KIND_UNSPECIFIED: AccessKind.ValueType  # 0
+"""Never sent."""
+ACCESS_KIND_IDENTIFY: AccessKind.ValueType  # 1
+"""Identify: who is this (1:N, every member)?"""
+ACCESS_KIND_VERIFY: AccessKind.ValueType  # 2
+"""Verify: is this the member claimed (1:1)?"""
+Global___AccessKind: _TypeAlias = AccessKind  # noqa: Y015
 
 class _Engine:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -285,6 +323,7 @@ class EngineReport(_message.Message):
     CONFIDENCE_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     LATENCY_FIELD_NUMBER: _builtins.int
+    TRANSACTIONS_FIELD_NUMBER: _builtins.int
     engine: Global___Engine.ValueType
     """The engine."""
     outcome: Global___EngineOutcome.ValueType
@@ -297,6 +336,10 @@ class EngineReport(_message.Message):
     """Its confidence, when it answered (see IdentifyResponse.confidence)."""
     detail: _builtins.str
     """Why it did not answer, in a few words (never image data or keys)."""
+    transactions: _builtins.int
+    """Paid cloud transactions this engine spent on the frame (kept in the
+    access log with the entry).
+    """
     @_builtins.property
     def latency(self) -> _duration_pb2.Duration:
         """How long it took, when it was asked."""
@@ -311,10 +354,11 @@ class EngineReport(_message.Message):
         confidence: _builtins.float = ...,
         detail: _builtins.str = ...,
         latency: _duration_pb2.Duration | None = ...,
+        transactions: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "decision", b"decision", "detail", b"detail", "engine", b"engine", "latency", b"latency", "member_id", b"member_id", "outcome", b"outcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "decision", b"decision", "detail", b"detail", "engine", b"engine", "latency", b"latency", "member_id", b"member_id", "outcome", b"outcome", "transactions", b"transactions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -464,6 +508,118 @@ class IdentifyResponse(_message.Message):
 Global___IdentifyResponse: _TypeAlias = IdentifyResponse  # noqa: Y015
 
 @_typing.final
+class VerifyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    TURNSTILE_ID_FIELD_NUMBER: _builtins.int
+    member_id: _builtins.str
+    """The member the person claims to be, e.g. read from their card or QR code
+    (the same rules as EnrollRequest.member_id). Required.
+    """
+    image: _builtins.bytes
+    """The camera frame, with the same rules as IdentifyRequest.image. Required."""
+    turnstile_id: _builtins.str
+    """The turnstile the frame comes from, with the same rules as
+    IdentifyRequest.turnstile_id. Required.
+    """
+    def __init__(
+        self,
+        *,
+        member_id: _builtins.str = ...,
+        image: _builtins.bytes = ...,
+        turnstile_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "member_id", b"member_id", "turnstile_id", b"turnstile_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyRequest: _TypeAlias = VerifyRequest  # noqa: Y015
+
+@_typing.final
+class VerifyResponse(_message.Message):
+    """As IdentifyResponse, for one member. On a denial, `confidence` and the
+    engines' confidences are 0 and their details empty, whatever the engines
+    measured (the access log keeps it): how close a face came to a member, or
+    that an id has no photos, would tell a turnstile which ids exist.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISION_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    CONFIDENCE_FIELD_NUMBER: _builtins.int
+    ENGINE_FIELD_NUMBER: _builtins.int
+    FACE_BOX_FIELD_NUMBER: _builtins.int
+    SERVER_LATENCY_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    HINT_FIELD_NUMBER: _builtins.int
+    ENGINES_FIELD_NUMBER: _builtins.int
+    CLOUD_TRANSACTIONS_FIELD_NUMBER: _builtins.int
+    decision: Global___Decision.ValueType
+    """What the gate decided."""
+    member_id: _builtins.str
+    """The member verified (the one claimed); empty on every denial."""
+    display_name: _builtins.str
+    """The verified member's display name; empty unless granted."""
+    confidence: _builtins.float
+    """How sure the engine is that the face is the member's, in [0, 1]: the
+    scale of IdentifyResponse.confidence. 0 on every denial.
+    """
+    engine: Global___Engine.ValueType
+    """The engine that decided."""
+    event_id: _builtins.int
+    """The access log entry written for this decision."""
+    hint: _builtins.str
+    """A short instruction the turnstile can show the person; empty when there
+    is nothing to say.
+    """
+    cloud_transactions: _builtins.int
+    """Paid cloud transactions (Face API calls) spent on this frame: two for a
+    cloud verification (detect, verify).
+    """
+    @_builtins.property
+    def face_box(self) -> Global___FaceBox:
+        """The face decided on; unset when no face was found."""
+
+    @_builtins.property
+    def server_latency(self) -> _duration_pb2.Duration:
+        """Time spent in the server, from receiving the request to answering it."""
+
+    @_builtins.property
+    def engines(self) -> _containers.RepeatedCompositeFieldContainer[Global___EngineReport]:
+        """What each engine did, as in IdentifyResponse (confidences and details
+        cleared on a denial).
+        """
+
+    def __init__(
+        self,
+        *,
+        decision: Global___Decision.ValueType = ...,
+        member_id: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        confidence: _builtins.float = ...,
+        engine: Global___Engine.ValueType = ...,
+        face_box: Global___FaceBox | None = ...,
+        server_latency: _duration_pb2.Duration | None = ...,
+        event_id: _builtins.int = ...,
+        hint: _builtins.str = ...,
+        engines: _abc.Iterable[Global___EngineReport] | None = ...,
+        cloud_transactions: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["face_box", b"face_box", "server_latency", b"server_latency"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cloud_transactions", b"cloud_transactions", "confidence", b"confidence", "decision", b"decision", "display_name", b"display_name", "engine", b"engine", "engines", b"engines", "event_id", b"event_id", "face_box", b"face_box", "hint", b"hint", "member_id", b"member_id", "server_latency", b"server_latency"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyResponse: _TypeAlias = VerifyResponse  # noqa: Y015
+
+@_typing.final
 class EnrollRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -578,12 +734,17 @@ class Member(_message.Message):
     FACE_COUNT_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    CLOUD_STATE_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
     """The backend's id for the member."""
     display_name: _builtins.str
     """The member's display name."""
     face_count: _builtins.int
     """How many face templates (one a photo) the member has."""
+    cloud_state: _builtins.str
+    """The member in the cloud, in a few words ("ready", "training", "1 change(s)
+    refused by the cloud: ..."); GetMember only, when a cloud is configured.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the member was enrolled."""
@@ -600,10 +761,11 @@ class Member(_message.Message):
         face_count: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        cloud_state: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display_name", b"display_name", "face_count", b"face_count", "member_id", b"member_id", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cloud_state", b"cloud_state", "create_time", b"create_time", "display_name", b"display_name", "face_count", b"face_count", "member_id", b"member_id", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -738,7 +900,7 @@ Global___DeleteMemberResponse: _TypeAlias = DeleteMemberResponse  # noqa: Y015
 
 @_typing.final
 class AccessEvent(_message.Message):
-    """One Identify decision, as recorded in the access log."""
+    """One Identify or Verify decision, as recorded in the access log."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -751,18 +913,31 @@ class AccessEvent(_message.Message):
     CONFIDENCE_FIELD_NUMBER: _builtins.int
     SERVER_LATENCY_FIELD_NUMBER: _builtins.int
     ENGINES_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    CLAIMED_MEMBER_ID_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
     event_id: _builtins.int
     """The event's id; ids grow with time."""
     turnstile_id: _builtins.str
     """The turnstile that sent the frame."""
     member_id: _builtins.str
-    """The member granted (or, for an unknown face, empty)."""
+    """The member granted (empty on every denial)."""
     decision: Global___Decision.ValueType
     """What was decided."""
     engine: Global___Engine.ValueType
     """The engine that decided."""
     confidence: _builtins.float
     """The decision's confidence, as in IdentifyResponse."""
+    kind: Global___AccessKind.ValueType
+    """Identify or Verify."""
+    claimed_member_id: _builtins.str
+    """Verify: the member id the turnstile claimed (`member_id` is set only
+    when granted).
+    """
+    detail: _builtins.str
+    """Why, when the decision alone does not say: for a Verify of an id no
+    member has, "no member with this id".
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When the decision was made."""
@@ -787,10 +962,13 @@ class AccessEvent(_message.Message):
         confidence: _builtins.float = ...,
         server_latency: _duration_pb2.Duration | None = ...,
         engines: _abc.Iterable[Global___EngineReport] | None = ...,
+        kind: Global___AccessKind.ValueType = ...,
+        claimed_member_id: _builtins.str = ...,
+        detail: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["server_latency", b"server_latency", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "decision", b"decision", "engine", b"engine", "engines", b"engines", "event_id", b"event_id", "member_id", b"member_id", "server_latency", b"server_latency", "time", b"time", "turnstile_id", b"turnstile_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claimed_member_id", b"claimed_member_id", "confidence", b"confidence", "decision", b"decision", "detail", b"detail", "engine", b"engine", "engines", b"engines", "event_id", b"event_id", "kind", b"kind", "member_id", b"member_id", "server_latency", b"server_latency", "time", b"time", "turnstile_id", b"turnstile_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -807,7 +985,10 @@ class ListAccessEventsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
-    """Only this member's events; empty for everybody."""
+    """Only this member's events: those that granted them, and the verifications
+    that claimed them (granted or not: a card used with another face shows
+    here); empty for everybody.
+    """
     turnstile_id: _builtins.str
     """Only this turnstile's events; empty for every turnstile."""
     page_size: _builtins.int
@@ -924,6 +1105,11 @@ class GetStatusResponse(_message.Message):
     CLOUD_TRANSACTIONS_FIELD_NUMBER: _builtins.int
     DECISIONS_FIELD_NUMBER: _builtins.int
     MEMBER_COUNT_FIELD_NUMBER: _builtins.int
+    CLOUD_READINESS_FIELD_NUMBER: _builtins.int
+    OUTBOX_WAITING_FIELD_NUMBER: _builtins.int
+    OUTBOX_PARKED_FIELD_NUMBER: _builtins.int
+    PARKED_FIELD_NUMBER: _builtins.int
+    CLOUD_COST_FIELD_NUMBER: _builtins.int
     WORKERS_FIELD_NUMBER: _builtins.int
     RECOGNITION_QUEUE_FIELD_NUMBER: _builtins.int
     ADMISSION_FIELD_NUMBER: _builtins.int
@@ -943,6 +1129,23 @@ class GetStatusResponse(_message.Message):
     """
     member_count: _builtins.int
     """Enrolled members."""
+    cloud_readiness: _builtins.str
+    """The cloud's readiness: "ready", "checking", "paused" or "off", with why and
+    what to do (Limited Access, the key, the quota, the group's model); empty
+    without a cloud engine.
+    """
+    outbox_waiting: _builtins.str
+    """Why the outbox of cloud changes is not moving, and when it retries; empty
+    while it moves.
+    """
+    outbox_parked: _builtins.int
+    """Outbox entries the cloud refused for their own sake (a photo it cannot
+    take), set aside: SyncCloud with retry_parked puts them back in line.
+    """
+    cloud_cost: _builtins.str
+    """The cloud transactions counted so far, priced at the tier's prices
+    ("S0: 120 transactions, $0.12"); empty without a cloud engine.
+    """
     recognition_queue: _builtins.int
     """Images waiting for a recognition worker now."""
     can_decide: _builtins.bool
@@ -960,6 +1163,10 @@ class GetStatusResponse(_message.Message):
     @_builtins.property
     def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Count]:
         """Decisions by deciding engine and decision since the server started."""
+
+    @_builtins.property
+    def parked(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParkedChange]:
+        """The oldest parked entries (at most 20), with their reasons."""
 
     @_builtins.property
     def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerStatus]:
@@ -996,6 +1203,11 @@ class GetStatusResponse(_message.Message):
         cloud_transactions: _abc.Iterable[Global___Count] | None = ...,
         decisions: _abc.Iterable[Global___Count] | None = ...,
         member_count: _builtins.int = ...,
+        cloud_readiness: _builtins.str = ...,
+        outbox_waiting: _builtins.str = ...,
+        outbox_parked: _builtins.int = ...,
+        parked: _abc.Iterable[Global___ParkedChange] | None = ...,
+        cloud_cost: _builtins.str = ...,
         workers: _abc.Iterable[Global___WorkerStatus] | None = ...,
         recognition_queue: _builtins.int = ...,
         admission: _abc.Iterable[Global___Count] | None = ...,
@@ -1004,11 +1216,45 @@ class GetStatusResponse(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_cloud_error_time", b"last_cloud_error_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "can_decide", b"can_decide", "circuit_state", b"circuit_state", "cloud_training", b"cloud_training", "cloud_transactions", b"cloud_transactions", "decisions", b"decisions", "last_cloud_error", b"last_cloud_error", "last_cloud_error_time", b"last_cloud_error_time", "member_count", b"member_count", "outbox_depth", b"outbox_depth", "recognition_queue", b"recognition_queue", "refusals", b"refusals", "routing_policy", b"routing_policy", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "can_decide", b"can_decide", "circuit_state", b"circuit_state", "cloud_cost", b"cloud_cost", "cloud_readiness", b"cloud_readiness", "cloud_training", b"cloud_training", "cloud_transactions", b"cloud_transactions", "decisions", b"decisions", "last_cloud_error", b"last_cloud_error", "last_cloud_error_time", b"last_cloud_error_time", "member_count", b"member_count", "outbox_depth", b"outbox_depth", "outbox_parked", b"outbox_parked", "outbox_waiting", b"outbox_waiting", "parked", b"parked", "recognition_queue", b"recognition_queue", "refusals", b"refusals", "routing_policy", b"routing_policy", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
+
+@_typing.final
+class ParkedChange(_message.Message):
+    """An outbox entry the cloud refused, set aside."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    FACE_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """"add_face" or "delete_member"."""
+    member_id: _builtins.str
+    """The member concerned."""
+    face_id: _builtins.int
+    """The member's face (add_face), 0 otherwise."""
+    reason: _builtins.str
+    """Why the cloud refused it."""
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        member_id: _builtins.str = ...,
+        face_id: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["face_id", b"face_id", "kind", b"kind", "member_id", b"member_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ParkedChange: _TypeAlias = ParkedChange  # noqa: Y015
 
 @_typing.final
 class WorkerStatus(_message.Message):
@@ -1055,16 +1301,22 @@ class SyncCloudRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DRY_RUN_FIELD_NUMBER: _builtins.int
+    RETRY_PARKED_FIELD_NUMBER: _builtins.int
     dry_run: _builtins.bool
     """Only report what would change."""
+    retry_parked: _builtins.bool
+    """Instead of reconciling, put every parked outbox entry back in line (the
+    photo may have been accepted since, or the cause fixed).
+    """
     def __init__(
         self,
         *,
         dry_run: _builtins.bool = ...,
+        retry_parked: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "retry_parked", b"retry_parked"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1115,6 +1367,9 @@ class SyncCloudResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CHANGES_FIELD_NUMBER: _builtins.int
+    RETRIED_FIELD_NUMBER: _builtins.int
+    retried: _builtins.int
+    """With retry_parked: how many parked entries were put back in line."""
     @_builtins.property
     def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___SyncChange]:
         """Every difference found."""
@@ -1123,10 +1378,11 @@ class SyncCloudResponse(_message.Message):
         self,
         *,
         changes: _abc.Iterable[Global___SyncChange] | None = ...,
+        retried: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "retried", b"retried"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

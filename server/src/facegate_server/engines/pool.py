@@ -260,8 +260,9 @@ class WorkerPool:
         hang_after: float = 2.0,
         job_limit: float = 60.0,
         start_timeout: float = 120.0,
+        encoder: worker.Encoder = worker.DEFAULT_ENCODER,
         initializer: Callable[..., None] = worker.init_worker,
-        initargs: Sequence[Any] = (),
+        initargs: Sequence[Any] | None = None,
     ) -> None:
         self.workers = workers
         self._max_bytes = max_bytes
@@ -270,7 +271,8 @@ class WorkerPool:
         self.job_limit = job_limit
         self.start_timeout = start_timeout
         self.initializer = initializer
-        self.initargs = tuple(initargs)
+        self.encoder = encoder
+        self.initargs = (encoder,) if initargs is None else tuple(initargs)
         self.closing = threading.Event()
         self._listeners: list[Callable[[], None]] = []
         self.admission = Admission(

@@ -6,7 +6,7 @@ import base64
 import binascii
 import json
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Literal, TypeVar
 
 from facegate.v1 import facegate_service_pb2 as pb
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -24,6 +24,7 @@ from facegate_server.domain import (
     Status,
 )
 from facegate_server.errors import InvalidArgument
+from facegate_server.gate import IdentifyResult
 
 
 def timestamp(t: datetime) -> timestamp_pb2.Timestamp:
@@ -53,12 +54,35 @@ def engine_report(r: EngineReport) -> pb.EngineReport:
         member_id=r.member_id,
         confidence=r.confidence,
         detail=r.detail,
+        transactions=r.transactions,
     )
     if r.decision is not None:
         message.decision = decision(r.decision)
     if r.latency is not None:
         message.latency.CopyFrom(duration(r.latency))
     return message
+
+
+Decided = TypeVar("Decided", pb.IdentifyResponse, pb.VerifyResponse)
+
+
+def decided(response: Decided, result: IdentifyResult, server_latency: float) -> Decided:
+    """Fill an Identify or Verify response (the same fields) from the gate's result, and
+    the seconds it spent in the server."""
+    found = result.identification
+    response.decision = decision(found.decision)
+    response.member_id = found.member_id
+    response.display_name = result.display_name
+    response.confidence = found.confidence
+    response.engine = engine(found.engine)
+    response.event_id = result.event.event_id
+    response.hint = found.hint
+    response.engines.extend(engine_report(r) for r in found.reports)
+    response.cloud_transactions = found.cloud_transactions
+    if found.face_box is not None:
+        response.face_box.CopyFrom(face_box(found.face_box))
+    response.server_latency.FromNanoseconds(int(server_latency * 1e9))
+    return response
 
 
 def face_box(box: FaceBox) -> pb.FaceBox:
@@ -72,6 +96,7 @@ def member(m: Member) -> pb.Member:
         face_count=m.face_count,
         create_time=timestamp(m.create_time),
         update_time=timestamp(m.update_time),
+        cloud_state=m.cloud_state,
     )
 
 
@@ -86,6 +111,9 @@ def access_event(e: AccessEvent) -> pb.AccessEvent:
         confidence=e.confidence,
         server_latency=duration(e.latency),
         engines=[engine_report(r) for r in e.reports],
+        kind=pb.AccessKind.Value(f"ACCESS_KIND_{e.kind.value}"),
+        claimed_member_id=e.claimed_member_id,
+        detail=e.detail,
     )
 
 
@@ -150,6 +178,16 @@ def status(s: Status) -> pb.GetStatusResponse:
         ],
         decisions=[pb.Count(name=k, count=v) for k, v in sorted(s.decisions.items())],
         member_count=s.member_count,
+        cloud_readiness=e.cloud_readiness,
+        outbox_waiting=e.outbox_waiting,
+        outbox_parked=s.outbox_parked,
+        parked=[
+            pb.ParkedChange(
+                kind=p.kind, member_id=p.member_id, face_id=p.face_id or 0, reason=p.parked
+            )
+            for p in s.parked
+        ],
+        cloud_cost=e.cloud_cost,
         workers=[
             pb.WorkerStatus(slot=w.slot, state=w.state, pid=w.pid, jobs=w.jobs, restarts=w.restarts)
             for w in e.workers

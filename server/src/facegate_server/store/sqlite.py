@@ -19,6 +19,7 @@ import numpy as np
 
 from facegate_server.domain import (
     AccessEvent,
+    AccessKind,
     CloudPerson,
     Decision,
     Embedding,
@@ -91,6 +92,27 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             last_error TEXT NOT NULL DEFAULT ''
         )""",
         "CREATE INDEX outbox_by_member ON outbox(member_id)",
+    ),
+    (
+        # Verify (1:1) beside Identify (1:N): what was asked, the member a card claimed,
+        # and why, when the decision alone does not say. Older events were all Identify.
+        "ALTER TABLE access_events ADD COLUMN kind TEXT NOT NULL DEFAULT 'IDENTIFY'",
+        "ALTER TABLE access_events ADD COLUMN claimed_member_id TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE access_events ADD COLUMN detail TEXT NOT NULL DEFAULT ''",
+        # A member's events include the verifications that claimed them (a card misused).
+        "CREATE INDEX events_by_claimed ON access_events(claimed_member_id, event_id)",
+    ),
+    (
+        # The store's identity, made once: the cloud persons this store makes carry it, so
+        # that two stores on one Face API resource never touch each other's persons.
+        """CREATE TABLE store_meta (
+            key   TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        ) WITHOUT ROWID""",
+        "INSERT INTO store_meta VALUES ('store_id', lower(hex(randomblob(16))))",
+        # An entry the cloud refused for its own sake (a photo it cannot take) is set aside
+        # with the reason; the entries behind it keep moving.
+        "ALTER TABLE outbox ADD COLUMN parked TEXT NOT NULL DEFAULT ''",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -256,7 +278,8 @@ class SqliteStore(Store):
         with self._lock:
             cursor = self._db.execute(
                 "INSERT INTO access_events (time_us, turnstile_id, member_id, decision, engine,"
-                " confidence, latency_us, reports) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " confidence, latency_us, reports, kind, claimed_member_id, detail)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     _us(event.time),
                     event.turnstile_id,
@@ -266,6 +289,9 @@ class SqliteStore(Store):
                     event.confidence,
                     round(event.latency / timedelta(microseconds=1)),
                     reports_json(event.reports),
+                    event.kind.value,
+                    event.claimed_member_id,
+                    event.detail,
                 ),
             )
             event_id = cursor.lastrowid
@@ -282,8 +308,8 @@ class SqliteStore(Store):
             clauses.append("event_id < ?")
             params.append(before_id)
         if where.member_id:
-            clauses.append("member_id = ?")
-            params.append(where.member_id)
+            clauses.append("(member_id = ? OR claimed_member_id = ?)")
+            params.extend([where.member_id, where.member_id])
         if where.turnstile_id:
             clauses.append("turnstile_id = ?")
             params.append(where.turnstile_id)
@@ -295,7 +321,7 @@ class SqliteStore(Store):
             params.append(_us(where.end_time))
         sql = (
             "SELECT event_id, time_us, turnstile_id, member_id, decision, engine, confidence,"
-            " latency_us, reports FROM access_events"
+            " latency_us, reports, kind, claimed_member_id, detail FROM access_events"
             + (" WHERE " + " AND ".join(clauses) if clauses else "")
             + " ORDER BY event_id DESC LIMIT ?"
         )
@@ -312,22 +338,76 @@ class SqliteStore(Store):
                 confidence=r[6],
                 latency=timedelta(microseconds=r[7]),
                 reports=reports_from_json(r[8]),
+                kind=AccessKind(r[9]),
+                claimed_member_id=r[10],
+                detail=r[11],
             )
             for r in rows
         ]
 
+    def store_id(self) -> str:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM store_meta WHERE key = 'store_id'").fetchone()
+        return str(row[0])
+
+    _OUTBOX_SQL = (
+        "SELECT seq, kind, member_id, face_id, photo, attempts, last_error, parked FROM outbox"
+    )
+
     def outbox(self, limit: int) -> list[OutboxEntry]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT seq, kind, member_id, face_id, photo, attempts, last_error FROM outbox"
-                " ORDER BY seq LIMIT ?",
-                (limit,),
+                self._OUTBOX_SQL + " WHERE parked = '' ORDER BY seq LIMIT ?", (limit,)
             ).fetchall()
         return [OutboxEntry(*row) for row in rows]
 
     def outbox_depth(self) -> int:
         with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+            return int(
+                self._db.execute("SELECT COUNT(*) FROM outbox WHERE parked = ''").fetchone()[0]
+            )
+
+    def outbox_members(self) -> set[str]:
+        with self._lock:
+            rows = self._db.execute("SELECT DISTINCT member_id FROM outbox").fetchall()
+        return {str(r[0]) for r in rows}
+
+    def outbox_park(self, seq: int, reason: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE outbox SET parked = ?, last_error = ? WHERE seq = ?",
+                (reason or "refused", reason, seq),
+            )
+
+    def outbox_parked(self, limit: int) -> list[OutboxEntry]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, kind, member_id, face_id, NULL, attempts, last_error, parked"
+                " FROM outbox WHERE parked != '' ORDER BY seq LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [OutboxEntry(*row) for row in rows]
+
+    def outbox_of(self, member_id: str) -> list[OutboxEntry]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, kind, member_id, face_id, NULL, attempts, last_error, parked"
+                " FROM outbox WHERE member_id = ? ORDER BY seq",
+                (member_id,),
+            ).fetchall()
+        return [OutboxEntry(*row) for row in rows]
+
+    def outbox_parked_count(self) -> int:
+        with self._lock:
+            return int(
+                self._db.execute("SELECT COUNT(*) FROM outbox WHERE parked != ''").fetchone()[0]
+            )
+
+    def outbox_unpark(self) -> int:
+        with self._lock:
+            return self._db.execute(
+                "UPDATE outbox SET parked = '', attempts = 0 WHERE parked != ''"
+            ).rowcount
 
     def outbox_attempt(self, seq: int, error: str = "") -> None:
         with self._lock:
@@ -386,14 +466,22 @@ class SqliteStore(Store):
                 (face_id,),
             )
 
-    def faces(self, member_id: str) -> list[StoredFace]:
+    def faces(self, member_id: str, *, photos: bool = True) -> list[StoredFace]:
+        photo = "photo" if photos else "NULL"
         with self._lock:
             rows = self._db.execute(
-                "SELECT face_id, member_id, photo, persisted_face_id FROM faces"
-                " WHERE member_id = ? ORDER BY face_id",
+                f"SELECT face_id, member_id, {photo}, persisted_face_id, photo IS NOT NULL"
+                " FROM faces WHERE member_id = ? ORDER BY face_id",
                 (member_id,),
             ).fetchall()
-        return [StoredFace(*row) for row in rows]
+        return [StoredFace(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
+
+    def face_photo(self, face_id: int) -> bytes | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT photo FROM faces WHERE face_id = ?", (face_id,)
+            ).fetchone()
+        return None if row is None else row[0]
 
     def training_queued(self) -> None:
         with self._lock:
