@@ -3,6 +3,7 @@ time, and calls whose caller has gone. No recognition: raw-bytes methods, 1 thre
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import threading
 import time
 from collections.abc import Iterator
@@ -155,3 +156,34 @@ def test_the_identify_budget_starts_when_the_call_arrived() -> None:
     assert left <= 0.7
     assert servicer._time_left(waited, _Deadline(0.2)) == 0.2
     assert servicer._time_left(None, _Deadline(None)) == 1.2
+
+
+def test_a_call_refused_for_load_is_told_to_on_busy() -> None:
+    """The servicer writes an Identify refused for load to the access log (`on_busy`)."""
+    service = Blocking()
+    told: cf.Future[tuple[str, bytes, str]] = cf.Future()
+    server = RpcServer(
+        listen="127.0.0.1:0",
+        credentials=None,
+        register=service.register,
+        service_names=(SERVICE,),
+        threads=1,
+        queue=0,
+        on_busy=lambda method, request, error: told.set_result((method, request, error.reason)),
+    )
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            hold = channel.unary_unary(f"/{SERVICE}/Hold")
+            first = hold.future(b"first", timeout=30)
+            assert server.slots.wait_for(1, timeout=10)
+            with pytest.raises(grpc.RpcError):
+                hold(b"refused", timeout=30)
+            assert told.result(timeout=10) == (f"/{SERVICE}/Hold", b"refused", "SERVER_BUSY")
+            counted = server.refusals.counts()
+            assert counted == {"Hold/RESOURCE_EXHAUSTED/SERVER_BUSY": 1}
+            service.release.set()
+            assert first.result() == b"first"
+    finally:
+        service.release.set()
+        server.stop(grace=1)

@@ -177,9 +177,16 @@ def test_refusals_and_management_calls_are_logged_with_the_caller(
         backend.delete_member("m-404")
     with FaceGateClient(guarded, token=TOKENS["gate-1"]) as gate, pytest.raises(PermissionDenied):
         gate.list_members()
-    with FaceGateClient(guarded, token="fg_wrong") as stranger, pytest.raises(Unauthenticated):
-        stranger.list_members()
+    with FaceGateClient(guarded, token="fg_wrong") as stranger:
+        for _ in range(3):  # the 1st and 2nd of a kind are logged, the 3rd only counted
+            with pytest.raises(Unauthenticated):
+                stranger.get_member("m-1")
     lines = [vars(r) for r in caplog.records if r.name == "facegate.rpc"]
+    unknowns = [line for line in lines if line.get("code") == "UNAUTHENTICATED"]
+    assert [line["refused_so_far"] for line in unknowns] == [1, 2]
+    with FaceGateClient(guarded, token=TOKENS["ops"]) as admin:
+        refused = {c.name: c.count for c in admin.get_status().refusals}
+    assert refused["GetMember/UNAUTHENTICATED/TOKEN_INVALID"] == 3
     deleted = next(line for line in lines if line.get("method") == "DeleteMember")
     assert (deleted["caller"], deleted["role"], deleted["auth"]) == ("crm", "backend", "token")
     assert (deleted["code"], deleted["member_id"]) == ("NOT_FOUND", "m-404")

@@ -71,9 +71,11 @@ def run_cell(
     concurrency: int,
     seconds: float,
     deadline: float,
+    hostile: Hostile | None = None,
 ) -> tuple[list[dict[str, Any]], float]:
     """`concurrency` turnstiles send frames for `seconds` (a call started before the end is
-    waited for). Returns every call's record and the wall time from start to last answer."""
+    waited for), beside `hostile` when given (started with them, stopped at the end).
+    Returns every call's record and the wall time from start to last answer."""
     records: list[dict[str, Any]] = []
     lock = threading.Lock()
     barrier = threading.Barrier(concurrency + 1)
@@ -99,12 +101,79 @@ def run_cell(
     ]
     for thread in threads:
         thread.start()
+    if hostile is not None:
+        hostile.start()
     started = time.perf_counter()
     stop_at[0] = started + seconds
     barrier.wait()
     for thread in threads:
         thread.join()
+    if hostile is not None:
+        hostile.stop()
     wall = time.perf_counter() - started
     for client in clients:
         client.close()
     return records, wall
+
+
+def hostile_frame(side: int = 4096) -> bytes:
+    """A 16-bit greyscale PNG of side x side pixels, a smooth gradient (about 130 KB): within
+    every documented limit, and about 0.8 s of a worker's time to decode, scale and scan."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    ramp = (np.add.outer(np.arange(side), np.arange(side)) * (65535 // (2 * side))).astype(
+        np.uint16
+    )
+    out = io.BytesIO()
+    Image.fromarray(ramp).save(out, "PNG", compress_level=9)
+    return out.getvalue()
+
+
+class Hostile:
+    """A turnstile that sends `frame` at `rate` calls a second whatever the answers (an open
+    loop: each call in a thread of its own), until stopped; its records name the codes."""
+
+    def __init__(self, target: str, frame: bytes, rate: float, deadline: float) -> None:
+        self.frame, self.rate = frame, rate
+        self.client = FaceGateClient(target, identify_timeout=deadline)
+        self.records: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._calls: list[threading.Thread] = []
+        self._thread = threading.Thread(target=self._run, name="hostile", daemon=True)
+
+    def _call(self) -> None:
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            self.client.identify(self.frame, turnstile_id="bench-hostile")
+        except FaceGateError as error:
+            code = error.code.name
+        with self._lock:
+            self.records.append(
+                {"latency_ms": (time.perf_counter() - started) * 1000.0, "code": code}
+            )
+
+    def _run(self) -> None:
+        interval = 1.0 / self.rate
+        next_at = time.perf_counter()
+        while not self._stop.is_set():
+            call = threading.Thread(target=self._call, daemon=True)
+            call.start()
+            self._calls.append(call)
+            next_at += interval
+            self._stop.wait(max(0.0, next_at - time.perf_counter()))
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> list[dict[str, Any]]:
+        self._stop.set()
+        self._thread.join()
+        for call in self._calls:
+            call.join()
+        self.client.close()
+        return self.records

@@ -55,8 +55,9 @@ Progress = Callable[[str, float], None]
 """progress(description, work done): the terminal's progress bar (work in cell-seconds)."""
 
 
-def _cell_label(scenario: Scenario, concurrency: int, resolution: str) -> str:
-    return f"{scenario.key} c{concurrency} {resolution}"
+def _cell_label(scenario: Scenario, concurrency: int, resolution: str, hostile: float = 0) -> str:
+    beside = f" +hostile {hostile:g}/s" if hostile else ""
+    return f"{scenario.key} c{concurrency} {resolution}{beside}"
 
 
 class Run:
@@ -65,6 +66,7 @@ class Run:
         self.progress = progress
         self.sampler = Sampler()
         self.emulator: EmulatorProcess | None = None
+        self._hostile_frame: bytes | None = None
         self.people = frames.enrolment(options.faces)
         self.probes = frames.probes(options.faces)
         self.synthetic: gallery.Vectors = np.empty((0, 128))
@@ -204,10 +206,17 @@ class Run:
                 with FaceGateClient(server.target, timeout=120) as client:
                     self._prepare(scenario, client, record, done)
                     for cell in scenario.cells:
-                        label = _cell_label(scenario, cell.concurrency, cell.resolution)
+                        label = _cell_label(
+                            scenario, cell.concurrency, cell.resolution, cell.hostile
+                        )
                         self.progress(label, done)
                         run = self._cell(
-                            scenario, server, cell.concurrency, cell.resolution, cell.seconds
+                            scenario,
+                            server,
+                            cell.concurrency,
+                            cell.resolution,
+                            cell.seconds,
+                            cell.hostile,
                         )
                         run["server_workers"] = server.workers
                         self.results["runs"].append(run)
@@ -263,8 +272,16 @@ class Run:
         concurrency: int,
         resolution: str,
         seconds: float,
+        hostile_rate: float = 0.0,
     ) -> dict[str, Any]:
         self.sampler.window(server.pid)
+        hostile = None
+        if hostile_rate:
+            if self._hostile_frame is None:
+                self._hostile_frame = load.hostile_frame()
+            hostile = load.Hostile(
+                server.target, self._hostile_frame, hostile_rate, self.o.deadline_s
+            )
         load_before = machine.load_average()
         server_cpu = Sampler.cpu_seconds(server.pid)
         emulator_cpu = Sampler.cpu_seconds(self.emulator.pid) if self.emulator else 0.0
@@ -272,7 +289,7 @@ class Run:
         own = Sampler.own_cpu_seconds()
         busy, steal = Sampler.machine_cpu()
         records, wall = load.run_cell(
-            server.target, self.probes, resolution, concurrency, seconds, self.o.deadline_s
+            server.target, self.probes, resolution, concurrency, seconds, self.o.deadline_s, hostile
         )
         busy_after, steal_after = Sampler.machine_cpu()
         server_cpu = Sampler.cpu_seconds(server.pid) - server_cpu
@@ -281,7 +298,7 @@ class Run:
         )
         own = Sampler.own_cpu_seconds() - own
         run: dict[str, Any] = {
-            "cell": _cell_label(scenario, concurrency, resolution),
+            "cell": _cell_label(scenario, concurrency, resolution, hostile_rate),
             "scenario": scenario.name,
             "policy": scenario.policy,
             "fault": scenario.fault,
@@ -291,6 +308,9 @@ class Run:
             "concurrency": concurrency,
             "resolution": resolution,
             **stats.summarize_cell(records, wall),
+            **stats.admission(records, self.o.budget_ms),
+            "hostile_rate": hostile_rate,
+            "hostile": stats.hostile(hostile.records) if hostile is not None else None,
             "load_average_before": load_before,
             "peak_rss_mib": self.sampler.window_peak_mib(server.pid),
             "server_cpu_seconds": server_cpu,

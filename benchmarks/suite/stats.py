@@ -101,6 +101,28 @@ def summarize_cell(records: Sequence[Mapping[str, Any]], wall_seconds: float) ->
     }
 
 
+def admission(records: Sequence[Mapping[str, Any]], budget_ms: float) -> dict[str, Any]:
+    """How the server answered under load: answers later than the budget + 50 ms (as the
+    turnstile saw them), and refusals, with how soon they came (early: well before the
+    deadline)."""
+    late = [r for r in records if r["code"] == "OK" and float(r["latency_ms"]) > budget_ms + 50]
+    refused = [r for r in records if r["code"] in ("RESOURCE_EXHAUSTED", "UNAVAILABLE")]
+    return {
+        "late_answers": len(late),
+        "refused": len(refused),
+        "refused_max_ms": max((float(r["latency_ms"]) for r in refused), default=0.0),
+    }
+
+
+def hostile(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The hostile turnstile's calls: how many, their codes, how long they took."""
+    return {
+        "requests": len(records),
+        "codes": dict(sorted(Counter(str(r["code"]) for r in records).items())),
+        "latency_ms": latency_summary([float(r["latency_ms"]) for r in records]),
+    }
+
+
 def verdict(p99_ms: float, budget_ms: float) -> dict[str, Any]:
     """Pass when the p99 is within the budget; the margin is what is left (negative: over)."""
     passed = not math.isnan(p99_ms) and p99_ms <= budget_ms
@@ -269,4 +291,51 @@ def aims(results: Mapping[str, Any]) -> list[dict[str, Any]]:
         found.append(
             _aim("throughput on 2 cores against 1 worker", ">= 1.8x", "not run in this mode", None)
         )
+    crowd = max(
+        (r for r in runs if r["concurrency"] >= 8 and not r.get("hostile_rate")),
+        key=lambda r: r["concurrency"],
+        default=None,
+    )
+    target = f"every answer <= {budget + 50:.0f} ms; the rest refused early"
+    if crowd is not None and "late_answers" in crowd:
+        answered = crowd["requests"] - sum(crowd["errors"].values())
+        found.append(
+            _aim(
+                "8 turnstiles non-stop on 2 cores",
+                target,
+                f"{crowd['late_answers']} of {answered} answers late (max "
+                f"{crowd['latency_ms']['max']:.0f} ms); {crowd['refused']} refused, the "
+                f"slowest refusal after {crowd['refused_max_ms']:.0f} ms; errors "
+                f"{crowd['errors'] or 'none'} ({crowd['cell']})",
+                crowd["late_answers"] == 0
+                and set(crowd["errors"]) <= {"RESOURCE_EXHAUSTED", "UNAVAILABLE"}
+                and crowd["refused_max_ms"] <= budget / 2,
+            )
+        )
+    else:
+        found.append(_aim("8 turnstiles non-stop on 2 cores", target, "not run", None))
+    beside = next((r for r in runs if r.get("hostile_rate")), None)
+    target = f"the honest turnstile's p99 <= {budget:.0f} ms, no errors"
+    if beside is not None and beside.get("hostile"):
+        codes = beside["hostile"]["codes"]
+        found.append(
+            _aim(
+                "an honest turnstile beside a hostile one within its limits",
+                target,
+                f"honest p99 {beside['latency_ms']['p99']:.0f} ms, errors "
+                f"{beside['errors'] or 'none'} (n={beside['requests']}); hostile "
+                f"{beside['hostile']['requests']} calls at {beside['hostile_rate']:g}/s: {codes}",
+                beside["latency_ms"]["p99"] <= budget and not beside["errors"],
+            )
+        )
+    else:
+        found.append(
+            _aim(
+                "an honest turnstile beside a hostile one within its limits",
+                target,
+                "not run",
+                None,
+            )
+        )
+
     return found

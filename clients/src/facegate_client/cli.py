@@ -300,9 +300,20 @@ def format_status(status: pb.GetStatusResponse) -> str:
     if status.last_cloud_error:
         when = _time(status.last_cloud_error_time, status.HasField("last_cloud_error_time"))
         lines.append(f"last cloud error: {when} {status.last_cloud_error}")
+    if status.workers:
+        if not status.can_decide:
+            lines.append("CANNOT DECIDE: no recognition worker running and no reachable cloud")
+        workers = ", ".join(
+            f"{w.slot}: {w.state} pid {w.pid or '-'} jobs {w.jobs} restarts {w.restarts}"
+            for w in status.workers
+        )
+        lines.append(f"workers: {workers}")
+        lines.append(f"recognition queue: {status.recognition_queue}")
     for title, counts in (
         ("cloud transactions", status.cloud_transactions),
         ("decisions", status.decisions),
+        ("admission", status.admission),
+        ("refused calls", status.refusals),
     ):
         total = sum(c.count for c in counts)
         detail = ", ".join(f"{c.name} {c.count}" for c in counts)

@@ -11,10 +11,12 @@ Tests pass their own store, engine and clock: a server built with the in-memory 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from facegate.v1 import facegate_service_pb2 as pb
 from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
@@ -32,9 +34,10 @@ from facegate_server.engines.index import FaceIndex
 from facegate_server.engines.local import LocalEngine, WorkerPool
 from facegate_server.engines.policy import decision_policy
 from facegate_server.gate import Gate
-from facegate_server.routing.breaker import CircuitBreaker
+from facegate_server.routing.breaker import CircuitBreaker, CircuitState
 from facegate_server.routing.router import Agreement, Policy, RoutingEngine
 from facegate_server.rpc import auth, ratelimit, tls
+from facegate_server.rpc.intercept import Refusals
 from facegate_server.rpc.server import RpcServer
 from facegate_server.rpc.servicer import FaceGateServicer
 from facegate_server.store import SqliteStore, Store
@@ -53,13 +56,32 @@ class FaceGateServer:
     background_sync: bool = True
     """Replay the outbox in a background thread (tests call `gate.replayer.run_once()`)."""
 
+    _watch: threading.Thread | None = None
+    _stopping: threading.Event = field(default_factory=threading.Event)
+
     def start(self) -> None:
         if self.gate.replayer is not None and self.background_sync:
             self.gate.replayer.start()
         self.rpc.start()
+        self._watch = threading.Thread(target=self._watch_health, name="health", daemon=True)
+        self._watch.start()
+
+    def _watch_health(self) -> None:
+        """Health NOT_SERVING while the server cannot decide at all (no recognition worker
+        and no reachable cloud), SERVING again when it can."""
+        serving = True
+        while not self._stopping.wait(0.25):
+            can = self.gate.status_engines().can_decide
+            if can != serving:
+                serving = can
+                log.warning("the server %s decide", "can" if can else "cannot")
+                self.rpc.set_serving(can)
 
     def stop(self, grace: float) -> None:
         """Report NOT_SERVING, let calls in flight finish for `grace` seconds, release all."""
+        self._stopping.set()
+        if self._watch is not None:
+            self._watch.join()
         self.rpc.stop(grace)
         if self.gate.replayer is not None:
             self.gate.replayer.stop()
@@ -161,9 +183,22 @@ def build_engine(
         clock=clock,
     )
 
+    def workers() -> dict[str, Any]:
+        """The local engine's workers, when it has them, and whether anything can decide."""
+        pool = local.pool if isinstance(local, LocalEngine) else None
+        if pool is None:
+            return {}
+        cloud_up = breaker is not None and breaker.state is not CircuitState.OPEN
+        return {
+            "workers": pool.state(),
+            "recognition_queue": pool.admission.queued(),
+            "admission": pool.admission.snapshot(),
+            "can_decide": pool.live() > 0 or cloud_up,
+        }
+
     def status() -> EngineStatus:
         if sync is None:
-            return EngineStatus(policy=router.policy.value)
+            return EngineStatus(policy=router.policy.value, **workers())
         error, error_time = max(
             (router.last_error, router.last_error_time),
             (sync.last_error, sync.last_error_time),
@@ -180,6 +215,7 @@ def build_engine(
             cloud_readiness=sync.health.state.describe(),
             outbox_waiting=sync.waiting,
             cloud_cost=prices.describe(sync.face.counter.totals()),
+            **workers(),
         )
 
     return router, sync, status
@@ -208,6 +244,7 @@ def build_server(
     try:
         local = engine if engine is not None else build_local(settings, store)
         router, replayer, engine_status = build_engine(settings, store, local, clock)
+        refusals = Refusals()
         gate = Gate(
             store,
             router,
@@ -217,29 +254,32 @@ def build_server(
             keep_photos=settings.keep_photos,
             replayer=replayer,
             engine_status=engine_status,
+            refusals=refusals.counts,
         )
+        servicer = FaceGateServicer(gate)
         threads = max(8, 4 * settings.workers)
         rpc = RpcServer(
             listen=settings.listen,
             credentials=credentials,
-            register=lambda server: pb_grpc.add_FaceGateServiceServicer_to_server(
-                FaceGateServicer(gate), server
-            ),
+            register=lambda server: pb_grpc.add_FaceGateServiceServicer_to_server(servicer, server),
             service_names=(SERVICE_NAME,),
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", 16 * 1024 * 1024),
             ],
             interceptors=[  # authentication first: rate limits are per admitted caller
-                auth.interceptor(callers),
+                auth.interceptor(callers, refusals),
                 ratelimit.interceptor(
                     (settings.identify_rate, settings.identify_burst),
                     (settings.enroll_rate, settings.enroll_burst),
                     clock,
+                    refusals,
                 ),
             ],
             threads=threads,
             queue=2 * threads,
+            refusals=refusals,
+            on_busy=servicer.refused_busy,
         )
         log.info(
             "security",

@@ -28,6 +28,13 @@ class Decision(enum.Enum):
     DENIED_AMBIGUOUS = "DENIED_AMBIGUOUS"
     DENIED_NOT_THIS_MEMBER = "DENIED_NOT_THIS_MEMBER"
     """Verify only: the face is not the claimed member's (or no such member is enrolled)."""
+    # No decision, recorded in the access log only (the call fails; the gate stays shut):
+    NOT_DECIDED_TIMEOUT = "NOT_DECIDED_TIMEOUT"
+    """No engine decided in time (DEADLINE_EXCEEDED)."""
+    NOT_DECIDED_BUSY = "NOT_DECIDED_BUSY"
+    """Refused at once for load (RESOURCE_EXHAUSTED)."""
+    NOT_DECIDED_UNAVAILABLE = "NOT_DECIDED_UNAVAILABLE"
+    """No engine could decide at all (UNAVAILABLE)."""
 
 
 class AccessKind(enum.Enum):
@@ -258,6 +265,27 @@ class EngineStatus:
     cloud_readiness: str = ""
     outbox_waiting: str = ""
     cloud_cost: str = ""
+    workers: tuple[WorkerStatus, ...] = ()
+    """The local engine's recognition worker slots (none without one)."""
+    recognition_queue: int = 0
+    admission: dict[str, int] = field(default_factory=dict)
+    """The recognition queue's counts (admitted, refused_full, lost, retried, ...)."""
+    can_decide: bool = True
+    """A recognition worker is running, or the cloud is reachable."""
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """One recognition worker slot."""
+
+    slot: int
+    state: str
+    """starting, idle, busy or stopped."""
+    pid: int
+    jobs: int
+    """Images its workers have analysed since the server started."""
+    restarts: int
+    """Workers it replaced (dead or hung) since the server started."""
 
 
 @dataclass(frozen=True)
@@ -270,6 +298,8 @@ class Status:
     member_count: int
     outbox_parked: int = 0
     parked: tuple[OutboxEntry, ...] = ()
+    refusals: dict[str, int] = field(default_factory=dict)
+    """Calls refused before the servicer, by "method/code/reason"."""
 
 
 class ChangeKind(enum.Enum):

@@ -12,6 +12,8 @@ gRPC statuses).
     ├── Unauthenticated               -> UNAUTHENTICATED (no or unknown credentials)
     ├── PermissionDenied              -> PERMISSION_DENIED (the caller's role may not)
     └── RateLimited                   -> RESOURCE_EXHAUSTED, with a RetryInfo
+        └── RecognitionBusy           -> RESOURCE_EXHAUSTED (the recognition queue is full,
+                                         or the image could not finish before its deadline)
 
 Messages never quote credentials or image bytes.
 """
@@ -104,3 +106,10 @@ class RateLimited(FaceGateError):
     ) -> None:
         super().__init__(message, metadata=metadata)
         self.retry_delay = retry_delay
+
+
+class RecognitionBusy(RateLimited):
+    """Refused at once by the recognition queue (engines/admission.py): it is full, or this
+    image could not be analysed before its deadline."""
+
+    reason = "RECOGNITION_BUSY"

@@ -35,9 +35,13 @@ from facegate_server.engines.base import RecognitionEngine
 from facegate_server.errors import (
     CloudNotConfigured,
     CloudUnavailable,
+    FaceGateError,
     InvalidArgument,
     MemberAlreadyExists,
     MemberNotFound,
+    RateLimited,
+    RecognitionTimeout,
+    RecognitionUnavailable,
 )
 from facegate_server.store import Store
 
@@ -103,11 +107,13 @@ class Gate:
         clock: Clock = utc_now,
         replayer: CloudSync | None = None,
         engine_status: Callable[[], EngineStatus] | None = None,
+        refusals: Callable[[], dict[str, int]] | None = None,
     ) -> None:
         self.store = store
         self.engine = engine
         self.replayer = replayer
         self._engine_status = engine_status or EngineStatus
+        self._refusals = refusals or dict
         self._decisions: Counter[str] = Counter()
         self.identify_budget = identify_budget
         self.enroll_timeout = enroll_timeout
@@ -123,7 +129,11 @@ class Gate:
         started = time.perf_counter()
         validation.turnstile_id(turnstile_id)
         budget = self.identify_budget if time_left is None else min(self.identify_budget, time_left)
-        identification = self.engine.identify(image, budget)
+        try:
+            identification = self.engine.identify(image, budget)
+        except (RecognitionTimeout, RateLimited, RecognitionUnavailable) as error:
+            self.record_undecided(turnstile_id, error, time.perf_counter() - started)
+            raise
         self._decisions[
             f"{identification.engine.value.lower()}/{identification.decision.value}"
         ] += 1
@@ -147,6 +157,35 @@ class Gate:
             )
         )
         return IdentifyResult(identification, display_name, event)
+
+    def record_undecided(
+        self, turnstile_id: str, error: FaceGateError, latency: float = 0.0
+    ) -> AccessEvent | None:
+        """Log an Identify that got no decision (timed out, refused for load, no engine),
+        so that the access log counts every attempt; None for an invalid turnstile id."""
+        try:
+            validation.turnstile_id(turnstile_id)
+        except InvalidArgument:
+            return None
+        if isinstance(error, RecognitionTimeout):
+            decision = Decision.NOT_DECIDED_TIMEOUT
+        elif isinstance(error, RateLimited):
+            decision = Decision.NOT_DECIDED_BUSY
+        else:
+            decision = Decision.NOT_DECIDED_UNAVAILABLE
+        self._decisions[f"{self.engine.kind.value.lower()}/{decision.value}"] += 1
+        return self.store.record_event(
+            NewAccessEvent(
+                time=self.clock(),
+                turnstile_id=turnstile_id,
+                member_id="",
+                decision=decision,
+                engine=self.engine.kind,
+                confidence=0.0,
+                latency=timedelta(seconds=latency),
+                reports=(),
+            )
+        )
 
     def verify(
         self, member_id: str, image: bytes, turnstile_id: str, time_left: float | None = None
@@ -222,6 +261,10 @@ class Gate:
         if self.replayer is not None:
             self.replayer.wake()
 
+    def status_engines(self) -> EngineStatus:
+        """The engines' part of the status (cheap: no store query)."""
+        return self._engine_status()
+
     def status(self) -> Status:
         return Status(
             engines=self._engine_status(),
@@ -230,6 +273,7 @@ class Gate:
             member_count=self.store.count_members(),
             outbox_parked=self.store.outbox_parked_count(),
             parked=tuple(self.store.outbox_parked(PARKED_SHOWN)),
+            refusals=self._refusals(),
         )
 
     def retry_parked(self) -> int:

@@ -73,6 +73,21 @@ class _DecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decision.Val
     Identify never answers it; Verify never answers DENIED_UNKNOWN_FACE or
     DENIED_AMBIGUOUS.
     """
+    DECISION_NOT_DECIDED_TIMEOUT: _Decision.ValueType  # 8
+    """The next three are never in an IdentifyResponse (the call fails with the
+    status named): they are how the access log records an Identify that got no
+    decision, so that it counts every attempt. The gate stays closed.
+    No engine decided within the budget or the caller's deadline
+    (DEADLINE_EXCEEDED).
+    """
+    DECISION_NOT_DECIDED_BUSY: _Decision.ValueType  # 9
+    """Refused for load before any work, at once (RESOURCE_EXHAUSTED with a
+    RetryInfo: reason SERVER_BUSY or RECOGNITION_BUSY).
+    """
+    DECISION_NOT_DECIDED_UNAVAILABLE: _Decision.ValueType  # 10
+    """No engine could decide: no recognition worker running and no cloud
+    (UNAVAILABLE).
+    """
 
 class Decision(_Decision, metaclass=_DecisionEnumTypeWrapper):
     """What the gate decided about a frame."""
@@ -101,6 +116,21 @@ claimed member's (further than the 1:1 threshold from each of their
 photos), or no member has the claimed id; the turnstile is not told which.
 Identify never answers it; Verify never answers DENIED_UNKNOWN_FACE or
 DENIED_AMBIGUOUS.
+"""
+DECISION_NOT_DECIDED_TIMEOUT: Decision.ValueType  # 8
+"""The next three are never in an IdentifyResponse (the call fails with the
+status named): they are how the access log records an Identify that got no
+decision, so that it counts every attempt. The gate stays closed.
+No engine decided within the budget or the caller's deadline
+(DEADLINE_EXCEEDED).
+"""
+DECISION_NOT_DECIDED_BUSY: Decision.ValueType  # 9
+"""Refused for load before any work, at once (RESOURCE_EXHAUSTED with a
+RetryInfo: reason SERVER_BUSY or RECOGNITION_BUSY).
+"""
+DECISION_NOT_DECIDED_UNAVAILABLE: Decision.ValueType  # 10
+"""No engine could decide: no recognition worker running and no cloud
+(UNAVAILABLE).
 """
 Global___Decision: _TypeAlias = Decision  # noqa: Y015
 
@@ -1080,6 +1110,11 @@ class GetStatusResponse(_message.Message):
     OUTBOX_PARKED_FIELD_NUMBER: _builtins.int
     PARKED_FIELD_NUMBER: _builtins.int
     CLOUD_COST_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
+    RECOGNITION_QUEUE_FIELD_NUMBER: _builtins.int
+    ADMISSION_FIELD_NUMBER: _builtins.int
+    REFUSALS_FIELD_NUMBER: _builtins.int
+    CAN_DECIDE_FIELD_NUMBER: _builtins.int
     routing_policy: _builtins.str
     """The routing policy: "cloud-first", "local-first" or "local-only"."""
     circuit_state: Global___CircuitState.ValueType
@@ -1111,6 +1146,12 @@ class GetStatusResponse(_message.Message):
     """The cloud transactions counted so far, priced at the tier's prices
     ("S0: 120 transactions, $0.12"); empty without a cloud engine.
     """
+    recognition_queue: _builtins.int
+    """Images waiting for a recognition worker now."""
+    can_decide: _builtins.bool
+    """Whether the server can decide at all: a recognition worker is running, or
+    the cloud is reachable (health says NOT_SERVING when it cannot).
+    """
     @_builtins.property
     def last_cloud_error_time(self) -> _timestamp_pb2.Timestamp:
         """When the last cloud error was seen; unset if none."""
@@ -1126,6 +1167,29 @@ class GetStatusResponse(_message.Message):
     @_builtins.property
     def parked(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParkedChange]:
         """The oldest parked entries (at most 20), with their reasons."""
+
+    @_builtins.property
+    def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerStatus]:
+        """The local engine's recognition workers, one a slot; empty without a
+        local engine.
+        """
+
+    @_builtins.property
+    def admission(self) -> _containers.RepeatedCompositeFieldContainer[Global___Count]:
+        """The recognition queue's admissions and refusals since the server started:
+        "admitted", "refused_full", "refused_late" (could not finish before its
+        deadline), "refused_unavailable", "dropped_gone" (caller left before a
+        worker was free), "dropped_late", "lost" (a worker died or hung running
+        it), "retried" (run again on another worker; once at most).
+        """
+
+    @_builtins.property
+    def refusals(self) -> _containers.RepeatedCompositeFieldContainer[Global___Count]:
+        """Calls refused before the servicer, by method, code and reason
+        ("Identify/RESOURCE_EXHAUSTED/RATE_LIMITED", "ListMembers/UNAUTHENTICATED/
+        TOKEN_INVALID"). Refusals of unknown callers and of callers over their
+        rate are counted here rather than logged one by one.
+        """
 
     def __init__(
         self,
@@ -1144,10 +1208,15 @@ class GetStatusResponse(_message.Message):
         outbox_parked: _builtins.int = ...,
         parked: _abc.Iterable[Global___ParkedChange] | None = ...,
         cloud_cost: _builtins.str = ...,
+        workers: _abc.Iterable[Global___WorkerStatus] | None = ...,
+        recognition_queue: _builtins.int = ...,
+        admission: _abc.Iterable[Global___Count] | None = ...,
+        refusals: _abc.Iterable[Global___Count] | None = ...,
+        can_decide: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_cloud_error_time", b"last_cloud_error_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["circuit_state", b"circuit_state", "cloud_cost", b"cloud_cost", "cloud_readiness", b"cloud_readiness", "cloud_training", b"cloud_training", "cloud_transactions", b"cloud_transactions", "decisions", b"decisions", "last_cloud_error", b"last_cloud_error", "last_cloud_error_time", b"last_cloud_error_time", "member_count", b"member_count", "outbox_depth", b"outbox_depth", "outbox_parked", b"outbox_parked", "outbox_waiting", b"outbox_waiting", "parked", b"parked", "routing_policy", b"routing_policy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "can_decide", b"can_decide", "circuit_state", b"circuit_state", "cloud_cost", b"cloud_cost", "cloud_readiness", b"cloud_readiness", "cloud_training", b"cloud_training", "cloud_transactions", b"cloud_transactions", "decisions", b"decisions", "last_cloud_error", b"last_cloud_error", "last_cloud_error_time", b"last_cloud_error_time", "member_count", b"member_count", "outbox_depth", b"outbox_depth", "outbox_parked", b"outbox_parked", "outbox_waiting", b"outbox_waiting", "parked", b"parked", "recognition_queue", b"recognition_queue", "refusals", b"refusals", "routing_policy", b"routing_policy", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1186,6 +1255,46 @@ class ParkedChange(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ParkedChange: _TypeAlias = ParkedChange  # noqa: Y015
+
+@_typing.final
+class WorkerStatus(_message.Message):
+    """One recognition worker slot (a process, replaced when it dies or hangs)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SLOT_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    JOBS_FIELD_NUMBER: _builtins.int
+    RESTARTS_FIELD_NUMBER: _builtins.int
+    slot: _builtins.int
+    """The slot's number, from 0."""
+    state: _builtins.str
+    """"starting" (loading its models), "idle", "busy" or "stopped" (being
+    replaced).
+    """
+    pid: _builtins.int
+    """The process id of its current process; 0 if none."""
+    jobs: _builtins.int
+    """Images this slot's workers have analysed since the server started."""
+    restarts: _builtins.int
+    """Workers this slot replaced (dead or hung) since the server started."""
+    def __init__(
+        self,
+        *,
+        slot: _builtins.int = ...,
+        state: _builtins.str = ...,
+        pid: _builtins.int = ...,
+        jobs: _builtins.int = ...,
+        restarts: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs", "pid", b"pid", "restarts", b"restarts", "slot", b"slot", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerStatus: _TypeAlias = WorkerStatus  # noqa: Y015
 
 @_typing.final
 class SyncCloudRequest(_message.Message):

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
-import multiprocessing
-import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -23,9 +22,8 @@ from facegate_server.domain import (
     Identification,
     SearchResult,
 )
-from facegate_server.engines import worker
 from facegate_server.engines.base import Attempt
-from facegate_server.engines.images import ImageRejected, check_size
+from facegate_server.engines.images import ImageRejected
 from facegate_server.engines.index import FaceIndex
 from facegate_server.engines.policy import (
     DecisionPolicy,
@@ -34,8 +32,9 @@ from facegate_server.engines.policy import (
     decide_match,
     decide_verification,
 )
+from facegate_server.engines.pool import ENROL, WorkerPool
 from facegate_server.engines.worker import Analysis, FaceRules
-from facegate_server.errors import InvalidArgument, RecognitionTimeout, RecognitionUnavailable
+from facegate_server.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -43,100 +42,6 @@ __all__ = ["LocalEngine", "WorkerPool"]
 
 HINT_NO_FACE = "look at the camera"
 HINT_MULTIPLE_FACES = "one person at a time, please"
-
-
-class WorkerPool:
-    """A pool of recognition processes (spawned, never forked: gRPC threads don't fork)."""
-
-    def __init__(
-        self,
-        workers: int,
-        *,
-        max_bytes: int,
-        max_side: int,
-        encoder: worker.Encoder = worker.DEFAULT_ENCODER,
-        max_photo_bytes: int | None = None,
-    ) -> None:
-        """`max_bytes` bounds a frame, `max_photo_bytes` an enrolment photo (default: the
-        same); `max_side` is the longest side decoded (engines/images.py)."""
-        self.workers = workers
-        self.encoder = encoder
-        self._max_bytes = max_bytes
-        self._max_photo_bytes = max_bytes if max_photo_bytes is None else max_photo_bytes
-        self._max_side = max_side
-        self._lock = threading.Lock()
-        self._ready = threading.Event()
-        self._pool = self._new_pool()
-
-    def _new_pool(self) -> cf.ProcessPoolExecutor:
-        return cf.ProcessPoolExecutor(
-            max_workers=self.workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=worker.init_worker,
-            initargs=(self.encoder,),
-        )
-
-    def warm_up(self) -> None:
-        """Start every worker and wait until each has loaded and run the models."""
-        self._warm(self._pool)
-
-    def _warm(self, pool: cf.ProcessPoolExecutor) -> None:
-        pings = [pool.submit(worker.ping) for _ in range(self.workers)]
-        try:
-            for ping in pings:
-                ping.result()
-        except cf.BrokenExecutor:
-            log.error("recognition workers failed to start")
-            return
-        self._ready.set()
-
-    def submit(self, data: bytes, rules: FaceRules, *, photo: bool = False) -> cf.Future[Analysis]:
-        """Start analysing one image (an enrolment photo if `photo`, with its own byte
-        limit); the future raises ImageRejected for unusable bytes."""
-        max_bytes = self._max_photo_bytes if photo else self._max_bytes
-        check_size(data, max_bytes)
-        if not self._ready.is_set():
-            raise RecognitionUnavailable("the recognition workers are starting; retry shortly")
-        pool = self._pool
-        try:
-            return pool.submit(worker.analyse, data, max_bytes, self._max_side, rules)
-        except (cf.BrokenExecutor, RuntimeError):
-            self._replace(pool)
-            raise RecognitionUnavailable("the recognition workers are restarting; retry") from None
-
-    def result(self, future: cf.Future[Analysis], timeout: float) -> Analysis:
-        try:
-            return future.result(timeout=max(0.0, timeout))
-        except cf.TimeoutError:
-            future.cancel()
-            raise RecognitionTimeout(
-                f"face recognition did not finish within {timeout * 1000:.0f} ms"
-            ) from None
-        except cf.BrokenExecutor:
-            log.error("a recognition worker died; restarting the pool")
-            self._replace(self._pool)
-            raise RecognitionUnavailable(
-                "a recognition worker crashed while processing this image"
-            ) from None
-
-    def _replace(self, broken: cf.ProcessPoolExecutor) -> None:
-        """Swap in a new pool; it warms up in the background while callers get UNAVAILABLE."""
-        with self._lock:
-            if self._pool is not broken:
-                return
-            self._ready.clear()
-            self._pool = self._new_pool()
-            threading.Thread(
-                target=self._warm, args=(self._pool,), name="warm-workers", daemon=True
-            ).start()
-        broken.shutdown(wait=False, cancel_futures=True)
-
-    def pids(self) -> list[int]:
-        """The process ids of the running recognition workers (none before they start)."""
-        return sorted(self._pool._processes or ())
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def image_error(field: str, rejected: ImageRejected) -> InvalidArgument:
@@ -166,7 +71,8 @@ class LocalEngine:
         self, data: bytes, timeout: float, field: str = "image", rules: FaceRules | None = None
     ) -> Analysis:
         try:
-            return self.pool.result(self.pool.submit(data, rules or self._identify_rules), timeout)
+            future = self.pool.submit(data, rules or self._identify_rules, timeout=timeout)
+            return self.pool.result(future, timeout)
         except ImageRejected as rejected:
             raise image_error(field, rejected) from None
 
@@ -179,23 +85,24 @@ class LocalEngine:
     ) -> list[Analysis]:
         """Analyse photos in parallel (enrolment rules by default); errors name the photo."""
         rules = rules or self.enrol_rules
-        futures = []
-        for i, data in enumerate(photos):
-            try:
-                futures.append(self.pool.submit(data, rules, photo=True))
-            except ImageRejected as rejected:
-                for f in futures:
-                    f.cancel()
-                raise image_error(f"{field}[{i}]", rejected) from None
-        results = []
-        for i, future in enumerate(futures):
-            try:
-                results.append(self.pool.result(future, timeout))
-            except ImageRejected as rejected:
-                for f in futures:
-                    f.cancel()
-                raise image_error(f"{field}[{i}]", rejected) from None
-        return results
+        deadline = time.monotonic() + timeout
+        futures: list[cf.Future[Analysis]] = []
+        current = 0  # the photo being submitted or waited for, to name in an error
+        try:
+            for data in photos:
+                futures.append(
+                    self.pool.submit(data, rules, priority=ENROL, timeout=timeout, photo=True)
+                )
+                current += 1
+            results = []
+            for current, future in enumerate(futures):  # noqa: B007 - named on error
+                results.append(self.pool.result(future, deadline - time.monotonic()))
+            return results
+        except ImageRejected as rejected:
+            raise image_error(f"{field}[{current}]", rejected) from None
+        finally:
+            for f in futures:
+                f.cancel()  # the photos not started yet, after a failure
 
     def identify(
         self, image: bytes, timeout: float, attempt: Attempt | None = None

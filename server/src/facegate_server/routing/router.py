@@ -31,6 +31,7 @@ and budget, and the same agreement rules with "not this member" in place of "unk
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextvars
 import enum
 import logging
 import threading
@@ -49,7 +50,12 @@ from facegate_server.domain import (
     SearchResult,
 )
 from facegate_server.engines.base import Attempt, EngineFailure, RecognitionEngine
-from facegate_server.errors import RecognitionTimeout
+from facegate_server.errors import (
+    FaceGateError,
+    RateLimited,
+    RecognitionTimeout,
+    RecognitionUnavailable,
+)
 from facegate_server.routing.breaker import CircuitBreaker
 
 log = logging.getLogger(__name__)
@@ -199,8 +205,12 @@ class RoutingEngine:
 
     def _cloud_first(self, question: Question, deadline: float) -> Identification:
         started = self._clock()
-        local_future = self._local_pool.submit(
-            question.ask, self.local, max(0.0, deadline - started), None
+        local_future = self._local_pool.submit(  # the call's context: its caller's ticket
+            contextvars.copy_context().run,
+            question.ask,
+            self.local,
+            max(0.0, deadline - started),
+            None,
         )
         cloud_future, call, skipped = self._start_cloud(question, deadline)
         try:
@@ -345,15 +355,20 @@ class RoutingEngine:
         cloud_latency = self._clock() - started
         transactions = call.billed
 
+        local_error: FaceGateError | None = None
         try:
             local = local_future.result(timeout=max(0.0, deadline - self._clock()))
         except (cf.TimeoutError, RecognitionTimeout):
             local = None
+        except (RateLimited, RecognitionUnavailable) as refused:  # busy, or no worker
+            local, local_error = None, refused
         if local_latency is None:
             local_latency = self._clock() - started
 
         if cloud is None:
             if local is None:
+                if local_error is not None:
+                    raise local_error
                 raise RecognitionTimeout("neither engine answered within the budget")
             assert cloud_report is not None
             return replace(

@@ -44,7 +44,7 @@ from typing import Any, Final, cast
 import grpc
 
 from facegate_server.errors import FaceGateError, PermissionDenied, Unauthenticated
-from facegate_server.rpc.intercept import guard_behaviour, method_name, refuse
+from facegate_server.rpc.intercept import Refusals, guard_behaviour, method_name, refuse
 
 log = logging.getLogger(__name__)
 
@@ -359,10 +359,11 @@ class Authenticator:
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Admits or refuses every call before the servicer sees it (one log line a refusal)."""
+    """Admits or refuses every call before the servicer sees it (counted; see Refusals)."""
 
-    def __init__(self, authenticator: Authenticator) -> None:
+    def __init__(self, authenticator: Authenticator, refusals: Refusals | None = None) -> None:
         self.authenticator = authenticator
+        self.refusals = refusals
 
     async def intercept_service(
         self,
@@ -376,7 +377,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return None  # no such method: gRPC answers UNIMPLEMENTED
         full_method = handler_call_details.method
         metadata = cast(Metadata, tuple(handler_call_details.invocation_metadata or ()))
-        authenticator = self.authenticator
+        authenticator, refusals = self.authenticator, self.refusals
 
         @asynccontextmanager
         async def admitted(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
@@ -387,12 +388,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 authenticator.authorize(caller, full_method)
             except FaceGateError as error:
                 fields = caller.log_fields() if caller is not None else {}
-                await refuse(context, full_method, error, started, **fields)
+                await refuse(context, full_method, error, started, refusals, **fields)
             with calling_as(caller):
                 yield
 
         return guard_behaviour(handler, admitted)
 
 
-def interceptor(callers: Callers) -> AuthInterceptor:
-    return AuthInterceptor(Authenticator(callers))
+def interceptor(callers: Callers, refusals: Refusals | None = None) -> AuthInterceptor:
+    return AuthInterceptor(Authenticator(callers), refusals)

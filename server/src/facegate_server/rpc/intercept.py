@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
 import grpc
 
@@ -85,25 +87,58 @@ def guard_behaviour(
     return handler
 
 
+class Refusals:
+    """Calls refused before the servicer, counted by method, code and reason (GetStatus).
+
+    Refusals of callers FaceGate cannot hold to account (no or unknown credentials) and of
+    callers over their rate are not logged one by one — nobody fills the disk with them:
+    the 1st, 2nd, 4th, 8th... of each (method, code, reason) are logged, with the count so
+    far. Other refusals (a known caller's role may not call the method) are logged each.
+    """
+
+    SAMPLED: Final = frozenset({"UNAUTHENTICATED", "RESOURCE_EXHAUSTED"})
+
+    def __init__(self) -> None:
+        self._counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def count(self, method: str, code: str, reason: str) -> int:
+        """Count one refusal; its number among refusals of the same kind."""
+        with self._lock:
+            key = f"{method}/{code}/{reason}"
+            self._counts[key] += 1
+            return self._counts[key]
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
 async def refuse(
     context: grpc.aio.ServicerContext[Any, Any],
     full_method: str,
     error: FaceGateError,
     started: float,
+    counted: Refusals | None = None,
     **fields: Any,
 ) -> NoReturn:
-    """Log the refused call (never its credentials) and answer it with `error`'s status."""
-    log.warning(
-        "rpc",
-        extra={
-            "method": method_name(full_method),
-            "peer": context.peer(),
-            "code": code_of(error).name,
-            "reason": error.reason,
-            "error": error.message,
-            "latency_ms": round((time.perf_counter() - started) * 1000, 1),
-            **fields,
-        },
-    )
+    """Count and log the refused call (never its credentials; see Refusals for which are
+    logged) and answer it with `error`'s status."""
+    method, code = method_name(full_method), code_of(error).name
+    number = 1 if counted is None else counted.count(method, code, error.reason)
+    if code not in Refusals.SAMPLED or number & (number - 1) == 0:
+        log.warning(
+            "rpc",
+            extra={
+                "method": method,
+                "peer": context.peer(),
+                "code": code,
+                "reason": error.reason,
+                "error": error.message,
+                "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+                **({"refused_so_far": number} if counted is not None else {}),
+                **fields,
+            },
+        )
     await context.abort_with_status(to_status(error))
     raise AssertionError("unreachable: abort_with_status raises")

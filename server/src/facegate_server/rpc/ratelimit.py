@@ -24,7 +24,7 @@ import grpc
 
 from facegate_server.errors import RateLimited
 from facegate_server.rpc.auth import current_caller
-from facegate_server.rpc.intercept import guard_behaviour, peer_host, refuse
+from facegate_server.rpc.intercept import Refusals, guard_behaviour, peer_host, refuse
 
 Clock = Callable[[], float]
 
@@ -110,8 +110,9 @@ def method_limits(
 class RateLimitInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls over their caller's rate. Put it after the AuthInterceptor."""
 
-    def __init__(self, limiter: RateLimiter) -> None:
+    def __init__(self, limiter: RateLimiter, refusals: Refusals | None = None) -> None:
         self.limiter = limiter
+        self.refusals = refusals
 
     async def intercept_service(
         self,
@@ -143,14 +144,19 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
                     retry_delay=delay,
                     metadata={"limit": limit.name},
                 )
-                await refuse(context, full_method, error, started, **fields)
+                await refuse(context, full_method, error, started, self.refusals, **fields)
             yield
 
         return guard_behaviour(handler, within_limit)
 
 
 def interceptor(
-    identify: tuple[float, int], enroll: tuple[float, int], clock: Clock = time.monotonic
+    identify: tuple[float, int],
+    enroll: tuple[float, int],
+    clock: Clock = time.monotonic,
+    refusals: Refusals | None = None,
 ) -> RateLimitInterceptor:
     """The interceptor for (rate, burst) of Identify and of enrolment; rate 0 is no limit."""
-    return RateLimitInterceptor(RateLimiter(method_limits(*identify, *enroll), clock=clock))
+    return RateLimitInterceptor(
+        RateLimiter(method_limits(*identify, *enroll), clock=clock), refusals
+    )

@@ -188,6 +188,14 @@ def status(s: Status) -> pb.GetStatusResponse:
             for p in s.parked
         ],
         cloud_cost=e.cloud_cost,
+        workers=[
+            pb.WorkerStatus(slot=w.slot, state=w.state, pid=w.pid, jobs=w.jobs, restarts=w.restarts)
+            for w in e.workers
+        ],
+        recognition_queue=e.recognition_queue,
+        admission=[pb.Count(name=k, count=v) for k, v in sorted(e.admission.items())],
+        refusals=[pb.Count(name=k, count=v) for k, v in sorted(s.refusals.items())],
+        can_decide=e.can_decide,
     )
     if e.last_cloud_error_time is not None:
         message.last_cloud_error_time.CopyFrom(timestamp(e.last_cloud_error_time))

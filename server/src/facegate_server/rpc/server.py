@@ -18,6 +18,10 @@ How a call goes:
    A call whose caller has gone (deadline, cancel) before a thread took it never starts.
 3. In the thread, `arrival()` is when the call arrived: the Identify budget starts there,
    not when a thread became free.
+4. The call carries a `Ticket` (engines/admission.py) to the recognition queue: its caller
+   (the authenticated name; on an open server, the peer and its turnstile id) for fairness, and an
+   event set when the call ends, so that images it queued are never started for nobody.
+   An Identify refused here for load still gets its access event (`on_busy`).
 
 New methods that wait long (the operations issue's live events, the chain's change feeds)
 are written as asyncio handlers (`async def`, async generators): they run on the loop and
@@ -45,13 +49,21 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from facegate_server.errors import RateLimited
+from facegate_server.engines import admission
+from facegate_server.engines.admission import Ticket
+from facegate_server.errors import FaceGateError, RateLimited
 from facegate_server.rpc import tls
-from facegate_server.rpc.intercept import refuse
+from facegate_server.rpc.auth import current_caller
+from facegate_server.rpc.intercept import Refusals, peer_host, refuse
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+OnBusy = Callable[[str, Any, FaceGateError], None]
+"""Told (in a thread, with the call's context) of each call refused because the server is
+full: (full method, request, error). The servicer writes refused Identify calls to the
+access log."""
 
 _arrival: ContextVar[float | None] = ContextVar("facegate_arrival", default=None)
 
@@ -142,11 +154,19 @@ class Dispatcher(grpc.aio.ServerInterceptor):
     the bound, with the call's arrival time; asyncio handlers run as they are."""
 
     def __init__(
-        self, pool: futures.ThreadPoolExecutor, threads: int, slots: Slots, retry_after: float
+        self,
+        pool: futures.ThreadPoolExecutor,
+        threads: int,
+        slots: Slots,
+        retry_after: float,
+        refusals: Refusals | None = None,
+        on_busy: OnBusy | None = None,
     ) -> None:
         self.pool, self.threads = pool, threads
         self.slots = slots
         self.retry_after = retry_after
+        self.refusals = refusals
+        self.on_busy = on_busy
 
     async def intercept_service(
         self,
@@ -162,8 +182,18 @@ class Dispatcher(grpc.aio.ServerInterceptor):
             return handler
         full_method = handler_call_details.method
         pool, threads, slots, retry_after = self.pool, self.threads, self.slots, self.retry_after
+        refusals, on_busy = self.refusals, self.on_busy
 
         async def dispatched(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            caller = current_caller()
+            if caller is None or caller.via == "open":
+                # Nobody is authenticated: the peer host and the turnstile it names (channels
+                # to one target in one process share a connection, so a peer alone would
+                # make one caller of every turnstile a process drives).
+                named = getattr(request, "turnstile_id", "")
+                ticket = Ticket(f"{peer_host(context)}/{named}" if named else context.peer())
+            else:
+                ticket = Ticket(caller.name)
             if not slots.take():
                 busy = ServerBusy(
                     f"the server is busy: {slots.limit} calls are already in it, running or "
@@ -171,11 +201,18 @@ class Dispatcher(grpc.aio.ServerInterceptor):
                     retry_delay=retry_after,
                     metadata={"in_server": str(slots.limit)},
                 )
-                await refuse(context, full_method, busy, time.perf_counter())
+                if on_busy is not None:  # the access log, off the loop (SQLite blocks)
+                    refused = contextvars.copy_context()
+                    asyncio.get_running_loop().run_in_executor(
+                        None, refused.run, on_busy, full_method, request, busy
+                    )
+                await refuse(context, full_method, busy, time.perf_counter(), refusals)
             token = _arrival.set(arrived)
+            holder = admission.set_ticket_token(ticket)
             try:
-                call = contextvars.copy_context()  # the caller (auth) and the arrival
+                call = contextvars.copy_context()  # the caller (auth), arrival and ticket
             finally:
+                admission.reset_ticket(holder)
                 _arrival.reset(token)
             try:
                 in_thread = cast(grpc.ServicerContext, ThreadContext(context))
@@ -188,6 +225,8 @@ class Dispatcher(grpc.aio.ServerInterceptor):
                 return await asyncio.wrap_future(job)  # cancelled: cancels a job not started
             except _Aborted as aborted:
                 await context.abort_with_status(aborted.status)
+            finally:
+                ticket.gone.set()  # answered or abandoned: its queued images are for nobody
 
         return grpc.unary_unary_rpc_method_handler(
             dispatched, handler.request_deserializer, handler.response_serializer
@@ -210,9 +249,12 @@ class RpcServer:
         threads: int = 8,
         queue: int = 16,
         retry_after: float = 0.5,
+        refusals: Refusals | None = None,
+        on_busy: OnBusy | None = None,
     ) -> None:
         """`register` adds the servicers; `service_names` get health statuses (and "")."""
         self.threads, self.queue = threads, queue
+        self.refusals = refusals if refusals is not None else Refusals()
         self.service_names = ("", *service_names)
         self.pool = futures.ThreadPoolExecutor(threads, thread_name_prefix="facegate-rpc")
         self.slots = Slots(threads + queue)
@@ -222,7 +264,7 @@ class RpcServer:
             target=self._loop.run_forever, name="facegate-grpc", daemon=True
         )
         self._thread.start()
-        dispatcher = Dispatcher(self.pool, threads, self.slots, retry_after)
+        dispatcher = Dispatcher(self.pool, threads, self.slots, retry_after, self.refusals, on_busy)
         try:
             self._server, self.port = self._run(
                 self._build(listen, credentials, register, [*interceptors, dispatcher], options)
@@ -266,6 +308,21 @@ class RpcServer:
                 await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
         self._run(start())
+
+    def set_serving(self, serving: bool) -> None:
+        """Health SERVING or NOT_SERVING for every service (from any thread)."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+
+        async def change() -> None:
+            for service in self.service_names:
+                await self.health.set(service, status)
+
+        if self._thread.is_alive():
+            self._run(change())
 
     def stop(self, grace: float) -> None:
         """Health NOT_SERVING, no new calls; calls in flight have `grace` seconds; release all."""

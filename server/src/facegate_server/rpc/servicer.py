@@ -112,6 +112,15 @@ class FaceGateServicer(pb_grpc.FaceGateServiceServicer):
     def __init__(self, gate: Gate) -> None:
         self.gate = gate
 
+    def refused_busy(self, full_method: str, request: Any, error: FaceGateError) -> None:
+        """The server refused a call for load before any thread took it (rpc/server.py's
+        OnBusy): an Identify still gets its access event."""
+        if isinstance(request, pb.IdentifyRequest):
+            try:
+                self.gate.record_undecided(request.turnstile_id, error)
+            except Exception:
+                log.exception("could not log a refused Identify")
+
     def _time_left(self, arrived: float | None, context: grpc.ServicerContext) -> float:
         """What is left of the recognition budget, which starts when the call arrived (not
         when a thread took it), and of the caller's deadline."""
