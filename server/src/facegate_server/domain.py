@@ -26,6 +26,23 @@ class Decision(enum.Enum):
     DENIED_MULTIPLE_FACES = "DENIED_MULTIPLE_FACES"
     DENIED_POOR_QUALITY = "DENIED_POOR_QUALITY"
     DENIED_AMBIGUOUS = "DENIED_AMBIGUOUS"
+    DENIED_MEMBERSHIP_INACTIVE = "DENIED_MEMBERSHIP_INACTIVE"
+    """Recognised, but the membership is not yet valid, has expired, or is suspended."""
+    DENIED_OUTSIDE_HOURS = "DENIED_OUTSIDE_HOURS"
+    """Recognised, but outside the member's access hours (site time)."""
+    DENIED_OTHER_SITE = "DENIED_OTHER_SITE"
+    """Recognised, but the membership is for other branches than this server's site."""
+
+
+class MembershipRule(enum.Enum):
+    """Which membership rule refused a recognised member (names match
+    facegate.v1.MembershipRule); see membership.py."""
+
+    NOT_YET_VALID = "NOT_YET_VALID"
+    EXPIRED = "EXPIRED"
+    SUSPENDED = "SUSPENDED"
+    OUTSIDE_HOURS = "OUTSIDE_HOURS"
+    OTHER_SITE = "OTHER_SITE"
 
 
 class EngineKind(enum.Enum):
@@ -100,12 +117,54 @@ class FaceQuality:
 
 
 @dataclass(frozen=True)
+class AccessWindow:
+    """One weekly window of local wall-clock time at the site: from `start` minutes after
+    midnight on `day` (0 Monday to 6 Sunday) to `end` minutes after midnight (1 to 1440).
+    An `end` at or before `start` crosses midnight: the window ends on the next day, and
+    belongs to the day it starts (Fri 22:00-02:00 lets a member in at 01:00 on Saturday)."""
+
+    day: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Membership:
+    """What lets a recognised member in (membership.py decides by it); the defaults admit."""
+
+    valid_from: datetime | None = None
+    """The first instant the membership is valid (inclusive); None: since always."""
+    valid_until: datetime | None = None
+    """The first instant it is no longer valid (exclusive); None: no end."""
+    suspended: bool = False
+    suspension_reason: str = ""
+    """The gym's own words ("unpaid", "holiday freeze"); kept only while suspended."""
+    access_hours: tuple[AccessWindow, ...] = ()
+    """Weekly windows of site time; empty: any time."""
+    sites: tuple[str, ...] = ()
+    """The sites (FACEGATE_SITE_ID) the member may enter; empty: every site."""
+
+
+@dataclass(frozen=True)
 class Member:
     member_id: str
     display_name: str
     face_count: int
     create_time: datetime
     update_time: datetime
+    membership: Membership = Membership()
+
+
+@dataclass(frozen=True)
+class MemberPhoto:
+    """One of a member's enrolled photos, as ListMemberPhotos shows it."""
+
+    photo_id: int
+    create_time: datetime
+    quality: FaceQuality | None = None
+    """What the local engine measured of the face at enrolment (None: not measured)."""
+    photo: bytes | None = None
+    """The photo itself, only when photos are kept (FACEGATE_KEEP_PHOTOS)."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +177,8 @@ class FaceTemplate:
     cloud_photo: bytes | None = None
     """The photo to add to the member's cloud person: held in the outbox until it is sent,
     then dropped (unlike `photo`, which is kept only when so configured)."""
+    quality: FaceQuality | None = None
+    """What the local engine measured of the photo's face (ListMemberPhotos shows it)."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +202,8 @@ class NewAccessEvent:
     latency: timedelta
     reports: tuple[EngineReport, ...] = ()
     """What each engine did, when more than one was involved."""
+    rule: MembershipRule | None = None
+    """The membership rule that refused a recognised member, if one did."""
 
 
 @dataclass(frozen=True)
@@ -156,6 +219,10 @@ class EventFilter:
     turnstile_id: str = ""
     start_time: datetime | None = None
     end_time: datetime | None = None
+    decisions: tuple[Decision, ...] = ()
+    """Only events with one of these decisions."""
+    rule: MembershipRule | None = None
+    """Only events refused by this membership rule."""
 
 
 @dataclass(frozen=True)
@@ -170,6 +237,8 @@ class Identification:
     hint: str = ""
     reports: tuple[EngineReport, ...] = ()
     cloud_transactions: int = 0
+    rule: MembershipRule | None = None
+    """The membership rule that refused a recognised member (the gate's `_admit`)."""
 
 
 @dataclass(frozen=True)
@@ -178,6 +247,8 @@ class OutboxEntry:
 
     kind "add_face": make sure the member's cloud person exists and holds this face.
     kind "delete_member": make sure the member's cloud person is gone.
+    kind "delete_face": make sure one face (a removed photo) is gone from the member's
+    cloud person: by `persisted_face_id` when it is known, else by the face's tag.
     """
 
     seq: int
@@ -187,6 +258,7 @@ class OutboxEntry:
     photo: bytes | None = None
     attempts: int = 0
     last_error: str = ""
+    persisted_face_id: str | None = None
 
 
 @dataclass(frozen=True)

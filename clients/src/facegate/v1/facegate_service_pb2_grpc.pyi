@@ -12,7 +12,8 @@ trailers (grpc-status-details-bin) carrying one google.rpc.ErrorInfo
 (domain "facegate.v1", reason in UPPER_SNAKE_CASE) and, when a request
 field is at fault, a google.rpc.BadRequest naming it:
   INVALID_ARGUMENT  a field is missing, too long, or an image is unusable
-  NOT_FOUND         no member with that id
+  NOT_FOUND         no member with that id (or no such photo of theirs)
+  FAILED_PRECONDITION RemoveMemberPhoto of a member's last photo
   ALREADY_EXISTS    Enroll with a member id that is already enrolled
   UNAVAILABLE       the server is starting or stopping; retry
   DEADLINE_EXCEEDED the recogniser did not answer within the deadline
@@ -60,7 +61,8 @@ class FaceGateServiceStub:
     `decision`.
     """
     Enroll: _grpc.UnaryUnaryMultiCallable[_facegate_service_pb2.EnrollRequest, _facegate_service_pb2.EnrollResponse]
-    """Creates a member from one or more photos, each holding exactly one face.
+    """Creates a member from one or more photos, each holding exactly one face,
+    with their membership (validity, suspension, access hours, sites).
     Fails with ALREADY_EXISTS when the member id is taken: adding photos to
     an existing member is AddMemberPhotos, never an accident of Enroll.
     All or nothing: if any photo is rejected, no member is created.
@@ -71,6 +73,22 @@ class FaceGateServiceStub:
     """
     GetMember: _grpc.UnaryUnaryMultiCallable[_facegate_service_pb2.GetMemberRequest, _facegate_service_pb2.GetMemberResponse]
     """Returns one member."""
+    UpdateMember: _grpc.UnaryUnaryMultiCallable[_facegate_service_pb2.UpdateMemberRequest, _facegate_service_pb2.UpdateMemberResponse]
+    """Changes a member's display name and membership: only the fields named in
+    `update_mask`, so a change to one field never overwrites another. The
+    membership rules apply from the next Identify on.
+    """
+    ListMemberPhotos: _grpc.UnaryUnaryMultiCallable[_facegate_service_pb2.ListMemberPhotosRequest, _facegate_service_pb2.ListMemberPhotosResponse]
+    """Lists a member's photos: ids, when they were added, what the local
+    engine measured of each face, and (when asked, and only where the
+    server keeps photos) the photos themselves.
+    """
+    RemoveMemberPhoto: _grpc.UnaryUnaryMultiCallable[_facegate_service_pb2.RemoveMemberPhotoRequest, _facegate_service_pb2.RemoveMemberPhotoResponse]
+    """Removes one photo of a member: from the moment this returns it is no
+    longer matched (the cloud's copy goes through the outbox). The member's
+    other photos stay. FAILED_PRECONDITION (LAST_PHOTO) for the member's only
+    photo: delete the member instead. NOT_FOUND for another member's photo.
+    """
     ListMembers: _grpc.UnaryUnaryMultiCallable[_facegate_service_pb2.ListMembersRequest, _facegate_service_pb2.ListMembersResponse]
     """Lists members in member id order, one page at a time."""
     DeleteMember: _grpc.UnaryUnaryMultiCallable[_facegate_service_pb2.DeleteMemberRequest, _facegate_service_pb2.DeleteMemberResponse]
@@ -80,7 +98,8 @@ class FaceGateServiceStub:
     """
     ListAccessEvents: _grpc.UnaryUnaryMultiCallable[_facegate_service_pb2.ListAccessEventsRequest, _facegate_service_pb2.ListAccessEventsResponse]
     """Reads the access log (every Identify decision), newest first, one page
-    at a time, optionally filtered by member, turnstile and time.
+    at a time, optionally filtered by member, turnstile, time, decision and
+    membership rule.
     """
     GetStatus: _grpc.UnaryUnaryMultiCallable[_facegate_service_pb2.GetStatusRequest, _facegate_service_pb2.GetStatusResponse]
     """Reports the server's state for operators: engines, routing, the cloud's
@@ -112,7 +131,8 @@ class FaceGateServiceAsyncStub(FaceGateServiceStub):
     `decision`.
     """
     Enroll: _aio.UnaryUnaryMultiCallable[_facegate_service_pb2.EnrollRequest, _facegate_service_pb2.EnrollResponse]  # type: ignore[assignment]
-    """Creates a member from one or more photos, each holding exactly one face.
+    """Creates a member from one or more photos, each holding exactly one face,
+    with their membership (validity, suspension, access hours, sites).
     Fails with ALREADY_EXISTS when the member id is taken: adding photos to
     an existing member is AddMemberPhotos, never an accident of Enroll.
     All or nothing: if any photo is rejected, no member is created.
@@ -123,6 +143,22 @@ class FaceGateServiceAsyncStub(FaceGateServiceStub):
     """
     GetMember: _aio.UnaryUnaryMultiCallable[_facegate_service_pb2.GetMemberRequest, _facegate_service_pb2.GetMemberResponse]  # type: ignore[assignment]
     """Returns one member."""
+    UpdateMember: _aio.UnaryUnaryMultiCallable[_facegate_service_pb2.UpdateMemberRequest, _facegate_service_pb2.UpdateMemberResponse]  # type: ignore[assignment]
+    """Changes a member's display name and membership: only the fields named in
+    `update_mask`, so a change to one field never overwrites another. The
+    membership rules apply from the next Identify on.
+    """
+    ListMemberPhotos: _aio.UnaryUnaryMultiCallable[_facegate_service_pb2.ListMemberPhotosRequest, _facegate_service_pb2.ListMemberPhotosResponse]  # type: ignore[assignment]
+    """Lists a member's photos: ids, when they were added, what the local
+    engine measured of each face, and (when asked, and only where the
+    server keeps photos) the photos themselves.
+    """
+    RemoveMemberPhoto: _aio.UnaryUnaryMultiCallable[_facegate_service_pb2.RemoveMemberPhotoRequest, _facegate_service_pb2.RemoveMemberPhotoResponse]  # type: ignore[assignment]
+    """Removes one photo of a member: from the moment this returns it is no
+    longer matched (the cloud's copy goes through the outbox). The member's
+    other photos stay. FAILED_PRECONDITION (LAST_PHOTO) for the member's only
+    photo: delete the member instead. NOT_FOUND for another member's photo.
+    """
     ListMembers: _aio.UnaryUnaryMultiCallable[_facegate_service_pb2.ListMembersRequest, _facegate_service_pb2.ListMembersResponse]  # type: ignore[assignment]
     """Lists members in member id order, one page at a time."""
     DeleteMember: _aio.UnaryUnaryMultiCallable[_facegate_service_pb2.DeleteMemberRequest, _facegate_service_pb2.DeleteMemberResponse]  # type: ignore[assignment]
@@ -132,7 +168,8 @@ class FaceGateServiceAsyncStub(FaceGateServiceStub):
     """
     ListAccessEvents: _aio.UnaryUnaryMultiCallable[_facegate_service_pb2.ListAccessEventsRequest, _facegate_service_pb2.ListAccessEventsResponse]  # type: ignore[assignment]
     """Reads the access log (every Identify decision), newest first, one page
-    at a time, optionally filtered by member, turnstile and time.
+    at a time, optionally filtered by member, turnstile, time, decision and
+    membership rule.
     """
     GetStatus: _aio.UnaryUnaryMultiCallable[_facegate_service_pb2.GetStatusRequest, _facegate_service_pb2.GetStatusResponse]  # type: ignore[assignment]
     """Reports the server's state for operators: engines, routing, the cloud's
@@ -173,7 +210,8 @@ class FaceGateServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _facegate_service_pb2.EnrollRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_facegate_service_pb2.EnrollResponse, _abc.Awaitable[_facegate_service_pb2.EnrollResponse]]:
-        """Creates a member from one or more photos, each holding exactly one face.
+        """Creates a member from one or more photos, each holding exactly one face,
+        with their membership (validity, suspension, access hours, sites).
         Fails with ALREADY_EXISTS when the member id is taken: adding photos to
         an existing member is AddMemberPhotos, never an accident of Enroll.
         All or nothing: if any photo is rejected, no member is created.
@@ -196,6 +234,40 @@ class FaceGateServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_facegate_service_pb2.GetMemberResponse, _abc.Awaitable[_facegate_service_pb2.GetMemberResponse]]:
         """Returns one member."""
+
+    @_abc_1.abstractmethod
+    def UpdateMember(
+        self,
+        request: _facegate_service_pb2.UpdateMemberRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_facegate_service_pb2.UpdateMemberResponse, _abc.Awaitable[_facegate_service_pb2.UpdateMemberResponse]]:
+        """Changes a member's display name and membership: only the fields named in
+        `update_mask`, so a change to one field never overwrites another. The
+        membership rules apply from the next Identify on.
+        """
+
+    @_abc_1.abstractmethod
+    def ListMemberPhotos(
+        self,
+        request: _facegate_service_pb2.ListMemberPhotosRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_facegate_service_pb2.ListMemberPhotosResponse, _abc.Awaitable[_facegate_service_pb2.ListMemberPhotosResponse]]:
+        """Lists a member's photos: ids, when they were added, what the local
+        engine measured of each face, and (when asked, and only where the
+        server keeps photos) the photos themselves.
+        """
+
+    @_abc_1.abstractmethod
+    def RemoveMemberPhoto(
+        self,
+        request: _facegate_service_pb2.RemoveMemberPhotoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_facegate_service_pb2.RemoveMemberPhotoResponse, _abc.Awaitable[_facegate_service_pb2.RemoveMemberPhotoResponse]]:
+        """Removes one photo of a member: from the moment this returns it is no
+        longer matched (the cloud's copy goes through the outbox). The member's
+        other photos stay. FAILED_PRECONDITION (LAST_PHOTO) for the member's only
+        photo: delete the member instead. NOT_FOUND for another member's photo.
+        """
 
     @_abc_1.abstractmethod
     def ListMembers(
@@ -223,7 +295,8 @@ class FaceGateServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_facegate_service_pb2.ListAccessEventsResponse, _abc.Awaitable[_facegate_service_pb2.ListAccessEventsResponse]]:
         """Reads the access log (every Identify decision), newest first, one page
-        at a time, optionally filtered by member, turnstile and time.
+        at a time, optionally filtered by member, turnstile, time, decision and
+        membership rule.
         """
 
     @_abc_1.abstractmethod
