@@ -22,6 +22,7 @@ from facegate_server.engines.memory import MemoryEngine
 from facegate_server.membership import Site, in_window, load_zone, refusal
 from google.protobuf.field_mask_pb2 import FieldMask
 
+from tests.conftest import Faces
 from tests.helpers import details, image_bytes, running_server
 
 BERLIN = load_zone("Europe/Berlin")
@@ -520,3 +521,92 @@ def test_store_membership_round_trip() -> None:
     assert membership_from_json(membership_json(m)) == m
     assert membership_from_json("{}") == Membership()
     assert membership_from_json(membership_json(replace(m, valid_from=None))).valid_from is None
+
+
+# -- with the cloud, up and down
+
+
+def test_the_rules_hold_with_the_cloud_up_and_down(faces: Faces, tmp_path: Path) -> None:
+    from tests.cloud import cloud_gate, emulator
+
+    clock = WallClock(at("2026-12-07T09:00"))
+    biden = faces.of("joe_biden")
+    with emulator() as emu, cloud_gate(emu, tmp_path, wall_clock=clock, site_id="a") as gate:
+        yesterday = clock() - timedelta(days=1)
+        gate.stub.Enroll(
+            pb.EnrollRequest(
+                member_id="m-biden",
+                photos=[faces.read(biden[0])],
+                membership=membership(valid_until=yesterday),
+            ),
+            timeout=60,
+        )
+        gate.settle()
+        up = gate.identify(faces.read(biden[1]))
+        assert (up.decision, up.member_id, up.engine) == (
+            pb.DECISION_DENIED_MEMBERSHIP_INACTIVE,
+            "m-biden",
+            pb.ENGINE_AZURE,
+        )
+        emu.admin.set_fault("refuse")
+        down = gate.identify(faces.read(biden[1]))
+        assert (down.decision, down.member_id, down.engine) == (
+            pb.DECISION_DENIED_MEMBERSHIP_INACTIVE,
+            "m-biden",
+            pb.ENGINE_LOCAL,
+        )
+        assert down.membership_rule == pb.MEMBERSHIP_RULE_EXPIRED and down.hint
+        # Extended while the cloud is away: granted at once, by the local copy.
+        gate.stub.UpdateMember(
+            pb.UpdateMemberRequest(
+                member=pb.Member(
+                    member_id="m-biden",
+                    membership=membership(valid_until=clock() + timedelta(days=30)),
+                ),
+                update_mask=FieldMask(paths=["membership.valid_until"]),
+            ),
+            timeout=10,
+        )
+        granted = gate.identify(faces.read(biden[1]))
+        assert (granted.decision, granted.member_id) == (pb.DECISION_GRANTED, "m-biden")
+        emu.admin.set_fault("healthy")
+        gate.clock.advance(60)  # the breaker's cool-down
+        gate.reset_breaker()
+        again = gate.identify(faces.read(biden[1]))
+        assert (again.decision, again.member_id, again.engine) == (
+            pb.DECISION_GRANTED,
+            "m-biden",
+            pb.ENGINE_AZURE,
+        )
+
+
+def test_a_removed_photo_leaves_the_cloud_person(faces: Faces, tmp_path: Path) -> None:
+    from tests.cloud import cloud_gate, emulator
+
+    rose, kit = faces.of("rose_leslie"), faces.of("kit_harington")
+    with emulator() as emu, cloud_gate(emu, tmp_path) as gate:
+        for member_id, photos in (("m-rose", [rose[0], kit[0]]), ("m-kit", [kit[1]])):
+            gate.stub.Enroll(
+                pb.EnrollRequest(member_id=member_id, photos=[faces.read(p) for p in photos]),
+                timeout=60,
+            )
+        gate.settle()
+        assert {k: len(v) for k, v in gate.persons().items()} == {"m-rose": 2, "m-kit": 1}
+        emu.admin.set_fault("refuse")  # removed while the cloud is away
+        listed = gate.stub.ListMemberPhotos(
+            pb.ListMemberPhotosRequest(member_id="m-rose"), timeout=5
+        )
+        assert listed.photos[1].quality.size > 0  # measured by the local engine at enrolment
+        gate.stub.RemoveMemberPhoto(
+            pb.RemoveMemberPhotoRequest(member_id="m-rose", photo_id=listed.photos[1].photo_id),
+            timeout=10,
+        )
+        assert gate.server.store.outbox_depth() == 1
+        emu.admin.set_fault("healthy")
+        gate.clock.advance(60)
+        gate.settle()
+        assert {k: len(v) for k, v in gate.persons().items()} == {"m-rose": 1, "m-kit": 1}
+        found = gate.identify(faces.read(rose[1]))
+        assert (found.decision, found.member_id) == (pb.DECISION_GRANTED, "m-rose")
+        other = gate.identify(faces.read(kit[2]))
+        assert (other.decision, other.member_id) == (pb.DECISION_GRANTED, "m-kit")
