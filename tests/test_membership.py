@@ -610,3 +610,106 @@ def test_a_removed_photo_leaves_the_cloud_person(faces: Faces, tmp_path: Path) -
         assert (found.decision, found.member_id) == (pb.DECISION_GRANTED, "m-rose")
         other = gate.identify(faces.read(kit[2]))
         assert (other.decision, other.member_id) == (pb.DECISION_GRANTED, "m-kit")
+
+
+# -- the client library and the CLI, against a real server
+
+
+def test_hours_are_written_and_read_as_people_do() -> None:
+    from facegate_client.membership import format_hours, parse_hours
+
+    windows = parse_hours("Mon-Fri 06:00-16:00; Sat,Sun 08:00-12:00; Fri 22:00-02:00")
+    assert [(w.day, w.start_minute, w.end_minute) for w in windows] == [
+        *((d, 360, 960) for d in range(1, 6)),
+        (6, 480, 720),
+        (7, 480, 720),
+        (5, 1320, 120),
+    ]
+    assert format_hours(windows) == "Mon-Fri 06:00-16:00; Sat-Sun 08:00-12:00; Fri 22:00-02:00"
+    assert format_hours(parse_hours("Sat-Mon 00:00-24:00")) == "Mon,Sat-Sun 00:00-24:00"
+    assert parse_hours("") == [] and format_hours([]) == "any time"
+    for bad in ("Mon 06:00", "Funday 06:00-07:00", "Mon 25:00-26:00", "Mon 06:00-06:00"):
+        with pytest.raises(ValueError):
+            parse_hours(bad)
+
+
+def test_the_client_and_the_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from facegate_client import KEEP, FaceGateClient, FailedPrecondition, cli
+
+    monkeypatch.delenv("FACEGATE_TOKEN", raising=False)
+    clock = WallClock(at("2026-12-07T17:00"))  # Mon 18:00 in Berlin
+    photo_a, photo_b = tmp_path / "a.png", tmp_path / "b.png"
+    photo_a.write_bytes(face(20))
+    photo_b.write_bytes(face(21))
+    with running_server(
+        tmp_path / "data",
+        engine=MemoryEngine(),
+        wall_clock=clock,
+        site_id="a",
+        site_time_zone="Europe/Berlin",
+        keep_photos=True,
+    ) as server:
+        t = ("--target", f"127.0.0.1:{server.port}")
+
+        def run(*argv: str) -> tuple[int, str, str]:
+            code = cli.main([*argv, *t])
+            out, err = capsys.readouterr()
+            return code, out, err
+
+        membership = ("--hours", "Mon-Fri 06:00-16:00", "--sites", "a,b")
+        until = ("--valid-until", "2027-01-01T00:00:00+01:00")
+        photos = (str(photo_a), str(photo_b))
+        code, out, err = run("enroll", "--member-id", "m-1", *membership, *until, *photos)
+        assert (code, err) == (0, ""), err
+        code, out, _ = run("members", "get", "m-1")
+        assert out.splitlines()[1:] == [
+            "  valid: from - until 2026-12-31T23:00:00Z",
+            "  hours: Mon-Fri 06:00-16:00 (site time)",
+            "  sites: a, b",
+        ]
+        code, out, _ = run("identify", str(photo_a))
+        assert out.startswith("DENIED_OUTSIDE_HOURS m-1 ")
+        code, out, _ = run("members", "update", "m-1", "--hours", "", "--suspend", "unpaid")
+        assert code == 0 and "  suspended: unpaid" in out and "  hours: any time (site time)" in out
+        assert "  sites: a, b" in out  # not named: unchanged
+        assert run("identify", str(photo_a))[1].startswith("DENIED_MEMBERSHIP_INACTIVE m-1 ")
+        code, out, _ = run("members", "update", "m-1", "--resume", "--valid-until", "none")
+        assert "suspended" not in out and "until -" in out
+        assert run("identify", str(photo_a))[1].startswith("GRANTED m-1 ")
+
+        code, out, _ = run("events", "--decision", "DENIED_OUTSIDE_HOURS")
+        assert code == 0 and len(out.splitlines()) == 1 and out.rstrip().endswith("OUTSIDE_HOURS")
+        code, out, _ = run("events", "--rule", "suspended")
+        assert len(out.splitlines()) == 1 and "DENIED_MEMBERSHIP_INACTIVE  m-1" in out
+        code, _, err = run("events", "--rule", "NOPE")
+        assert code == 2 and "EXPIRED" in err
+
+        code, out, _ = run("members", "photos", "m-1", "--save", str(tmp_path))
+        first, second = (int(line.split()[0]) for line in out.splitlines())
+        assert (tmp_path / f"m-1-{first}.png").read_bytes() == face(20)
+        code, out, _ = run("members", "remove-photo", "m-1", str(first))
+        assert (code, out.split("  ")[2]) == (0, "1 face")
+        assert run("identify", str(photo_a))[1].startswith("DENIED_UNKNOWN_FACE")
+        code, _, err = run("members", "remove-photo", "m-1", str(second))
+        assert code == 1 and "FAILED_PRECONDITION" in err and "LAST_PHOTO" in err
+
+        with FaceGateClient(f"127.0.0.1:{server.port}") as client:
+            member = client.update_member("m-1", display_name="Kim Jiwoo", sites=[])
+            assert (member.display_name, list(member.membership.sites)) == ("Kim Jiwoo", [])
+            with pytest.raises(ValueError):
+                client.update_member("m-1", display_name=KEEP)
+            with pytest.raises(FailedPrecondition):
+                client.remove_member_photo("m-1", second)
+            [photo] = client.list_member_photos("m-1")
+            assert photo.photo_id == second and not photo.photo
+            events = list(
+                client.iter_access_events(
+                    decisions=[pb.DECISION_GRANTED, pb.DECISION_DENIED_UNKNOWN_FACE]
+                )
+            )
+            assert [pb.Decision.Name(e.decision) for e in events] == [
+                "DECISION_DENIED_UNKNOWN_FACE",
+                "DECISION_GRANTED",
+            ]

@@ -283,7 +283,7 @@ def _cmd_enroll(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -
         if value is not None:
             getattr(membership, name).FromDatetime(value)
     member = client.enroll(args.member_id, photos, display_name=args.name, membership=membership)
-    _show(args, out, member, format_member_in_full(member))
+    _show(args, out, member, format_member(member))
 
 
 def _cmd_add_photos(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -> None:
