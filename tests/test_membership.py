@@ -675,6 +675,8 @@ def test_the_client_and_the_cli(
         assert code == 0 and "  suspended: unpaid" in out and "  hours: any time (site time)" in out
         assert "  sites: a, b" in out  # not named: unchanged
         assert run("identify", str(photo_a))[1].startswith("DENIED_MEMBERSHIP_INACTIVE m-1 ")
+        code, _, err = run("members", "update", "m-1")
+        assert code == 2 and "nothing to change" in err
         code, out, _ = run("members", "update", "m-1", "--resume", "--valid-until", "none")
         assert "suspended" not in out and "until -" in out
         assert run("identify", str(photo_a))[1].startswith("GRANTED m-1 ")

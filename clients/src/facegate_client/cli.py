@@ -61,6 +61,10 @@ class _LocalFileError(Exception):
     """A file named on the command line cannot be read."""
 
 
+class _UsageError(Exception):
+    """Options that parse but say nothing to do (exit 2, like argparse's errors)."""
+
+
 # ---------------------------------------------------------------- argument types
 
 
@@ -324,6 +328,12 @@ def _cmd_members_update(client: FaceGateClient, args: argparse.Namespace, out: T
         suspended, reason = True, args.suspend
     elif args.resume:
         suspended, reason = False, ""
+    changes = ("name", "valid_from", "valid_until", "hours", "sites")
+    if suspended is KEEP and not any(hasattr(args, name) for name in changes):
+        raise _UsageError(
+            "members update: nothing to change (--name, --valid-from, --valid-until, "
+            "--suspend, --resume, --hours, --sites)"
+        )
     member = client.update_member(
         args.member_id,
         display_name=_given(args, "name"),
@@ -484,7 +494,7 @@ def _run_client_command(handler: Handler) -> Callable[[argparse.Namespace], int]
         try:
             with client:
                 handler(client, args, sys.stdout)
-        except _LocalFileError as err:
+        except (_LocalFileError, _UsageError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         except FaceGateError as err:
