@@ -67,8 +67,13 @@ class CloudGate:
 
 
 def emulator(**settings: Any) -> RunningEmulator:
-    """An emulator whose clock stands still (trainings finish when `CloudGate.settle` moves it)."""
-    settings = {"clock": ManualClock(), **settings}
+    """An emulator whose clock stands still (trainings finish when `CloudGate.settle` moves it).
+
+    No rate limit unless a test asks for one (`rate_per_second=...`): on a clock that
+    stands still, the tier's token bucket would never refill. No small-face pass unless a
+    test asks for one (`small_faces=True`): it costs 0.4-1.2 s a photo of the emulator's
+    core, which the 1.2-s budget tests share with the local engine (emulator/README.md)."""
+    settings = {"clock": ManualClock(), "rate_per_second": 0, "small_faces": False, **settings}
     return start_emulator(EmulatorSettings(key=KEY, training_seconds=0.05, workers=1, **settings))
 
 

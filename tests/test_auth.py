@@ -154,6 +154,7 @@ def test_an_open_server_is_allowed_on_loopback_only_unless_insecure() -> None:
 # Every FaceGate method (and two that do not exist yet), and who may call it.
 ROLE_TABLE = {
     "Identify": {Role.TURNSTILE, Role.BACKEND, Role.ADMIN},
+    "Verify": {Role.TURNSTILE, Role.BACKEND, Role.ADMIN},
     "Enroll": {Role.BACKEND, Role.ADMIN},
     "AddMemberPhotos": {Role.BACKEND, Role.ADMIN},
     "GetMember": {Role.BACKEND, Role.ADMIN},
@@ -279,8 +280,11 @@ def test_a_token_bucket_refills_at_its_rate() -> None:
 
 def test_identify_and_enrolment_have_separate_buckets() -> None:
     limits = ratelimit.method_limits(5.0, 10, 1.0, 2)
-    assert set(limits) == {FACEGATE + m for m in ("Identify", "Enroll", "AddMemberPhotos")}
+    assert set(limits) == {
+        FACEGATE + m for m in ("Identify", "Verify", "Enroll", "AddMemberPhotos")
+    }
     assert limits[FACEGATE + "Enroll"] is limits[FACEGATE + "AddMemberPhotos"]
+    assert limits[FACEGATE + "Verify"] is limits[FACEGATE + "Identify"]  # one camera's bucket
     assert limits[FACEGATE + "Identify"] == ratelimit.Limit("identify", 5.0, 10)
     assert set(ratelimit.method_limits(0, 10, 1.0, 2)) == {
         FACEGATE + "Enroll",

@@ -164,6 +164,27 @@ class FakeFaceGateServicer(pb_grpc.FaceGateServiceServicer):
             event_id=8,
         )
 
+    def Verify(self, request: pb.VerifyRequest, context: grpc.ServicerContext) -> Any:
+        self.requests.append(request)
+        if request.image == SLOW:
+            self.release.wait(timeout=1.0)
+        if (request.image, request.member_id) == (KIM, "m-1001"):
+            return pb.VerifyResponse(
+                decision=pb.DECISION_GRANTED,
+                member_id="m-1001",
+                display_name="Kim Jiwoo",
+                confidence=0.93,
+                engine=pb.ENGINE_LOCAL,
+                server_latency=millis(149),
+                event_id=9,
+            )
+        return pb.VerifyResponse(
+            decision=pb.DECISION_DENIED_NOT_THIS_MEMBER,
+            engine=pb.ENGINE_LOCAL,
+            server_latency=millis(151),
+            event_id=10,
+        )
+
     def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> Any:
         self.requests.append(request)
         if request.member_id in self.members:
@@ -327,6 +348,28 @@ def test_identify_json(served: Served, frames: dict[str, Path]) -> None:
     assert served.requests_of(pb.IdentifyRequest)[0].turnstile_id == "cli"
 
 
+def test_verify_plain(served: Served, frames: dict[str, Path]) -> None:
+    result = run_cli(
+        "verify", "--member-id", "m-1001", str(frames["kim"]), "--turnstile-id", "gate-1",
+        "--target", served.target,
+    )  # fmt: skip
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == 'GRANTED m-1001 "Kim Jiwoo" confidence 0.93 (local) 149 ms\n'
+    (request,) = served.requests_of(pb.VerifyRequest)
+    assert (request.member_id, request.image, request.turnstile_id) == ("m-1001", KIM, "gate-1")
+
+
+def test_verify_json(served: Served, frames: dict[str, Path]) -> None:
+    result = run_cli(
+        "verify", "--member-id", "m-1002", str(frames["kim"]), "--json", "--target", served.target
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    data = json.loads(result.stdout)
+    assert data["decision"] == "DECISION_DENIED_NOT_THIS_MEMBER"
+    assert (data["member_id"], data["confidence"], data["event_id"]) == ("", 0.0, "10")
+    assert served.requests_of(pb.VerifyRequest)[0].turnstile_id == "cli"
+
+
 def test_members_list_all_pages(served: Served) -> None:
     result = run_cli("members", "list", "--page-size", "2", "--target", served.target)
     assert (result.returncode, result.stderr) == (0, "")
@@ -399,6 +442,50 @@ def test_identify_denials(
         0,
         "DENIED_MULTIPLE_FACES confidence 0.00 (local) 150 ms [one person at a time]\n",
         "",
+    )
+
+
+def test_verify_denial_and_a_missing_member_id(
+    served: Served, frames: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    t = ("--target", served.target)
+    assert run_main(capsys, "verify", "--member-id", "m-9", str(frames["kim"]), *t) == (
+        0,
+        "DENIED_NOT_THIS_MEMBER confidence 0.00 (local) 151 ms\n",
+        "",
+    )
+    code, out, err = run_main(capsys, "verify", str(frames["kim"]), *t)
+    assert (code, out) == (2, "")
+    assert "--member-id" in err
+
+
+def test_the_client_library_verifies_within_identifys_deadline(served: Served) -> None:
+    from facegate_client import DeadlineExceeded, FaceGateClient
+
+    with FaceGateClient(served.target, identify_timeout=0.1, timeout=30) as client:
+        answer = client.verify("m-1001", KIM, "gate-3")
+        assert (answer.decision, answer.member_id) == (pb.DECISION_GRANTED, "m-1001")
+        with pytest.raises(DeadlineExceeded):
+            client.verify("m-1001", SLOW, "gate-3")
+    served.servicer.release.set()
+    first = served.requests_of(pb.VerifyRequest)[0]
+    assert (first.member_id, first.image, first.turnstile_id) == ("m-1001", KIM, "gate-3")
+
+
+def test_events_show_verifications_and_why(capsys: pytest.CaptureFixture[str]) -> None:
+    verified = pb.AccessEvent(
+        time=timestamp(T0),
+        turnstile_id="gate-1",
+        decision=pb.DECISION_DENIED_NOT_THIS_MEMBER,
+        engine=pb.ENGINE_LOCAL,
+        server_latency=millis(150),
+        kind=pb.ACCESS_KIND_VERIFY,
+        claimed_member_id="m-9",
+        detail="no member with this id",
+    )
+    assert cli.format_event(verified) == (
+        "2026-11-26T23:00:00Z  gate-1  DENIED_NOT_THIS_MEMBER  -  0.00  local  150 ms"
+        "  verify m-9 (no member with this id)"
     )
 
 

@@ -27,6 +27,7 @@ from facegate_server.engines.policy import (
     choose_face,
     confidence,
     decide_match,
+    decide_verification,
     decision_policy,
 )
 from facegate_server.engines.worker import Analysis
@@ -55,11 +56,15 @@ def test_settings_defaults_are_the_policy_defaults() -> None:
                 "FACEGATE_MIN_PITCH": "0.5",
                 "FACEGATE_MIN_BRIGHTNESS": "50",
                 "FACEGATE_MIN_SHARPNESS": "40",
+                "FACEGATE_VERIFY_THRESHOLD": "0.6",
             }
         )
     )
-    assert configured == DecisionPolicy(0.5, 0.05, 3.0, QualityLimits(80, 0.2, 0.5, 50.0, 40.0))
+    assert configured == DecisionPolicy(
+        0.5, 0.05, 3.0, QualityLimits(80, 0.2, 0.5, 50.0, 40.0), verify_threshold=0.6
+    )
     for name, value in [
+        ("FACEGATE_VERIFY_THRESHOLD", "0"),
         ("FACEGATE_MATCH_MARGIN", "-0.1"),
         ("FACEGATE_DOMINANT_FACE_RATIO", "0.5"),
         ("FACEGATE_MIN_SHARPNESS", "-1"),
@@ -67,6 +72,23 @@ def test_settings_defaults_are_the_policy_defaults() -> None:
     ]:
         with pytest.raises(ValueError):
             load_settings({name: value})
+
+
+def test_verify_grants_the_claimed_member_within_its_own_threshold() -> None:
+    t = POLICY.verify_threshold
+    within = decide_verification("m-1", t - 0.01, POLICY)
+    assert (within.decision, within.member_id) == (Decision.GRANTED, "m-1")
+    assert within.confidence == pytest.approx(confidence(t - 0.01))
+    beyond = decide_verification("m-1", t + 0.01, POLICY)
+    assert (beyond.decision, beyond.member_id) == (Decision.DENIED_NOT_THIS_MEMBER, "")
+    assert beyond.confidence == pytest.approx(confidence(t + 0.01))
+    # No member with the id: no photo compared, nothing measured.
+    nobody = decide_verification("m-9", float("inf"), POLICY)
+    assert (nobody.decision, nobody.member_id, nobody.confidence) == (
+        Decision.DENIED_NOT_THIS_MEMBER,
+        "",
+        0.0,
+    )
 
 
 def test_grant_needs_the_threshold_and_the_margin() -> None:

@@ -123,7 +123,9 @@ def test_the_command_serves_until_sigterm_and_saves_its_state(tmp_path: Path) ->
 
 
 def test_state_is_loaded_again_at_start(tmp_path: Path) -> None:
-    settings = EmulatorSettings(key=KEY, workers=0, state_file=tmp_path / "state.json")
+    settings = EmulatorSettings(
+        key=KEY, workers=0, rate_per_second=0, state_file=tmp_path / "state.json"
+    )
     headers = {"Ocp-Apim-Subscription-Key": KEY}
     with start_emulator(settings) as first:
         group = f"{first.endpoint}/face/v1.0/largepersongroups/kept"
@@ -142,7 +144,7 @@ def test_state_is_loaded_again_at_start(tmp_path: Path) -> None:
 
 def test_stopping_drops_hung_requests_and_saves(tmp_path: Path) -> None:
     settings = EmulatorSettings(
-        key=KEY, workers=0, clock=ManualClock(), state_file=tmp_path / "s.json"
+        key=KEY, workers=0, clock=ManualClock(), rate_per_second=0, state_file=tmp_path / "s.json"
     )
     emulator = start_emulator(settings)
     url = f"{emulator.endpoint}/face/v1.0/persongroups/g"

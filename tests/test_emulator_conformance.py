@@ -126,7 +126,9 @@ def contract() -> Contract:
 
 @pytest.fixture(scope="module")
 def emulator() -> Iterator[RunningEmulator]:
-    settings = EmulatorSettings(key=KEY, training_seconds=0, clock=ManualClock(), workers=0)
+    settings = EmulatorSettings(
+        key=KEY, training_seconds=0, clock=ManualClock(), workers=0, rate_per_second=0
+    )
     with start_emulator(settings) as running:
         yield running
 

@@ -38,6 +38,7 @@ def emulator() -> Iterator[RunningEmulator]:
         training_seconds=0,
         clock=ManualClock(),
         workers=0,
+        rate_per_second=0,
         limits=Limits(persons_per_person_group=3, faces_per_person=0),
     )
     with start_emulator(settings) as running:

@@ -41,7 +41,9 @@ def clock() -> ManualClock:
 @pytest.fixture(scope="module")
 def emulator(clock: ManualClock) -> Iterator[RunningEmulator]:
     # One recognition process: the path the CLI runs.
-    settings = EmulatorSettings(key=KEY, training_seconds=TRAINING_SECONDS, clock=clock, workers=1)
+    settings = EmulatorSettings(
+        key=KEY, training_seconds=TRAINING_SECONDS, clock=clock, workers=1, rate_per_second=0
+    )
     with start_emulator(settings) as running:
         yield running
 

@@ -212,3 +212,53 @@ def test_a_removed_template_is_forgotten_and_the_others_still_match(
     assert enrolled.engine.knows("m-mixed")
     others = enrolled.engine.identify(faces.read(obama[2]), TIMEOUT)
     assert (others.decision, others.member_id) == (Decision.GRANTED, "m-obama")
+
+
+# -- Verify (1:1): one member's photos only
+
+
+def test_a_member_verifies_with_their_id(enrolled: Harness, faces: Faces) -> None:
+    found = enrolled.engine.verify("m-obama", faces.read(faces.of("barack_obama")[2]), TIMEOUT)
+    assert (found.decision, found.member_id) == (Decision.GRANTED, "m-obama")
+    assert found.engine is enrolled.engine.kind
+    assert 0.5 <= found.confidence <= 1.0
+
+
+def test_a_member_is_not_somebody_else(enrolled: Harness, faces: Faces) -> None:
+    """Biden is enrolled, but not as m-obama: the card decides whose photos count."""
+    found = enrolled.engine.verify("m-obama", faces.read(faces.of("joe_biden")[1]), TIMEOUT)
+    assert (found.decision, found.member_id) == (Decision.DENIED_NOT_THIS_MEMBER, "")
+    assert found.confidence < 0.5
+
+
+def test_a_stranger_with_a_members_id_is_denied(enrolled: Harness, faces: Faces) -> None:
+    found = enrolled.engine.verify("m-biden", faces.read(faces.of("kit_harington")[0]), TIMEOUT)
+    assert (found.decision, found.member_id) == (Decision.DENIED_NOT_THIS_MEMBER, "")
+
+
+def test_an_unknown_id_is_denied_like_a_face_that_is_not_theirs(
+    enrolled: Harness, faces: Faces
+) -> None:
+    obama = faces.read(faces.of("barack_obama")[2])
+    found = enrolled.engine.verify("m-nobody", obama, TIMEOUT)
+    assert (found.decision, found.member_id, found.confidence) == (
+        Decision.DENIED_NOT_THIS_MEMBER,
+        "",
+        0.0,
+    )
+    assert found.face_box == enrolled.engine.verify("m-biden", obama, TIMEOUT).face_box
+
+
+def test_verify_still_judges_the_frame(enrolled: Harness) -> None:
+    """No face is no face, whoever is claimed (known or not)."""
+    frame = image_bytes(640, 480, "JPEG", "gray")
+    for member_id in ("m-obama", "m-nobody"):
+        found = enrolled.engine.verify(member_id, frame, TIMEOUT)
+        assert found.decision is Decision.DENIED_NO_FACE
+        assert found.hint
+
+
+def test_a_removed_member_never_verifies_again(enrolled: Harness, faces: Faces) -> None:
+    enrolled.remove("m-obama")
+    found = enrolled.engine.verify("m-obama", faces.read(faces.of("barack_obama")[2]), TIMEOUT)
+    assert (found.decision, found.member_id) == (Decision.DENIED_NOT_THIS_MEMBER, "")

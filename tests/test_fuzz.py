@@ -182,6 +182,7 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
 
 FIELDS = {
     "Identify": {"image", "turnstile_id"},
+    "Verify": {"member_id", "image", "turnstile_id"},
     "Enroll": {"member_id", "display_name", "photos"},
     "AddMemberPhotos": {"member_id", "photos"},
     "GetMember": {"member_id"},
@@ -226,6 +227,18 @@ def test_identify(fuzzed: Fuzzed, image: bytes, turnstile_id: str) -> None:
     )
     if not isinstance(answer, grpc.RpcError):
         assert answer.decision != pb.DECISION_GRANTED  # no member's face in these bytes
+
+
+@settings(FUZZ, max_examples=60)
+@given(member_id=sometimes("m-0001", texts), image=images, turnstile_id=sometimes("gate-1", texts))
+def test_verify(fuzzed: Fuzzed, member_id: str, image: bytes, turnstile_id: str) -> None:
+    request = pb.VerifyRequest(member_id=member_id, image=image, turnstile_id=turnstile_id)
+    answer = check(
+        fuzzed, "Verify", request, {Code.OK, Code.INVALID_ARGUMENT, Code.DEADLINE_EXCEEDED}
+    )
+    if not isinstance(answer, grpc.RpcError):
+        assert answer.decision != pb.DECISION_GRANTED  # no member's face in these bytes
+        assert answer.confidence == 0.0
 
 
 @settings(FUZZ, max_examples=60)

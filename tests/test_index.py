@@ -85,3 +85,16 @@ def test_nearest_lists_members_by_their_closest_template() -> None:
     assert match is not None
     assert (match.member_id, match.runner_up_id) == (got[0][0], got[1][0])
     assert FaceIndex().nearest(probe, 3) == []
+
+
+def test_distance_to_one_member_is_to_their_closest_template_only() -> None:
+    v = vectors(4)
+    index = FaceIndex([("a", v[0]), ("a", v[1]), ("b", v[2])])
+    probe = v[2] + 0.001  # b's face
+    expected_a = min(np.linalg.norm(probe - v[0]), np.linalg.norm(probe - v[1]))
+    assert index.distance("a", probe) == pytest.approx(expected_a, abs=1e-4)
+    assert index.distance("b", probe) == pytest.approx(np.linalg.norm(probe - v[2]), abs=1e-4)
+    assert index.distance("nobody", probe) == float("inf")
+    index.remove("b")
+    assert index.distance("b", probe) == float("inf")
+    assert FaceIndex().distance("a", probe) == float("inf")

@@ -715,3 +715,35 @@ def test_the_client_and_the_cli(
                 "DECISION_DENIED_UNKNOWN_FACE",
                 "DECISION_GRANTED",
             ]
+
+
+def test_verify_applies_the_rules_too(door: Door) -> None:
+    """A card and the right face: the membership still decides."""
+    door.enroll("m-v", face(30), membership=membership(valid_until=door.clock() - timedelta(1)))
+    ask = pb.VerifyRequest(member_id="m-v", image=face(30), turnstile_id="gate-1")
+    answer = door.stub.Verify(ask, timeout=10)
+    assert (answer.decision, answer.member_id, answer.membership_rule) == (
+        pb.DECISION_DENIED_MEMBERSHIP_INACTIVE,
+        "m-v",
+        pb.MEMBERSHIP_RULE_EXPIRED,
+    )
+    assert answer.hint and answer.display_name == ""
+    [event] = door.stub.ListAccessEvents(
+        pb.ListAccessEventsRequest(membership_rule=pb.MEMBERSHIP_RULE_EXPIRED), timeout=5
+    ).events
+    assert (event.event_id, event.kind, event.claimed_member_id) == (
+        answer.event_id,
+        pb.ACCESS_KIND_VERIFY,
+        "m-v",
+    )
+    door.update(pb.Member(member_id="m-v"), "membership.valid_until")
+    assert door.stub.Verify(ask, timeout=10).decision == pb.DECISION_GRANTED
+    # A face that is not the claimed member's is decided as such, whatever their membership.
+    door.update(pb.Member(member_id="m-v", membership=pb.Membership(suspended=True)), "membership")
+    stranger = pb.VerifyRequest(member_id="m-v", image=face(31), turnstile_id="gate-1")
+    other = door.stub.Verify(stranger, timeout=10)
+    assert (other.decision, other.member_id, other.membership_rule) == (
+        pb.DECISION_DENIED_NOT_THIS_MEMBER,
+        "",
+        pb.MEMBERSHIP_RULE_UNSPECIFIED,
+    )

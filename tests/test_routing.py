@@ -319,3 +319,103 @@ def test_an_idle_sync_tells_the_breaker_nothing() -> None:
     sync.run_once()  # nothing in the outbox, no training: no call made
     breaker.record_failure()
     assert breaker.state is CircuitState.OPEN
+
+
+# -- Verify: the same routing, "not this member" in place of "unknown"
+
+
+class VerifyingLocal(FakeLocal):
+    """Answers Verify as it answers Identify, and remembers who was claimed."""
+
+    claimed = ""
+
+    def verify(
+        self, member_id: str, image: bytes, timeout: float, attempt: Attempt | None = None
+    ) -> Identification:
+        self.claimed = member_id
+        return self.identify(image, timeout, attempt)
+
+
+class VerifyingCloud(FakeCloud):
+    claimed = ""
+
+    def verify(
+        self, member_id: str, image: bytes, timeout: float, attempt: Attempt | None = None
+    ) -> Identification:
+        self.claimed = member_id
+        return self.identify(image, timeout, attempt)
+
+
+def not_this(engine: EngineKind, confidence: float = 0.3) -> Identification:
+    return Identification(Decision.DENIED_NOT_THIS_MEMBER, engine, confidence=confidence)
+
+
+def test_verify_asks_both_engines_about_the_claimed_member() -> None:
+    local, cloud = VerifyingLocal(grant(LOCAL, "m-1")), VerifyingCloud(grant(AZURE, "m-1"))
+    found = router(local, cloud).verify("m-1", FRAME, 1.0)
+    assert (found.decision, found.member_id, found.engine) == (Decision.GRANTED, "m-1", AZURE)
+    assert outcomes(found) == {"azure": "DECIDED", "local": "AGREED"}
+    assert found.cloud_transactions == 2
+    assert local.claimed == cloud.claimed == "m-1"
+
+
+def test_verify_a_member_not_yet_in_the_cloud_gets_in_through_the_local_engine() -> None:
+    found = router(VerifyingLocal(grant(LOCAL, "m-new")), VerifyingCloud(not_this(AZURE))).verify(
+        "m-new", FRAME, 1.0
+    )
+    assert (found.decision, found.member_id, found.engine) == (Decision.GRANTED, "m-new", LOCAL)
+    assert outcomes(found) == {"azure": "OUTRANKED", "local": "DECIDED"}
+    trained = VerifyingCloud(not_this(AZURE), trained=("m-1",))
+    denied = router(VerifyingLocal(grant(LOCAL, "m-1")), trained).verify("m-1", FRAME, 1.0)
+    assert (denied.decision, denied.engine) == (Decision.DENIED_NOT_THIS_MEMBER, AZURE)
+
+
+def test_verify_require_agreement_denies_as_not_this_member() -> None:
+    options = {"agreement": Agreement.REQUIRE_AGREEMENT}
+    found = router(
+        VerifyingLocal(not_this(LOCAL)), VerifyingCloud(grant(AZURE, "m-1")), **options
+    ).verify("m-1", FRAME, 1.0)
+    assert (found.decision, found.member_id) == (Decision.DENIED_NOT_THIS_MEMBER, "")
+    assert outcomes(found) == {"azure": "DISAGREED", "local": "DISAGREED"}
+
+
+def test_verify_shares_identifys_breaker() -> None:
+    clock = FakeClock()
+    cloud = VerifyingCloud(CloudFailure(EngineOutcome.ERROR, "HTTP 503"))
+    engine = router(
+        VerifyingLocal(grant(LOCAL, "m-1")), cloud, breaker=CircuitBreaker(3, 10, clock)
+    )
+    for call in (engine.identify, engine.identify):
+        assert outcomes(call(FRAME, 1.0))["azure"] == "ERROR"
+    assert outcomes(engine.verify("m-1", FRAME, 1.0))["azure"] == "ERROR"  # the third
+    skipped = engine.verify("m-1", FRAME, 1.0)
+    assert outcomes(skipped) == {"local": "DECIDED", "azure": "CIRCUIT_OPEN"}
+    assert (skipped.decision, skipped.member_id) == (Decision.GRANTED, "m-1")
+    assert cloud.calls == 3
+
+
+@pytest.mark.parametrize(
+    ("local", "cloud_asked"),
+    [
+        (grant(LOCAL, "m-1", 0.9), False),  # a confident grant
+        (not_this(LOCAL, 0.05), False),  # clearly not them (an unknown id: confidence 0)
+        (not_this(LOCAL, 0.45), True),  # unsure
+    ],
+)
+def test_verify_local_first_asks_the_cloud_only_when_unsure(
+    local: Identification, cloud_asked: bool
+) -> None:
+    cloud = VerifyingCloud(not_this(AZURE))
+    found = router(VerifyingLocal(local), cloud, policy=Policy.LOCAL_FIRST).verify(
+        "m-1", FRAME, 1.0
+    )
+    assert cloud.calls == int(cloud_asked)
+    assert outcomes(found)["azure"] == ("DECIDED" if cloud_asked else "NOT_USED")
+
+
+def test_verify_local_only_never_asks_the_cloud() -> None:
+    cloud = VerifyingCloud(grant(AZURE, "m-1"))
+    found = router(VerifyingLocal(not_this(LOCAL)), cloud, policy=Policy.LOCAL_ONLY).verify(
+        "m-1", FRAME, 1.0
+    )
+    assert (found.decision, cloud.calls) == (Decision.DENIED_NOT_THIS_MEMBER, 0)

@@ -87,8 +87,10 @@ def test_every_method_admits_exactly_the_roles_of_the_table(guarded: str) -> Non
                 else:
                     assert code == grpc.StatusCode.PERMISSION_DENIED, (method.name, name)
             assert call_raw(channel, method.name, None) == grpc.StatusCode.UNAUTHENTICATED
-    # The one-line table: only Identify for turnstiles, the member methods for the backend.
+    # The one-line table: only Identify and Verify for turnstiles, the member methods for the
+    # backend.
     assert auth.allowed(Role.TURNSTILE, f"/{SERVICE.full_name}/Identify")
+    assert auth.allowed(Role.TURNSTILE, f"/{SERVICE.full_name}/Verify")
     assert not auth.allowed(Role.TURNSTILE, f"/{SERVICE.full_name}/ListAccessEvents")
     assert auth.allowed(Role.BACKEND, f"/{SERVICE.full_name}/DeleteMember")
 

@@ -435,4 +435,81 @@ def test_sqlite_upgrades_a_version_2_file_keeping_everything(tmp_path: Path) -> 
     assert store.list_events(EventFilter(), 10)[0].rule is None
     store.create_member("m-2", "", [cloud_template(2)], T0)  # the outbox still numbers on
     assert [e.seq for e in store.outbox(10)] == sorted(e.seq for e in store.outbox(10))
+
+
+def test_a_verification_is_kept_as_one(store: Store) -> None:
+    from dataclasses import replace
+
+    from facegate_server.domain import AccessKind
+
+    store.record_event(event(T0))
+    verified = replace(
+        event(T0, ""),
+        decision=Decision.DENIED_NOT_THIS_MEMBER,
+        kind=AccessKind.VERIFY,
+        claimed_member_id="m-9",
+        detail="no member with this id",
+    )
+    store.record_event(verified)
+    newest, oldest = store.list_events(EventFilter(), 10)
+    assert (newest.kind, newest.claimed_member_id, newest.detail) == (
+        AccessKind.VERIFY,
+        "m-9",
+        "no member with this id",
+    )
+    assert newest.decision is Decision.DENIED_NOT_THIS_MEMBER
+    assert (oldest.kind, oldest.claimed_member_id, oldest.detail) == (AccessKind.IDENTIFY, "", "")
+
+
+def test_a_members_events_include_the_verifications_that_claimed_them(store: Store) -> None:
+    from dataclasses import replace
+
+    from facegate_server.domain import AccessKind
+
+    granted = store.record_event(
+        replace(event(T0), kind=AccessKind.VERIFY, claimed_member_id="m-1")
+    )
+    misused = store.record_event(
+        replace(
+            event(T0, ""),
+            decision=Decision.DENIED_NOT_THIS_MEMBER,
+            kind=AccessKind.VERIFY,
+            claimed_member_id="m-1",
+        )
+    )
+    store.record_event(event(T0, "m-2"))
+    store.record_event(replace(event(T0, ""), kind=AccessKind.VERIFY, claimed_member_id="m-2"))
+    identified = store.record_event(event(T0))
+    m1 = store.list_events(EventFilter(member_id="m-1"), 10)
+    assert [e.event_id for e in m1] == [identified.event_id, misused.event_id, granted.event_id]
+    assert [
+        e.event_id for e in store.list_events(EventFilter(member_id="m-1"), 1, m1[0].event_id)
+    ] == [misused.event_id]
+
+
+def test_sqlite_upgrades_older_events_as_identifications(tmp_path: Path) -> None:
+    from facegate_server.domain import AccessKind
+    from facegate_server.store.sqlite import MIGRATIONS
+
+    path = tmp_path / "db"
+    db = sqlite3.connect(path)
+    for number, statements in enumerate(MIGRATIONS[:2]):  # the schema before Verify
+        for statement in statements:
+            db.execute(statement)
+        db.execute(f"PRAGMA user_version = {number + 1}")
+    db.execute(
+        "INSERT INTO access_events (time_us, turnstile_id, member_id, decision, engine,"
+        " confidence, latency_us) VALUES (1, 'gate-1', 'm-1', 'GRANTED', 'LOCAL', 0.9, 150)"
+    )
+    db.commit()
+    db.close()
+    store = SqliteStore(path)
+    [old] = store.list_events(EventFilter(), 10)
+    assert (old.kind, old.claimed_member_id, old.detail, old.member_id) == (
+        AccessKind.IDENTIFY,
+        "",
+        "",
+        "m-1",
+    )
+    assert store.schema_version() == SCHEMA_VERSION
     store.close()

@@ -155,6 +155,15 @@ class EmulatorProcess(Process):
                 "1",
                 "--training-seconds",
                 "0.2",
+                # No rate limit of its own: the benchmark's turnstiles and enrolment would
+                # exceed S0's 10 calls a second; FaceGate's own client-side limit is measured.
+                "--rate",
+                "0",
+                # No small-face pass: the probe frames have no one behind the member, so it
+                # would change no answer and only add 0.5-1.2 s a 1080p frame on top of the
+                # latency profile, which already stands for Azure's whole call.
+                "--small-faces",
+                "off",
                 "--seed",
                 str(seed),
                 "--log-level",

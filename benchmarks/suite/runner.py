@@ -81,7 +81,7 @@ class Run:
                 "(the per-caller Identify rate limit off) and, where a scenario says so, "
                 "FACEGATE_WORKERS and the cloud (FACEGATE_AZURE_*, FACEGATE_ROUTING_POLICY)",
                 "emulator": "facegate azure-emulator --workers 1 --training-seconds 0.2 "
-                "--seed 7, in its own process on the same cores",
+                "--rate 0 --small-faces off --seed 7, in its own process on the same cores",
                 "fault_knobs": FAULT_KNOBS,
                 "turnstiles": "threads in the benchmark process, one gRPC channel each, "
                 "closed loop (the next frame as soon as the answer comes)",

@@ -1,8 +1,10 @@
-"""The `facegate` command: enrol members, identify a frame, read members and the access log.
+"""The `facegate` command: enrol members, identify or verify a frame, read members and the
+access log.
 
     facegate enroll --member-id m-1001 --name "Kim Jiwoo" kim1.jpg kim2.jpg
     facegate add-photos --member-id m-1001 kim3.jpg
     facegate identify frame.jpg --turnstile-id gate-1
+    facegate verify --member-id m-1001 frame.jpg --turnstile-id gate-1
     facegate members list | get ID | delete ID
     facegate members update m-1001 --valid-until 2027-01-01 --hours 'Mon-Fri 06:00-16:00'
     facegate members update m-1001 --suspend "unpaid" | --resume
@@ -174,7 +176,7 @@ _NOT_ANSWERED = {
 }
 
 
-def format_identify(response: pb.IdentifyResponse) -> str:
+def format_identify(response: pb.IdentifyResponse | pb.VerifyResponse) -> str:
     """`GRANTED m-1001 "Kim Jiwoo" confidence 0.93 (local) 148 ms [hint]`, then why another
     engine did not decide, e.g. `{azure: timed out}` (the details are in --json)."""
     parts = [_decision(response.decision)]
@@ -207,6 +209,28 @@ def format_member_in_full(member: pb.Member) -> str:
     )
 
 
+def format_event(event: pb.AccessEvent) -> str:
+    """`2026-11-26T23:01:02Z  gate-1  GRANTED  m-1001  0.93  local  148 ms`; a verification
+    ends with what was claimed, and why when the decision does not say:
+    `... verify m-1001` or `... verify m-9 (no member with this id)`; a refusal by a
+    membership rule ends with the rule (`EXPIRED`)."""
+    fields = [
+        _time(event.time, event.HasField("time")),
+        event.turnstile_id,
+        _decision(event.decision),
+        event.member_id or "-",
+        f"{event.confidence:.2f}",
+        _engine(event.engine),
+        _millis(event.server_latency),
+    ]
+    if event.kind == pb.ACCESS_KIND_VERIFY:
+        fields.append(f"verify {event.claimed_member_id or '-'}")
+    if event.membership_rule:
+        fields.append(_enum_name(pb.MembershipRule, event.membership_rule, "MEMBERSHIP_RULE_"))
+    line = "  ".join(fields)
+    return f"{line} ({event.detail})" if event.detail else line
+
+
 def format_photo(photo: pb.MemberPhoto) -> str:
     """`17  added 2026-11-26T23:00:00Z  size 212  sharpness 85.1  brightness 120  yaw 0.04
     pitch 0.78` (the measurements only where the server measured them)."""
@@ -223,23 +247,6 @@ def format_photo(photo: pb.MemberPhoto) -> str:
             f"yaw {q.yaw:.2f}",
             f"pitch {q.pitch:.2f}",
         ]
-    return "  ".join(parts)
-
-
-def format_event(event: pb.AccessEvent) -> str:
-    """`2026-11-26T23:01:02Z  gate-1  GRANTED  m-1001  0.93  local  148 ms`, and the
-    membership rule that refused the member, if one did (`EXPIRED`)."""
-    parts = [
-        _time(event.time, event.HasField("time")),
-        event.turnstile_id,
-        _decision(event.decision),
-        event.member_id or "-",
-        f"{event.confidence:.2f}",
-        _engine(event.engine),
-        _millis(event.server_latency),
-    ]
-    if event.membership_rule:
-        parts.append(_enum_name(pb.MembershipRule, event.membership_rule, "MEMBERSHIP_RULE_"))
     return "  ".join(parts)
 
 
@@ -299,6 +306,12 @@ def _cmd_add_photos(client: FaceGateClient, args: argparse.Namespace, out: TextI
 def _cmd_identify(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -> None:
     frame = _read_file(args.frame)
     response = client.identify(frame, args.turnstile_id)
+    _show(args, out, response, format_identify(response))
+
+
+def _cmd_verify(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -> None:
+    frame = _read_file(args.frame)
+    response = client.verify(args.member_id, frame, args.turnstile_id)
     _show(args, out, response, format_identify(response))
 
 
@@ -521,7 +534,7 @@ def _common_options() -> argparse.ArgumentParser:
         "--timeout",
         metavar="SECONDS",
         type=_positive_float,
-        help="deadline of each call (default: 2 for identify, 5 for the rest)",
+        help="deadline of each call (default: 2 for identify and verify, 5 for the rest)",
     )
     group.add_argument(
         "--json", action="store_true", help="print protobuf JSON (proto field names)"
@@ -571,6 +584,17 @@ def _add_client_commands(
     identify = add(subparsers, "identify", _cmd_identify, "decide on one camera frame")
     identify.add_argument("frame", metavar="FRAME", help="an image file")
     identify.add_argument(
+        "--turnstile-id", default="cli", metavar="ID", help="recorded in the log (default: cli)"
+    )
+
+    verify = add(
+        subparsers, "verify", _cmd_verify, "decide whether one camera frame shows a given member"
+    )
+    verify.add_argument(
+        "--member-id", required=True, metavar="ID", help="the member claimed (a card, a QR code)"
+    )
+    verify.add_argument("frame", metavar="FRAME", help="an image file")
+    verify.add_argument(
         "--turnstile-id", default="cli", metavar="ID", help="recorded in the log (default: cli)"
     )
 

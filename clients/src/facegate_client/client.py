@@ -5,7 +5,8 @@
         if result.decision == pb.DECISION_GRANTED:
             open_gate()
 
-Every call has a deadline (`identify_timeout` for Identify, `timeout` for the rest) and
+Every call has a deadline (`identify_timeout` for Identify and Verify, `timeout` for the
+rest) and
 raises a `facegate_client.errors.FaceGateError` subclass when it fails. The idempotent
 reads (GetMember, ListMembers, ListAccessEvents) are retried on UNAVAILABLE by gRPC
 itself, following the channel's service config; nothing else is retried.
@@ -111,7 +112,8 @@ class FaceGateClient:
     Args:
         target: the server's HOST:PORT (ignored when `channel` is given).
         timeout: the deadline, in seconds, of every call but Identify.
-        identify_timeout: the deadline, in seconds, of Identify (a person is waiting).
+        identify_timeout: the deadline, in seconds, of Identify and Verify (a person is
+            waiting).
         channel: a channel to use instead of creating one; the client does not close it.
             Create it with `CHANNEL_OPTIONS` to keep the retry policy and message limits.
         credentials: TLS credentials; without them (and without the TLS options below) the
@@ -203,6 +205,22 @@ class FaceGateClient:
         request = pb.IdentifyRequest(image=image, turnstile_id=turnstile_id)
         response: pb.IdentifyResponse = self._call(
             self._stub.Identify,
+            request,
+            self._identify_timeout if timeout is None else timeout,
+        )
+        return response
+
+    def verify(
+        self, member_id: str, image: bytes, turnstile_id: str, *, timeout: float | None = None
+    ) -> pb.VerifyResponse:
+        """Decide whether the person in one camera frame is `member_id` (from a card or QR).
+
+        Identify's deadline applies (a person is waiting). A denial is a result, not an
+        error: check `decision` (DECISION_DENIED_NOT_THIS_MEMBER also for an id nobody has).
+        """
+        request = pb.VerifyRequest(member_id=member_id, image=image, turnstile_id=turnstile_id)
+        response: pb.VerifyResponse = self._call(
+            self._stub.Verify,
             request,
             self._identify_timeout if timeout is None else timeout,
         )

@@ -10,6 +10,11 @@
                                    (only "mode" is required; knobs not given are kept)
     PUT    /_emulator/latency     {"profile": "field"} or
                                    {"minMs": 100, "maxMs": 300, "distribution": "uniform"}
+    PUT    /_emulator/rate        {"perSecond": 10} (null: the tier's; 0: no limit)
+    PUT    /_emulator/throttle    {"form": "status-code", "retryAfterHeader": false}
+    PUT    /_emulator/quota       {"remaining": 0} (null: the tier's)
+    PUT    /_emulator/limited-access  {"mode": "denied", "form": "unsupported-feature"}
+    PUT    /_emulator/snapshot    {"keepsDeleted": true}
     DELETE /_emulator/state       forget every group, person, face and faceId
     POST   /_emulator/state/save  write the state file now
 
@@ -114,6 +119,42 @@ def routes(emulator: Emulator) -> list[web.RouteDef]:
         await emulator.set_latency(latency)
         return web.json_response(await emulator.status())
 
+    def strict_route(setting: str, fields: tuple[tuple[str, Any, bool], ...]) -> Any:
+        """A PUT that applies `setting` with the body's fields, in order: (name, type, required)."""
+
+        async def put(request: web.Request) -> web.Response:
+            body = await _body(request)
+            unknown = set(body) - {name for name, _, _ in fields}
+            if unknown:
+                return _bad(f"unknown fields {sorted(unknown)}")
+            args: list[Any] = []
+            try:
+                for name, kind, required in fields:
+                    if name not in body:
+                        if required:
+                            raise ValueError(f"{name} is required")
+                        break
+                    value = body[name]
+                    if value is not None and not isinstance(value, kind):
+                        raise ValueError(f"{name} must be {kind}")
+                    if isinstance(value, bool) and kind is not bool:
+                        raise ValueError(f"{name} must be {kind}")
+                    args.append(value)
+                return web.json_response(await emulator.set_strict(setting, *args))
+            except (ValueError, TypeError) as error:
+                return _bad(str(error))
+
+        return put
+
+    number = (int, float)
+    set_rate = strict_route("rate", (("perSecond", number, True),))
+    set_throttle = strict_route(
+        "throttle", (("form", str, True), ("retryAfterHeader", bool, False))
+    )
+    set_quota = strict_route("quota", (("remaining", int, True),))
+    set_limited_access = strict_route("limited_access", (("mode", str, True), ("form", str, False)))
+    set_snapshot = strict_route("snapshot_keeps_deleted", (("keepsDeleted", bool, True),))
+
     async def clear_state(request: web.Request) -> web.Response:
         await emulator.clear_state()
         return web.json_response(await emulator.status())
@@ -128,6 +169,11 @@ def routes(emulator: Emulator) -> list[web.RouteDef]:
         web.delete(f"{PREFIX}/counts", reset_counts),
         web.put(f"{PREFIX}/fault", set_fault),
         web.put(f"{PREFIX}/latency", set_latency),
+        web.put(f"{PREFIX}/rate", set_rate),
+        web.put(f"{PREFIX}/throttle", set_throttle),
+        web.put(f"{PREFIX}/quota", set_quota),
+        web.put(f"{PREFIX}/limited-access", set_limited_access),
+        web.put(f"{PREFIX}/snapshot", set_snapshot),
         web.delete(f"{PREFIX}/state", clear_state),
         web.post(f"{PREFIX}/state/save", save_state),
     ]

@@ -62,6 +62,54 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--workers", type=int, default=1, help="recognition processes (1; 0: a thread)"
     )
+    parser.add_argument(
+        "--tier",
+        choices=("S0", "F0"),
+        default="S0",
+        help="S0 (10 calls/s, 1,000,000 persons a large group) or F0 (20 calls/min, "
+        "1,000 persons a group, 30,000 calls a month); default S0",
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        help="calls a second before 429s, on the emulator's clock (default: the tier's; "
+        "0: no limit)",
+    )
+    parser.add_argument(
+        "--throttle-form",
+        choices=("rate-limit-exceeded", "status-code", "code-429"),
+        default="rate-limit-exceeded",
+        help="the 429 body's form (default rate-limit-exceeded)",
+    )
+    parser.add_argument(
+        "--no-retry-after", action="store_true", help="send 429s without a Retry-After header"
+    )
+    parser.add_argument(
+        "--quota", type=int, help="transactions left this month (default: F0 30,000, S0 none)"
+    )
+    parser.add_argument(
+        "--limited-access",
+        choices=("granted", "denied", "no-face-id"),
+        default="granted",
+        help="Limited Access approval (default granted)",
+    )
+    parser.add_argument(
+        "--limited-access-form",
+        choices=("inner-error", "unsupported-feature"),
+        default="inner-error",
+        help="the denied 403's form (default inner-error: InvalidRequest + innererror)",
+    )
+    parser.add_argument(
+        "--snapshot-keeps-deleted",
+        action="store_true",
+        help="Identify still returns persons deleted since the last training",
+    )
+    parser.add_argument(
+        "--small-faces",
+        choices=("on", "off"),
+        default="on",
+        help="look for faces down to 36 px (an extra detection pass; default on)",
+    )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (INFO)")
     parser.set_defaults(func=run)
 
@@ -83,6 +131,8 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         latency = LatencyProfile.named(args.profile)
     if args.training_seconds < 0 or args.workers < 0:
         raise ValueError("--training-seconds and --workers must be >= 0")
+    if (args.rate is not None and args.rate < 0) or (args.quota is not None and args.quota < 0):
+        raise ValueError("--rate and --quota must be >= 0")
     return EmulatorSettings(
         key=args.key,
         listen=f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
@@ -93,6 +143,15 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         training_seconds=args.training_seconds,
         seed=args.seed,
         workers=args.workers,
+        tier=args.tier,
+        rate_per_second=args.rate,
+        throttle_form=args.throttle_form,
+        retry_after_header=not args.no_retry_after,
+        quota_remaining=args.quota,
+        limited_access=args.limited_access,
+        limited_access_form=args.limited_access_form,
+        snapshot_keeps_deleted=args.snapshot_keeps_deleted,
+        small_faces=args.small_faces == "on",
     )
 
 
@@ -126,6 +185,8 @@ def run(args: argparse.Namespace) -> int:
             "admin_endpoint": running.admin_endpoint,
             "latency": settings.latency.to_json(),
             "fault": settings.faults.mode.value,
+            "tier": settings.tier,
+            "limited_access": settings.limited_access,
             "state": str(settings.state_file) if settings.state_file else None,
         },
     )

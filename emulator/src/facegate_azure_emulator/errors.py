@@ -10,17 +10,24 @@ from __future__ import annotations
 class FaceApiError(Exception):
     """An error the emulator answers with, exactly as the service would shape it."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, *, inner: dict[str, str] | None = None
+    ) -> None:
         super().__init__(status, code, message)
         self.status = status
         self.code = code
         self.message = message
+        self.inner = inner
+        """The `innererror` object, when the service sends one."""
 
     def __str__(self) -> str:
         return f"{self.status} {self.code}: {self.message}"
 
-    def body(self) -> dict[str, dict[str, str]]:
-        return {"error": {"code": self.code, "message": self.message}}
+    def body(self) -> dict[str, dict[str, object]]:
+        error: dict[str, object] = {"code": self.code, "message": self.message}
+        if self.inner is not None:
+            error["innererror"] = self.inner
+        return {"error": error}
 
 
 def bad_argument(message: str) -> FaceApiError:

@@ -5,6 +5,10 @@ codes and messages follow Microsoft's error-code tables. Each route is named by 
 swagger's operationId (`LargePersonGroup_Train`, ...; the two Verify overloads share
 one path and are counted as `Face_Verify`), which is what the request counters use.
 
+The `strict` middleware, after the key check, keeps what the documented service enforces
+before serving a call (strict.py): the tier's rate (429), its monthly quota (403) and
+Limited Access (403 on the gated operations; Detect checks returnFaceId itself).
+
 Request bodies are read from aiohttp's stream, so chunked uploads (the SDK's
 `detect_with_stream` and `add_face_from_stream` send `Transfer-Encoding: chunked` and no
 Content-Length) are read like any other; an image over 6 MB is refused while reading.
@@ -23,6 +27,7 @@ from typing import Any
 from aiohttp import web
 from facegate_server.engines.images import ImageRejected
 
+from facegate_azure_emulator import strict
 from facegate_azure_emulator.errors import UNAUTHORIZED_MESSAGE, FaceApiError, bad_argument
 from facegate_azure_emulator.recognizer import Analysis, Box, Recognizer
 from facegate_azure_emulator.state import DetectedFace, FaceState, GroupKind
@@ -45,6 +50,16 @@ FACE_ATTRIBUTES = frozenset(
 )
 NOT_EMULATED = ("findsimilars", "group", "facelists", "largefacelists", "snapshots", "operations")
 """Face v1.0 paths answered 501: FaceGate does not use them."""
+GATED = frozenset(
+    (
+        *("Face_Identify", "Face_Verify", "NotEmulated.findsimilars", "NotEmulated.group"),
+        *(f"{p}_{op}" for p in ("PersonGroup", "LargePersonGroup") for op in ("Create", "Train")),
+        *(f"{p}Person_Create" for p in ("PersonGroup", "LargePersonGroup")),
+        *(f"{p}Person_AddFaceFromStream" for p in ("PersonGroup", "LargePersonGroup")),
+    )
+)
+"""Operations a resource without Limited Access approval is refused (and Detect with
+returnFaceId=true): identification and verification, and building the groups for them."""
 DEFAULT_CONFIDENCE_THRESHOLD = 0.5
 MAX_CANDIDATES = 5
 MAX_FACE_IDS = 10
@@ -224,12 +239,69 @@ def _group_ref(body: dict[str, Any]) -> tuple[GroupKind, str]:
 class FaceApi:
     """The /face/v1.0 routes over one FaceState and one Recognizer."""
 
-    def __init__(self, state: FaceState, recognizer: Recognizer, key: str) -> None:
+    def __init__(
+        self,
+        state: FaceState,
+        recognizer: Recognizer,
+        key: str,
+        *,
+        tier: str = "S0",
+        rate_per_second: float | None = 0.0,
+        quota_remaining: int | None = None,
+    ) -> None:
         if not key:
             raise ValueError("the emulator needs a non-empty key")
         self.state = state
         self.recognizer = recognizer
         self._key = key.encode()
+        self.tier = strict.tier(tier)
+        self.state.limits = self.tier.limits
+        self.rate_limiter = strict.RateLimiter(state.clock, 0.0)
+        self.set_rate(rate_per_second)
+        self.quota_remaining: int | None = None
+        self.set_quota(quota_remaining)
+        self.throttle_form = "rate-limit-exceeded"
+        self.retry_after_header = True
+        self.limited_access = "granted"
+        self.limited_access_form = "inner-error"
+        self.small_faces = True
+
+    def set_rate(self, per_second: float | None) -> None:
+        """Calls a second before 429s: None for the tier's, 0 for no limit."""
+        self.rate_limiter.set_rate(self.tier.rate_per_second if per_second is None else per_second)
+
+    def set_quota(self, remaining: int | None) -> None:
+        """Transactions left this month: None for the tier's (F0: 30,000; S0: no quota)."""
+        if remaining is not None and remaining < 0:
+            raise ValueError("the quota left must be >= 0")
+        self.quota_remaining = self.tier.monthly_transactions if remaining is None else remaining
+
+    def set_throttle(self, form: str, retry_after_header: bool = True) -> None:
+        self.throttle_form = strict.check_choice(form, strict.THROTTLE_FORMS, "throttle form")
+        self.retry_after_header = retry_after_header
+
+    def set_limited_access(self, mode: str, form: str = "inner-error") -> None:
+        modes = strict.LIMITED_ACCESS_MODES
+        self.limited_access = strict.check_choice(mode, modes, "limited access")
+        forms = strict.LIMITED_ACCESS_FORMS
+        self.limited_access_form = strict.check_choice(form, forms, "limited access form")
+
+    def strict_status(self) -> dict[str, Any]:
+        return {
+            "tier": self.tier.name,
+            "ratePerSecond": self.rate_limiter.rate,
+            "throttleForm": self.throttle_form,
+            "retryAfterHeader": self.retry_after_header,
+            "quotaRemaining": self.quota_remaining,
+            "limitedAccess": self.limited_access,
+            "limitedAccessForm": self.limited_access_form,
+            "snapshotKeepsDeleted": self.state.snapshot_keeps_deleted,
+            "smallFaces": self.small_faces,
+        }
+
+    def _refuse_unapproved(self) -> None:
+        if self.limited_access == "denied":
+            raise strict.unsupported_feature(self.limited_access_form)
 
     # ---- middlewares ------------------------------------------------------------------
 
@@ -255,6 +327,23 @@ class FaceApi:
         )
         if not hmac.compare_digest(given.encode(), self._key):
             raise FaceApiError(401, "401", UNAUTHORIZED_MESSAGE)
+        return await handler(request)
+
+    @web.middleware
+    async def strict(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """The tier's rate (429), its monthly quota (403), Limited Access (403): in that
+        order, before the call is served. Every call let through is one transaction."""
+        wait = self.rate_limiter.take()
+        if wait is not None:
+            body, headers = strict.throttled(self.throttle_form, wait, self.retry_after_header)
+            return json_response(body, 429, headers)
+        if self.quota_remaining is not None:
+            if self.quota_remaining <= 0:
+                status, body = strict.out_of_quota(self.state.clock())
+                return json_response(body, status)
+            self.quota_remaining -= 1
+        if (request.match_info.route.name or "") in GATED:
+            self._refuse_unapproved()
         return await handler(request)
 
     # ---- routes -------------------------------------------------------------------------
@@ -346,7 +435,11 @@ class FaceApi:
     async def _analyse(self, data: bytes, *, encode: bool) -> Analysis:
         try:
             return await self.recognizer.analyse(
-                data, max_bytes=MAX_IMAGE_BYTES, max_side=MAX_IMAGE_SIDE, encode=encode
+                data,
+                max_bytes=MAX_IMAGE_BYTES,
+                max_side=MAX_IMAGE_SIDE,
+                encode=encode,
+                small_faces=self.small_faces,
             )
         except ImageRejected as rejected:
             if rejected.reason in ("IMAGE_TOO_LARGE", "IMAGE_DIMENSIONS_TOO_LARGE"):
@@ -379,11 +472,14 @@ class FaceApi:
         ttl = _int(
             request, "faceIdTimeToLive", 86400, 60, 86400, "Invalid argument faceIdTimeToLive."
         )
-        analysis = await self._analyse(await self._image(request), encode=return_face_id)
+        if return_face_id:
+            self._refuse_unapproved()
+        with_face_id = return_face_id and self.limited_access != "no-face-id"
+        analysis = await self._analyse(await self._image(request), encode=with_face_id)
         faces = []
         for face in analysis.faces:
             item: dict[str, Any] = {}
-            if return_face_id:
+            if with_face_id:
                 assert face.embedding is not None
                 item["faceId"] = self.state.remember(
                     face.embedding, recognition_model=recognition_model, ttl=ttl
@@ -562,7 +658,8 @@ class FaceApi:
             raise bad_argument("'userData' is too long.")
         target = _target_face(request)
         _choice(request, "detectionModel", DETECTION_MODELS)
-        analysis = await self._analyse(await self._image(request), encode=True)
+        with self.state.adding_face(kind, group_id, person_id):
+            analysis = await self._analyse(await self._image(request), encode=True)
         if target is not None:
             if target.left + target.width > analysis.width or (
                 target.top + target.height > analysis.height

@@ -67,7 +67,26 @@ class EmulatorSettings:
     training_seconds: float = 1.0
     training_queue_seconds: float = 0.0
     match_threshold: float = 0.6
-    limits: Limits = field(default_factory=Limits)
+    limits: Limits | None = None
+    """Persons per group and faces per person; None: the tier's."""
+    tier: str = "S0"
+    """"S0" (10 calls a second, 1,000,000 persons a LargePersonGroup) or "F0" (20 calls a
+    minute, 1,000 persons a group, 30,000 transactions a month)."""
+    rate_per_second: float | None = None
+    """Calls a second before 429s, on `clock`: None for the tier's, 0 for no limit."""
+    throttle_form: str = "rate-limit-exceeded"
+    """The 429's body: "rate-limit-exceeded", "status-code" or "code-429"."""
+    retry_after_header: bool = True
+    quota_remaining: int | None = None
+    """Transactions left this month: None for the tier's (F0: 30,000; S0: no quota)."""
+    limited_access: str = "granted"
+    """"granted", "denied" (403 on the gated calls) or "no-face-id" (detect without faceId)."""
+    limited_access_form: str = "inner-error"
+    """The "denied" 403: "inner-error" (InvalidRequest + innererror) or "unsupported-feature"."""
+    snapshot_keeps_deleted: bool = False
+    """Whether persons deleted since the last training still come back from Identify."""
+    small_faces: bool = True
+    """Look for faces down to 36 pixels (an extra detection pass; see recognizer.py)."""
     seed: int = 0
     """Seeds the latency draws and the flap mode's choices."""
     workers: int = 1
@@ -125,15 +144,27 @@ class Emulator:
         self.settings = settings
         self.state = FaceState(
             clock=settings.clock,
-            limits=settings.limits,
             training_seconds=settings.training_seconds,
             training_queue_seconds=settings.training_queue_seconds,
             match_threshold=settings.match_threshold,
         )
+        self.state.snapshot_keeps_deleted = settings.snapshot_keeps_deleted
         if settings.state_file is not None and settings.state_file.exists():
             self.state.load_json(json.loads(settings.state_file.read_text(encoding="utf-8")))
         self._saved_version = self.state.version
-        self.api = FaceApi(self.state, recognizer, settings.key)
+        self.api = FaceApi(
+            self.state,
+            recognizer,
+            settings.key,
+            tier=settings.tier,
+            rate_per_second=settings.rate_per_second,
+            quota_remaining=settings.quota_remaining,
+        )
+        if settings.limits is not None:
+            self.state.limits = settings.limits
+        self.api.set_throttle(settings.throttle_form, settings.retry_after_header)
+        self.api.set_limited_access(settings.limited_access, settings.limited_access_form)
+        self.api.small_faces = settings.small_faces
         self.picker = FaultPicker(settings.faults, settings.latency, settings.seed)
         self.face_host, self.face_port = parse_address(settings.listen)
         self.admin_host, self.admin_port = parse_address(settings.admin_listen)
@@ -156,7 +187,9 @@ class Emulator:
         self._released = asyncio.Event()
         self._hung_changed = asyncio.Event()
         self._save_lock = asyncio.Lock()
-        face_app = web.Application(middlewares=[self.faults, self.api.errors, self.api.auth])
+        face_app = web.Application(
+            middlewares=[self.faults, self.api.errors, self.api.auth, self.api.strict]
+        )
         face_app.add_routes(self.api.routes())
         # handler_cancellation: a client that gives up (closes) cancels its request's task,
         # so hung requests do not pile up.
@@ -326,7 +359,26 @@ class Emulator:
             "faceIds": self.state.detected_count,
             "groups": {kind.value: len(self.state.groups[kind]) for kind in GroupKind},
             "counts": await self.counts(),
+            **self.api.strict_status(),
         }
+
+    async def set_strict(self, setting: str, *args: Any) -> dict[str, Any]:
+        """Apply one strict setting on the loop (rate, quota, throttle, limited access,
+        snapshot); ValueError for a bad value. Returns the strict settings now in force."""
+        if setting == "rate":
+            self.api.set_rate(*args)
+        elif setting == "quota":
+            self.api.set_quota(*args)
+        elif setting == "throttle":
+            self.api.set_throttle(*args)
+        elif setting == "limited_access":
+            self.api.set_limited_access(*args)
+        elif setting == "snapshot_keeps_deleted":
+            self.state.snapshot_keeps_deleted = bool(args[0])
+        else:
+            raise ValueError(f"unknown strict setting {setting!r}")
+        log.info("strict setting", extra={"strict": self.api.strict_status()})
+        return self.api.strict_status()
 
     async def clear_state(self) -> None:
         self.state.clear()
@@ -417,6 +469,30 @@ class EmulatorAdmin:
 
     def reset_counts(self) -> None:
         self._call(self._emulator.reset_counts())
+
+    def set_rate(self, per_second: float | None) -> None:
+        """Calls a second before 429s (on the emulator's clock): None for the tier's (S0:
+        10, F0: 20 a minute), 0 for no limit. The bucket starts full."""
+        self._call(self._emulator.set_strict("rate", per_second))
+
+    def set_throttle(self, form: str, retry_after_header: bool = True) -> None:
+        """The 429's body ("rate-limit-exceeded", "status-code", "code-429") and whether it
+        carries Retry-After."""
+        self._call(self._emulator.set_strict("throttle", form, retry_after_header))
+
+    def set_quota(self, remaining: int | None) -> None:
+        """Transactions left this month (0: every call is the quota's 403); None for the
+        tier's (F0: 30,000; S0: none)."""
+        self._call(self._emulator.set_strict("quota", remaining))
+
+    def set_limited_access(self, mode: str, form: str = "inner-error") -> None:
+        """ "granted", "denied" (403 in `form`: "inner-error" or "unsupported-feature") or
+        "no-face-id" (detect answers without faceId)."""
+        self._call(self._emulator.set_strict("limited_access", mode, form))
+
+    def set_snapshot_keeps_deleted(self, keeps: bool) -> None:
+        """Whether Identify still returns persons deleted since the last training."""
+        self._call(self._emulator.set_strict("snapshot_keeps_deleted", keeps))
 
     def status(self) -> dict[str, Any]:
         return self._call(self._emulator.status())

@@ -9,12 +9,16 @@ Rules kept from the service:
   and personIds are permanent.
 - Training is asynchronous: `nonstarted` for `training_queue_seconds`, then `running` for
   `training_seconds`, then `succeeded` (or `failed` when the group has no face at all).
-  Identify answers from the faces as of the last successful training: a face added since
-  does not count until the group is trained again. Persons deleted since are never
-  returned. While a training runs, Identify is refused (409 ...TrainingNotFinished); a
-  group never trained successfully is refused with 400 ...NotTrained.
-- At most 248 faces a person; 10,000 persons a PersonGroup, 1,000,000 a LargePersonGroup
-  (the S0 tier's limits): over them, 403 QuotaExceeded.
+  Train while a training is queued or running is refused (409 ...TrainingNotFinished).
+  Identify answers from the group as of the last successful training (a snapshot): a
+  person or face added since does not count until the group is trained again; persons
+  deleted since come back as candidates only with `snapshot_keeps_deleted`. A group with
+  no successful training is refused with 409 ...TrainingNotFinished while its first
+  training runs, and 400 ...NotTrained otherwise.
+- Deleting a person, or a group, while a face is being added to it: 409
+  ConcurrentOperationConflict (the error-code table's common errors).
+- At most 248 faces a person; persons per group by tier (`Limits`): over them, 403
+  QuotaExceeded.
 
 State can be saved to JSON (`to_json`) and loaded from it (`load_json`); detected faceIds
 are not saved (they are short-lived by design).
@@ -25,7 +29,9 @@ from __future__ import annotations
 import base64
 import heapq
 import uuid
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
@@ -191,7 +197,12 @@ class FaceState:
         self.training_seconds = training_seconds
         self.training_queue_seconds = training_queue_seconds
         self.match_threshold = match_threshold
+        self.snapshot_keeps_deleted = False
+        """Whether persons deleted since the last training still come back from Identify
+        (the documentation does not say; FaceGate must be safe either way)."""
         self.groups: dict[GroupKind, dict[str, Group]] = {kind: {} for kind in GroupKind}
+        self._writing: Counter[tuple[GroupKind, str, str]] = Counter()
+        """Faces being added (analysed) now, by (kind, group, person)."""
         self._detected: dict[str, DetectedFace] = {}
         self._expiry: list[tuple[float, str]] = []
         self.version = 0
@@ -247,15 +258,19 @@ class FaceState:
 
     def delete_group(self, kind: GroupKind, group_id: str) -> None:
         self.group(kind, group_id)
+        if any(k == kind and g == group_id for k, g, _ in +self._writing):
+            raise _conflict(group_id)
         del self.groups[kind][group_id]
         self._changed()
 
     # ---- training -----------------------------------------------------------------
 
     def train(self, kind: GroupKind, group_id: str) -> None:
-        """Queue a training of the group's current faces (restarts one in progress)."""
+        """Queue a training of the group's current faces; 409 while one is in progress."""
         group = self.group(kind, group_id)
         now = self.clock()
+        if group.training_in_progress(now):
+            raise _training_not_finished(kind)
         previous = group.training
         if previous is not None and now >= previous.ends_at and previous.model is not None:
             group.prior_model = previous.model
@@ -342,8 +357,20 @@ class FaceState:
 
     def delete_person(self, kind: GroupKind, group_id: str, person_id: str) -> None:
         self.person(kind, group_id, person_id)
+        if self._writing[(kind, group_id, person_id)]:
+            raise _conflict(person_id)
         del self.groups[kind][group_id].persons[person_id]
         self._changed()
+
+    @contextmanager
+    def adding_face(self, kind: GroupKind, group_id: str, person_id: str) -> Iterator[None]:
+        """While a face is being added to the person (its image analysed)."""
+        key = (kind, group_id, person_id)
+        self._writing[key] += 1
+        try:
+            yield
+        finally:
+            self._writing[key] -= 1
 
     def check_face_room(self, kind: GroupKind, group_id: str, person_id: str) -> Person:
         person = self.person(kind, group_id, person_id)
@@ -440,11 +467,9 @@ class FaceState:
             if face.recognition_model != group.recognition_model:
                 raise FaceApiError(400, "BadArgument", "'recognitionModel' is incompatible.")
         now = self.clock()
-        if group.training_in_progress(now):
-            raise FaceApiError(
-                409, f"{kind.prefix}TrainingNotFinished", f"{kind.label} is under training."
-            )
         model = group.model_at(now)
+        if model is None and group.training_in_progress(now):
+            raise _training_not_finished(kind)
         if model is None:
             raise FaceApiError(400, f"{kind.prefix}NotTrained", f"{kind.label} not trained.")
         results = []
@@ -452,7 +477,7 @@ class FaceState:
             scores = [
                 (confidence(float(d), self.match_threshold), pid)
                 for pid, d in zip(model.person_ids, model.closest(face.embedding), strict=True)
-                if pid in group.persons
+                if self.snapshot_keeps_deleted or pid in group.persons
             ]
             scores.sort(reverse=True)
             candidates = [
@@ -511,6 +536,20 @@ class FaceState:
             groups[group.kind][group.group_id] = group
         self.groups = groups
         self._changed()
+
+
+def _training_not_finished(kind: GroupKind) -> FaceApiError:
+    return FaceApiError(
+        409, f"{kind.prefix}TrainingNotFinished", f"{kind.label} is under training."
+    )
+
+
+def _conflict(resource: str) -> FaceApiError:
+    return FaceApiError(
+        409,
+        "ConcurrentOperationConflict",
+        f"There is a conflict operation on resource {resource}, please try later.",
+    )
 
 
 def _snapshot(persons: Iterable[Person], trained_at: float) -> TrainedModel | None:

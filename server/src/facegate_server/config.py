@@ -87,6 +87,7 @@ class Settings(BaseSettings):
     # decides). Defaults measured on ../shared/faces.
     match_threshold: float = Field(default=0.55, gt=0, lt=2)
     match_margin: float = Field(default=0.10, ge=0, lt=2)
+    verify_threshold: float = Field(default=0.55, gt=0, lt=2)  # Verify (1:1); README: Verify
     dominant_face_ratio: float = Field(default=4.0, ge=1)
     min_face_px: int = Field(default=60, ge=0)
     max_yaw: float = Field(default=0.30, gt=0)

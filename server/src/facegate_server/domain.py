@@ -26,12 +26,23 @@ class Decision(enum.Enum):
     DENIED_MULTIPLE_FACES = "DENIED_MULTIPLE_FACES"
     DENIED_POOR_QUALITY = "DENIED_POOR_QUALITY"
     DENIED_AMBIGUOUS = "DENIED_AMBIGUOUS"
+    DENIED_NOT_THIS_MEMBER = "DENIED_NOT_THIS_MEMBER"
+    """Verify only: the face is not the claimed member's (or no such member is enrolled)."""
     DENIED_MEMBERSHIP_INACTIVE = "DENIED_MEMBERSHIP_INACTIVE"
     """Recognised, but the membership is not yet valid, has expired, or is suspended."""
     DENIED_OUTSIDE_HOURS = "DENIED_OUTSIDE_HOURS"
     """Recognised, but outside the member's access hours (site time)."""
     DENIED_OTHER_SITE = "DENIED_OTHER_SITE"
     """Recognised, but the membership is for other branches than this server's site."""
+
+
+class AccessKind(enum.Enum):
+    """What a turnstile asked (names match facegate.v1.AccessKind)."""
+
+    IDENTIFY = "IDENTIFY"
+    """Who is this? (1:N, every member)"""
+    VERIFY = "VERIFY"
+    """Is this the member claimed? (1:1, a card or QR code names them)"""
 
 
 class MembershipRule(enum.Enum):
@@ -202,6 +213,11 @@ class NewAccessEvent:
     latency: timedelta
     reports: tuple[EngineReport, ...] = ()
     """What each engine did, when more than one was involved."""
+    kind: AccessKind = AccessKind.IDENTIFY
+    claimed_member_id: str = ""
+    """Verify: the member the card named (`member_id` is set only when granted)."""
+    detail: str = ""
+    """Why, when the decision alone does not say (Verify: "no member with this id")."""
     rule: MembershipRule | None = None
     """The membership rule that refused a recognised member, if one did."""
 
@@ -216,6 +232,7 @@ class EventFilter:
     """Which access events to list; None or empty means no restriction."""
 
     member_id: str = ""
+    """The events granted to the member, and the verifications that claimed them."""
     turnstile_id: str = ""
     start_time: datetime | None = None
     end_time: datetime | None = None

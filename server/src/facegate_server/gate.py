@@ -1,8 +1,8 @@
 """The gate: what each RPC does, in domain terms (no protobuf here).
 
 It validates requests, asks the engine, keeps the store and the matching index in step,
-applies the membership rules to whoever the engine recognised (`_admit`: membership.py),
-and writes every Identify decision to the access log.
+applies the membership rules to whoever the engines recognised (`_admit`: membership.py),
+and writes every Identify and Verify decision to the access log.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from facegate_server.cloud.azure import CloudFailure
 from facegate_server.cloud.sync import CloudSync
 from facegate_server.domain import (
     AccessEvent,
+    AccessKind,
     Change,
     Decision,
     EngineStatus,
@@ -62,6 +63,8 @@ MEMBERSHIP_FIELDS = (
 )
 UPDATABLE = ("display_name", "membership", *(f"membership.{f}" for f in MEMBERSHIP_FIELDS))
 """The field mask paths UpdateMember accepts (relative to the member)."""
+NO_SUCH_MEMBER = "no member with this id"
+"""The access log's detail for a Verify of an id nobody has (the turnstile is not told)."""
 
 
 def utc_now() -> datetime:
@@ -70,9 +73,26 @@ def utc_now() -> datetime:
 
 @dataclass(frozen=True)
 class IdentifyResult:
+    """What Identify or Verify answers (`identification`, `display_name`) and logged."""
+
     identification: Identification
     display_name: str
     event: AccessEvent
+
+
+def told(found: Identification) -> Identification:
+    """A Verify answer as the turnstile hears it: on a denial, no confidence and no detail.
+
+    How close the face came to the member, or that no photo of theirs was compared, would
+    tell a turnstile which member ids exist.
+    """
+    if found.decision is Decision.GRANTED:
+        return found
+    return replace(
+        found,
+        confidence=0.0,
+        reports=tuple(replace(r, confidence=0.0, detail="", member_id="") for r in found.reports),
+    )
 
 
 class Gate:
@@ -153,8 +173,8 @@ class Gate:
         was turned away), says which rule applied and gives the turnstile a hint.
 
         Every other decision (unknown face, no face, several, poor quality, ambiguous)
-        stands as it is: the rules never reveal whom a stranger resembles. Identify calls
-        this; so must any other use case that grants (Verify).
+        stands as it is: the rules never reveal whom a stranger resembles. Identify and
+        Verify call this; so must any other use case that grants.
         """
         if identification.decision is not Decision.GRANTED or not identification.member_id:
             return identification
@@ -170,6 +190,49 @@ class Gate:
         return replace(
             identification, decision=rules.DECISIONS[rule], rule=rule, hint=rules.HINTS[rule]
         )
+
+    def verify(
+        self, member_id: str, image: bytes, turnstile_id: str, time_left: float | None = None
+    ) -> IdentifyResult:
+        """Verify: is the face in `image` the member `member_id` (1:1)?
+
+        An id nobody has gets the engine's answer for a face that is not theirs, after the
+        same work (the engine analyses the frame and compares it with nobody's photos);
+        the access log says why. A denial tells the turnstile nothing measured about the
+        member (`told`): the log keeps the confidences.
+        """
+        started = time.perf_counter()
+        validation.turnstile_id(turnstile_id)
+        validation.member_id(member_id)
+        budget = self.identify_budget if time_left is None else min(self.identify_budget, time_left)
+        found = self.engine.verify(member_id, image, budget)
+        now = self.clock()
+        found = self._admit(found, now)
+        try:  # one read whatever the answer: the name on a grant, existence on a denial
+            display_name, enrolled = self.store.get_member(member_id).display_name, True
+        except MemberNotFound:
+            display_name, enrolled = "", False
+        granted = found.decision is Decision.GRANTED
+        detail = NO_SUCH_MEMBER if not (enrolled or granted) else ""
+        self._decisions[f"{found.engine.value.lower()}/{found.decision.value}"] += 1
+        latency = timedelta(seconds=time.perf_counter() - started)
+        event = self.store.record_event(
+            NewAccessEvent(
+                time=now,
+                turnstile_id=turnstile_id,
+                member_id=found.member_id,
+                decision=found.decision,
+                engine=found.engine,
+                confidence=found.confidence,
+                latency=latency,
+                reports=found.reports,
+                kind=AccessKind.VERIFY,
+                claimed_member_id=member_id,
+                detail=detail,
+                rule=found.rule,
+            )
+        )
+        return IdentifyResult(told(found), display_name if granted else "", event)
 
     def _templates(self, photos: Sequence[bytes]) -> list[FaceTemplate]:
         """One template a photo, each engine's part added; the first bad photo fails all."""

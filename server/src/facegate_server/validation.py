@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import replace
 
 from facegate_server.domain import Membership
@@ -13,6 +14,15 @@ TURNSTILE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 MAX_DISPLAY_NAME = 200
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
+BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f"
+    + "".join(map(chr, range(0x202A, 0x202F)))
+    + "".join(map(chr, range(0x2066, 0x206A)))
+)
+"""The bidirectional controls (the Arabic letter mark, the left-to-right and right-to-left
+marks, the embeddings, overrides and isolates): they reorder the text around them where it
+is shown, so a name could display as something else. The joiners (U+200C, U+200D), which
+Persian and Indic names need, are kept."""
 
 
 def member_id(value: str, field: str = "member_id") -> str:
@@ -50,10 +60,13 @@ def display_name(value: str) -> str:
             f"is {len(value)} characters long; at most {MAX_DISPLAY_NAME} are allowed",
             reason="DISPLAY_NAME_TOO_LONG",
         )
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise InvalidArgument(
-            "display_name", "must not contain control characters", reason="DISPLAY_NAME_INVALID"
-        )
+    for i, c in enumerate(value):
+        if unicodedata.category(c) == "Cc" or c in BIDI_CONTROLS:
+            raise InvalidArgument(
+                "display_name",
+                f"must not contain control characters (U+{ord(c):04X} at {i})",
+                reason="DISPLAY_NAME_INVALID",
+            )
     return value
 
 

@@ -68,15 +68,22 @@ class _DecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decision.Val
     """The face is within the threshold of one member but not far enough ahead
     of another (the margin rule): it could be either, so neither is granted.
     """
-    DECISION_DENIED_MEMBERSHIP_INACTIVE: _Decision.ValueType  # 7
+    DECISION_DENIED_NOT_THIS_MEMBER: _Decision.ValueType  # 7
+    """Verify only: a face was found, good enough to decide on, but it is not the
+    claimed member's (further than the 1:1 threshold from each of their
+    photos), or no member has the claimed id; the turnstile is not told which.
+    Identify never answers it; Verify never answers DENIED_UNKNOWN_FACE or
+    DENIED_AMBIGUOUS.
+    """
+    DECISION_DENIED_MEMBERSHIP_INACTIVE: _Decision.ValueType  # 8
     """The face is a member's, but their membership is not valid now: not yet
     started, expired or suspended (`membership_rule` says which).
     """
-    DECISION_DENIED_OUTSIDE_HOURS: _Decision.ValueType  # 8
+    DECISION_DENIED_OUTSIDE_HOURS: _Decision.ValueType  # 9
     """The face is a member's, but now (the site's local time) is outside
     their access hours.
     """
-    DECISION_DENIED_OTHER_SITE: _Decision.ValueType  # 9
+    DECISION_DENIED_OTHER_SITE: _Decision.ValueType  # 10
     """The face is a member's, but their membership is for other sites than
     this server's (FACEGATE_SITE_ID).
     """
@@ -102,19 +109,50 @@ DECISION_DENIED_AMBIGUOUS: Decision.ValueType  # 6
 """The face is within the threshold of one member but not far enough ahead
 of another (the margin rule): it could be either, so neither is granted.
 """
-DECISION_DENIED_MEMBERSHIP_INACTIVE: Decision.ValueType  # 7
+DECISION_DENIED_NOT_THIS_MEMBER: Decision.ValueType  # 7
+"""Verify only: a face was found, good enough to decide on, but it is not the
+claimed member's (further than the 1:1 threshold from each of their
+photos), or no member has the claimed id; the turnstile is not told which.
+Identify never answers it; Verify never answers DENIED_UNKNOWN_FACE or
+DENIED_AMBIGUOUS.
+"""
+DECISION_DENIED_MEMBERSHIP_INACTIVE: Decision.ValueType  # 8
 """The face is a member's, but their membership is not valid now: not yet
 started, expired or suspended (`membership_rule` says which).
 """
-DECISION_DENIED_OUTSIDE_HOURS: Decision.ValueType  # 8
+DECISION_DENIED_OUTSIDE_HOURS: Decision.ValueType  # 9
 """The face is a member's, but now (the site's local time) is outside
 their access hours.
 """
-DECISION_DENIED_OTHER_SITE: Decision.ValueType  # 9
+DECISION_DENIED_OTHER_SITE: Decision.ValueType  # 10
 """The face is a member's, but their membership is for other sites than
 this server's (FACEGATE_SITE_ID).
 """
 Global___Decision: _TypeAlias = Decision  # noqa: Y015
+
+class _AccessKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AccessKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AccessKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ACCESS_KIND_UNSPECIFIED: _AccessKind.ValueType  # 0
+    """Never sent."""
+    ACCESS_KIND_IDENTIFY: _AccessKind.ValueType  # 1
+    """Identify: who is this (1:N, every member)?"""
+    ACCESS_KIND_VERIFY: _AccessKind.ValueType  # 2
+    """Verify: is this the member claimed (1:1)?"""
+
+class AccessKind(_AccessKind, metaclass=_AccessKindEnumTypeWrapper):
+    """What a turnstile asked."""
+
+ACCESS_KIND_UNSPECIFIED: AccessKind.ValueType  # 0
+"""Never sent."""
+ACCESS_KIND_IDENTIFY: AccessKind.ValueType  # 1
+"""Identify: who is this (1:N, every member)?"""
+ACCESS_KIND_VERIFY: AccessKind.ValueType  # 2
+"""Verify: is this the member claimed (1:1)?"""
+Global___AccessKind: _TypeAlias = AccessKind  # noqa: Y015
 
 class _MembershipRule:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -647,6 +685,127 @@ class IdentifyResponse(_message.Message):
 Global___IdentifyResponse: _TypeAlias = IdentifyResponse  # noqa: Y015
 
 @_typing.final
+class VerifyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    TURNSTILE_ID_FIELD_NUMBER: _builtins.int
+    member_id: _builtins.str
+    """The member the person claims to be, e.g. read from their card or QR code
+    (the same rules as EnrollRequest.member_id). Required.
+    """
+    image: _builtins.bytes
+    """The camera frame, with the same rules as IdentifyRequest.image. Required."""
+    turnstile_id: _builtins.str
+    """The turnstile the frame comes from, with the same rules as
+    IdentifyRequest.turnstile_id. Required.
+    """
+    def __init__(
+        self,
+        *,
+        member_id: _builtins.str = ...,
+        image: _builtins.bytes = ...,
+        turnstile_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "member_id", b"member_id", "turnstile_id", b"turnstile_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyRequest: _TypeAlias = VerifyRequest  # noqa: Y015
+
+@_typing.final
+class VerifyResponse(_message.Message):
+    """As IdentifyResponse, for one member. On a denial, `confidence` and the
+    engines' confidences are 0 and their details empty, whatever the engines
+    measured (the access log keeps it): how close a face came to a member, or
+    that an id has no photos, would tell a turnstile which ids exist.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISION_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    CONFIDENCE_FIELD_NUMBER: _builtins.int
+    ENGINE_FIELD_NUMBER: _builtins.int
+    FACE_BOX_FIELD_NUMBER: _builtins.int
+    SERVER_LATENCY_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    HINT_FIELD_NUMBER: _builtins.int
+    ENGINES_FIELD_NUMBER: _builtins.int
+    CLOUD_TRANSACTIONS_FIELD_NUMBER: _builtins.int
+    MEMBERSHIP_RULE_FIELD_NUMBER: _builtins.int
+    decision: Global___Decision.ValueType
+    """What the gate decided."""
+    member_id: _builtins.str
+    """The member verified (the one claimed); empty on every denial but a
+    membership rule's (DENIED_MEMBERSHIP_INACTIVE, DENIED_OUTSIDE_HOURS,
+    DENIED_OTHER_SITE: the face was theirs).
+    """
+    display_name: _builtins.str
+    """The verified member's display name; empty unless granted."""
+    confidence: _builtins.float
+    """How sure the engine is that the face is the member's, in [0, 1]: the
+    scale of IdentifyResponse.confidence. 0 on every denial.
+    """
+    engine: Global___Engine.ValueType
+    """The engine that decided."""
+    event_id: _builtins.int
+    """The access log entry written for this decision."""
+    hint: _builtins.str
+    """A short instruction the turnstile can show the person; empty when there
+    is nothing to say.
+    """
+    cloud_transactions: _builtins.int
+    """Paid cloud transactions (Face API calls) spent on this frame: two for a
+    cloud verification (detect, verify).
+    """
+    membership_rule: Global___MembershipRule.ValueType
+    """The membership rule that refused the verified member, if one did (then
+    `member_id` is the member claimed).
+    """
+    @_builtins.property
+    def face_box(self) -> Global___FaceBox:
+        """The face decided on; unset when no face was found."""
+
+    @_builtins.property
+    def server_latency(self) -> _duration_pb2.Duration:
+        """Time spent in the server, from receiving the request to answering it."""
+
+    @_builtins.property
+    def engines(self) -> _containers.RepeatedCompositeFieldContainer[Global___EngineReport]:
+        """What each engine did, as in IdentifyResponse (confidences and details
+        cleared on a denial).
+        """
+
+    def __init__(
+        self,
+        *,
+        decision: Global___Decision.ValueType = ...,
+        member_id: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        confidence: _builtins.float = ...,
+        engine: Global___Engine.ValueType = ...,
+        face_box: Global___FaceBox | None = ...,
+        server_latency: _duration_pb2.Duration | None = ...,
+        event_id: _builtins.int = ...,
+        hint: _builtins.str = ...,
+        engines: _abc.Iterable[Global___EngineReport] | None = ...,
+        cloud_transactions: _builtins.int = ...,
+        membership_rule: Global___MembershipRule.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["face_box", b"face_box", "server_latency", b"server_latency"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cloud_transactions", b"cloud_transactions", "confidence", b"confidence", "decision", b"decision", "display_name", b"display_name", "engine", b"engine", "engines", b"engines", "event_id", b"event_id", "face_box", b"face_box", "hint", b"hint", "member_id", b"member_id", "membership_rule", b"membership_rule", "server_latency", b"server_latency"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyResponse: _TypeAlias = VerifyResponse  # noqa: Y015
+
+@_typing.final
 class EnrollRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1127,7 +1286,7 @@ Global___DeleteMemberResponse: _TypeAlias = DeleteMemberResponse  # noqa: Y015
 
 @_typing.final
 class AccessEvent(_message.Message):
-    """One Identify decision, as recorded in the access log."""
+    """One Identify or Verify decision, as recorded in the access log."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1140,19 +1299,32 @@ class AccessEvent(_message.Message):
     CONFIDENCE_FIELD_NUMBER: _builtins.int
     SERVER_LATENCY_FIELD_NUMBER: _builtins.int
     ENGINES_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    CLAIMED_MEMBER_ID_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
     MEMBERSHIP_RULE_FIELD_NUMBER: _builtins.int
     event_id: _builtins.int
     """The event's id; ids grow with time."""
     turnstile_id: _builtins.str
     """The turnstile that sent the frame."""
     member_id: _builtins.str
-    """The member granted (or, for an unknown face, empty)."""
+    """The member granted (empty on every denial)."""
     decision: Global___Decision.ValueType
     """What was decided."""
     engine: Global___Engine.ValueType
     """The engine that decided."""
     confidence: _builtins.float
     """The decision's confidence, as in IdentifyResponse."""
+    kind: Global___AccessKind.ValueType
+    """Identify or Verify."""
+    claimed_member_id: _builtins.str
+    """Verify: the member id the turnstile claimed (`member_id` is set only
+    when granted, or when a membership rule refused the member).
+    """
+    detail: _builtins.str
+    """Why, when the decision alone does not say: for a Verify of an id no
+    member has, "no member with this id".
+    """
     membership_rule: Global___MembershipRule.ValueType
     """The membership rule that refused the member, if one did."""
     @_builtins.property
@@ -1179,11 +1351,14 @@ class AccessEvent(_message.Message):
         confidence: _builtins.float = ...,
         server_latency: _duration_pb2.Duration | None = ...,
         engines: _abc.Iterable[Global___EngineReport] | None = ...,
+        kind: Global___AccessKind.ValueType = ...,
+        claimed_member_id: _builtins.str = ...,
+        detail: _builtins.str = ...,
         membership_rule: Global___MembershipRule.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["server_latency", b"server_latency", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "decision", b"decision", "engine", b"engine", "engines", b"engines", "event_id", b"event_id", "member_id", b"member_id", "membership_rule", b"membership_rule", "server_latency", b"server_latency", "time", b"time", "turnstile_id", b"turnstile_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claimed_member_id", b"claimed_member_id", "confidence", b"confidence", "decision", b"decision", "detail", b"detail", "engine", b"engine", "engines", b"engines", "event_id", b"event_id", "kind", b"kind", "member_id", b"member_id", "membership_rule", b"membership_rule", "server_latency", b"server_latency", "time", b"time", "turnstile_id", b"turnstile_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1202,7 +1377,10 @@ class ListAccessEventsRequest(_message.Message):
     DECISIONS_FIELD_NUMBER: _builtins.int
     MEMBERSHIP_RULE_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
-    """Only this member's events; empty for everybody."""
+    """Only this member's events: those that granted them, and the verifications
+    that claimed them (granted or not: a card used with another face shows
+    here); empty for everybody.
+    """
     turnstile_id: _builtins.str
     """Only this turnstile's events; empty for every turnstile."""
     page_size: _builtins.int

@@ -40,6 +40,11 @@ class FaceGateServiceStub:
                 request_serializer=facegate_dot_v1_dot_facegate__service__pb2.IdentifyRequest.SerializeToString,
                 response_deserializer=facegate_dot_v1_dot_facegate__service__pb2.IdentifyResponse.FromString,
                 _registered_method=True)
+        self.Verify = channel.unary_unary(
+                '/facegate.v1.FaceGateService/Verify',
+                request_serializer=facegate_dot_v1_dot_facegate__service__pb2.VerifyRequest.SerializeToString,
+                response_deserializer=facegate_dot_v1_dot_facegate__service__pb2.VerifyResponse.FromString,
+                _registered_method=True)
         self.Enroll = channel.unary_unary(
                 '/facegate.v1.FaceGateService/Enroll',
                 request_serializer=facegate_dot_v1_dot_facegate__service__pb2.EnrollRequest.SerializeToString,
@@ -110,6 +115,21 @@ class FaceGateServiceServicer:
         """Decides whether the person in one camera frame may enter. Every decision
         is written to the access log. A denial is a successful call: check
         `decision`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Verify(self, request, context):
+        """Decides whether the person in one camera frame is the member a card or a
+        QR code names (1:1): the frame is compared with that member's photos only,
+        by a threshold of its own. The same decisions as Identify, plus
+        DECISION_DENIED_NOT_THIS_MEMBER. A member id nobody has is answered
+        exactly as a face that is not the member's, after the same work, never
+        NOT_FOUND: a turnstile cannot learn which ids exist. Every decision is
+        written to the access log as a verification, with the id claimed and,
+        for an unknown id, why. A denial is a successful call: check `decision`.
+        The membership rules apply to a verified member as to an identified one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -186,9 +206,9 @@ class FaceGateServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAccessEvents(self, request, context):
-        """Reads the access log (every Identify decision), newest first, one page
-        at a time, optionally filtered by member, turnstile, time, decision and
-        membership rule.
+        """Reads the access log (every Identify and Verify decision), newest first,
+        one page at a time, optionally filtered by member, turnstile, time,
+        decision and membership rule.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -231,6 +251,11 @@ def add_FaceGateServiceServicer_to_server(servicer, server):
                     servicer.Identify,
                     request_deserializer=facegate_dot_v1_dot_facegate__service__pb2.IdentifyRequest.FromString,
                     response_serializer=facegate_dot_v1_dot_facegate__service__pb2.IdentifyResponse.SerializeToString,
+            ),
+            'Verify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Verify,
+                    request_deserializer=facegate_dot_v1_dot_facegate__service__pb2.VerifyRequest.FromString,
+                    response_serializer=facegate_dot_v1_dot_facegate__service__pb2.VerifyResponse.SerializeToString,
             ),
             'Enroll': grpc.unary_unary_rpc_method_handler(
                     servicer.Enroll,
@@ -321,6 +346,33 @@ class FaceGateService:
             '/facegate.v1.FaceGateService/Identify',
             facegate_dot_v1_dot_facegate__service__pb2.IdentifyRequest.SerializeToString,
             facegate_dot_v1_dot_facegate__service__pb2.IdentifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Verify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/facegate.v1.FaceGateService/Verify',
+            facegate_dot_v1_dot_facegate__service__pb2.VerifyRequest.SerializeToString,
+            facegate_dot_v1_dot_facegate__service__pb2.VerifyResponse.FromString,
             options,
             channel_credentials,
             insecure,

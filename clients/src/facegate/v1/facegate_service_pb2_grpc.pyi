@@ -60,6 +60,17 @@ class FaceGateServiceStub:
     is written to the access log. A denial is a successful call: check
     `decision`.
     """
+    Verify: _grpc.UnaryUnaryMultiCallable[_facegate_service_pb2.VerifyRequest, _facegate_service_pb2.VerifyResponse]
+    """Decides whether the person in one camera frame is the member a card or a
+    QR code names (1:1): the frame is compared with that member's photos only,
+    by a threshold of its own. The same decisions as Identify, plus
+    DECISION_DENIED_NOT_THIS_MEMBER. A member id nobody has is answered
+    exactly as a face that is not the member's, after the same work, never
+    NOT_FOUND: a turnstile cannot learn which ids exist. Every decision is
+    written to the access log as a verification, with the id claimed and,
+    for an unknown id, why. A denial is a successful call: check `decision`.
+    The membership rules apply to a verified member as to an identified one.
+    """
     Enroll: _grpc.UnaryUnaryMultiCallable[_facegate_service_pb2.EnrollRequest, _facegate_service_pb2.EnrollResponse]
     """Creates a member from one or more photos, each holding exactly one face,
     with their membership (validity, suspension, access hours, sites).
@@ -97,9 +108,9 @@ class FaceGateServiceStub:
     hold no biometric data).
     """
     ListAccessEvents: _grpc.UnaryUnaryMultiCallable[_facegate_service_pb2.ListAccessEventsRequest, _facegate_service_pb2.ListAccessEventsResponse]
-    """Reads the access log (every Identify decision), newest first, one page
-    at a time, optionally filtered by member, turnstile, time, decision and
-    membership rule.
+    """Reads the access log (every Identify and Verify decision), newest first,
+    one page at a time, optionally filtered by member, turnstile, time,
+    decision and membership rule.
     """
     GetStatus: _grpc.UnaryUnaryMultiCallable[_facegate_service_pb2.GetStatusRequest, _facegate_service_pb2.GetStatusResponse]
     """Reports the server's state for operators: engines, routing, the cloud's
@@ -129,6 +140,17 @@ class FaceGateServiceAsyncStub(FaceGateServiceStub):
     """Decides whether the person in one camera frame may enter. Every decision
     is written to the access log. A denial is a successful call: check
     `decision`.
+    """
+    Verify: _aio.UnaryUnaryMultiCallable[_facegate_service_pb2.VerifyRequest, _facegate_service_pb2.VerifyResponse]  # type: ignore[assignment]
+    """Decides whether the person in one camera frame is the member a card or a
+    QR code names (1:1): the frame is compared with that member's photos only,
+    by a threshold of its own. The same decisions as Identify, plus
+    DECISION_DENIED_NOT_THIS_MEMBER. A member id nobody has is answered
+    exactly as a face that is not the member's, after the same work, never
+    NOT_FOUND: a turnstile cannot learn which ids exist. Every decision is
+    written to the access log as a verification, with the id claimed and,
+    for an unknown id, why. A denial is a successful call: check `decision`.
+    The membership rules apply to a verified member as to an identified one.
     """
     Enroll: _aio.UnaryUnaryMultiCallable[_facegate_service_pb2.EnrollRequest, _facegate_service_pb2.EnrollResponse]  # type: ignore[assignment]
     """Creates a member from one or more photos, each holding exactly one face,
@@ -167,9 +189,9 @@ class FaceGateServiceAsyncStub(FaceGateServiceStub):
     hold no biometric data).
     """
     ListAccessEvents: _aio.UnaryUnaryMultiCallable[_facegate_service_pb2.ListAccessEventsRequest, _facegate_service_pb2.ListAccessEventsResponse]  # type: ignore[assignment]
-    """Reads the access log (every Identify decision), newest first, one page
-    at a time, optionally filtered by member, turnstile, time, decision and
-    membership rule.
+    """Reads the access log (every Identify and Verify decision), newest first,
+    one page at a time, optionally filtered by member, turnstile, time,
+    decision and membership rule.
     """
     GetStatus: _aio.UnaryUnaryMultiCallable[_facegate_service_pb2.GetStatusRequest, _facegate_service_pb2.GetStatusResponse]  # type: ignore[assignment]
     """Reports the server's state for operators: engines, routing, the cloud's
@@ -202,6 +224,23 @@ class FaceGateServiceServicer(metaclass=_abc_1.ABCMeta):
         """Decides whether the person in one camera frame may enter. Every decision
         is written to the access log. A denial is a successful call: check
         `decision`.
+        """
+
+    @_abc_1.abstractmethod
+    def Verify(
+        self,
+        request: _facegate_service_pb2.VerifyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_facegate_service_pb2.VerifyResponse, _abc.Awaitable[_facegate_service_pb2.VerifyResponse]]:
+        """Decides whether the person in one camera frame is the member a card or a
+        QR code names (1:1): the frame is compared with that member's photos only,
+        by a threshold of its own. The same decisions as Identify, plus
+        DECISION_DENIED_NOT_THIS_MEMBER. A member id nobody has is answered
+        exactly as a face that is not the member's, after the same work, never
+        NOT_FOUND: a turnstile cannot learn which ids exist. Every decision is
+        written to the access log as a verification, with the id claimed and,
+        for an unknown id, why. A denial is a successful call: check `decision`.
+        The membership rules apply to a verified member as to an identified one.
         """
 
     @_abc_1.abstractmethod
@@ -294,9 +333,9 @@ class FaceGateServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _facegate_service_pb2.ListAccessEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_facegate_service_pb2.ListAccessEventsResponse, _abc.Awaitable[_facegate_service_pb2.ListAccessEventsResponse]]:
-        """Reads the access log (every Identify decision), newest first, one page
-        at a time, optionally filtered by member, turnstile, time, decision and
-        membership rule.
+        """Reads the access log (every Identify and Verify decision), newest first,
+        one page at a time, optionally filtered by member, turnstile, time,
+        decision and membership rule.
         """
 
     @_abc_1.abstractmethod

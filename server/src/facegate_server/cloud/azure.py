@@ -257,6 +257,27 @@ class AzureFace:
         ]
         return sorted(candidates, key=lambda c: -c[1])
 
+    def verify(self, face_id: str, person_id: str, timeout: float) -> float | None:
+        """The confidence that a detected face is the group's person `person_id` (one call).
+
+        None when the person, or every face of theirs, is not there (404): the answer for
+        a face that is not theirs, after the same call.
+        """
+        try:
+            result = self._call(
+                "verify",
+                self._client.face.verify_face_to_person,
+                face_id,
+                person_id,
+                large_person_group_id=self.settings.group_id,
+                read_timeout=timeout,
+            )
+        except CloudFailure as failure:
+            if failure.status == 404:
+                return None
+            raise
+        return float(result.confidence)
+
     # The group
     def ensure_group(self) -> bool:
         """Create the group if it does not exist; True if it was created."""

@@ -30,6 +30,9 @@ MIN_BYTES = 1024
 """The Face API refuses smaller images (400 InvalidImageSize): they are not sent."""
 HINT_NO_FACE = "look at the camera"
 HINT_MULTIPLE_FACES = "one person at a time, please"
+NO_PERSON = "00000000-0000-0000-0000-000000000000"
+"""The person Verify asks about for a member with no cloud person (no such member, or not
+synchronised yet): the Face API answers 404, as after a real verification's round trip."""
 
 
 class CloudPeople:
@@ -159,6 +162,50 @@ class AzureEngine:
             Decision.DENIED_UNKNOWN_FACE, self.kind, confidence=best, face_box=box
         )
         return found, candidates
+
+    def verify(
+        self, member_id: str, image: bytes, timeout: float, attempt: Attempt | None = None
+    ) -> Identification:
+        """Detect (with a face id), then verify it against the member's person: two calls.
+
+        A member with no cloud person (no such member, or not synchronised yet) costs the
+        same two calls, the second about a person that does not exist, and is answered as
+        a face that is not theirs. Granted at `identify_confidence`, Identify's boundary.
+        """
+        attempt = attempt or Attempt()
+        if len(image) < MIN_BYTES:
+            raise CloudFailure(
+                EngineOutcome.NOT_USED, "image under the Face API's 1 KB", status=400
+            )
+        deadline = time.monotonic() + timeout
+        attempt.billed += 1
+        faces = self.face.detect(image, timeout)
+        if not faces:
+            return Identification(Decision.DENIED_NO_FACE, self.kind, hint=HINT_NO_FACE)
+        if len(faces) > 1:
+            largest = max(faces, key=lambda f: f.box.area)
+            return Identification(
+                Decision.DENIED_MULTIPLE_FACES,
+                self.kind,
+                face_box=largest.box,
+                hint=HINT_MULTIPLE_FACES,
+            )
+        remaining = deadline - time.monotonic()
+        if attempt.cancelled.is_set() or remaining <= 0:
+            raise CloudFailure(EngineOutcome.TIMED_OUT, "no time left to verify")
+        person = self.people.person_of(member_id)
+        attempt.billed += 1
+        score = self.face.verify(
+            faces[0].face_id, person.person_id if person else NO_PERSON, remaining
+        )
+        box = faces[0].box
+        if score is not None and score >= self.face.settings.identify_confidence:
+            return Identification(
+                Decision.GRANTED, self.kind, member_id=member_id, confidence=score, face_box=box
+            )
+        return Identification(
+            Decision.DENIED_NOT_THIS_MEMBER, self.kind, confidence=score or 0.0, face_box=box
+        )
 
     def search(self, image: bytes, timeout: float, max_candidates: int) -> SearchResult:
         """The cloud's decision and its candidates (Azure reports no distance: 0)."""

@@ -31,7 +31,7 @@ from facegate_server.errors import RecognitionUnavailable
 
 @dataclass
 class Attempt:
-    """One identify call, as its caller and the engine share it."""
+    """One identify or verify call, as its caller and the engine share it."""
 
     cancelled: threading.Event = field(default_factory=threading.Event)
     """Set by the caller when it no longer waits: the engine makes no further paid call."""
@@ -80,6 +80,19 @@ class RecognitionEngine(Protocol):
 
         Raises errors.InvalidArgument for unusable images, RecognitionTimeout when the
         time runs out, EngineFailure (a RecognitionUnavailable) when it cannot answer.
+        """
+        ...
+
+    def verify(
+        self, member_id: str, image: bytes, timeout: float, attempt: Attempt | None = None
+    ) -> Identification:
+        """Decide whether the face in one frame is `member_id`'s (1:1), within `timeout`.
+
+        GRANTED (to `member_id`) or DENIED_NOT_THIS_MEMBER, or, before any comparison, the
+        frame's own denials (no face, several faces, poor quality); never UNKNOWN_FACE or
+        AMBIGUOUS. A member this engine does not know is DENIED_NOT_THIS_MEMBER after the
+        same work as any other (the frame is still analysed), with confidence 0. Raises as
+        `identify` does.
         """
         ...
 

@@ -126,6 +126,23 @@ class FaceIndex:
         order = present[np.argsort(per_member[present], kind="stable")[:k]]
         return [(self._ids[code], float(per_member[code])) for code in order]
 
+    def distance(self, member_id: str, probe: Embedding) -> float:
+        """The distance from `probe` to `member_id`'s closest template (infinity: none).
+
+        The same work whoever is asked for, enrolled or not: the member's rows are picked
+        by one comparison over every row, so the time taken does not say whether the id
+        is enrolled.
+        """
+        snap = self._snapshot
+        code = self._codes.get(member_id, -1)
+        theirs = snap.owners == code
+        rows = snap.vectors[theirs]
+        if len(rows) == 0:
+            return float("inf")
+        q = np.asarray(probe, np.float32)
+        squared = snap.sq_norms[theirs] + np.float32(q @ q) - 2.0 * (rows @ q)
+        return float(np.sqrt(np.maximum(squared, 0.0)).min())
+
     def match(self, probe: Embedding) -> Match | None:
         """The closest member to `probe` and the closest other member (None: empty index).
 

@@ -11,12 +11,13 @@ import concurrent.futures as cf
 import logging
 import multiprocessing
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from facegate_server.domain import (
     Candidate,
     Decision,
+    Embedding,
     EngineKind,
     FaceTemplate,
     Identification,
@@ -26,7 +27,13 @@ from facegate_server.engines import worker
 from facegate_server.engines.base import Attempt
 from facegate_server.engines.images import ImageRejected, check_size
 from facegate_server.engines.index import FaceIndex
-from facegate_server.engines.policy import DecisionPolicy, confidence, decide_match
+from facegate_server.engines.policy import (
+    DecisionPolicy,
+    MatchDecision,
+    confidence,
+    decide_match,
+    decide_verification,
+)
 from facegate_server.engines.worker import Analysis, FaceRules
 from facegate_server.errors import InvalidArgument, RecognitionTimeout, RecognitionUnavailable
 
@@ -180,6 +187,18 @@ class LocalEngine:
     ) -> Identification:
         return self.decide(self.analyse(image, timeout))
 
+    def verify(
+        self, member_id: str, image: bytes, timeout: float, attempt: Attempt | None = None
+    ) -> Identification:
+        """The frame analysed as for Identify, then compared with `member_id`'s photos only."""
+        analysis = self.analyse(image, timeout)
+        return self.decide(
+            analysis,
+            lambda embedding: decide_verification(
+                member_id, self.index.distance(member_id, embedding), self.policy
+            ),
+        )
+
     def enrol(
         self, photos: Sequence[bytes], timeout: float, templates: Sequence[FaceTemplate]
     ) -> list[FaceTemplate]:
@@ -248,8 +267,16 @@ class LocalEngine:
             ]
         return SearchResult(self.decide(analysis), candidates, analysis.quality)
 
-    def decide(self, analysis: Analysis) -> Identification:
-        """Apply the policy to a worker's analysis (see engines/policy.py for the rules)."""
+    def decide(
+        self,
+        analysis: Analysis,
+        compare: Callable[[Embedding], MatchDecision] | None = None,
+    ) -> Identification:
+        """Apply the policy to a worker's analysis (see engines/policy.py for the rules).
+
+        `compare` decides on a face good enough to decide on: by default a match against
+        every member (Identify); Verify passes a comparison with one member.
+        """
         if not analysis.boxes:
             return Identification(Decision.DENIED_NO_FACE, self.kind, hint=HINT_NO_FACE)
         face = analysis.face
@@ -268,7 +295,10 @@ class LocalEngine:
                 Decision.DENIED_POOR_QUALITY, self.kind, face_box=face, hint=problem.hint
             )
         assert analysis.embedding is not None
-        decided = decide_match(self.index.match(analysis.embedding), self.policy)
+        if compare is None:
+            decided = decide_match(self.index.match(analysis.embedding), self.policy)
+        else:
+            decided = compare(analysis.embedding)
         return Identification(
             decided.decision,
             self.kind,

@@ -74,6 +74,18 @@ class MemoryEngine:
             return Identification(Decision.DENIED_AMBIGUOUS, self.kind, confidence=1.0)
         return Identification(Decision.DENIED_UNKNOWN_FACE, self.kind)
 
+    def verify(
+        self, member_id: str, image: bytes, timeout: float, attempt: Attempt | None = None
+    ) -> Identification:
+        face = self._face(image, "image")
+        if face is None:
+            return Identification(Decision.DENIED_NO_FACE, self.kind, hint="look at the camera")
+        with self._lock:
+            theirs = face in self._members.get(member_id, ())
+        if theirs:
+            return Identification(Decision.GRANTED, self.kind, member_id=member_id, confidence=1.0)
+        return Identification(Decision.DENIED_NOT_THIS_MEMBER, self.kind)
+
     def search(self, image: bytes, timeout: float, max_candidates: int) -> SearchResult:
         found = self.identify(image, timeout)
         face = self._face(image, "image")

@@ -11,7 +11,10 @@
    is that of their closest enrolled photo (every photo is kept and matched). A face
    within the threshold of two members with too small a margin is DENIED_AMBIGUOUS. The
    rule itself is grant.verdict, which `facegate evaluate` also recomputes decisions with.
-4. Confidence: a fixed map of distance to [0, 1] (`confidence`), the same whatever the
+4. Verify (1:1) compares the face with the claimed member's photos only: granted when the
+   closest is within `verify_threshold`; otherwise DENIED_NOT_THIS_MEMBER (also when no
+   member has the id). No margin: there is no runner-up. Steps 1 and 2 are the same.
+5. Confidence: a fixed map of distance to [0, 1] (`confidence`), the same whatever the
    threshold is configured to, so that it means the same from either engine.
 
 The README's "How the local engine decides" has the measurements behind each default.
@@ -120,6 +123,10 @@ class DecisionPolicy:
     match_margin: float = 0.10
     dominant_face_ratio: float = 4.0
     quality: QualityLimits = field(default_factory=QualityLimits)
+    verify_threshold: float = 0.55
+    """Verify's 1:1 threshold (FACEGATE_VERIFY_THRESHOLD): genuine claims on the test
+    photographs measure 0.02 to 0.53, impostor claims 0.66 and more
+    (benchmarks/verify_threshold.py)."""
 
 
 def decision_policy(settings: Settings) -> DecisionPolicy:
@@ -127,6 +134,7 @@ def decision_policy(settings: Settings) -> DecisionPolicy:
     return DecisionPolicy(
         match_threshold=settings.match_threshold,
         match_margin=settings.match_margin,
+        verify_threshold=settings.verify_threshold,
         dominant_face_ratio=settings.dominant_face_ratio,
         quality=QualityLimits(
             min_face_px=settings.min_face_px,
@@ -162,6 +170,18 @@ class MatchDecision:
 
 
 HINT_AMBIGUOUS = "please see the front desk"
+
+
+def decide_verification(member_id: str, distance: float, policy: DecisionPolicy) -> MatchDecision:
+    """Grant `member_id` when their closest photo is within the 1:1 threshold.
+
+    `distance` is infinite when no member has the id: denied like any other face that is
+    not theirs, with confidence 0.
+    """
+    score = confidence(distance) if math.isfinite(distance) else 0.0
+    if distance <= policy.verify_threshold:
+        return MatchDecision(Decision.GRANTED, member_id, score)
+    return MatchDecision(Decision.DENIED_NOT_THIS_MEMBER, confidence=score)
 
 
 def decide_match(match: Match | None, policy: DecisionPolicy) -> MatchDecision:

@@ -23,6 +23,9 @@ When both engines answer (agreement policy, FACEGATE_ON_DISAGREEMENT):
 - `require-agreement`: a grant needs both engines to grant the same member (the same
   not-yet-trained exception applies).
 Both engines' answers go into the response and the access log.
+
+Verify (1:1) is routed by the same machinery as Identify: the same policies, breaker, slots
+and budget, and the same agreement rules with "not this member" in place of "unknown".
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 from facegate_server.domain import (
@@ -63,6 +66,16 @@ class Policy(enum.Enum):
 class Agreement(enum.Enum):
     DENY_ON_CONFLICT = "deny-on-conflict"
     REQUIRE_AGREEMENT = "require-agreement"
+
+
+@dataclass(frozen=True)
+class Question:
+    """What both engines are asked about a frame: Identify's question or Verify's."""
+
+    ask: Callable[[RecognitionEngine, float, Attempt | None], Identification]
+    """Ask one engine, with a timeout and (the cloud) the call's shared Attempt."""
+    not_granted: Decision
+    """The denial for "a face, but not a member's": unknown face, or not this member."""
 
 
 def _report(found: Identification, outcome: EngineOutcome, latency: float) -> EngineReport:
@@ -162,27 +175,49 @@ class RoutingEngine:
     def identify(
         self, image: bytes, timeout: float, attempt: Attempt | None = None
     ) -> Identification:
+        return self._route(
+            Question(
+                lambda engine, budget, call: engine.identify(image, budget, call),
+                Decision.DENIED_UNKNOWN_FACE,
+            ),
+            timeout,
+        )
+
+    def verify(
+        self, member_id: str, image: bytes, timeout: float, attempt: Attempt | None = None
+    ) -> Identification:
+        return self._route(
+            Question(
+                lambda engine, budget, call: engine.verify(member_id, image, budget, call),
+                Decision.DENIED_NOT_THIS_MEMBER,
+            ),
+            timeout,
+        )
+
+    def _route(self, question: Question, timeout: float) -> Identification:
         deadline = self._clock() + timeout
         if self.policy is Policy.LOCAL_ONLY:
-            return self.local.identify(image, timeout)
+            return question.ask(self.local, timeout, None)
         if self.policy is Policy.LOCAL_FIRST:
-            return self._local_first(image, deadline)
-        return self._cloud_first(image, deadline)
+            return self._local_first(question, deadline)
+        return self._cloud_first(question, deadline)
 
-    def _cloud_first(self, image: bytes, deadline: float) -> Identification:
+    def _cloud_first(self, question: Question, deadline: float) -> Identification:
         started = self._clock()
         local_future = self._local_pool.submit(
-            self.local.identify, image, max(0.0, deadline - started)
+            question.ask, self.local, max(0.0, deadline - started), None
         )
-        cloud_future, call, skipped = self._start_cloud(image, deadline)
+        cloud_future, call, skipped = self._start_cloud(question, deadline)
         try:
-            return self._combine(local_future, cloud_future, call, skipped, deadline, started)
+            return self._combine(
+                question, local_future, cloud_future, call, skipped, deadline, started
+            )
         finally:
             call.cancelled.set()
 
-    def _local_first(self, image: bytes, deadline: float) -> Identification:
+    def _local_first(self, question: Question, deadline: float) -> Identification:
         started = self._clock()
-        local = self.local.identify(image, max(0.0, deadline - started))
+        local = question.ask(self.local, max(0.0, deadline - started), None)
         local_latency = self._clock() - started
         if self._confident(local):
             return replace(
@@ -196,10 +231,10 @@ class RoutingEngine:
             )
         done: cf.Future[Identification] = cf.Future()
         done.set_result(local)
-        cloud_future, call, skipped = self._start_cloud(image, deadline)
+        cloud_future, call, skipped = self._start_cloud(question, deadline)
         try:
             return self._combine(
-                done, cloud_future, call, skipped, deadline, started, local_latency
+                question, done, cloud_future, call, skipped, deadline, started, local_latency
             )
         finally:
             call.cancelled.set()
@@ -207,14 +242,14 @@ class RoutingEngine:
     def _confident(self, local: Identification) -> bool:
         if local.decision is Decision.GRANTED:
             return local.confidence >= self.local_confident
-        if local.decision is Decision.DENIED_UNKNOWN_FACE:
+        if local.decision in (Decision.DENIED_UNKNOWN_FACE, Decision.DENIED_NOT_THIS_MEMBER):
             return local.confidence <= 1.0 - self.local_confident
         # Two members too close to call: a second opinion is worth it. No face, several
         # faces, poor quality: the cloud would see the same.
         return local.decision is not Decision.DENIED_AMBIGUOUS
 
     def _start_cloud(
-        self, image: bytes, deadline: float
+        self, question: Question, deadline: float
     ) -> tuple[cf.Future[Identification] | None, Attempt, EngineReport | None]:
         """Start the cloud call, or say why it was skipped."""
         call = Attempt()
@@ -245,7 +280,7 @@ class RoutingEngine:
 
         def run() -> Identification:
             try:
-                return cloud.identify(image, budget, call)
+                return question.ask(cloud, budget, call)
             finally:
                 self._slots.release()
 
@@ -285,6 +320,7 @@ class RoutingEngine:
 
     def _combine(
         self,
+        question: Question,
         local_future: cf.Future[Identification],
         cloud_future: cf.Future[Identification] | None,
         call: Attempt,
@@ -339,7 +375,7 @@ class RoutingEngine:
                 ),
                 cloud_transactions=transactions,
             )
-        decided, cloud_outcome, local_outcome = self._decide(cloud, local)
+        decided, cloud_outcome, local_outcome = self._decide(question, cloud, local)
         return replace(
             decided,
             reports=(
@@ -350,7 +386,7 @@ class RoutingEngine:
         )
 
     def _decide(
-        self, cloud: Identification, local: Identification
+        self, question: Question, cloud: Identification, local: Identification
     ) -> tuple[Identification, EngineOutcome, EngineOutcome]:
         """Both engines answered: (decision, the cloud's part, the local engine's part)."""
         granted = Decision.GRANTED
@@ -358,19 +394,19 @@ class RoutingEngine:
             if cloud.member_id == local.member_id:
                 return cloud, EngineOutcome.DECIDED, EngineOutcome.AGREED
             denial = Identification(
-                Decision.DENIED_UNKNOWN_FACE,
+                question.not_granted,
                 self._cloud_kind,
                 face_box=cloud.face_box,
                 hint="please try again",
             )
             return denial, EngineOutcome.DISAGREED, EngineOutcome.DISAGREED
-        if local.decision is granted and cloud.decision is Decision.DENIED_UNKNOWN_FACE:
+        if local.decision is granted and cloud.decision is question.not_granted:
             assert self.cloud is not None
             if not self.cloud.knows(local.member_id):
                 # Enrolled but not yet trained in the cloud: the local engine knows them.
                 return local, EngineOutcome.OUTRANKED, EngineOutcome.DECIDED
         if cloud.decision is granted and self.agreement is Agreement.REQUIRE_AGREEMENT:
-            denial = replace(cloud, decision=Decision.DENIED_UNKNOWN_FACE, member_id="")
+            denial = replace(cloud, decision=question.not_granted, member_id="")
             return denial, EngineOutcome.DISAGREED, EngineOutcome.DISAGREED
         agreed = cloud.decision is local.decision and cloud.member_id == local.member_id
         return (

@@ -51,9 +51,9 @@ log = logging.getLogger(__name__)
 
 class Role(StrEnum):
     TURNSTILE = "turnstile"
-    """A gate's camera: Identify only."""
+    """A gate's camera: Identify and Verify only."""
     BACKEND = "backend"
-    """The gym's backend: members, enrolment, the access log, and Identify."""
+    """The gym's backend: members, enrolment, the access log, Identify and Verify."""
     ADMIN = "admin"
     """Operators: every method (status, sync, ...)."""
 
@@ -64,6 +64,7 @@ _ANY_ROLE: Final = frozenset(Role)
 
 ALLOWED: Final[Mapping[str, frozenset[Role]]] = {
     _FACEGATE + "Identify": frozenset({Role.TURNSTILE, Role.BACKEND}),
+    _FACEGATE + "Verify": frozenset({Role.TURNSTILE, Role.BACKEND}),
     _FACEGATE + "Enroll": _BACKEND,
     _FACEGATE + "AddMemberPhotos": _BACKEND,
     _FACEGATE + "GetMember": _BACKEND,

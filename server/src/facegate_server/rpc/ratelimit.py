@@ -1,10 +1,10 @@
 """Per-caller rate limits: a token bucket per (limit, caller), checked before the servicer.
 
-Each limited method draws from a named bucket (`METHOD_LIMITS`): Identify from
-"identify", Enroll and AddMemberPhotos from "enroll". A bucket holds up to `burst` calls
-and refills at `rate` calls a second; a call finding it empty is refused with
-RESOURCE_EXHAUSTED, reason RATE_LIMITED and a google.rpc.RetryInfo saying when the next
-call will be admitted. Refused calls take nothing from the bucket.
+Each limited method draws from a named bucket (`METHOD_LIMITS`): Identify and Verify (the
+same camera's other question) from "identify", Enroll and AddMemberPhotos from "enroll". A
+bucket holds up to `burst` calls and refills at `rate` calls a second; a call finding it
+empty is refused with RESOURCE_EXHAUSTED, reason RATE_LIMITED and a google.rpc.RetryInfo
+saying when the next call will be admitted. Refused calls take nothing from the bucket.
 
 The caller is the admitted identity (token name or certificate CN, from auth); on an open
 server, where everybody is "anonymous", it is the caller's address. The clock is injected
@@ -31,6 +31,7 @@ Clock = Callable[[], float]
 _FACEGATE = "/facegate.v1.FaceGateService/"
 METHOD_LIMITS: Final[Mapping[str, str]] = {
     _FACEGATE + "Identify": "identify",
+    _FACEGATE + "Verify": "identify",
     _FACEGATE + "Enroll": "enroll",
     _FACEGATE + "AddMemberPhotos": "enroll",
 }

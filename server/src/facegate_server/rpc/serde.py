@@ -6,7 +6,7 @@ import base64
 import binascii
 import json
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Literal, TypeVar
 
 from facegate.v1 import facegate_service_pb2 as pb
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -29,6 +29,7 @@ from facegate_server.domain import (
     Status,
 )
 from facegate_server.errors import InvalidArgument
+from facegate_server.gate import IdentifyResult
 
 
 def timestamp(t: datetime) -> timestamp_pb2.Timestamp:
@@ -85,6 +86,29 @@ def engine_report(r: EngineReport) -> pb.EngineReport:
     if r.latency is not None:
         message.latency.CopyFrom(duration(r.latency))
     return message
+
+
+Decided = TypeVar("Decided", pb.IdentifyResponse, pb.VerifyResponse)
+
+
+def decided(response: Decided, result: IdentifyResult, server_latency: float) -> Decided:
+    """Fill an Identify or Verify response (the same fields) from the gate's result, and
+    the seconds it spent in the server."""
+    found = result.identification
+    response.decision = decision(found.decision)
+    response.member_id = found.member_id
+    response.display_name = result.display_name
+    response.confidence = found.confidence
+    response.engine = engine(found.engine)
+    response.event_id = result.event.event_id
+    response.hint = found.hint
+    response.engines.extend(engine_report(r) for r in found.reports)
+    response.cloud_transactions = found.cloud_transactions
+    response.membership_rule = membership_rule(found.rule)
+    if found.face_box is not None:
+        response.face_box.CopyFrom(face_box(found.face_box))
+    response.server_latency.FromNanoseconds(int(server_latency * 1e9))
+    return response
 
 
 def face_box(box: FaceBox) -> pb.FaceBox:
@@ -184,6 +208,9 @@ def access_event(e: AccessEvent) -> pb.AccessEvent:
         server_latency=duration(e.latency),
         engines=[engine_report(r) for r in e.reports],
         membership_rule=membership_rule(e.rule),
+        kind=pb.AccessKind.Value(f"ACCESS_KIND_{e.kind.value}"),
+        claimed_member_id=e.claimed_member_id,
+        detail=e.detail,
     )
 
 

@@ -5,8 +5,8 @@ never image bytes). Domain errors become rich statuses (rpc/status.py); anything
 is logged with its traceback and answered INTERNAL without internals.
 
 The methods are synchronous: the server runs them on its thread pool (rpc/server.py).
-Identify's budget starts when the call arrived (`arrival()`), not when a thread took it;
-the log line says how long the call waited for one (`queued_ms`).
+Identify's and Verify's budget starts when the call arrived (`arrival()`), not when a
+thread took it; the log line says how long the call waited for one (`queued_ms`).
 """
 
 from __future__ import annotations
@@ -47,7 +47,9 @@ def _log_fields(request: Any, response: Any) -> dict[str, Any]:
         value = getattr(request, name, "")
         if value:
             fields[name] = value[:80]
-    if isinstance(request, pb.IdentifyRequest):
+    if isinstance(request, pb.VerifyRequest) and request.member_id:
+        fields["claimed_member_id"] = fields.pop("member_id")
+    if isinstance(request, pb.IdentifyRequest | pb.VerifyRequest):
         fields["image_bytes"] = len(request.image)
     if isinstance(request, pb.EnrollRequest | pb.AddMemberPhotosRequest):
         fields["photos"] = len(request.photos)
@@ -56,7 +58,7 @@ def _log_fields(request: Any, response: Any) -> dict[str, Any]:
         fields["update_mask"] = list(request.update_mask.paths)[:10]
     if isinstance(request, pb.RemoveMemberPhotoRequest):
         fields["photo_id"] = request.photo_id
-    if isinstance(response, pb.IdentifyResponse):
+    if isinstance(response, pb.IdentifyResponse | pb.VerifyResponse):
         fields["decision"] = pb.Decision.Name(response.decision)
         fields["engine"] = pb.Engine.Name(response.engine)
         fields["member_id"] = response.member_id
@@ -133,23 +135,19 @@ class FaceGateServicer(pb_grpc.FaceGateServiceServicer):
         result = self.gate.identify(
             request.image, request.turnstile_id, self._time_left(arrived, context)
         )
-        found = result.identification
-        response = pb.IdentifyResponse(
-            decision=serde.decision(found.decision),
-            member_id=found.member_id,
-            display_name=result.display_name,
-            confidence=found.confidence,
-            engine=serde.engine(found.engine),
-            event_id=result.event.event_id,
-            hint=found.hint,
-            engines=[serde.engine_report(r) for r in found.reports],
-            cloud_transactions=found.cloud_transactions,
-            membership_rule=serde.membership_rule(found.rule),
+        return serde.decided(pb.IdentifyResponse(), result, since(arrived))
+
+    @rpc
+    def Verify(self, request: pb.VerifyRequest, context: grpc.ServicerContext) -> pb.VerifyResponse:
+        arrived = arrival()
+        arrived = time.monotonic() if arrived is None else arrived
+        result = self.gate.verify(
+            request.member_id,
+            request.image,
+            request.turnstile_id,
+            self._time_left(arrived, context),
         )
-        if found.face_box is not None:
-            response.face_box.CopyFrom(serde.face_box(found.face_box))
-        response.server_latency.FromNanoseconds(int(since(arrived) * 1e9))
-        return response
+        return serde.decided(pb.VerifyResponse(), result, since(arrived))
 
     @rpc
     def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollResponse:

@@ -218,7 +218,10 @@ class MemoryStore(Store):
             for event in reversed(self._events):
                 if before_id is not None and event.event_id >= before_id:
                     continue
-                if where.member_id and event.member_id != where.member_id:
+                if where.member_id and where.member_id not in (
+                    event.member_id,
+                    event.claimed_member_id,
+                ):
                     continue
                 if where.turnstile_id and event.turnstile_id != where.turnstile_id:
                     continue

@@ -19,6 +19,7 @@ import numpy as np
 
 from facegate_server.domain import (
     AccessEvent,
+    AccessKind,
     CloudPerson,
     Decision,
     Embedding,
@@ -100,6 +101,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             last_error TEXT NOT NULL DEFAULT ''
         )""",
         "CREATE INDEX outbox_by_member ON outbox(member_id)",
+    ),
+    (
+        # Verify (1:1) beside Identify (1:N): what was asked, the member a card claimed,
+        # and why, when the decision alone does not say. Older events were all Identify.
+        "ALTER TABLE access_events ADD COLUMN kind TEXT NOT NULL DEFAULT 'IDENTIFY'",
+        "ALTER TABLE access_events ADD COLUMN claimed_member_id TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE access_events ADD COLUMN detail TEXT NOT NULL DEFAULT ''",
+        # A member's events include the verifications that claimed them (a card misused).
+        "CREATE INDEX events_by_claimed ON access_events(claimed_member_id, event_id)",
     ),
     (
         # Membership rules (JSON, store/codec.py); '{}' admits as before.
@@ -377,7 +387,8 @@ class SqliteStore(Store):
         with self._lock:
             cursor = self._db.execute(
                 "INSERT INTO access_events (time_us, turnstile_id, member_id, decision, engine,"
-                " confidence, latency_us, reports, rule) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " confidence, latency_us, reports, kind, claimed_member_id, detail, rule)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     _us(event.time),
                     event.turnstile_id,
@@ -387,6 +398,9 @@ class SqliteStore(Store):
                     event.confidence,
                     round(event.latency / timedelta(microseconds=1)),
                     reports_json(event.reports),
+                    event.kind.value,
+                    event.claimed_member_id,
+                    event.detail,
                     event.rule.value if event.rule is not None else "",
                 ),
             )
@@ -404,8 +418,8 @@ class SqliteStore(Store):
             clauses.append("event_id < ?")
             params.append(before_id)
         if where.member_id:
-            clauses.append("member_id = ?")
-            params.append(where.member_id)
+            clauses.append("(member_id = ? OR claimed_member_id = ?)")
+            params.extend([where.member_id, where.member_id])
         if where.turnstile_id:
             clauses.append("turnstile_id = ?")
             params.append(where.turnstile_id)
@@ -423,7 +437,7 @@ class SqliteStore(Store):
             params.append(where.rule.value)
         sql = (
             "SELECT event_id, time_us, turnstile_id, member_id, decision, engine, confidence,"
-            " latency_us, reports, rule FROM access_events"
+            " latency_us, reports, kind, claimed_member_id, detail, rule FROM access_events"
             + (" WHERE " + " AND ".join(clauses) if clauses else "")
             + " ORDER BY event_id DESC LIMIT ?"
         )
@@ -440,7 +454,10 @@ class SqliteStore(Store):
                 confidence=r[6],
                 latency=timedelta(microseconds=r[7]),
                 reports=reports_from_json(r[8]),
-                rule=MembershipRule(r[9]) if r[9] else None,
+                kind=AccessKind(r[9]),
+                claimed_member_id=r[10],
+                detail=r[11],
+                rule=MembershipRule(r[12]) if r[12] else None,
             )
             for r in rows
         ]
