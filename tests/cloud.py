@@ -52,9 +52,12 @@ class CloudGate:
         return response
 
     def persons(self) -> dict[str, list[str]]:
-        """The emulator's persons in FaceGate's group: userData -> persisted face ids."""
+        """The emulator's persons in FaceGate's group: member id (this store's persons;
+        others by their userData) -> persisted face ids."""
         face = self.server.gate.replayer.face  # type: ignore[union-attr]
-        return {p.user_data: list(p.persisted_face_ids) for p in face.persons()}
+        return {
+            face.member_of(p) or p.user_data: list(p.persisted_face_ids) for p in face.persons()
+        }
 
     def reset_breaker(self) -> None:
         self.router.breaker.record_success()
@@ -84,9 +87,10 @@ def cloud_gate(
     """A server wired to the emulator, whose outbox the test replays (`CloudGate.settle`).
 
     A generous budget by default: the tests share two cores with the emulator. No rate
-    limit: the clock stands still, so no token bucket would ever refill."""
+    limit (the gRPC one or the cloud's): the clock stands still, so no token bucket would
+    ever refill."""
     clock = FakeClock()
-    values = {"identify_budget_ms": 4000, **settings}
+    values = {"identify_budget_ms": 4000, "azure_rate": 0, **settings}
     with (
         running_server(
             data,

@@ -85,7 +85,6 @@ def azure_harness(faces: Faces) -> Iterator[Harness]:
     from facegate_server.cloud.azure import AzureFace, AzureSettings
     from facegate_server.cloud.engine import AzureEngine, CloudPeople
     from facegate_server.cloud.sync import CloudSync, Training
-    from facegate_server.routing.breaker import CircuitBreaker
 
     from tests.cloud import KEY, emulator
     from tests.helpers import FakeClock
@@ -95,7 +94,7 @@ def azure_harness(faces: Faces) -> Iterator[Harness]:
     with emulator() as running:
         face = AzureFace(AzureSettings(running.endpoint, KEY, group_id="contract"))
         people = CloudPeople(store)
-        replayer = CloudSync(face, store, people, CircuitBreaker(clock=clock), clock=clock)
+        replayer = CloudSync(face, store, people, clock=clock)
         engine = AzureEngine(face, people)
 
         def settle() -> None:

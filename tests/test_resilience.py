@@ -364,7 +364,8 @@ def test_killed_between_the_local_commit_and_the_replay(
 
             wait_for(synced, timeout=30)
             face = AzureFace(AzureSettings(emu.endpoint, KEY))
-            persons = {p.user_data: p.persisted_face_ids for p in face.persons()}
+            # userData: facegate:<the store's identity>:<member id>
+            persons = {p.user_data.split(":")[-1]: p.persisted_face_ids for p in face.persons()}
             assert list(persons) == ["m-kit"] and len(persons["m-kit"]) == 2
     finally:
         second.send_signal(signal.SIGTERM)

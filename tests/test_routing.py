@@ -297,26 +297,33 @@ def test_a_frame_the_cloud_refuses_does_not_open_the_circuit() -> None:
     assert engine.breaker.state is CircuitState.CLOSED
 
 
-def test_an_idle_sync_tells_the_breaker_nothing() -> None:
-    from facegate_server.cloud.azure import TransactionCounter
+def test_the_sync_tells_the_turnstiles_breaker_nothing() -> None:
+    """Enrolment work has its own back-off (cloud/sync.py): the breaker the doors share
+    hears only of Identify calls, whether the sync is idle or failing."""
+    from facegate_server.cloud.azure import CloudFailure, TransactionCounter
     from facegate_server.cloud.engine import CloudPeople
+    from facegate_server.cloud.health import CloudHealth, HealthState, Readiness
     from facegate_server.cloud.sync import CloudSync
     from facegate_server.store import MemoryStore
 
-    class IdleFace:
+    class FailingFace:
         counter = TransactionCounter()
 
         def ensure_group(self) -> bool:
-            return False
+            raise CloudFailure(EngineOutcome.ERROR, "HTTP 503", status=503)
 
     clock = FakeClock()
     breaker = CircuitBreaker(3, 10, clock)
     store = MemoryStore()
-    sync = CloudSync(IdleFace(), store, CloudPeople(store), breaker)  # type: ignore[arg-type]
-    sync._group_checked = True
+    health = CloudHealth()
+    health.set(HealthState(Readiness.READY))
+    sync = CloudSync(FailingFace(), store, CloudPeople(store), health, clock=clock)  # type: ignore[arg-type]
     for _ in range(2):
         breaker.record_failure()
-    sync.run_once()  # nothing in the outbox, no training: no call made
+    for _ in range(5):
+        sync.run_once()  # fails, and backs off on its own
+        clock.advance(61)
+    assert sync.waiting and breaker.state is CircuitState.CLOSED
     breaker.record_failure()
     assert breaker.state is CircuitState.OPEN
 

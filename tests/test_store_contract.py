@@ -208,6 +208,66 @@ def test_outbox_attempts_errors_and_done(store: Store) -> None:
     assert store.outbox(10) == [] and store.outbox_depth() == 0
 
 
+def test_a_parked_entry_steps_aside_until_it_is_retried(store: Store) -> None:
+    store.create_member("m-1", "", [cloud_template(1), cloud_template(2)], T0)
+    store.create_member("m-2", "", [cloud_template(3)], T0)
+    first, second, third = store.outbox(10)
+    store.outbox_attempt(first.seq)
+    store.outbox_park(first.seq, "HTTP 400 InvalidImage: decoding error")
+    assert store.outbox(10) == [second, third] and store.outbox_depth() == 2
+    [parked] = store.outbox_parked(10)
+    assert (parked.seq, parked.member_id, parked.face_id) == (first.seq, "m-1", first.face_id)
+    assert parked.parked == "HTTP 400 InvalidImage: decoding error"
+    assert parked.photo is None  # listing what is parked reads no photo
+    assert store.outbox_parked_count() == 1
+    assert store.outbox_members() == {"m-1", "m-2"}
+    of_m1 = store.outbox_of("m-1")
+    assert [(e.seq, e.parked != "", e.photo) for e in of_m1] == [
+        (first.seq, True, None),
+        (second.seq, False, None),
+    ]
+    assert store.outbox_unpark() == 1
+    again = store.outbox(10)
+    assert [e.seq for e in again] == [first.seq, second.seq, third.seq]
+    assert (again[0].parked, again[0].attempts, again[0].photo) == ("", 0, first.photo)
+    assert store.outbox_parked_count() == 0
+
+
+def test_deleting_a_member_drops_its_parked_photos(store: Store) -> None:
+    store.create_member("m-1", "", [cloud_template(1)], T0)
+    [entry] = store.outbox(10)
+    store.outbox_park(entry.seq, "refused")
+    store.delete_member("m-1", cloud=True)
+    assert store.outbox_parked_count() == 0
+    assert [e.kind for e in store.outbox(10)] == ["delete_member"]
+
+
+def test_the_store_identity_is_made_once(store: Store) -> None:
+    identity = store.store_id()
+    assert len(identity) >= 16 and identity == store.store_id()
+
+
+def test_sqlite_keeps_its_identity_and_two_stores_differ(tmp_path: Path) -> None:
+    first = SqliteStore(tmp_path / "a" / "db.sqlite3")
+    identity = first.store_id()
+    first.close()
+    again = SqliteStore(tmp_path / "a" / "db.sqlite3")
+    other = SqliteStore(tmp_path / "b" / "db.sqlite3")
+    try:
+        assert again.store_id() == identity and other.store_id() != identity
+    finally:
+        again.close()
+        other.close()
+
+
+def test_faces_can_be_read_without_their_photos(store: Store) -> None:
+    store.create_member("m-1", "", [template(1, photo=b"kept"), template(2)], T0)
+    kept, bare = store.faces("m-1", photos=False)
+    assert (kept.photo, kept.photo_kept, bare.photo, bare.photo_kept) == (None, True, None, False)
+    assert store.face_photo(kept.face_id) == b"kept" and store.face_photo(bare.face_id) is None
+    assert store.faces("m-1")[0].photo == b"kept"
+
+
 def test_failed_enrolment_leaves_no_outbox_entry(store: Store) -> None:
     store.create_member("m-1", "", [template(1)], T0)
     with pytest.raises(MemberAlreadyExists):

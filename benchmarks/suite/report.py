@@ -204,17 +204,20 @@ def markdown(results: Mapping[str, Any]) -> str:
     if timings:
         out += ["## The local pipeline, stage by stage", "", timings["method"] + ".", ""]
         rows = []
+        names = ["decode", "detect", "landmarks_quality", "encode", "worker_total"]
+        heads = ["frame", "decode", "detect", "landmarks + quality", "encode", "worker total"]
+        # Both encoders on the same faces (stages.ENCODER_STAGES), where the run timed them.
+        if all(
+            "encode_onnx" in by and "encode_dlib" in by for by in timings["by_resolution"].values()
+        ):
+            names += ["encode_onnx", "encode_dlib"]
+            heads += ["encode: onnx", "encode: dlib"]
         for resolution, by_stage in timings["by_resolution"].items():
             rows.append(
                 [resolution]
-                + [
-                    f"{by_stage[s]['p50']:.1f} / {by_stage[s]['p95']:.1f}"
-                    for s in ("decode", "detect", "landmarks_quality", "encode", "worker_total")
-                ]
+                + [f"{by_stage[s]['p50']:.1f} / {by_stage[s]['p95']:.1f}" for s in names]
             )
-        out += _table(
-            ["frame", "decode", "detect", "landmarks + quality", "encode", "worker total"], rows
-        )
+        out += _table(heads, rows)
         out += ["", "(p50 / p95, ms.) Matching, `FaceIndex.match`, one template a member:", ""]
         out += _table(
             ["members", "p50 ms", "p95 ms"],

@@ -185,6 +185,8 @@ class Run:
                 "FACEGATE_AZURE_ENDPOINT": emulator.endpoint,
                 "FACEGATE_AZURE_KEY": EMULATOR_KEY,
                 "FACEGATE_ROUTING_POLICY": scenario.policy,
+                # The emulator runs --rate 0: FaceGate keeps to no tier's rate either.
+                "FACEGATE_AZURE_RATE": "0",
             }
             emulator.set_fault("healthy")
             emulator.set_latency("none")

@@ -199,7 +199,8 @@ def format_member(member: pb.Member) -> str:
     """`m-1001  "Kim Jiwoo"  2 faces  enrolled 2026-11-26T23:00:00Z`."""
     faces = "1 face" if member.face_count == 1 else f"{member.face_count} faces"
     enrolled = _time(member.create_time, member.HasField("create_time"))
-    return f"{member.member_id}  {_quoted(member.display_name)}  {faces}  enrolled {enrolled}"
+    line = f"{member.member_id}  {_quoted(member.display_name)}  {faces}  enrolled {enrolled}"
+    return line + (f"  cloud: {member.cloud_state}" if member.cloud_state else "")
 
 
 def format_member_in_full(member: pb.Member) -> str:
@@ -435,6 +436,17 @@ def format_status(status: pb.GetStatusResponse) -> str:
         f"cloud training: {status.cloud_training or '-'}",
         f"members: {status.member_count}",
     ]
+    if status.cloud_readiness:
+        lines.insert(1, f"cloud: {status.cloud_readiness}")
+    if status.outbox_waiting:
+        lines.append(f"outbox waiting: {status.outbox_waiting}")
+    if status.outbox_parked:
+        lines.append(f"outbox parked: {status.outbox_parked} (retry: facegate sync --retry-parked)")
+        for parked in status.parked:
+            face = f" face {parked.face_id}" if parked.face_id else ""
+            lines.append(f"  {parked.kind} {parked.member_id}{face}: {parked.reason}")
+    if status.cloud_cost:
+        lines.append(f"cloud cost: {status.cloud_cost}")
     if status.last_cloud_error:
         when = _time(status.last_cloud_error_time, status.HasField("last_cloud_error_time"))
         lines.append(f"last cloud error: {when} {status.last_cloud_error}")
@@ -463,7 +475,15 @@ def _cmd_status(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -
 
 
 def _cmd_sync(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -> None:
-    response = client.sync_cloud(dry_run=args.dry_run, timeout=args.timeout or 300.0)
+    response = client.sync_cloud(
+        dry_run=args.dry_run, retry_parked=args.retry_parked, timeout=args.timeout or 300.0
+    )
+    if args.json:
+        _print_json(response, out)
+        return
+    if args.retry_parked:
+        print(f"{response.retried} parked changes put back in line", file=out)
+        return
     if args.json:
         _print_json(response, out)
         return
@@ -690,6 +710,11 @@ def _add_client_commands(
     sync = add(subparsers, "sync", _cmd_sync, "reconcile the cloud group with the server's members")
     sync.add_argument(
         "--dry-run", action="store_true", help="only show what differs; change nothing"
+    )
+    sync.add_argument(
+        "--retry-parked",
+        action="store_true",
+        help="instead, put the changes the cloud refused (see `facegate status`) back in line",
     )
 
 

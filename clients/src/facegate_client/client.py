@@ -444,10 +444,13 @@ class FaceGateClient:
         return response
 
     def sync_cloud(
-        self, *, dry_run: bool = False, timeout: float | None = 300.0
+        self, *, dry_run: bool = False, retry_parked: bool = False, timeout: float | None = 300.0
     ) -> pb.SyncCloudResponse:
-        """Reconcile the cloud group with the server's store (slow: lists the whole group)."""
+        """Reconcile the cloud group with the server's store (slow: lists the whole group);
+        with `retry_parked`, only put the parked outbox entries back in line."""
         response: pb.SyncCloudResponse = self._call(
-            self._stub.SyncCloud, pb.SyncCloudRequest(dry_run=dry_run), timeout
+            self._stub.SyncCloud,
+            pb.SyncCloudRequest(dry_run=dry_run, retry_parked=retry_parked),
+            timeout,
         )
         return response

@@ -20,7 +20,10 @@ from facegate.v1 import facegate_service_pb2 as pb
 from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
 
 from facegate_server.cloud.azure import AzureFace, AzureSettings
+from facegate_server.cloud.cost import PriceModel
 from facegate_server.cloud.engine import AzureEngine, CloudPeople
+from facegate_server.cloud.health import CloudHealth
+from facegate_server.cloud.ratelimit import TIER_RATES, CloudRate
 from facegate_server.cloud.sync import CloudSync
 from facegate_server.config import Settings
 from facegate_server.domain import EngineStatus
@@ -72,8 +75,10 @@ class FaceGateServer:
 def build_cloud(
     settings: Settings, store: Store, clock: Callable[[], float]
 ) -> tuple[AzureEngine, CircuitBreaker, CloudSync]:
-    """The Azure engine, its circuit breaker, and the outbox replayer (sharing the read
-    model of cloud persons and the breaker)."""
+    """The Azure engine, the turnstiles' circuit breaker (Identify's alone), and the outbox
+    replayer (with its own back-off), sharing the read model of cloud persons, the
+    readiness of the cloud and the client-side rate limit."""
+    rate = settings.azure_rate
     face = AzureFace(
         AzureSettings(
             endpoint=settings.azure_endpoint.rstrip("/"),
@@ -82,18 +87,34 @@ def build_cloud(
             recognition_model=settings.azure_recognition_model,
             detection_model=settings.azure_detection_model,
             read_timeout=settings.azure_timeout_s,
-        )
+            # Below the threshold by the margin: a close runner-up must be seen.
+            identify_confidence=max(0.0, settings.azure_threshold - settings.azure_margin),
+            store_id=store.store_id(),
+        ),
+        rate=CloudRate(TIER_RATES[settings.azure_tier] if rate is None else rate, clock=clock),
     )
     breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_s, clock)
     people = CloudPeople(store)
-    sync = CloudSync(face, store, people, breaker, interval=settings.sync_interval_s, clock=clock)
-    return AzureEngine(face, people), breaker, sync
+    health = CloudHealth()
+    sync = CloudSync(face, store, people, health, interval=settings.sync_interval_s, clock=clock)
+    engine = AzureEngine(
+        face,
+        people,
+        health=health,
+        threshold=settings.azure_threshold,
+        margin=settings.azure_margin,
+        dominant_face_ratio=settings.dominant_face_ratio,
+    )
+    return engine, breaker, sync
 
 
 def build_local(settings: Settings, store: Store) -> LocalEngine:
     """The local engine: its workers started and warmed, its index rebuilt from the store."""
     pool = WorkerPool(
-        settings.workers, max_bytes=settings.max_image_bytes, max_side=settings.max_image_side
+        settings.workers,
+        max_bytes=settings.max_image_bytes,
+        max_side=settings.max_image_side,
+        encoder=settings.encoder,
     )
     try:
         index = FaceIndex(store.iter_embeddings())
@@ -123,6 +144,12 @@ def build_engine(
                 "policy": settings.policy,
             },
         )
+    prices = PriceModel(
+        settings.azure_tier,
+        settings.azure_price_per_1000,
+        settings.azure_storage_price_per_1000_faces,
+        settings.azure_free_transactions,
+    )
     router = RoutingEngine(
         local,
         azure,
@@ -147,8 +174,12 @@ def build_engine(
             circuit=router.breaker.state.value,
             last_cloud_error=error,
             last_cloud_error_time=datetime.fromtimestamp(error_time, UTC) if error_time else None,
-            cloud_training=sync.training.value,
+            cloud_training=sync.training.value
+            + (" (one more queued)" if sync.training_queued else ""),
             cloud_transactions=sync.face.counter.totals(),
+            cloud_readiness=sync.health.state.describe(),
+            outbox_waiting=sync.waiting,
+            cloud_cost=prices.describe(sync.face.counter.totals()),
         )
 
     return router, sync, status

@@ -43,6 +43,9 @@ ENV_PREFIX = "FACEGATE_"
 # engines, which import config).
 RoutingPolicy = Literal["cloud-first", "local-first", "local-only"]
 Disagreement = Literal["deny-on-conflict", "require-agreement"]
+# engines/worker.py's Encoder (tests/test_encoder.py keeps them equal; config imports no
+# engine).
+Encoder = Literal["onnx", "dlib"]
 
 
 class SettingsError(ValueError):
@@ -83,6 +86,9 @@ class Settings(BaseSettings):
     enroll_burst: int = Field(default=20, ge=1)
     data_dir: Path = Path("facegate-data")
     workers: int = Field(default_factory=_default_workers, ge=1)
+    # The local engine's encoder: dlib's network on ONNX Runtime, or dlib itself (the
+    # reference); the same embeddings (engines/encoder.py, tests/test_encoder.py).
+    encoder: Encoder = "onnx"
     # The local engine's decision policy (engines/policy.py; README: How the local engine
     # decides). Defaults measured on ../shared/faces.
     match_threshold: float = Field(default=0.55, gt=0, lt=2)
@@ -105,10 +111,24 @@ class Settings(BaseSettings):
     # The cloud engine (Azure Face): primary when endpoint and key are both set.
     azure_endpoint: str = ""
     azure_key: str = Field(default="", repr=False)
-    azure_group_id: str = "facegate"
+    # The LargePersonGroup: lower-case letters, digits, '-' and '_', at most 64 (the Face
+    # API's rule). Each store tags its persons, so stores may share a group.
+    azure_group_id: str = Field(default="facegate", pattern=r"^[a-z0-9_-]{1,64}$")
     azure_recognition_model: str = "recognition_04"
     azure_detection_model: str = "detection_03"
     azure_timeout_s: float = 10.0
+    # The cloud's decision (cloud/engine.py): a grant needs the top candidate at or above
+    # the threshold and the runner-up at least the margin below it.
+    azure_threshold: float = Field(default=0.5, gt=0, le=1)
+    azure_margin: float = Field(default=0.10, ge=0, lt=1)
+    # The resource's tier (S0: 10 calls/s; F0: 20 calls/min) and this server's share of
+    # its rate, calls a second (unset: the tier's; 0: no client-side limit).
+    azure_tier: Literal["S0", "F0"] = "S0"
+    azure_rate: float | None = Field(default=None, ge=0)
+    # Prices (USD) for the cost estimate (cloud/cost.py has the dated source).
+    azure_price_per_1000: float = Field(default=1.0, ge=0)
+    azure_storage_price_per_1000_faces: float = Field(default=0.01, ge=0)
+    azure_free_transactions: int = Field(default=30_000, ge=0)
     routing_policy: RoutingPolicy | None = None  # None: cloud-first when the cloud is set
     on_disagreement: Disagreement = "deny-on-conflict"
     local_confident: float = 0.75

@@ -89,6 +89,8 @@ class EngineReport:
     confidence: float = 0.0
     detail: str = ""
     latency: timedelta | None = None
+    transactions: int = 0
+    """Paid calls this engine spent on the frame (the cloud's transactions)."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,8 @@ class Member:
     face_count: int
     create_time: datetime
     update_time: datetime
+    cloud_state: str = ""
+    """The member in the cloud, in a few words (GetMember, when a cloud is configured)."""
     membership: Membership = Membership()
 
 
@@ -200,6 +204,9 @@ class StoredFace:
     member_id: str
     photo: bytes | None
     persisted_face_id: str | None
+    photo_kept: bool = False
+    """Whether the store keeps the photo (read with `Store.face_photo` when `photo` was
+    not asked for)."""
 
 
 @dataclass(frozen=True)
@@ -275,6 +282,8 @@ class OutboxEntry:
     photo: bytes | None = None
     attempts: int = 0
     last_error: str = ""
+    parked: str = ""
+    """Why the cloud refused this entry for its own sake; empty while it is in line."""
     persisted_face_id: str | None = None
 
 
@@ -318,6 +327,9 @@ class EngineStatus:
     last_cloud_error_time: datetime | None = None
     cloud_training: str = ""
     cloud_transactions: dict[str, int] = field(default_factory=dict)
+    cloud_readiness: str = ""
+    outbox_waiting: str = ""
+    cloud_cost: str = ""
 
 
 @dataclass(frozen=True)
@@ -328,6 +340,8 @@ class Status:
     outbox_depth: int
     decisions: dict[str, int]
     member_count: int
+    outbox_parked: int = 0
+    parked: tuple[OutboxEntry, ...] = ()
 
 
 class ChangeKind(enum.Enum):

@@ -67,6 +67,9 @@ NO_SUCH_MEMBER = "no member with this id"
 """The access log's detail for a Verify of an id nobody has (the turnstile is not told)."""
 
 
+PARKED_SHOWN = 20  # parked outbox entries GetStatus lists
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -283,7 +286,15 @@ class Gate:
             outbox_depth=self.store.outbox_depth(),
             decisions=dict(self._decisions),
             member_count=self.store.count_members(),
+            outbox_parked=self.store.outbox_parked_count(),
+            parked=tuple(self.store.outbox_parked(PARKED_SHOWN)),
         )
+
+    def retry_parked(self) -> int:
+        """Put the parked outbox entries back in line; how many."""
+        if self.replayer is None:
+            raise CloudNotConfigured("no cloud engine is configured (FACEGATE_AZURE_ENDPOINT)")
+        return self.replayer.retry_parked()
 
     def sync_cloud(self, dry_run: bool) -> list[Change]:
         if self.replayer is None:
@@ -369,7 +380,10 @@ class Gate:
         return member
 
     def get_member(self, member_id: str) -> Member:
-        return self.store.get_member(validation.member_id(member_id))
+        member = self.store.get_member(validation.member_id(member_id))
+        if self.replayer is None:
+            return member
+        return replace(member, cloud_state=self.replayer.cloud_state(member.member_id))
 
     def list_members(self, page_size: int, after: str) -> tuple[list[Member], str]:
         """A page of members, and the id to continue after ("" on the last page)."""

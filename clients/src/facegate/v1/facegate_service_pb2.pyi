@@ -499,6 +499,7 @@ class EngineReport(_message.Message):
     CONFIDENCE_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     LATENCY_FIELD_NUMBER: _builtins.int
+    TRANSACTIONS_FIELD_NUMBER: _builtins.int
     engine: Global___Engine.ValueType
     """The engine."""
     outcome: Global___EngineOutcome.ValueType
@@ -511,6 +512,10 @@ class EngineReport(_message.Message):
     """Its confidence, when it answered (see IdentifyResponse.confidence)."""
     detail: _builtins.str
     """Why it did not answer, in a few words (never image data or keys)."""
+    transactions: _builtins.int
+    """Paid cloud transactions this engine spent on the frame (kept in the
+    access log with the entry).
+    """
     @_builtins.property
     def latency(self) -> _duration_pb2.Duration:
         """How long it took, when it was asked."""
@@ -525,10 +530,11 @@ class EngineReport(_message.Message):
         confidence: _builtins.float = ...,
         detail: _builtins.str = ...,
         latency: _duration_pb2.Duration | None = ...,
+        transactions: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "decision", b"decision", "detail", b"detail", "engine", b"engine", "latency", b"latency", "member_id", b"member_id", "outcome", b"outcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "decision", b"decision", "detail", b"detail", "engine", b"engine", "latency", b"latency", "member_id", b"member_id", "outcome", b"outcome", "transactions", b"transactions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -926,6 +932,7 @@ class Member(_message.Message):
     FACE_COUNT_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    CLOUD_STATE_FIELD_NUMBER: _builtins.int
     MEMBERSHIP_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
     """The backend's id for the member."""
@@ -933,6 +940,10 @@ class Member(_message.Message):
     """The member's display name."""
     face_count: _builtins.int
     """How many face templates (one a photo) the member has."""
+    cloud_state: _builtins.str
+    """The member in the cloud, in a few words ("ready", "training", "1 change(s)
+    refused by the cloud: ..."); GetMember only, when a cloud is configured.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the member was enrolled."""
@@ -953,11 +964,12 @@ class Member(_message.Message):
         face_count: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        cloud_state: _builtins.str = ...,
         membership: Global___Membership | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "membership", b"membership", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display_name", b"display_name", "face_count", b"face_count", "member_id", b"member_id", "membership", b"membership", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cloud_state", b"cloud_state", "create_time", b"create_time", "display_name", b"display_name", "face_count", b"face_count", "member_id", b"member_id", "membership", b"membership", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1505,6 +1517,11 @@ class GetStatusResponse(_message.Message):
     CLOUD_TRANSACTIONS_FIELD_NUMBER: _builtins.int
     DECISIONS_FIELD_NUMBER: _builtins.int
     MEMBER_COUNT_FIELD_NUMBER: _builtins.int
+    CLOUD_READINESS_FIELD_NUMBER: _builtins.int
+    OUTBOX_WAITING_FIELD_NUMBER: _builtins.int
+    OUTBOX_PARKED_FIELD_NUMBER: _builtins.int
+    PARKED_FIELD_NUMBER: _builtins.int
+    CLOUD_COST_FIELD_NUMBER: _builtins.int
     routing_policy: _builtins.str
     """The routing policy: "cloud-first", "local-first" or "local-only"."""
     circuit_state: Global___CircuitState.ValueType
@@ -1519,6 +1536,23 @@ class GetStatusResponse(_message.Message):
     """
     member_count: _builtins.int
     """Enrolled members."""
+    cloud_readiness: _builtins.str
+    """The cloud's readiness: "ready", "checking", "paused" or "off", with why and
+    what to do (Limited Access, the key, the quota, the group's model); empty
+    without a cloud engine.
+    """
+    outbox_waiting: _builtins.str
+    """Why the outbox of cloud changes is not moving, and when it retries; empty
+    while it moves.
+    """
+    outbox_parked: _builtins.int
+    """Outbox entries the cloud refused for their own sake (a photo it cannot
+    take), set aside: SyncCloud with retry_parked puts them back in line.
+    """
+    cloud_cost: _builtins.str
+    """The cloud transactions counted so far, priced at the tier's prices
+    ("S0: 120 transactions, $0.12"); empty without a cloud engine.
+    """
     @_builtins.property
     def last_cloud_error_time(self) -> _timestamp_pb2.Timestamp:
         """When the last cloud error was seen; unset if none."""
@@ -1530,6 +1564,10 @@ class GetStatusResponse(_message.Message):
     @_builtins.property
     def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Count]:
         """Decisions by deciding engine and decision since the server started."""
+
+    @_builtins.property
+    def parked(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParkedChange]:
+        """The oldest parked entries (at most 20), with their reasons."""
 
     def __init__(
         self,
@@ -1543,30 +1581,75 @@ class GetStatusResponse(_message.Message):
         cloud_transactions: _abc.Iterable[Global___Count] | None = ...,
         decisions: _abc.Iterable[Global___Count] | None = ...,
         member_count: _builtins.int = ...,
+        cloud_readiness: _builtins.str = ...,
+        outbox_waiting: _builtins.str = ...,
+        outbox_parked: _builtins.int = ...,
+        parked: _abc.Iterable[Global___ParkedChange] | None = ...,
+        cloud_cost: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_cloud_error_time", b"last_cloud_error_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["circuit_state", b"circuit_state", "cloud_training", b"cloud_training", "cloud_transactions", b"cloud_transactions", "decisions", b"decisions", "last_cloud_error", b"last_cloud_error", "last_cloud_error_time", b"last_cloud_error_time", "member_count", b"member_count", "outbox_depth", b"outbox_depth", "routing_policy", b"routing_policy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["circuit_state", b"circuit_state", "cloud_cost", b"cloud_cost", "cloud_readiness", b"cloud_readiness", "cloud_training", b"cloud_training", "cloud_transactions", b"cloud_transactions", "decisions", b"decisions", "last_cloud_error", b"last_cloud_error", "last_cloud_error_time", b"last_cloud_error_time", "member_count", b"member_count", "outbox_depth", b"outbox_depth", "outbox_parked", b"outbox_parked", "outbox_waiting", b"outbox_waiting", "parked", b"parked", "routing_policy", b"routing_policy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
 
 @_typing.final
+class ParkedChange(_message.Message):
+    """An outbox entry the cloud refused, set aside."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    FACE_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """"add_face" or "delete_member"."""
+    member_id: _builtins.str
+    """The member concerned."""
+    face_id: _builtins.int
+    """The member's face (add_face), 0 otherwise."""
+    reason: _builtins.str
+    """Why the cloud refused it."""
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        member_id: _builtins.str = ...,
+        face_id: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["face_id", b"face_id", "kind", b"kind", "member_id", b"member_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ParkedChange: _TypeAlias = ParkedChange  # noqa: Y015
+
+@_typing.final
 class SyncCloudRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DRY_RUN_FIELD_NUMBER: _builtins.int
+    RETRY_PARKED_FIELD_NUMBER: _builtins.int
     dry_run: _builtins.bool
     """Only report what would change."""
+    retry_parked: _builtins.bool
+    """Instead of reconciling, put every parked outbox entry back in line (the
+    photo may have been accepted since, or the cause fixed).
+    """
     def __init__(
         self,
         *,
         dry_run: _builtins.bool = ...,
+        retry_parked: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "retry_parked", b"retry_parked"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1617,6 +1700,9 @@ class SyncCloudResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CHANGES_FIELD_NUMBER: _builtins.int
+    RETRIED_FIELD_NUMBER: _builtins.int
+    retried: _builtins.int
+    """With retry_parked: how many parked entries were put back in line."""
     @_builtins.property
     def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___SyncChange]:
         """Every difference found."""
@@ -1625,10 +1711,11 @@ class SyncCloudResponse(_message.Message):
         self,
         *,
         changes: _abc.Iterable[Global___SyncChange] | None = ...,
+        retried: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "retried", b"retried"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -15,13 +15,25 @@ one is a paid transaction.
 
 Every failure becomes a `CloudFailure` with an `EngineOutcome` (TIMED_OUT, THROTTLED,
 NOT_TRAINED or ERROR) and a short detail: no SDK or requests exception leaves this module.
+The error body is read from the response itself, not only from the SDK's `APIError` model,
+which has no `innererror` (where the field form of a Limited Access refusal puts
+`UnsupportedFeature`) and no `statusCode` (which some 403 and 429 bodies carry instead of
+`code`). A CloudFailure says whose fault it is: the request's own (`entry_fault`: a photo
+the cloud refuses), the resource's (`resource_fault`: the key, the quota, Limited Access),
+or the moment's (the rest: time-outs, 5xx, 429, unreachable).
+
+Every person this module creates carries its store's tag in `userData`
+(`facegate:<store id>:<member id>`): `member_of_data` reads it back, and a person another
+store made is never taken for one of ours.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
+import re
 import threading
 import time
 from collections import Counter
@@ -29,6 +41,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from facegate_server.cloud.ratelimit import CloudRate
 from facegate_server.domain import EngineOutcome, FaceBox
 from facegate_server.engines.base import EngineFailure
 
@@ -49,6 +62,21 @@ class AzureSettings:
     connect_timeout: float = 0.5
     read_timeout: float = 5.0
     identify_confidence: float = 0.5
+    """The confidenceThreshold sent with Identify: candidates below it are not returned
+    (the engine asks below its own threshold, to see a close runner-up)."""
+    store_id: str = ""
+    """The store whose persons these are (their userData's tag)."""
+
+    @property
+    def tag(self) -> str:
+        return f"facegate:{self.store_id}:"
+
+
+ENTRY_CODES = frozenset({"InvalidImage", "InvalidImageSize", "BadArgument", "InvalidURL"})
+"""400 codes that are the request's own fault (the photo), not the resource's."""
+LIMITED_ACCESS = "UnsupportedFeature"
+NO_FACE_ID = "NoFaceId"  # our code: a detect that returned faces without a faceId
+FULL = "QuotaExceeded"  # 403: persons per group, or faces per person, at the limit
 
 
 class CloudFailure(EngineFailure):
@@ -66,15 +94,51 @@ class CloudFailure(EngineFailure):
         status: int | None = None,
         code: str = "",
         retry_after: float | None = None,
+        engine_fault: bool | None = None,
     ) -> None:
-        super().__init__(
-            outcome,
-            detail,
-            retry_after=retry_after,
-            engine_fault=outcome is not EngineOutcome.NOT_TRAINED and status != 400,
-        )
+        if engine_fault is None:
+            engine_fault = (
+                outcome is not EngineOutcome.NOT_TRAINED
+                and status != 400
+                and code not in (LIMITED_ACCESS, NO_FACE_ID)
+            )
+        super().__init__(outcome, detail, retry_after=retry_after, engine_fault=engine_fault)
         self.status = status
         self.code = code
+
+    @property
+    def limited_access(self) -> bool:
+        """The resource is not approved for identification (Limited Access): the cloud is
+        of no use until it is (a 403 UnsupportedFeature in either form, or no faceId)."""
+        return self.code in (LIMITED_ACCESS, NO_FACE_ID)
+
+    @property
+    def entry_fault(self) -> bool:
+        """The request's own fault (a photo the cloud cannot take): retrying it as it is
+        can never succeed, and nothing else is wrong."""
+        if self.outcome is EngineOutcome.NOT_TRAINED or self.limited_access:
+            return False
+        if self.status == 403 and self.code == FULL:
+            # The group's persons (F0: 1,000) or the person's faces (248) are at their
+            # limit: this entry waits for an operator; deletions behind it still free room.
+            return True
+        return self.status in (413, 415) or (
+            self.status == 400 and (self.code in ENTRY_CODES or not self.code)
+        )
+
+    @property
+    def resource_fault(self) -> bool:
+        """The resource refuses everything until an operator acts: the key (401), the
+        monthly quota or Limited Access (403)."""
+        return (self.status in (401, 403) and self.code != FULL) or self.limited_access
+
+    @property
+    def not_found(self) -> bool:
+        return self.status == 404
+
+    @property
+    def training_running(self) -> bool:
+        return "TrainingNotFinished" in self.code
 
 
 @dataclass(frozen=True)
@@ -110,6 +174,45 @@ class TransactionCounter:
             return sum(self._totals.values())
 
 
+_TRY_AGAIN = re.compile(r"try again in (\d+(?:\.\d+)?) seconds?", re.IGNORECASE)
+
+
+def _error_body(response: Any) -> tuple[str, str, str]:
+    """(code, innererror code, message) read from an error answer's JSON body.
+
+    Every documented form: `{"error": {"code", "message"}}`, with an `innererror`
+    (`{"code": "InvalidRequest", ..., "innererror": {"code": "UnsupportedFeature"}}`), or
+    with `statusCode` instead of `code` (quota and rate-limit answers)."""
+    try:
+        body = json.loads(getattr(response, "text", "") or "{}")
+    except (TypeError, ValueError):
+        return "", "", ""
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return "", "", ""
+    code = str(error.get("code") or "")
+    inner = error.get("innererror")
+    inner_code = str(inner.get("code") or "") if isinstance(inner, dict) else ""
+    message = str(error.get("message") or "")
+    if isinstance(inner, dict) and inner.get("message"):
+        message = str(inner["message"])
+    return code, inner_code, message
+
+
+def retry_after_of(response: Any, message: str) -> float | None:
+    """A 429's wait: its Retry-After header, else the "Try again in N seconds" of its
+    message, else None (the caller's own back-off applies)."""
+    with contextlib.suppress(TypeError, ValueError, AttributeError):
+        return max(0.0, float(response.headers.get("Retry-After", "")))
+    found = _TRY_AGAIN.search(message or "")
+    return float(found.group(1)) if found else None
+
+
+def member_of_data(user_data: str, tag: str) -> str | None:
+    """The member id of a person's userData when this store made the person, else None."""
+    return user_data[len(tag) :] if user_data.startswith(tag) else None
+
+
 def _failure(error: BaseException) -> CloudFailure:
     """Translate an SDK, msrest or requests exception into a CloudFailure."""
     import requests
@@ -126,13 +229,20 @@ def _failure(error: BaseException) -> CloudFailure:
         inner = getattr(getattr(error, "error", None), "error", None)
         if inner is not None:
             code, message = getattr(inner, "code", "") or "", getattr(inner, "message", "") or ""
-        detail = f"HTTP {status} {code}: {message}".strip()[:300]
+        body_code, inner_code, body_message = _error_body(response)
+        code = code or body_code
+        message = body_message or message
+        shown = code
+        if inner_code:  # the field form of a refusal: InvalidRequest / UnsupportedFeature
+            shown, code = f"{code}/{inner_code}" if code else inner_code, inner_code
+        detail = (f"HTTP {status}" + (f" {shown}" if shown else "") + f": {message}")[:300]
         if status == 429:
-            retry_after = None
-            with contextlib.suppress(TypeError, ValueError, AttributeError):
-                retry_after = float(response.headers.get("Retry-After", ""))
             return CloudFailure(
-                EngineOutcome.THROTTLED, detail, status=status, code=code, retry_after=retry_after
+                EngineOutcome.THROTTLED,
+                detail,
+                status=status,
+                code=code or "RateLimitExceeded",
+                retry_after=retry_after_of(response, message),
             )
         if "NotTrained" in code or "TrainingNotFinished" in code:  # 400 or 409 by the docs
             return CloudFailure(EngineOutcome.NOT_TRAINED, detail, status=status, code=code)
@@ -160,7 +270,12 @@ def _failure(error: BaseException) -> CloudFailure:
 class AzureFace:
     """The Face API operations FaceGate uses, on one LargePersonGroup."""
 
-    def __init__(self, settings: AzureSettings, counter: TransactionCounter | None = None) -> None:
+    def __init__(
+        self,
+        settings: AzureSettings,
+        counter: TransactionCounter | None = None,
+        rate: CloudRate | None = None,
+    ) -> None:
         import warnings
 
         with warnings.catch_warnings():
@@ -170,6 +285,7 @@ class AzureFace:
 
         self.settings = settings
         self.counter = counter or TransactionCounter()
+        self.rate = rate or CloudRate(0)
         credentials = CognitiveServicesCredentials(settings.key)
         self._client = FaceClient(settings.endpoint, credentials)  # type: ignore[no-untyped-call]
         self._client.config.retry_policy.retries = 0  # we decide what is retried
@@ -189,18 +305,31 @@ class AzureFace:
         fn: Callable[..., T],
         *args: Any,
         read_timeout: float | None = None,
+        urgent: bool = False,
         **kwargs: Any,
     ) -> T:
+        """One paid call. `urgent` (a frame) may take the rate limit's last token."""
         timeout = (
             self.settings.connect_timeout,
             self.settings.read_timeout if read_timeout is None else max(0.05, read_timeout),
         )
+        wait = self.rate.take(urgent=urgent)
+        if wait > 0:
+            raise CloudFailure(
+                EngineOutcome.THROTTLED,
+                f"client-side rate limit: next call in {wait:.1f} s",
+                retry_after=wait,
+                code="ClientRateLimit",  # cloud/sync.py's CLIENT_RATE_LIMIT
+                engine_fault=False,
+            )
         self.counter.count(operation)
         started = time.perf_counter()
         try:
             return fn(*args, timeout=timeout, **kwargs)
         except Exception as error:  # the SDK raises many kinds: all become CloudFailure
             failure = _failure(error)
+            if failure.status == 429:
+                self.rate.hold_off(failure.retry_after or 1.0)
             log.debug(
                 "cloud call failed",
                 extra={
@@ -213,7 +342,10 @@ class AzureFace:
             raise failure from None
 
     # Recognition
-    def detect(self, image: bytes, timeout: float) -> list[DetectedFace]:
+    def detect(self, image: bytes, timeout: float, *, urgent: bool = True) -> list[DetectedFace]:
+        """The faces found, each with the faceId Identify needs. A face without a faceId
+        (a resource without Limited Access approval, as users report it) is a
+        CloudFailure with `limited_access`: identifying it would only cost a 400."""
         faces = self._call(
             "detect",
             self._client.face.detect_with_stream,
@@ -223,7 +355,16 @@ class AzureFace:
             detection_model=self.settings.detection_model,
             face_id_time_to_live=60,
             read_timeout=timeout,
+            urgent=urgent,
         )
+        if any(not f.face_id for f in faces or []):
+            raise CloudFailure(
+                EngineOutcome.ERROR,
+                "the Face API detected a face but returned no faceId: the resource is not"
+                " approved for identification (Limited Access)",
+                status=200,
+                code=NO_FACE_ID,
+            )
         return [
             DetectedFace(
                 str(f.face_id),
@@ -249,6 +390,7 @@ class AzureFace:
             max_num_of_candidates_returned=max_candidates,
             confidence_threshold=self.settings.identify_confidence,
             read_timeout=timeout,
+            urgent=True,
         )
         candidates = [
             (str(c.person_id), float(c.confidence))
@@ -271,6 +413,7 @@ class AzureFace:
                 person_id,
                 large_person_group_id=self.settings.group_id,
                 read_timeout=timeout,
+                urgent=True,
             )
         except CloudFailure as failure:
             if failure.status == 404:
@@ -297,6 +440,21 @@ class AzureFace:
         )
         return True
 
+    def group_model(self) -> str | None:
+        """The group's recognition model; None when the group does not exist yet."""
+        try:
+            group = self._call(
+                "get_group",
+                self._group.get,
+                self.settings.group_id,
+                return_recognition_model=True,
+            )
+        except CloudFailure as failure:
+            if failure.status == 404:
+                return None
+            raise
+        return str(getattr(group, "recognition_model", "") or "")
+
     def train(self) -> None:
         self._call("train", self._group.train, self.settings.group_id)
 
@@ -311,20 +469,35 @@ class AzureFace:
 
     # Persons and faces
     def persons(self) -> Iterator[CloudPersonInfo]:
+        """Every person of the group, a page (one call) at a time."""
         start: str | None = None
         while True:
-            page = self._call(
-                "list_persons", self._persons.list, self.settings.group_id, start=start, top=PAGE
-            )
-            for p in page or []:
-                yield CloudPersonInfo(
-                    str(p.person_id),
-                    str(p.user_data or ""),
-                    tuple(map(str, p.persisted_face_ids or ())),
-                )
-            if not page or len(page) < PAGE:
+            page, start = self.persons_page(start)
+            yield from page
+            if start is None:
                 return
-            start = str(page[-1].person_id)
+
+    def persons_page(
+        self, start: str | None, top: int = PAGE
+    ) -> tuple[list[CloudPersonInfo], str | None]:
+        """One page of persons after `start`, and where the next page starts (None: last)."""
+        page = self._call(
+            "list_persons", self._persons.list, self.settings.group_id, start=start, top=top
+        )
+        persons = [
+            CloudPersonInfo(
+                str(p.person_id),
+                str(p.user_data or ""),
+                tuple(map(str, p.persisted_face_ids or ())),
+            )
+            for p in page or []
+        ]
+        following = persons[-1].person_id if persons and len(persons) >= top else None
+        return persons, following
+
+    def member_of(self, person: CloudPersonInfo) -> str | None:
+        """The member a person stands for when this store made it, else None."""
+        return member_of_data(person.user_data, self.settings.tag)
 
     def person_faces(self, person_id: str) -> tuple[str, ...]:
         """The persisted face ids of one person (one call)."""
@@ -337,7 +510,7 @@ class AzureFace:
             self._persons.create,
             self.settings.group_id,
             name=member_id[:128],
-            user_data=member_id,
+            user_data=self.settings.tag + member_id,
         )
         return str(person.person_id)
 

@@ -13,23 +13,38 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from facegate_server.cloud.azure import AzureFace, CloudFailure
+from facegate_server.cloud.health import CloudHealth
+from facegate_server.cloud.photos import for_cloud
 from facegate_server.domain import (
     Candidate,
     CloudPerson,
     Decision,
     EngineKind,
     EngineOutcome,
+    FaceBox,
     FaceTemplate,
     Identification,
     SearchResult,
 )
 from facegate_server.engines.base import Attempt
+from facegate_server.engines.policy import choose_face
 from facegate_server.store import Store
 
 MIN_BYTES = 1024
 """The Face API refuses smaller images (400 InvalidImageSize): they are not sent."""
 HINT_NO_FACE = "look at the camera"
 HINT_MULTIPLE_FACES = "one person at a time, please"
+HINT_AMBIGUOUS = "please try again"
+
+DEFAULT_THRESHOLD = 0.5
+"""Azure's documented default "same person" confidence (Identify's confidenceThreshold)."""
+DEFAULT_MARGIN = 0.10
+"""FACEGATE_MATCH_MARGIN's rule in the cloud's terms. Locally, a grant needs the runner-up
+member 0.10 farther (in descriptor distance) than the best; through the confidence map of
+engines/policy.py, 0.10 of distance at a typical same-person distance (0.35 → 0.92,
+0.45 → 0.82) is 0.10 of confidence. Azure's scale is not ours, so it is a setting
+(FACEGATE_AZURE_MARGIN); 0.10 keeps the rule's intent: two people the cloud cannot tell
+apart are not a grant."""
 NO_PERSON = "00000000-0000-0000-0000-000000000000"
 """The person Verify asks about for a member with no cloud person (no such member, or not
 synchronised yet): the Face API answers 404, as after a real verification's round trip."""
@@ -100,16 +115,34 @@ class CloudPeople:
 class AzureEngine:
     """Identify through Azure: detect (with a face id), then identify in the group.
 
-    A person found is mapped back to a member through `CloudPeople`; one that maps to no
-    current member (deleted a moment ago, or never ours) is an unknown face.
+    A cloud answer is never a runner-up's grant: when the top candidate is not a current
+    member of this store (deleted since the last training, or another store's person), the
+    cloud's answer counts as no answer (a NOT_USED failure that is not the cloud's fault)
+    and the local engine decides. A grant needs the top candidate at or above `threshold`
+    and every other candidate at least `margin` below it (else DENIED_AMBIGUOUS). Of
+    several faces, the dominant one is decided on (engines/policy.choose_face), as the
+    local engine does. An OFF cloud (cloud/health.py) costs nothing: no call is made.
     """
 
     kind = EngineKind.AZURE
     name = "azure"
 
-    def __init__(self, face: AzureFace, people: CloudPeople) -> None:
+    def __init__(
+        self,
+        face: AzureFace,
+        people: CloudPeople,
+        *,
+        health: CloudHealth | None = None,
+        threshold: float = DEFAULT_THRESHOLD,
+        margin: float = DEFAULT_MARGIN,
+        dominant_face_ratio: float | None = 4.0,
+    ) -> None:
         self.face = face
         self.people = people
+        self.health = health or CloudHealth()
+        self.threshold = threshold
+        self.margin = margin
+        self.dominant_face_ratio = dominant_face_ratio
 
     def identify(
         self, image: bytes, timeout: float, attempt: Attempt | None = None
@@ -124,12 +157,24 @@ class AzureEngine:
             raise CloudFailure(
                 EngineOutcome.NOT_USED, "image under the Face API's 1 KB", status=400
             )
+        state = self.health.state
+        if self.health.off:
+            raise CloudFailure(
+                EngineOutcome.NOT_USED,
+                f"cloud off: {state.reason}",
+                engine_fault=False,
+            )
         deadline = time.monotonic() + timeout
         attempt.billed += 1
-        faces = self.face.detect(image, timeout)
+        try:
+            faces = self.face.detect(image, timeout)
+        except CloudFailure as failure:
+            self.health.failed(failure, frame=image if failure.limited_access else None)
+            raise
         if not faces:
             return Identification(Decision.DENIED_NO_FACE, self.kind, hint=HINT_NO_FACE), []
-        if len(faces) > 1:
+        chosen = choose_face([f.box for f in faces], self.dominant_face_ratio)
+        if chosen is None:
             largest = max(faces, key=lambda f: f.box.area)
             return (
                 Identification(
@@ -140,28 +185,47 @@ class AzureEngine:
                 ),
                 [],
             )
+        face = faces[chosen]
         remaining = deadline - time.monotonic()
         if attempt.cancelled.is_set() or remaining <= 0:
             raise CloudFailure(EngineOutcome.TIMED_OUT, "no time left to identify")
         attempt.billed += 1
-        candidates = self.face.identify(faces[0].face_id, remaining, max_candidates)
-        box = faces[0].box
-        for person_id, confidence in candidates:
-            member_id = self.people.member_of(person_id)
-            if member_id is not None:
-                found = Identification(
-                    Decision.GRANTED,
-                    self.kind,
-                    member_id=member_id,
-                    confidence=confidence,
-                    face_box=box,
-                )
-                return found, candidates
-        best = candidates[0][1] if candidates else 0.0
-        found = Identification(
-            Decision.DENIED_UNKNOWN_FACE, self.kind, confidence=best, face_box=box
+        try:
+            candidates = self.face.identify(face.face_id, remaining, max(2, max_candidates))
+        except CloudFailure as failure:
+            self.health.failed(failure)
+            raise
+        return self._decide(candidates, face.box), candidates
+
+    def _decide(self, candidates: list[tuple[str, float]], box: FaceBox) -> Identification:
+        if not candidates or candidates[0][1] < self.threshold:
+            best = candidates[0][1] if candidates else 0.0
+            return Identification(
+                Decision.DENIED_UNKNOWN_FACE, self.kind, confidence=best, face_box=box
+            )
+        person_id, confidence = candidates[0]
+        member_id = self.people.member_of(person_id)
+        if member_id is None:
+            # Deleted since the last training, or not this store's: never grant whoever
+            # comes next. The local engine decides.
+            raise CloudFailure(
+                EngineOutcome.NOT_USED,
+                "the cloud's best match is not a current member (deleted since the last"
+                " training, or another store's person)",
+                engine_fault=False,
+            )
+        runner_up = candidates[1][1] if len(candidates) > 1 else 0.0
+        if confidence - runner_up < self.margin:
+            return Identification(
+                Decision.DENIED_AMBIGUOUS,
+                self.kind,
+                confidence=confidence,
+                face_box=box,
+                hint=HINT_AMBIGUOUS,
+            )
+        return Identification(
+            Decision.GRANTED, self.kind, member_id=member_id, confidence=confidence, face_box=box
         )
-        return found, candidates
 
     def verify(
         self, member_id: str, image: bytes, timeout: float, attempt: Attempt | None = None
@@ -170,19 +234,31 @@ class AzureEngine:
 
         A member with no cloud person (no such member, or not synchronised yet) costs the
         same two calls, the second about a person that does not exist, and is answered as
-        a face that is not theirs. Granted at `identify_confidence`, Identify's boundary.
+        a face that is not theirs. Granted at `threshold`, Identify's boundary; an OFF
+        cloud costs nothing; of several faces, the dominant one is verified.
         """
         attempt = attempt or Attempt()
         if len(image) < MIN_BYTES:
             raise CloudFailure(
                 EngineOutcome.NOT_USED, "image under the Face API's 1 KB", status=400
             )
+        if self.health.off:
+            raise CloudFailure(
+                EngineOutcome.NOT_USED,
+                f"cloud off: {self.health.state.reason}",
+                engine_fault=False,
+            )
         deadline = time.monotonic() + timeout
         attempt.billed += 1
-        faces = self.face.detect(image, timeout)
+        try:
+            faces = self.face.detect(image, timeout)
+        except CloudFailure as failure:
+            self.health.failed(failure, frame=image if failure.limited_access else None)
+            raise
         if not faces:
             return Identification(Decision.DENIED_NO_FACE, self.kind, hint=HINT_NO_FACE)
-        if len(faces) > 1:
+        chosen = choose_face([f.box for f in faces], self.dominant_face_ratio)
+        if chosen is None:
             largest = max(faces, key=lambda f: f.box.area)
             return Identification(
                 Decision.DENIED_MULTIPLE_FACES,
@@ -190,16 +266,21 @@ class AzureEngine:
                 face_box=largest.box,
                 hint=HINT_MULTIPLE_FACES,
             )
+        face = faces[chosen]
         remaining = deadline - time.monotonic()
         if attempt.cancelled.is_set() or remaining <= 0:
             raise CloudFailure(EngineOutcome.TIMED_OUT, "no time left to verify")
         person = self.people.person_of(member_id)
         attempt.billed += 1
-        score = self.face.verify(
-            faces[0].face_id, person.person_id if person else NO_PERSON, remaining
-        )
-        box = faces[0].box
-        if score is not None and score >= self.face.settings.identify_confidence:
+        try:
+            score = self.face.verify(
+                face.face_id, person.person_id if person else NO_PERSON, remaining
+            )
+        except CloudFailure as failure:
+            self.health.failed(failure)
+            raise
+        box = face.box
+        if score is not None and score >= self.threshold:
             return Identification(
                 Decision.GRANTED, self.kind, member_id=member_id, confidence=score, face_box=box
             )
@@ -220,8 +301,11 @@ class AzureEngine:
     def enrol(
         self, photos: Sequence[bytes], timeout: float, templates: Sequence[FaceTemplate]
     ) -> list[FaceTemplate]:
-        """Each photo goes to the outbox with its template, for the member's cloud person."""
-        return [replace(t, cloud_photo=p) for t, p in zip(templates, photos, strict=True)]
+        """Each photo goes to the outbox with its template, for the member's cloud person,
+        converted first when the Face API would not take it as it is (cloud/photos.py)."""
+        return [
+            replace(t, cloud_photo=for_cloud(p)) for t, p in zip(templates, photos, strict=True)
+        ]
 
     def enrolled(self, member_id: str, templates: Sequence[FaceTemplate]) -> None:
         """Nothing to do now: the outbox replayer adds the faces and trains the group."""

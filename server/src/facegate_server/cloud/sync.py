@@ -1,20 +1,41 @@
 """Keeping the cloud group in step with the store: the outbox replayer and `facegate sync`.
 
 Enrolments, deletions and removed photos commit locally at once, with outbox entries in the same
-transaction (store/base.py). A background thread replays the outbox in order whenever the
-cloud is reachable (the circuit breaker says so), then queues one training for the whole
-batch and polls it until it has finished; members become "ready" in the cloud only then,
-and until then the local engine lets them in.
+transaction (store/base.py). A background thread replays the outbox in order, then queues
+one training for the whole batch and polls it until it has finished; members become
+"ready" in the cloud only then, and until then the local engine lets them in.
+
+Failures are classified (cloud/azure.py's CloudFailure):
+- an entry's own fault (a photo the cloud refuses: 400 InvalidImage, InvalidImageSize,
+  BadArgument, no face found) parks that entry with its reason (`facegate status`; put back
+  in line by `facegate sync --retry-parked`); the entries behind it keep moving;
+- a fault of the resource (401 key, 403 quota or Limited Access) pauses the whole outbox
+  with a reason and what to do (cloud/health.py); it resumes by itself when the readiness
+  check, run again on the replayer's back-off, passes;
+- anything else (time-outs, 5xx, 429, unreachable) pauses it for a back-off that grows
+  (a 429's wait when it gives one), then it retries.
+The replayer has its own back-off: enrolment, deletion and training never touch the
+circuit breaker the turnstiles' Identify calls share (routing/breaker.py).
+
+Training is one state machine: read from the cloud at start-up (a training may be running,
+or may have finished while FaceGate was down), never overwritten while running (changes
+replayed meanwhile queue one more training behind it, never more than one), a 409
+TrainingNotFinished means "running", and it is polled with a back-off that grows with the
+group's size, on the injected clock.
 
 Replays are idempotent. Before each cloud write the entry's attempt is counted in the
 store; an entry with an earlier attempt may have taken effect without FaceGate hearing of
-it (a timeout, a crash, SIGKILL), so it looks before it creates: the group's persons are
-searched for one whose userData is the member id, and the person's faces for one whose
-userData is the entry's face tag.
+it (a timeout, a crash, SIGKILL). A face is looked for among its person's faces (one call,
+by the face's tag in userData). A PersonCreate whose answer was lost left no id to look
+for: a new person is created, and a background sweep pages through the group (one page a
+tick) for persons tagged with this store's identity that FaceGate does not remember, and
+deletes them — never a full listing on the replay path.
 
-`reconcile` (`facegate sync`) compares the whole group with the store and repairs what
-differs: members without a person, faces missing from a person, persons and faces that
-FaceGate does not know (orphans). With dry_run it only reports.
+`reconcile` (`facegate sync`) compares the group with the store and repairs what differs:
+members without a person, faces missing from a person, and this store's persons and faces
+that FaceGate does not know (orphans). A person another store made (another tag) is never
+touched. It pages through the group and reads no photo but the kept one it re-adds. With
+dry_run it only reports.
 """
 
 from __future__ import annotations
@@ -25,19 +46,39 @@ import threading
 import time
 from collections.abc import Callable
 
-from facegate_server.cloud.azure import AzureFace, CloudFailure
+from facegate_server.cloud.azure import PAGE, AzureFace, CloudFailure
 from facegate_server.cloud.engine import CloudPeople
-from facegate_server.domain import Change, ChangeKind, OutboxEntry
-from facegate_server.routing.breaker import CircuitBreaker
+from facegate_server.cloud.health import CloudHealth, Readiness
+from facegate_server.domain import Change, ChangeKind, EngineOutcome, OutboxEntry
 from facegate_server.store import Store
 
 log = logging.getLogger(__name__)
 
 BATCH = 50
+FIRST_RETRY = 1.0
+MAX_RETRY = 60.0
+"""The back-off after a passing fault (time-out, 5xx, unreachable): 1 s, doubling, ≤ 60 s."""
+MAX_CHECK = 300.0
+"""The back-off of the readiness check while the cloud is off or paused: ≤ 5 min (each
+check costs two transactions)."""
+FAILED_TRAINING_RETRY = 30.0
+CALLS_PER_ENTRY = 2  # an add-face: a person create (the member's first) and the add
+CLIENT_RATE_LIMIT = "ClientRateLimit"
 
 
 def face_tag(face_id: int) -> str:
     return f"facegate-face:{face_id}"
+
+
+def poll_delays(persons: int) -> tuple[float, float]:
+    """(first poll, longest wait between polls) for a group of `persons`.
+
+    Training a LargePersonGroup takes seconds for a few thousand persons and up to tens of
+    minutes for a million ("Use the large-scale feature", Face documentation): the first
+    poll comes after 1 s plus 1 s per 10,000 persons, each next one 1.5 times later, at
+    most 30 s plus 1 s per 2,000 persons (a million: about 8 minutes). A poll is a paid
+    transaction."""
+    return 1.0 + persons / 10_000, 30.0 + persons / 2_000
 
 
 class Training(enum.Enum):
@@ -53,7 +94,7 @@ class CloudSync:
         face: AzureFace,
         store: Store,
         people: CloudPeople,
-        breaker: CircuitBreaker,
+        health: CloudHealth | None = None,
         *,
         interval: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
@@ -61,7 +102,7 @@ class CloudSync:
         self.face = face
         self.store = store
         self.people = people
-        self.breaker = breaker
+        self.health = health or CloudHealth()
         self.interval = interval
         self._clock = clock
         self._lock = threading.Lock()  # one replay or reconcile at a time
@@ -69,9 +110,17 @@ class CloudSync:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._group_checked = False
+        self._started = False  # the training state has been read from the cloud
         self.training = Training.IDLE
+        self.training_queued = False  # one more training behind the running one
         self._next_poll = 0.0
         self._poll_delay = 1.0
+        self._retry_at = 0.0
+        self._retry_delay = 0.0
+        self.waiting = ""
+        """Why the outbox is not moving now, and when it retries; empty while it moves."""
+        self._sweep = False
+        self._sweep_from: str | None = None
         self.last_error = ""
         self.last_error_time = 0.0
 
@@ -96,106 +145,100 @@ class CloudSync:
                 self.run_once()
             except Exception:  # keep syncing whatever happened; the next tick retries
                 log.exception("cloud sync failed")
-            self._wake.wait(self.interval)
+            # Sooner when only our own rate limit holds the outbox back.
+            due = self._retry_at - self._clock()
+            rate_bound = self.waiting.startswith("keeping to")
+            self._wake.wait(max(0.05, min(self.interval, due)) if rate_bound else self.interval)
             self._wake.clear()
 
     def run_once(self) -> None:
-        """Replay what the outbox holds, then queue or poll training, if the cloud is up."""
+        """Check readiness when due; replay the outbox; queue or poll training; sweep."""
         with self._lock:
-            if not self.breaker.allow():
+            if self._clock() < self._retry_at:
                 return
-            calls = self.face.counter.total()
             try:
+                if self.health.state.readiness is not Readiness.READY:
+                    state = self.health.check(self.face)
+                    if state.readiness is not Readiness.READY:
+                        self._wait(state.describe(), MAX_CHECK)
+                        return
                 self._ensure_group()
-                while not self._stop.is_set():
-                    entries = self.store.outbox(BATCH)
-                    if not entries:
-                        break
-                    for entry in entries:
-                        self._replay(entry)
-                        self.training = Training.NEEDED
+                self._start_up()
+                self._replay_all()
                 self._train()
+                self._sweep_page()
             except CloudFailure as failure:
                 self._failed(failure)
                 return
-            if self.face.counter.total() > calls:
-                self.breaker.record_success()  # the cloud answered us
-            else:
-                self.breaker.release()  # nothing asked: no news of the cloud either way
+            self._retry_delay = 0.0
+            self.waiting = ""
+
+    def _wait(self, why: str, longest: float, at_least: float | None = None) -> None:
+        self._retry_delay = min(longest, max(FIRST_RETRY, self._retry_delay * 2))
+        if at_least is not None:
+            self._retry_delay = max(at_least, min(self._retry_delay, longest))
+        self._retry_at = self._clock() + self._retry_delay
+        self.waiting = f"{why}; retrying in {self._retry_delay:.0f} s"
 
     def _failed(self, failure: CloudFailure) -> None:
+        if failure.code == CLIENT_RATE_LIMIT:
+            # Not a failure: our own rate limit (Identify first). Resume when it allows,
+            # without growing the back-off.
+            self._retry_at = self._clock() + (failure.retry_after or FIRST_RETRY)
+            self.waiting = "keeping to the resource's rate (Identify first)"
+            return
         self.last_error = failure.detail
         self.last_error_time = time.time()
-        log.warning("cloud sync paused", extra={"error": failure.detail})
-        self.breaker.record_failure(
-            retry_after=(failure.retry_after or 0.0) if failure.status == 429 else None
-        )
+        if failure.resource_fault:
+            self.health.failed(failure)
+            self._wait(f"paused: {self.health.state.describe()}", MAX_CHECK)
+        elif failure.outcome is EngineOutcome.THROTTLED and failure.retry_after:
+            self._wait(failure.detail, max(MAX_RETRY, failure.retry_after), failure.retry_after)
+        else:
+            self._wait(failure.detail, MAX_RETRY)
+        if failure.status is not None and "GroupNotFound" in failure.code:
+            self._group_checked = False  # the group went: make it again next time
+        log.warning("cloud sync paused", extra={"error": failure.detail, "why": self.waiting})
 
     def _ensure_group(self) -> None:
         if not self._group_checked:
             if self.face.ensure_group():
                 log.info("cloud group created", extra={"group": self.face.settings.group_id})
             self._group_checked = True
-            if any(not p.ready and not p.deleted for p in self.people.all()):
-                self.training = Training.NEEDED  # a training was cut short by a restart
 
-    def _replay(self, entry: OutboxEntry) -> None:
-        uncertain = entry.attempts > 0
+    # Training
+    def _start_up(self) -> None:
+        """Read the training state from the cloud once: a training may be running (a
+        restart mid-training), or may have finished while FaceGate was down."""
+        if self._started:
+            return
         try:
-            if entry.kind == "add_face":
-                self._add_face(entry, uncertain)
-            elif entry.kind == "delete_member":
-                self._delete_member(entry, uncertain)
-            elif entry.kind == "delete_face":
-                self._delete_face(entry)
-            else:
-                raise ValueError(f"unknown outbox entry kind {entry.kind!r}")
+            status, _ = self.face.training_status()
         except CloudFailure as failure:
-            self.store.outbox_attempt(entry.seq, error=failure.detail)
-            raise
-        self.store.outbox_done(entry.seq)
-        log.info(
-            "cloud change replayed",
-            extra={"kind": entry.kind, "member_id": entry.member_id, "seq": entry.seq},
-        )
+            if not (failure.not_found or failure.outcome is EngineOutcome.NOT_TRAINED):
+                raise
+            status = "nonstarted"
+        self._started = True
+        if status == "succeeded":
+            self.people.training_succeeded()  # one queued before a restart has finished
+        waiting = any(not p.ready and not p.deleted for p in self.people.all())
+        if status == "running":
+            self._running(queued=waiting)
+        elif waiting:
+            self.training = Training.NEEDED
 
-    def _find_person(self, member_id: str) -> str | None:
-        remembered = {p.person_id for p in self.people.all()}
-        for person in self.face.persons():
-            if person.user_data == member_id and person.person_id not in remembered:
-                return person.person_id
-        return None
-
-    def _add_face(self, entry: OutboxEntry, uncertain: bool) -> None:
-        assert entry.face_id is not None and entry.photo is not None
-        self.store.outbox_attempt(entry.seq)
-        person = self.people.person_of(entry.member_id)
-        if person is None:
-            person_id = self._find_person(entry.member_id) if uncertain else None
-            if person_id is None:
-                person_id = self.face.create_person(entry.member_id)
-            self.people.save(entry.member_id, person_id)
+    def _changed(self) -> None:
+        """The group changed: train it, after the running training if there is one."""
+        if self.training is Training.RUNNING:
+            self.training_queued = True
         else:
-            person_id = person.person_id
-        tag = face_tag(entry.face_id)
-        if uncertain:  # an add we never heard back from may have taken effect
-            for persisted in self.face.person_faces(person_id):
-                if self.face.face_tag(person_id, persisted) == tag:
-                    self.store.save_cloud_face(entry.face_id, persisted)
-                    return
-        persisted = self.face.add_face(person_id, entry.photo, tag)
-        self.store.save_cloud_face(entry.face_id, persisted)
+            self.training = Training.NEEDED
 
-    def _delete_member(self, entry: OutboxEntry, uncertain: bool) -> None:
-        self.store.outbox_attempt(entry.seq)
-        for person in self.people.all():
-            if person.member_id == entry.member_id and person.deleted:
-                self.face.delete_person(person.person_id)
-                self.people.forget(person.person_id)
-        if uncertain:  # a create we never heard back from may have left a person behind
-            orphan = self._find_person(entry.member_id)
-            if orphan is not None and self.people.person_of(entry.member_id) is None:
-                self.face.delete_person(orphan)
+    def _running(self, *, queued: bool) -> None:
+        self.training = Training.RUNNING
+        self.training_queued = self.training_queued or queued
+        self._poll_delay, _ = poll_delays(len(self.people.all()))
+        self._next_poll = self._clock() + self._poll_delay
 
     def _delete_face(self, entry: OutboxEntry) -> None:
         """A removed photo: delete its face from the member's cloud person. Without the
@@ -228,31 +271,211 @@ class CloudSync:
             status, message = self.face.training_status()
             if status == "succeeded":
                 self.people.training_succeeded()
-                self.training = Training.IDLE
                 log.info("cloud training succeeded")
+                self.training = Training.IDLE
+                if self.training_queued:
+                    self.training_queued = False
+                    self.training = Training.NEEDED  # the one queued behind: start it now
             elif status == "failed":
                 if not any(not p.deleted for p in self.people.all()):
                     # An empty group has nothing to train (the last person was deleted).
                     self.training = Training.IDLE
+                    self.training_queued = False
                     return
                 self.training = Training.FAILED
+                self.training_queued = False
                 self.last_error = f"training failed: {message}"
                 self.last_error_time = time.time()
-                self._next_poll = now + 30.0  # retry the training after a pause
+                self._next_poll = now + FAILED_TRAINING_RETRY
                 log.error("cloud training failed", extra={"error": message})
+                return
             else:
-                self._poll_delay = min(30.0, self._poll_delay * 2)
+                _, longest = poll_delays(len(self.people.all()))
+                self._poll_delay = min(longest, self._poll_delay * 1.5)
                 self._next_poll = now + self._poll_delay
-            return
+                return
         if self.training is Training.NEEDED or (
             self.training is Training.FAILED and now >= self._next_poll
         ):
-            self.face.train()
+            try:
+                self.face.train()
+            except CloudFailure as failure:
+                if not failure.training_running:
+                    raise
+                # One runs already (a restart mid-training, another server): ours follows.
+                log.info("cloud training already running; one more queued behind it")
+                self._running(queued=True)
+                return
             self.people.training_queued()
-            self.training = Training.RUNNING
-            self._poll_delay = 0.5
-            self._next_poll = now + self._poll_delay
+            self._running(queued=False)
             log.info("cloud training queued")
+
+    # The outbox
+    def _replay_all(self) -> None:
+        while not self._stop.is_set():
+            entries = self.store.outbox(BATCH)
+            if not entries:
+                return
+            for entry in entries:
+                if self.face.rate.spare() < CALLS_PER_ENTRY:
+                    # Do not start an entry the rate limit would cut short: its attempt
+                    # would count, and an uncertain replay costs lookups.
+                    raise CloudFailure(
+                        EngineOutcome.THROTTLED,
+                        "client-side rate limit",
+                        code=CLIENT_RATE_LIMIT,
+                        retry_after=CALLS_PER_ENTRY / max(self.face.rate.per_second, 1e-9),
+                        engine_fault=False,
+                    )
+                if self._replay(entry):
+                    self._changed()
+
+    def _replay(self, entry: OutboxEntry) -> bool:
+        """Replay one entry; False when it was parked (the cloud refused it)."""
+        uncertain = entry.attempts > 0
+        try:
+            if entry.kind == "add_face":
+                self._add_face(entry, uncertain)
+            elif entry.kind == "delete_member":
+                self._delete_member(entry)
+            elif entry.kind == "delete_face":
+                self._delete_face(entry)
+            else:
+                raise ValueError(f"unknown outbox entry kind {entry.kind!r}")
+        except CloudFailure as failure:
+            if failure.entry_fault:
+                self.store.outbox_park(entry.seq, failure.detail)
+                log.warning(
+                    "cloud refused an outbox entry: parked",
+                    extra={
+                        "kind": entry.kind,
+                        "member_id": entry.member_id,
+                        "seq": entry.seq,
+                        "error": failure.detail,
+                    },
+                )
+                return False
+            self.store.outbox_attempt(entry.seq, error=failure.detail)
+            raise
+        self.store.outbox_done(entry.seq)
+        log.info(
+            "cloud change replayed",
+            extra={"kind": entry.kind, "member_id": entry.member_id, "seq": entry.seq},
+        )
+        return True
+
+    def _create_person(self, member_id: str, uncertain: bool) -> str:
+        if uncertain:
+            # An earlier create may have taken effect with its answer lost: the sweep
+            # finds and deletes such a person in the background.
+            self._start_sweep()
+        person_id = self.face.create_person(member_id)
+        self.people.save(member_id, person_id)
+        return person_id
+
+    def _add_face(self, entry: OutboxEntry, uncertain: bool) -> None:
+        assert entry.face_id is not None and entry.photo is not None
+        self.store.outbox_attempt(entry.seq)
+        person = self.people.person_of(entry.member_id)
+        if person is None:
+            person_id = self._create_person(entry.member_id, uncertain)
+        else:
+            person_id = person.person_id
+        tag = face_tag(entry.face_id)
+        try:
+            if uncertain and person is not None:  # an add we never heard back from
+                for persisted in self.face.person_faces(person_id):
+                    if self.face.face_tag(person_id, persisted) == tag:
+                        self.store.save_cloud_face(entry.face_id, persisted)
+                        return
+            persisted = self.face.add_face(person_id, entry.photo, tag)
+        except CloudFailure as failure:
+            if not (failure.not_found and "GroupNotFound" not in failure.code):
+                raise
+            # The person FaceGate made is gone (deleted behind its back): make it again.
+            log.warning(
+                "cloud person missing: re-created (`facegate sync` restores its other faces"
+                " from kept photos)",
+                extra={"member_id": entry.member_id, "person_id": person_id},
+            )
+            self.people.forget(person_id)
+            person_id = self._create_person(entry.member_id, uncertain=False)
+            persisted = self.face.add_face(person_id, entry.photo, tag)
+        self.store.save_cloud_face(entry.face_id, persisted)
+
+    def _delete_member(self, entry: OutboxEntry) -> None:
+        self.store.outbox_attempt(entry.seq)
+        for person in self.people.all():
+            if person.member_id == entry.member_id and person.deleted:
+                self.face.delete_person(person.person_id)
+                self.people.forget(person.person_id)
+        if entry.attempts > 0:  # a create we never heard back from may have left a person
+            self._start_sweep()
+
+    # The sweep: this store's persons FaceGate does not remember (lost creates)
+    def _start_sweep(self) -> None:
+        if not self._sweep:
+            self._sweep, self._sweep_from = True, None
+
+    @property
+    def sweeping(self) -> bool:
+        return self._sweep
+
+    def _sweep_page(self) -> None:
+        """One page of the sweep (one call), when one is due."""
+        if not self._sweep:
+            return
+        page, following = self.face.persons_page(self._sweep_from, PAGE)
+        remembered = {p.person_id for p in self.people.all()}
+        busy = self.store.outbox_members()
+        for person in page:
+            member_id = self.face.member_of(person)
+            if member_id is None or person.person_id in remembered or member_id in busy:
+                continue
+            self.face.delete_person(person.person_id)
+            log.info(
+                "cloud person from a lost create deleted",
+                extra={"member_id": member_id, "person_id": person.person_id},
+            )
+        self._sweep_from = following
+        self._sweep = following is not None
+
+    # What operators see
+    def cloud_state(self, member_id: str) -> str:
+        """The member in the cloud, in a few words (GetMember)."""
+        entries = self.store.outbox_of(member_id)
+        parked = [e for e in entries if e.parked]
+        if parked:
+            return (
+                f"{len(parked)} change(s) refused by the cloud: {parked[0].parked}"
+                " (facegate sync --retry-parked)"
+            )
+        if entries:
+            return f"{len(entries)} change(s) waiting to be sent" + (
+                f" ({self.waiting})" if self.waiting else ""
+            )
+        person = self.people.person_of(member_id)
+        if person is None:
+            return "not in the cloud (facegate sync)"
+        if person.ready:
+            return "ready"
+        return "training" if self.training is Training.RUNNING else "waiting for a training"
+
+    # Operator actions
+    def retry_parked(self) -> int:
+        """Put every parked entry back in line (`facegate sync --retry-parked`)."""
+        count = self.store.outbox_unpark()
+        if count:
+            log.info("parked cloud changes put back in line", extra={"entries": count})
+            self.wake()
+        return count
+
+    def _restore(self, person_id: str, face_id: int) -> None:
+        """Add a kept photo to the person: the one photo read, when it is needed."""
+        photo = self.store.face_photo(face_id)
+        if photo is not None:
+            persisted = self.face.add_face(person_id, photo, face_tag(face_id))
+            self.store.save_cloud_face(face_id, persisted)
 
     # `facegate sync`
     def reconcile(self, dry_run: bool) -> list[Change]:
@@ -264,9 +487,14 @@ class CloudSync:
 
     def _reconcile(self, dry_run: bool) -> list[Change]:
         changes: list[Change] = []
-        cloud = {p.person_id: p for p in self.face.persons()}
         remembered = {p.person_id: p for p in self.people.all()}
-        pending = {e.member_id for e in self.store.outbox(1_000_000)}
+        # This store's persons only: tagged with its identity, or remembered by their id.
+        cloud = {
+            p.person_id: p
+            for p in self.face.persons()
+            if p.person_id in remembered or self.face.member_of(p) is not None
+        }
+        pending = self.store.outbox_members()
         apply = not dry_run
 
         def note(kind: ChangeKind, member: str, person: str, detail: str, done: bool) -> None:
@@ -277,15 +505,16 @@ class CloudSync:
             known = remembered.get(person_id)
             if known is not None and not known.deleted:
                 continue
-            if known is not None and known.member_id in pending:
-                continue  # its deletion is waiting in the outbox
+            owner = known.member_id if known is not None else self.face.member_of(orphan)
+            if owner in pending:
+                continue  # its deletion (or its creation) is waiting in the outbox
             if apply:
                 self.face.delete_person(person_id)
                 if known is not None:
                     self.people.forget(person_id)
             note(
                 ChangeKind.ORPHAN_PERSON,
-                orphan.user_data,
+                owner or orphan.user_data,
                 person_id,
                 "deleted from the cloud" if apply else "would be deleted from the cloud",
                 apply,
@@ -302,23 +531,18 @@ class CloudSync:
                 if member.member_id in pending:
                     continue  # the outbox will create it
                 person = self.people.person_of(member.member_id)
-                faces = self.store.faces(member.member_id)
+                faces = self.store.faces(member.member_id, photos=False)
                 info = cloud.get(person.person_id) if person is not None else None
-                restorable = [f for f in faces if f.photo is not None]
+                restorable = [f for f in faces if f.photo_kept]
                 if info is None:
                     detail = f"no cloud person; {len(restorable)} of {len(faces)} photos kept"
                     done = False
                     if apply and restorable:
                         if person is not None:
                             self.people.forget(person.person_id)
-                        person_id = self.face.create_person(member.member_id)
-                        self.people.save(member.member_id, person_id)
+                        person_id = self._create_person(member.member_id, uncertain=False)
                         for face in restorable:
-                            assert face.photo is not None
-                            persisted = self.face.add_face(
-                                person_id, face.photo, face_tag(face.face_id)
-                            )
-                            self.store.save_cloud_face(face.face_id, persisted)
+                            self._restore(person_id, face.face_id)
                         done = True
                     if not restorable:
                         detail += ": re-enrol the member (or keep photos: FACEGATE_KEEP_PHOTOS)"
@@ -337,18 +561,15 @@ class CloudSync:
                     if face.persisted_face_id in in_cloud:
                         continue
                     done = False
-                    if apply and face.photo is not None:
-                        persisted = self.face.add_face(
-                            person.person_id, face.photo, face_tag(face.face_id)
-                        )
-                        self.store.save_cloud_face(face.face_id, persisted)
+                    if apply and face.photo_kept:
+                        self._restore(person.person_id, face.face_id)
                         done = True
                     note(
                         ChangeKind.MISSING_FACE,
                         member.member_id,
                         person.person_id,
                         f"face {face.face_id} is not in the cloud"
-                        + ("" if face.photo is not None else " (photo not kept)"),
+                        + ("" if face.photo_kept else " (photo not kept)"),
                         done,
                     )
                 for persisted in sorted(in_cloud - known_faces):
@@ -362,7 +583,7 @@ class CloudSync:
                         apply,
                     )
         if apply and any(c.applied for c in changes):
-            self.training = Training.NEEDED
+            self._changed()
             self._train()
         log.info(
             "cloud reconciled",

@@ -48,8 +48,16 @@ HINT_MULTIPLE_FACES = "one person at a time, please"
 class WorkerPool:
     """A pool of recognition processes (spawned, never forked: gRPC threads don't fork)."""
 
-    def __init__(self, workers: int, *, max_bytes: int, max_side: int) -> None:
+    def __init__(
+        self,
+        workers: int,
+        *,
+        max_bytes: int,
+        max_side: int,
+        encoder: worker.Encoder = worker.DEFAULT_ENCODER,
+    ) -> None:
         self.workers = workers
+        self.encoder = encoder
         self._max_bytes = max_bytes
         self._max_side = max_side
         self._lock = threading.Lock()
@@ -61,6 +69,7 @@ class WorkerPool:
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=worker.init_worker,
+            initargs=(self.encoder,),
         )
 
     def warm_up(self) -> None:

@@ -14,6 +14,12 @@ face_recognition.face_encodings does inside. A face of poor quality is not encod
 asked (`FaceRules.encode_poor`), so a frame that will be answered "come closer" costs no
 encoding.
 
+The encoder (FACEGATE_ENCODER, `init_worker(encoder)`): "onnx" runs dlib's own trained
+network, read from the same .dat file, on ONNX Runtime (engines/encoder.py; one thread, as
+there is one worker a core) on the chip dlib aligns from the 5-point landmarks; "dlib" is
+dlib's `compute_face_descriptor`, the reference. Both give the same embeddings (within
+1e-3; tests/test_encoder.py), so templates enrolled with either stay valid.
+
 The steps are public so that the Face API emulator (facegate-azure-emulator) recognises
 with this same code: `load_models`, `init_worker`, `detect_faces` (with its own pixel
 budget), `landmarks`, `encode` and `encode_faces`.
@@ -27,7 +33,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -38,8 +44,14 @@ from facegate_server.engines.policy import QualityLimits, choose_face
 
 DETECT_PIXELS = 853 * 480
 
+Encoder = Literal["onnx", "dlib"]
+ENCODERS: tuple[Encoder, ...] = get_args(Encoder)
+DEFAULT_ENCODER: Encoder = "onnx"
+
 _face_recognition: Any = None
 _load_lock = threading.Lock()
+_encoder: Encoder = DEFAULT_ENCODER
+_onnx_encoder: Any = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +104,7 @@ def exit_with_parent(interval: float = 1.0) -> None:
 
 def load_models() -> Any:
     """Import face_recognition (loading dlib's models) and run it once; return the module.
+    The ONNX encoder is built then too when it is this process's encoder (`use_encoder`).
 
     Once a process: later calls (from any thread) return the loaded module at once.
     """
@@ -116,12 +129,37 @@ def load_models() -> Any:
         face_recognition.face_locations(frame, number_of_times_to_upsample=0, model="hog")
         face_recognition.face_encodings(frame, known_face_locations=[(100, 300, 300, 100)])
         _face_recognition = face_recognition
+        if _encoder == "onnx":  # warm too, so that no first request pays for building it
+            _build_onnx_encoder()
         return face_recognition
 
 
-def init_worker() -> None:
+def use_encoder(encoder: Encoder) -> None:
+    """Choose this process's encoder ("onnx" or "dlib", the reference); load it if needed."""
+    global _encoder, _onnx_encoder
+    if encoder not in ENCODERS:
+        raise ValueError(f"unknown encoder {encoder!r}; one of {', '.join(ENCODERS)}")
+    _encoder = encoder
+    if encoder == "onnx":
+        with _load_lock:
+            _build_onnx_encoder()
+
+
+def _build_onnx_encoder() -> None:
+    """Build and run once the ONNX encoder, if not yet built (with _load_lock held)."""
+    global _onnx_encoder
+    if _onnx_encoder is None:
+        from facegate_server.engines.encoder import CHIP_SIZE, OnnxEncoder
+
+        built = OnnxEncoder(threads=1)
+        built.encode_chips(np.zeros((CHIP_SIZE, CHIP_SIZE, 3), np.uint8))
+        _onnx_encoder = built
+
+
+def init_worker(encoder: Encoder = DEFAULT_ENCODER) -> None:
     """A worker process's start: end with the parent, load the models before any request."""
     exit_with_parent()
+    use_encoder(encoder)
     load_models()
 
 
@@ -221,8 +259,22 @@ def landmarks(pixels: RGBImage, box: FaceBox) -> Any:
 
 
 def encode(pixels: RGBImage, shape: Any) -> Embedding:
-    """The 128-d embedding of the face whose landmarks are `shape` (see `landmarks`)."""
-    descriptor = load_models().api.face_encoder.compute_face_descriptor(pixels, shape, 1)
+    """The 128-d embedding of the face whose landmarks are `shape` (see `landmarks`).
+
+    Both encoders see the same 150x150 chip, aligned by dlib from the landmarks (padding
+    0.25, no jitter): dlib's `compute_face_descriptor` cuts it itself.
+    """
+    fr = load_models()
+    if _encoder == "onnx":
+        import dlib
+
+        from facegate_server.engines.encoder import CHIP_PADDING, CHIP_SIZE
+
+        if _onnx_encoder is None:
+            use_encoder("onnx")
+        chip = dlib.get_face_chip(pixels, shape, size=CHIP_SIZE, padding=CHIP_PADDING)
+        return _onnx_encoder.encode_chips(chip)  # type: ignore[no-any-return]
+    descriptor = fr.api.face_encoder.compute_face_descriptor(pixels, shape, 1)
     return np.asarray(descriptor, dtype=np.float64)
 
 

@@ -363,26 +363,46 @@ class RoutingEngine:
             assert cloud_report is not None
             return replace(
                 local,
-                reports=(_report(local, EngineOutcome.DECIDED, local_latency), cloud_report),
+                reports=self._billed(
+                    (_report(local, EngineOutcome.DECIDED, local_latency), cloud_report),
+                    transactions,
+                ),
                 cloud_transactions=transactions,
             )
         if local is None:
             return replace(
                 cloud,
-                reports=(
-                    _report(cloud, EngineOutcome.DECIDED, cloud_latency),
-                    EngineReport(self.local.kind, EngineOutcome.TIMED_OUT),
+                reports=self._billed(
+                    (
+                        _report(cloud, EngineOutcome.DECIDED, cloud_latency),
+                        EngineReport(self.local.kind, EngineOutcome.TIMED_OUT),
+                    ),
+                    transactions,
                 ),
                 cloud_transactions=transactions,
             )
         decided, cloud_outcome, local_outcome = self._decide(question, cloud, local)
         return replace(
             decided,
-            reports=(
-                _report(cloud, cloud_outcome, cloud_latency),
-                _report(local, local_outcome, local_latency),
+            reports=self._billed(
+                (
+                    _report(cloud, cloud_outcome, cloud_latency),
+                    _report(local, local_outcome, local_latency),
+                ),
+                transactions,
             ),
             cloud_transactions=transactions,
+        )
+
+    def _billed(
+        self, reports: tuple[EngineReport, ...], transactions: int
+    ) -> tuple[EngineReport, ...]:
+        """The reports, the cloud's with the transactions it spent (for the access log)."""
+        return tuple(
+            replace(r, transactions=transactions)
+            if r.engine is self._cloud_kind and r.engine is not self.local.kind
+            else r
+            for r in reports
         )
 
     def _decide(

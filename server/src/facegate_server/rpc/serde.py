@@ -80,6 +80,7 @@ def engine_report(r: EngineReport) -> pb.EngineReport:
         member_id=r.member_id,
         confidence=r.confidence,
         detail=r.detail,
+        transactions=r.transactions,
     )
     if r.decision is not None:
         message.decision = decision(r.decision)
@@ -123,6 +124,7 @@ def member(m: Member) -> pb.Member:
         create_time=timestamp(m.create_time),
         update_time=timestamp(m.update_time),
         membership=membership(m.membership),
+        cloud_state=m.cloud_state,
     )
 
 
@@ -277,6 +279,16 @@ def status(s: Status) -> pb.GetStatusResponse:
         ],
         decisions=[pb.Count(name=k, count=v) for k, v in sorted(s.decisions.items())],
         member_count=s.member_count,
+        cloud_readiness=e.cloud_readiness,
+        outbox_waiting=e.outbox_waiting,
+        outbox_parked=s.outbox_parked,
+        parked=[
+            pb.ParkedChange(
+                kind=p.kind, member_id=p.member_id, face_id=p.face_id or 0, reason=p.parked
+            )
+            for p in s.parked
+        ],
+        cloud_cost=e.cloud_cost,
     )
     if e.last_cloud_error_time is not None:
         message.last_cloud_error_time.CopyFrom(timestamp(e.last_cloud_error_time))

@@ -239,6 +239,8 @@ class FaceGateServicer(pb_grpc.FaceGateServiceServicer):
     def SyncCloud(
         self, request: pb.SyncCloudRequest, context: grpc.ServicerContext
     ) -> pb.SyncCloudResponse:
+        if request.retry_parked:
+            return pb.SyncCloudResponse(retried=self.gate.retry_parked())
         changes = self.gate.sync_cloud(request.dry_run)
         return pb.SyncCloudResponse(changes=[serde.sync_change(c) for c in changes])
 

@@ -117,14 +117,45 @@ class Store(abc.ABC):
     ) -> list[AccessEvent]:
         """Up to `limit` events matching `where`, newest first, older than `before_id`."""
 
+    @abc.abstractmethod
+    def store_id(self) -> str:
+        """This store's identity: made once, when the store is created, and never changed.
+
+        Every cloud person this store makes is tagged with it (cloud/azure.py), so that
+        stores sharing one Face API resource, even one group, never touch each other's."""
+
     # The outbox: cloud changes, oldest first.
     @abc.abstractmethod
     def outbox(self, limit: int) -> list[OutboxEntry]:
-        """The oldest `limit` entries not yet done."""
+        """The oldest `limit` entries not yet done and not parked."""
 
     @abc.abstractmethod
     def outbox_depth(self) -> int:
-        """How many entries are not yet done."""
+        """How many entries are not yet done and not parked."""
+
+    @abc.abstractmethod
+    def outbox_members(self) -> set[str]:
+        """The members with an entry not yet done, parked or not (no photo is read)."""
+
+    @abc.abstractmethod
+    def outbox_park(self, seq: int, reason: str) -> None:
+        """Set an entry aside (the cloud refused it for its own sake), with the reason."""
+
+    @abc.abstractmethod
+    def outbox_parked(self, limit: int) -> list[OutboxEntry]:
+        """The oldest `limit` parked entries, without their photos."""
+
+    @abc.abstractmethod
+    def outbox_of(self, member_id: str) -> list[OutboxEntry]:
+        """The member's entries not yet done, parked or not, oldest first, without photos."""
+
+    @abc.abstractmethod
+    def outbox_parked_count(self) -> int:
+        """How many entries are parked."""
+
+    @abc.abstractmethod
+    def outbox_unpark(self) -> int:
+        """Put every parked entry back in line (`facegate sync --retry-parked`); how many."""
 
     @abc.abstractmethod
     def outbox_attempt(self, seq: int, error: str = "") -> None:
@@ -161,8 +192,13 @@ class Store(abc.ABC):
         needs training again before the cloud can use it."""
 
     @abc.abstractmethod
-    def faces(self, member_id: str) -> list[StoredFace]:
-        """The member's faces with their cloud ids, if any (empty when there is no member)."""
+    def faces(self, member_id: str, *, photos: bool = True) -> list[StoredFace]:
+        """The member's faces with their cloud ids, if any (empty when there is no member);
+        without `photos`, no photo is read (`photo_kept` says which are kept)."""
+
+    @abc.abstractmethod
+    def face_photo(self, face_id: int) -> bytes | None:
+        """One face's kept photo, if the store keeps it."""
 
     @abc.abstractmethod
     def training_queued(self) -> None:

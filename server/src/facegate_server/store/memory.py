@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -52,6 +53,7 @@ class MemoryStore(Store):
         self._persons: dict[str, _Person] = {}
         self._next_face = 1
         self._next_seq = 1
+        self._store_id = uuid.uuid4().hex
 
     def _add_faces(
         self, member_id: str, templates: Sequence[FaceTemplate], now: datetime
@@ -98,7 +100,12 @@ class MemoryStore(Store):
             if member_id in self._members:
                 raise MemberAlreadyExists(member_id)
             member = Member(
-                member_id, display_name, len(templates), now, now, membership or Membership()
+                member_id,
+                display_name,
+                len(templates),
+                now,
+                now,
+                membership=membership or Membership(),
             )
             self._members[member_id] = member
             self._templates[member_id] = self._add_faces(member_id, templates, now)
@@ -238,13 +245,47 @@ class MemoryStore(Store):
                     break
             return found
 
+    def store_id(self) -> str:
+        return self._store_id
+
     def outbox(self, limit: int) -> list[OutboxEntry]:
         with self._lock:
-            return self._outbox[:limit]
+            return [e for e in self._outbox if not e.parked][:limit]
 
     def outbox_depth(self) -> int:
         with self._lock:
-            return len(self._outbox)
+            return sum(1 for e in self._outbox if not e.parked)
+
+    def outbox_members(self) -> set[str]:
+        with self._lock:
+            return {e.member_id for e in self._outbox}
+
+    def outbox_park(self, seq: int, reason: str) -> None:
+        with self._lock:
+            self._outbox = [
+                replace(e, parked=reason or "refused", last_error=reason) if e.seq == seq else e
+                for e in self._outbox
+            ]
+
+    def outbox_parked(self, limit: int) -> list[OutboxEntry]:
+        with self._lock:
+            return [replace(e, photo=None) for e in self._outbox if e.parked][:limit]
+
+    def outbox_of(self, member_id: str) -> list[OutboxEntry]:
+        with self._lock:
+            return [replace(e, photo=None) for e in self._outbox if e.member_id == member_id]
+
+    def outbox_parked_count(self) -> int:
+        with self._lock:
+            return sum(1 for e in self._outbox if e.parked)
+
+    def outbox_unpark(self) -> int:
+        with self._lock:
+            count = sum(1 for e in self._outbox if e.parked)
+            self._outbox = [
+                replace(e, parked="", attempts=0) if e.parked else e for e in self._outbox
+            ]
+            return count
 
     def outbox_attempt(self, seq: int, error: str = "") -> None:
         with self._lock:
@@ -302,12 +343,26 @@ class MemoryStore(Store):
                             if p.member_id == member_id and not p.deleted:
                                 p.pending = True
 
-    def faces(self, member_id: str) -> list[StoredFace]:
+    def faces(self, member_id: str, *, photos: bool = True) -> list[StoredFace]:
         with self._lock:
             return [
-                StoredFace(f.face_id, member_id, f.template.photo, f.persisted_face_id)
+                StoredFace(
+                    f.face_id,
+                    member_id,
+                    f.template.photo if photos else None,
+                    f.persisted_face_id,
+                    f.template.photo is not None,
+                )
                 for f in self._templates.get(member_id, [])
             ]
+
+    def face_photo(self, face_id: int) -> bytes | None:
+        with self._lock:
+            for faces in self._templates.values():
+                for f in faces:
+                    if f.face_id == face_id:
+                        return f.template.photo
+        return None
 
     def training_queued(self) -> None:
         with self._lock:

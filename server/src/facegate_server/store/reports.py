@@ -20,6 +20,7 @@ def reports_json(reports: tuple[EngineReport, ...]) -> str:
                 "confidence": r.confidence,
                 "detail": r.detail,
                 "latency_us": None if r.latency is None else round(r.latency.total_seconds() * 1e6),
+                "transactions": r.transactions,
             }
             for r in reports
         ]
@@ -37,6 +38,7 @@ def reports_from_json(text: str) -> tuple[EngineReport, ...]:
             confidence=i["confidence"],
             detail=i["detail"],
             latency=None if i["latency_us"] is None else timedelta(microseconds=i["latency_us"]),
+            transactions=i.get("transactions", 0),  # rows older than the count have none
         )
         for i in items
     )

@@ -112,6 +112,18 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX events_by_claimed ON access_events(claimed_member_id, event_id)",
     ),
     (
+        # The store's identity, made once: the cloud persons this store makes carry it, so
+        # that two stores on one Face API resource never touch each other's persons.
+        """CREATE TABLE store_meta (
+            key   TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        ) WITHOUT ROWID""",
+        "INSERT INTO store_meta VALUES ('store_id', lower(hex(randomblob(16))))",
+        # An entry the cloud refused for its own sake (a photo it cannot take) is set aside
+        # with the reason; the entries behind it keep moving.
+        "ALTER TABLE outbox ADD COLUMN parked TEXT NOT NULL DEFAULT ''",
+    ),
+    (
         # Membership rules (JSON, store/codec.py); '{}' admits as before.
         "ALTER TABLE members ADD COLUMN membership TEXT NOT NULL DEFAULT '{}'",
         # What the local engine measured of each enrolled face (JSON; NULL: not measured).
@@ -130,10 +142,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             photo             BLOB,
             attempts          INTEGER NOT NULL DEFAULT 0,
             last_error        TEXT NOT NULL DEFAULT '',
+            parked            TEXT NOT NULL DEFAULT '',
             persisted_face_id TEXT
         )""",
-        """INSERT INTO outbox_new (seq, kind, member_id, face_id, photo, attempts, last_error)
-            SELECT seq, kind, member_id, face_id, photo, attempts, last_error FROM outbox""",
+        """INSERT INTO outbox_new
+            (seq, kind, member_id, face_id, photo, attempts, last_error, parked)
+            SELECT seq, kind, member_id, face_id, photo, attempts, last_error, parked
+            FROM outbox""",
         "DROP TABLE outbox",
         "ALTER TABLE outbox_new RENAME TO outbox",
         "CREATE INDEX outbox_by_member ON outbox(member_id)",
@@ -323,7 +338,12 @@ class SqliteStore(Store):
     @staticmethod
     def _member(row: Any) -> Member:
         return Member(
-            row[0], row[1], row[2], _time(row[3]), _time(row[4]), membership_from_json(row[5])
+            row[0],
+            row[1],
+            row[2],
+            _time(row[3]),
+            _time(row[4]),
+            membership=membership_from_json(row[5]),
         )
 
     def _get(self, member_id: str) -> Member:
@@ -462,18 +482,70 @@ class SqliteStore(Store):
             for r in rows
         ]
 
+    def store_id(self) -> str:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM store_meta WHERE key = 'store_id'").fetchone()
+        return str(row[0])
+
+    _OUTBOX_SQL = (
+        "SELECT seq, kind, member_id, face_id, photo, attempts, last_error, parked,"
+        " persisted_face_id FROM outbox"
+    )
+
     def outbox(self, limit: int) -> list[OutboxEntry]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT seq, kind, member_id, face_id, photo, attempts, last_error,"
-                " persisted_face_id FROM outbox ORDER BY seq LIMIT ?",
-                (limit,),
+                self._OUTBOX_SQL + " WHERE parked = '' ORDER BY seq LIMIT ?", (limit,)
             ).fetchall()
         return [OutboxEntry(*row) for row in rows]
 
     def outbox_depth(self) -> int:
         with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+            return int(
+                self._db.execute("SELECT COUNT(*) FROM outbox WHERE parked = ''").fetchone()[0]
+            )
+
+    def outbox_members(self) -> set[str]:
+        with self._lock:
+            rows = self._db.execute("SELECT DISTINCT member_id FROM outbox").fetchall()
+        return {str(r[0]) for r in rows}
+
+    def outbox_park(self, seq: int, reason: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE outbox SET parked = ?, last_error = ? WHERE seq = ?",
+                (reason or "refused", reason, seq),
+            )
+
+    def outbox_parked(self, limit: int) -> list[OutboxEntry]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, kind, member_id, face_id, NULL, attempts, last_error, parked"
+                " FROM outbox WHERE parked != '' ORDER BY seq LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [OutboxEntry(*row) for row in rows]
+
+    def outbox_of(self, member_id: str) -> list[OutboxEntry]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, kind, member_id, face_id, NULL, attempts, last_error, parked"
+                " FROM outbox WHERE member_id = ? ORDER BY seq",
+                (member_id,),
+            ).fetchall()
+        return [OutboxEntry(*row) for row in rows]
+
+    def outbox_parked_count(self) -> int:
+        with self._lock:
+            return int(
+                self._db.execute("SELECT COUNT(*) FROM outbox WHERE parked != ''").fetchone()[0]
+            )
+
+    def outbox_unpark(self) -> int:
+        with self._lock:
+            return self._db.execute(
+                "UPDATE outbox SET parked = '', attempts = 0 WHERE parked != ''"
+            ).rowcount
 
     def outbox_attempt(self, seq: int, error: str = "") -> None:
         with self._lock:
@@ -532,14 +604,22 @@ class SqliteStore(Store):
                 (face_id,),
             )
 
-    def faces(self, member_id: str) -> list[StoredFace]:
+    def faces(self, member_id: str, *, photos: bool = True) -> list[StoredFace]:
+        photo = "photo" if photos else "NULL"
         with self._lock:
             rows = self._db.execute(
-                "SELECT face_id, member_id, photo, persisted_face_id FROM faces"
-                " WHERE member_id = ? ORDER BY face_id",
+                f"SELECT face_id, member_id, {photo}, persisted_face_id, photo IS NOT NULL"
+                " FROM faces WHERE member_id = ? ORDER BY face_id",
                 (member_id,),
             ).fetchall()
-        return [StoredFace(*row) for row in rows]
+        return [StoredFace(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
+
+    def face_photo(self, face_id: int) -> bytes | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT photo FROM faces WHERE face_id = ?", (face_id,)
+            ).fetchone()
+        return None if row is None else row[0]
 
     def training_queued(self) -> None:
         with self._lock:
