@@ -128,8 +128,15 @@ def test_properties() -> None:
         "local-first"
     )
     assert load_settings({"FACEGATE_ROUTING_POLICY": "local-first"}).policy == "local-only"
-    limits = load_settings({"FACEGATE_MAX_PHOTOS": "2", "FACEGATE_MAX_IMAGE_BYTES": "10"})
+    limits = load_settings(
+        {
+            "FACEGATE_MAX_PHOTOS": "2",
+            "FACEGATE_MAX_PHOTO_BYTES": "10",
+            "FACEGATE_MAX_IMAGE_BYTES": "9",
+        }
+    )
     assert limits.max_message_bytes == 2 * 10 + 1024 * 1024
+    assert Settings().max_message_bytes == 10 * 48 * 1024 * 1024 + 1024 * 1024
 
 
 def test_the_literals_are_the_routers_enums() -> None:

@@ -3,6 +3,7 @@ of its own that the evaluation must leave alone."""
 
 from __future__ import annotations
 
+import io
 import itertools
 import subprocess
 import sys
@@ -16,16 +17,25 @@ from facegate_client.cli import main
 from facegate_server.commands.evaluate import (
     NO_MATPLOTLIB,
     OTHER_MEMBER,
+    QUALITY_RULE_OF_HINT,
     Person,
     Probe,
     find_people,
     member_id,
+    refusals,
+    refusing_rule,
+    report,
     split,
     tally,
 )
 from facegate_server.domain import Decision
 from facegate_server.engines.index import Match
-from facegate_server.engines.policy import DecisionPolicy, decide_match
+from facegate_server.engines.policy import (
+    HINT_AMBIGUOUS,
+    DecisionPolicy,
+    QualityProblem,
+    decide_match,
+)
 
 from tests.conftest import Faces
 from tests.helpers import running_server
@@ -50,6 +60,61 @@ def test_tally_recomputes_decisions_at_each_threshold() -> None:
     assert (no_margin.correct, no_margin.wrong_member, no_margin.impostor_grant) == (2, 1, 1)
     poor = Probe(Path("y.jpg"), "a", True, "DENIED_POOR_QUALITY", "", [("a", 0.2)])
     assert tally([poor], 0.6, 0.0).correct == 0  # no threshold grants a poor-quality face
+
+
+def refused(
+    person: str, genuine: bool, decision: str, hint: str, *candidates: tuple[str, float]
+) -> Probe:
+    return Probe(Path("x.jpg"), person, genuine, decision, "", list(candidates), "", hint)
+
+
+def test_refusals_by_rule_against_the_threshold_alone() -> None:
+    probes = [
+        refused("a", True, "DENIED_POOR_QUALITY", "hold still", ("a", 0.40)),  # a cost
+        refused("a", True, "DENIED_POOR_QUALITY", "hold still", ("a", 0.60)),
+        refused("b", False, "DENIED_POOR_QUALITY", "hold still", ("a", 0.50)),  # kept out
+        refused("a", True, "DENIED_POOR_QUALITY", "come closer", ("b", 0.50)),  # not a cost
+        refused("a", True, "DENIED_AMBIGUOUS", HINT_AMBIGUOUS, ("a", 0.45), ("b", 0.50)),
+        refused("a", True, "DENIED_MULTIPLE_FACES", "one person at a time, please"),
+        refused("c", False, "DENIED_UNKNOWN_FACE", "", ("a", 0.70)),
+        Probe(Path("x.jpg"), "a", True, "GRANTED", "a", [("a", 0.3)]),
+    ]
+    assert [refusing_rule(p) for p in probes] == [
+        "sharpness",
+        "sharpness",
+        "sharpness",
+        "size",
+        "margin",
+        "several faces",
+        "threshold",
+        "",
+    ]
+    by_rule = refusals(probes, 0.55)
+    assert list(by_rule) == ["several faces", "size", "sharpness", "margin", "threshold"]
+    s = by_rule["sharpness"]
+    assert (s.genuine, s.genuine_threshold_grants, s.impostors, s.impostor_threshold_grants) == (
+        2,
+        1,
+        1,
+        1,
+    )
+    assert by_rule["size"].genuine_threshold_grants == 0  # the closest is someone else
+    assert by_rule["margin"].genuine_threshold_grants == 1
+    assert (by_rule["threshold"].impostors, by_rule["threshold"].impostor_threshold_grants) == (
+        1,
+        0,
+    )
+    out = io.StringIO()
+    report(probes, 0.10, [0.55], out, 0.55)
+    table = out.getvalue()
+    assert "refusals by rule" in table
+    assert [
+        line.split() for line in table.splitlines() if line.strip().startswith("sharpness")
+    ] == [["sharpness", "2", "1", "1", "1"]]
+
+
+def test_the_rules_hints_are_the_engines() -> None:
+    assert set(QUALITY_RULE_OF_HINT) == {p.hint for p in QualityProblem}
 
 
 def test_the_sweep_grants_exactly_what_the_local_engine_would() -> None:

@@ -45,6 +45,8 @@ from facegate_server.domain import Embedding, FaceBox
 from facegate_server.engines import worker
 from facegate_server.engines.images import RGBImage, decode
 
+AZURE_FORMATS = ("JPEG", "PNG", "GIF", "BMP")
+"""What the Face API decodes (FaceGate's server takes more: engines/images.py)."""
 DETECT_PIXELS = 1280 * 720
 """The emulator's detection budget (see `worker.detect_faces`): a copy scaled down to
 about this many pixels, or upsampled once when the image has a quarter of them or fewer.
@@ -172,7 +174,9 @@ def analyse(
     Raises `facegate_server.engines.images.ImageRejected` for bytes that are not a usable image.
     """
     worker.load_models()
-    pixels = decode(data, max_bytes=max_bytes, max_side=max_side)
+    pixels = decode(  # Azure's formats, and its side limit a refusal (not a downscale)
+        data, max_bytes=max_bytes, max_side=max_side, formats=AZURE_FORMATS, refuse_over_side=True
+    )
     height, width = pixels.shape[:2]
     found = detect_all(pixels, small_faces=small_faces)
     boxes = sorted(found, key=lambda box: box.area, reverse=True)[:MAX_FACES]

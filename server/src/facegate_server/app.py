@@ -115,6 +115,7 @@ def build_local(settings: Settings, store: Store) -> LocalEngine:
         max_bytes=settings.max_image_bytes,
         max_side=settings.max_image_side,
         encoder=settings.encoder,
+        max_photo_bytes=settings.max_photo_bytes,
     )
     try:
         index = FaceIndex(store.iter_embeddings())

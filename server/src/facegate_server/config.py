@@ -95,15 +95,18 @@ class Settings(BaseSettings):
     match_margin: float = Field(default=0.10, ge=0, lt=2)
     verify_threshold: float = Field(default=0.55, gt=0, lt=2)  # Verify (1:1); README: Verify
     dominant_face_ratio: float = Field(default=4.0, ge=1)
-    min_face_px: int = Field(default=60, ge=0)
+    min_face_px: int = Field(default=36, ge=0)
     max_yaw: float = Field(default=0.30, gt=0)
     min_pitch: float = Field(default=0.40, ge=0)
     min_brightness: float = Field(default=40.0, ge=0)
-    min_sharpness: float = Field(default=30.0, ge=0)
+    min_sharpness: float = Field(default=15.0, ge=0)
     identify_budget_ms: int = Field(default=1200, ge=1)
     enroll_timeout_s: float = 60.0
     keep_photos: bool = False
-    max_image_bytes: int = Field(default=6 * MIB, ge=1)
+    max_image_bytes: int = Field(default=6 * MIB, ge=1)  # a frame (Identify, SearchFaces)
+    max_photo_bytes: int = Field(default=48 * MIB, ge=1)  # an enrolment photo: phone-sized
+    # The longest side decoded: larger images are scaled down to it, not refused
+    # (engines/images.py; its pixel bounds refuse decompression bombs).
     max_image_side: int = Field(default=4096, ge=1)
     max_photos: int = Field(default=10, ge=1)
     grace_period_s: float = 5.0
@@ -200,8 +203,9 @@ class Settings(BaseSettings):
 
     @property
     def max_message_bytes(self) -> int:
-        """gRPC's receive limit: an Enroll with the most photos of the largest size fits."""
-        return self.max_photos * self.max_image_bytes + MIB
+        """gRPC's receive limit: an Enroll with the most photos of the largest size fits
+        (and a frame of the largest size, should frames be allowed more than photos)."""
+        return max(self.max_photos * self.max_photo_bytes, self.max_image_bytes) + MIB
 
 
 def env_name(field: str) -> str:

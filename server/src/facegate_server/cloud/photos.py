@@ -24,7 +24,6 @@ MAX_SIDE = 1920
 """The longest side of a converted photo (and of one sent as it is)."""
 MIN_SIDE = 36
 DECODE_LIMIT_BYTES = 64 * 1024 * 1024
-DECODE_LIMIT_SIDE = 16384
 
 
 def _header(photo: bytes) -> tuple[str, int, int] | None:
@@ -52,7 +51,10 @@ def for_cloud(photo: bytes) -> bytes:
     if acceptable(photo):
         return photo
     try:
-        pixels = decode(photo, max_bytes=DECODE_LIMIT_BYTES, max_side=DECODE_LIMIT_SIDE)
+        # Decoded at most twice MAX_SIDE a side (the decoder scales by whole factors, so it
+        # leaves at least MAX_SIDE for the resize below): a phone JPEG is DCT-scaled while
+        # it is decoded, and a 100-megapixel one stays within the decoder's memory bound.
+        pixels = decode(photo, max_bytes=DECODE_LIMIT_BYTES, max_side=2 * MAX_SIDE)
     except ImageRejected:
         return photo
     image = Image.fromarray(pixels)

@@ -84,6 +84,8 @@ class Probe:
     """(person or OTHER_MEMBER, distance), closest first."""
     identify: str = ""
     """With --identify: Identify's decision and the person granted, e.g. GRANTED kim."""
+    hint: str = ""
+    """The server's hint (for DENIED_POOR_QUALITY, which quality limit the face failed)."""
 
 
 @dataclass
@@ -144,6 +146,66 @@ def tally_decisions(probes: Sequence[Probe]) -> Tally:
             t.impostors += 1
             t.impostor_grant += bool(probe.granted_to)
     return t
+
+
+RULES = ("no face", "several faces", "size", "pose", "light", "sharpness", "margin", "threshold")
+"""The rules that refuse a face, in the order the local engine applies them."""
+
+_RULE_OF_DECISION = {
+    "DENIED_NO_FACE": "no face",
+    "DENIED_MULTIPLE_FACES": "several faces",
+    "DENIED_AMBIGUOUS": "margin",
+    "DENIED_UNKNOWN_FACE": "threshold",
+}
+QUALITY_RULE_OF_HINT = {
+    "come closer": "size",
+    "look at the camera": "pose",
+    "step into the light": "light",
+    "hold still": "sharpness",
+}
+"""policy.QualityProblem's hints (not imported: policy needs numpy; a test keeps them equal)."""
+
+
+def refusing_rule(probe: Probe) -> str:
+    """The rule that refused the probe ("" when it was granted; "other" if not known)."""
+    if probe.decision == "GRANTED":
+        return ""
+    if probe.decision == "DENIED_POOR_QUALITY":
+        return QUALITY_RULE_OF_HINT.get(probe.hint, "other")
+    return _RULE_OF_DECISION.get(probe.decision, "other")
+
+
+@dataclass
+class Refusals:
+    """What one rule refused, and what the threshold alone would have done instead."""
+
+    genuine: int = 0
+    genuine_threshold_grants: int = 0
+    """Genuine probes it refused that the threshold alone grants to the right person: the
+    rule's cost (unknown for "several faces" and "no face": no face was searched)."""
+    impostors: int = 0
+    impostor_threshold_grants: int = 0
+    """Impostor probes it refused that the threshold alone lets in: what it protected."""
+
+
+def refusals(probes: Sequence[Probe], threshold: float) -> dict[str, Refusals]:
+    """Refusals by rule of the server's decisions, each against the threshold alone (the
+    closest member granted within `threshold`, no other rule: the raw matcher)."""
+    by_rule: dict[str, Refusals] = {}
+    for probe in probes:
+        rule = refusing_rule(probe)
+        if not rule:
+            continue
+        r = by_rule.setdefault(rule, Refusals())
+        best = probe.candidates[0] if probe.candidates else None
+        within = best is not None and best[1] <= threshold
+        if probe.genuine:
+            r.genuine += 1
+            r.genuine_threshold_grants += within and best is not None and best[0] == probe.person
+        else:
+            r.impostors += 1
+            r.impostor_threshold_grants += within
+    return {rule: by_rule[rule] for rule in (*RULES, "other") if rule in by_rule}
 
 
 def find_people(root: Path) -> list[Person]:
@@ -220,7 +282,9 @@ class Run:
             identified = pb.Decision.Name(answer.decision).removeprefix("DECISION_")
             if answer.member_id:
                 identified += " " + self._who(answer.member_id)
-        return Probe(path, person, genuine, decision, granted_to, candidates, identified)
+        return Probe(
+            path, person, genuine, decision, granted_to, candidates, identified, found.hint
+        )
 
     def probe_all(self, jobs: Sequence[tuple[Path, str, bool]], parallel: int) -> list[Probe]:
         with cf.ThreadPoolExecutor(max_workers=parallel) as pool:
@@ -286,7 +350,13 @@ def thresholds(low: float, high: float, step: float) -> list[float]:
     return [round(low + i * step, 4) for i in range(count + 1)]
 
 
-def report(probes: Sequence[Probe], margin: float, shown: Sequence[float], out: TextIO) -> None:
+def report(
+    probes: Sequence[Probe],
+    margin: float,
+    shown: Sequence[float],
+    out: TextIO,
+    threshold: float = 0.55,
+) -> None:
     decisions = Counter(p.decision for p in probes)
     genuine = sum(p.genuine for p in probes)
     print(
@@ -300,6 +370,24 @@ def report(probes: Sequence[Probe], margin: float, shown: Sequence[float], out: 
     )
     print(HEADER, file=out)
     print(_row("as served", tally_decisions(probes)), file=out)
+    refused = refusals(probes, threshold)
+    if refused:
+        print(
+            f"\nrefusals by rule (the threshold alone: the closest member within {threshold:.2f};"
+            " - where no face was searched):",
+            file=out,
+        )
+        print(
+            f"{'rule':>14} {'genuine':>8} {'of which the':>13} {'impostors':>10} {'of which':>9}",
+            file=out,
+        )
+        print(f"{'':>14} {'refused':>8} {'threshold':>13} {'refused':>10} {'it kept':>9}", file=out)
+        print(f"{'':>14} {'':>8} {'grants':>13} {'':>10} {'out':>9}", file=out)
+        for rule, r in refused.items():
+            searched = rule not in ("no face", "several faces")
+            cost = f"{r.genuine_threshold_grants}" if searched else "-"
+            kept = f"{r.impostor_threshold_grants}" if searched else "-"
+            print(f"{rule:>14} {r.genuine:>8} {cost:>13} {r.impostors:>10} {kept:>9}", file=out)
     if any(p.identify for p in probes):
         identified = Counter(p.identify.split()[0] for p in probes)
         agree = sum(p.identify == f"{p.decision} {p.granted_to}".strip() for p in probes)
@@ -311,8 +399,8 @@ def report(probes: Sequence[Probe], margin: float, shown: Sequence[float], out: 
         )
     print(f"\nrecomputed from the distances, margin {margin:.2f}:", file=out)
     print(HEADER, file=out)
-    for threshold in shown:
-        print(_row(f"{threshold:.2f}", tally(probes, threshold, margin)), file=out)
+    for t in shown:
+        print(_row(f"{t:.2f}", tally(probes, t, margin)), file=out)
     same = sorted(p.candidates[0][1] for p in probes if p.genuine and p.candidates)
     others = sorted(
         d for p in probes for who, d in p.candidates if who != p.person and who != OTHER_MEMBER
@@ -465,7 +553,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     defaults = Settings()
     margin = defaults.match_margin if args.margin is None else args.margin
     shown = sorted({*thresholds(0.40, 0.70, 0.05), defaults.match_threshold})
-    report(probes, margin, shown, sys.stdout)
+    report(probes, margin, shown, sys.stdout, defaults.match_threshold)
     plot(probes, margin, thresholds(0.30, 0.80, 0.01), defaults.match_threshold, args.plot)
     print(f"\nplot: {args.plot}")
     return 0

@@ -17,16 +17,21 @@ class Verdict(enum.Enum):
     UNKNOWN = "unknown"
     """The closest member is further than the threshold."""
     AMBIGUOUS = "ambiguous"
-    """Within the threshold, but the runner-up is less than the margin further."""
+    """Within the threshold, and so is the runner-up, less than the margin further."""
 
 
 def verdict(distance: float, runner_up_distance: float, threshold: float, margin: float) -> Verdict:
-    """Grant the closest member only within `threshold` and ahead of the runner-up by `margin`.
+    """Grant the closest member within `threshold`, unless the runner-up is within it too
+    and less than `margin` further (two members the threshold would each grant alone).
 
-    `runner_up_distance` is the closest other member's (infinity when there is none).
+    `runner_up_distance` is the closest other member's (infinity when there is none). A
+    runner-up beyond the threshold is a stranger to the face by the threshold's own
+    measure, so it does not make the closest member's grant ambiguous: the margin costs
+    refusals only when a second member passes the threshold, which happens more often as
+    the gallery grows, which is when it protects (README: How the local engine decides).
     """
     if distance > threshold:
         return Verdict.UNKNOWN
-    if runner_up_distance - distance < margin:
+    if runner_up_distance <= threshold and runner_up_distance - distance < margin:
         return Verdict.AMBIGUOUS
     return Verdict.GRANT

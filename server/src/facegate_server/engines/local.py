@@ -55,10 +55,14 @@ class WorkerPool:
         max_bytes: int,
         max_side: int,
         encoder: worker.Encoder = worker.DEFAULT_ENCODER,
+        max_photo_bytes: int | None = None,
     ) -> None:
+        """`max_bytes` bounds a frame, `max_photo_bytes` an enrolment photo (default: the
+        same); `max_side` is the longest side decoded (engines/images.py)."""
         self.workers = workers
         self.encoder = encoder
         self._max_bytes = max_bytes
+        self._max_photo_bytes = max_bytes if max_photo_bytes is None else max_photo_bytes
         self._max_side = max_side
         self._lock = threading.Lock()
         self._ready = threading.Event()
@@ -86,14 +90,16 @@ class WorkerPool:
             return
         self._ready.set()
 
-    def submit(self, data: bytes, rules: FaceRules) -> cf.Future[Analysis]:
-        """Start analysing one image; the future raises ImageRejected for unusable bytes."""
-        check_size(data, self._max_bytes)
+    def submit(self, data: bytes, rules: FaceRules, *, photo: bool = False) -> cf.Future[Analysis]:
+        """Start analysing one image (an enrolment photo if `photo`, with its own byte
+        limit); the future raises ImageRejected for unusable bytes."""
+        max_bytes = self._max_photo_bytes if photo else self._max_bytes
+        check_size(data, max_bytes)
         if not self._ready.is_set():
             raise RecognitionUnavailable("the recognition workers are starting; retry shortly")
         pool = self._pool
         try:
-            return pool.submit(worker.analyse, data, self._max_bytes, self._max_side, rules)
+            return pool.submit(worker.analyse, data, max_bytes, self._max_side, rules)
         except (cf.BrokenExecutor, RuntimeError):
             self._replace(pool)
             raise RecognitionUnavailable("the recognition workers are restarting; retry") from None
@@ -176,7 +182,7 @@ class LocalEngine:
         futures = []
         for i, data in enumerate(photos):
             try:
-                futures.append(self.pool.submit(data, rules))
+                futures.append(self.pool.submit(data, rules, photo=True))
             except ImageRejected as rejected:
                 for f in futures:
                     f.cancel()

@@ -1,16 +1,19 @@
 """How the local engine decides: pure functions of measurements (no dlib, no I/O).
 
-1. Which face: the only one, or the largest when it is clearly the nearest (its area at
-   least `dominant_face_ratio` times the second largest's); otherwise "one person at a time".
+1. Which face: the only one, or the largest when it is clearly in front: its area at
+   least `dominant_face_ratio` times the second largest's, or at least FRONT_AREA_RATIO
+   times and in the middle of the frame with every other face at the side (choose_face);
+   otherwise "one person at a time".
 2. Quality of that face, checked in this order, each with a hint the turnstile can show:
    too small ("come closer"), turned ("look at the camera"), too dark ("step into the
    light"), blurred ("hold still"). Size and darkness come first because a small or dark
    face also measures as blurred.
 3. The match: grant the closest member when their distance is at most `match_threshold`
-   AND the runner-up member is at least `match_margin` further away. A member's distance
-   is that of their closest enrolled photo (every photo is kept and matched). A face
-   within the threshold of two members with too small a margin is DENIED_AMBIGUOUS. The
-   rule itself is grant.verdict, which `facegate evaluate` also recomputes decisions with.
+   AND, if the runner-up member is within `match_threshold` too, it is at least
+   `match_margin` further away. A member's distance is that of their closest enrolled
+   photo (every photo is kept and matched). A face within the threshold of two members
+   with too small a margin is DENIED_AMBIGUOUS. The rule itself is grant.verdict, which
+   `facegate evaluate` also recomputes decisions with.
 4. Verify (1:1) compares the face with the claimed member's photos only: granted when the
    closest is within `verify_threshold`; otherwise DENIED_NOT_THIS_MEMBER (also when no
    member has the id). No margin: there is no runner-up. Steps 1 and 2 are the same.
@@ -74,11 +77,11 @@ class QualityProblem(enum.Enum):
 class QualityLimits:
     """The least a face must measure to be decided on (and to be enrolled)."""
 
-    min_face_px: int = 60
+    min_face_px: int = 36
     max_yaw: float = 0.30
     min_pitch: float = 0.40
     min_brightness: float = 40.0
-    min_sharpness: float = 30.0
+    min_sharpness: float = 15.0
 
     def problem(self, q: FaceQuality) -> QualityProblem | None:
         """The first limit `q` fails, or None when it passes them all."""
@@ -146,19 +149,56 @@ def decision_policy(settings: Settings) -> DecisionPolicy:
     )
 
 
-def choose_face(boxes: Sequence[FaceBox], dominant_face_ratio: float | None) -> int | None:
-    """The index of the face to decide on, or None (no face, or no face clearly nearest).
+FRONT_AREA_RATIO = 2.0
+"""Of several faces, the largest is also chosen when its area is at least this many times
+every other's (1.4 times the width: at most 0.7 times as far away) and the position says
+it is the one in front: see `choose_face`."""
 
-    A lone face is chosen. Of several, the largest is chosen when its area is at least
-    `dominant_face_ratio` times the second largest's (None: never choose among several).
+CENTRE_SHARE = 0.35
+"""The chosen face's centre is at most this share of the half-width from the frame's
+centre (the middle third of the frame, about): the person at the turnstile."""
+
+EDGE_SHARE = 0.6
+"""Every other face's centre is at least this share of the half-width from the frame's
+centre (the outer fifths of the frame): people passing or queueing at the side. In
+group/kit_with_rose.jpg the smaller face is at 0.52, beside the larger (at 0.20, area
+2.05 times): one person at a time."""
+
+
+def choose_face(
+    boxes: Sequence[FaceBox],
+    dominant_face_ratio: float | None,
+    frame: tuple[int, int] | None = None,
+) -> int | None:
+    """The index of the face to decide on, or None (no face, or no face clearly in front).
+
+    A lone face is chosen. Of several, the largest is chosen when it is clearly in front:
+    - by size alone: its area is at least `dominant_face_ratio` times the second
+      largest's (twice the width: the next person in the queue, twice as far away); or
+    - by size and position, when the frame's (width, height) is given: its area is at
+      least FRONT_AREA_RATIO times the second largest's, its centre is in the middle of
+      the frame (CENTRE_SHARE) and every other face's centre is at the side (EDGE_SHARE).
+    Two faces of about the same size, or a smaller one in the middle, are not chosen
+    among. `dominant_face_ratio` None: never choose among several (enrolment).
     """
     if len(boxes) == 1:
         return 0
     if len(boxes) < 2 or dominant_face_ratio is None:
         return None
     order = sorted(range(len(boxes)), key=lambda i: boxes[i].area, reverse=True)
-    largest, second = boxes[order[0]].area, boxes[order[1]].area
-    return order[0] if largest >= dominant_face_ratio * second else None
+    largest, second = boxes[order[0]], boxes[order[1]]
+    if largest.area >= dominant_face_ratio * second.area:
+        return order[0]
+    if frame is None or largest.area < min(FRONT_AREA_RATIO, dominant_face_ratio) * second.area:
+        return None
+    half_width = frame[0] / 2.0
+
+    def off_centre(box: FaceBox) -> float:
+        return abs(box.left + box.width / 2.0 - half_width) / half_width
+
+    in_middle = off_centre(largest) <= CENTRE_SHARE
+    others_aside = all(off_centre(boxes[i]) >= EDGE_SHARE for i in order[1:])
+    return order[0] if in_middle and others_aside else None
 
 
 @dataclass(frozen=True)
@@ -185,7 +225,8 @@ def decide_verification(member_id: str, distance: float, policy: DecisionPolicy)
 
 
 def decide_match(match: Match | None, policy: DecisionPolicy) -> MatchDecision:
-    """Grant the closest member only within the threshold and ahead by the margin.
+    """Grant the closest member only within the threshold, and ahead by the margin of a
+    runner-up within the threshold too.
 
     Denials carry the closest member's confidence but never their id.
     """
