@@ -15,6 +15,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -123,6 +124,7 @@ def running_server(
     engine: RecognitionEngine | None = None,
     clock: Callable[[], float] = time.monotonic,
     background_sync: bool = True,
+    wall_clock: Callable[[], datetime] | None = None,
     **settings: Any,
 ) -> Iterator[FaceGateServer]:
     """A started FaceGate server on a free loopback port, stopped on exit.
@@ -142,7 +144,8 @@ def running_server(
         "enroll_rate": 0,
         **settings,
     }
-    server = build_server(load_settings({}, **values), engine=engine, clock=clock)
+    extra = {} if wall_clock is None else {"wall_clock": wall_clock}
+    server = build_server(load_settings({}, **values), engine=engine, clock=clock, **extra)
     server.background_sync = background_sync
     server.start()
     try:

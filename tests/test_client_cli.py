@@ -418,7 +418,12 @@ def test_console_script_uses_facegate_target(served: Served) -> None:
         check=False,
     )
     assert (result.returncode, result.stderr) == (0, "")
-    assert result.stdout == 'm-1002  "Lee Minho"  1 face  enrolled 2026-11-26T23:05:00Z\n'
+    assert result.stdout == (  # `members get` shows the membership too
+        'm-1002  "Lee Minho"  1 face  enrolled 2026-11-26T23:05:00Z\n'
+        "  valid: from - until -\n"
+        "  hours: any time (site time)\n"
+        "  sites: all\n"
+    )
 
 
 # ---------------------------------------------------------------- in process: main(argv)

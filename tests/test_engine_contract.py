@@ -45,6 +45,16 @@ class Harness:
         self.settle()
         return templates
 
+    def remove_photo(self, member_id: str, index: int) -> None:
+        """RemoveMemberPhoto as the gate does it: the store, then the engine (the cloud's
+        copy through the outbox)."""
+        photo = self.store.photos(member_id)[index]
+        _, removed = self.store.remove_photo(
+            member_id, photo.photo_id, datetime.now(UTC), cloud=self.cloud
+        )
+        self.engine.template_removed(member_id, removed)
+        self.settle()
+
     def remove(self, member_id: str) -> None:
         self.store.delete_member(member_id, cloud=self.cloud)
         self.engine.removed(member_id)
@@ -182,6 +192,25 @@ def test_a_photo_without_a_face_is_refused_at_enrolment_naming_it(
     with pytest.raises(InvalidArgument) as refused:
         harness.engine.enrol(photos, TIMEOUT, [FaceTemplate(), FaceTemplate()])
     assert refused.value.field == "photos[1]"
+
+
+def test_a_removed_template_is_forgotten_and_the_others_still_match(
+    enrolled: Harness, faces: Faces
+) -> None:
+    """A member enrolled with someone else's photo by mistake: removing it stops the
+    wrong face matching them, and they are still recognised from the photos left."""
+    obama, kit = faces.of("barack_obama"), faces.of("kit_harington")
+    enrolled.enrol("m-mixed", [faces.read(kit[0]), faces.read(faces.of("rose_leslie")[0])])
+    wrong = enrolled.engine.identify(faces.read(kit[1]), TIMEOUT)
+    assert (wrong.decision, wrong.member_id) == (Decision.GRANTED, "m-mixed")
+    enrolled.remove_photo("m-mixed", 0)
+    gone = enrolled.engine.identify(faces.read(kit[1]), TIMEOUT)
+    assert gone.member_id != "m-mixed" and gone.decision is not Decision.GRANTED
+    kept = enrolled.engine.identify(faces.read(faces.of("rose_leslie")[1]), TIMEOUT)
+    assert (kept.decision, kept.member_id) == (Decision.GRANTED, "m-mixed")
+    assert enrolled.engine.knows("m-mixed")
+    others = enrolled.engine.identify(faces.read(obama[2]), TIMEOUT)
+    assert (others.decision, others.member_id) == (Decision.GRANTED, "m-obama")
 
 
 # -- Verify (1:1): one member's photos only

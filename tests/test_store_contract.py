@@ -340,6 +340,163 @@ def test_reports_are_kept_with_events(store: Store) -> None:
     assert stored.reports == reports
 
 
+def test_membership_is_created_updated_and_kept(store: Store) -> None:
+    from facegate_server.domain import AccessWindow, Membership
+
+    rules = Membership(
+        valid_from=T0,
+        valid_until=T0 + timedelta(days=30),
+        access_hours=(AccessWindow(0, 360, 960), AccessWindow(4, 22 * 60, 120)),
+        sites=("a",),
+    )
+    assert store.create_member("m-1", "Kim", [template(1)], T0, rules).membership == rules
+    assert store.create_member("m-2", "Lee", [template(2)], T0).membership == Membership()
+    later = T0 + timedelta(days=1)
+    suspended = Membership(suspended=True, suspension_reason="unpaid")
+    updated = store.update_member("m-1", "Kim Jiwoo", suspended, later)
+    assert (updated.display_name, updated.membership, updated.update_time) == (
+        "Kim Jiwoo",
+        suspended,
+        later,
+    )
+    assert updated.create_time == T0 and updated.face_count == 1
+    assert store.get_member("m-1") == updated
+    assert store.list_members(10)[0] == updated
+    assert store.get_member("m-2").membership == Membership()
+    with pytest.raises(MemberNotFound):
+        store.update_member("nobody", "", Membership(), later)
+
+
+def test_photos_are_listed_and_removed_one_at_a_time(store: Store) -> None:
+    from facegate_server.domain import FaceQuality
+    from facegate_server.errors import LastPhoto, PhotoNotFound
+
+    quality = FaceQuality(size=200, sharpness=80.5, brightness=120.0, yaw=0.05, pitch=0.75)
+    t1 = FaceTemplate(template(1).embedding, b"one", quality=quality)
+    store.create_member("m-1", "", [t1, template(2, b"two"), template(3)], T0)
+    store.create_member("m-2", "", [template(4)], T0)
+    photos = store.photos("m-1", with_bytes=True)
+    assert [p.photo for p in photos] == [b"one", b"two", None]
+    assert photos[0].quality == quality and photos[1].quality is None
+    assert all(p.create_time == T0 for p in photos)
+    assert [p.photo for p in store.photos("m-1")] == [None, None, None]
+    [other] = store.photos("m-2")
+
+    later = T0 + timedelta(hours=1)
+    member, removed = store.remove_photo("m-1", photos[0].photo_id, later)
+    assert (member.face_count, member.update_time) == (2, later)
+    assert np.array_equal(removed.embedding, t1.embedding)  # for the engines to forget
+    assert [p.photo_id for p in store.photos("m-1")] == [p.photo_id for p in photos[1:]]
+    assert [m for m, _ in store.iter_embeddings()] == ["m-1", "m-1", "m-2"]
+    with pytest.raises(PhotoNotFound):
+        store.remove_photo("m-1", photos[0].photo_id, later)  # gone already
+    with pytest.raises(PhotoNotFound):
+        store.remove_photo("m-1", other.photo_id, later)  # another member's
+    with pytest.raises(MemberNotFound):
+        store.remove_photo("nobody", other.photo_id, later)
+    with pytest.raises(MemberNotFound):
+        store.photos("nobody")
+    store.remove_photo("m-1", photos[1].photo_id, later)
+    with pytest.raises(LastPhoto):
+        store.remove_photo("m-1", photos[2].photo_id, later)
+    assert store.get_member("m-1").face_count == 1
+    assert store.get_member("m-2").face_count == 1
+
+
+def test_a_removed_photo_leaves_the_cloud_through_the_outbox(store: Store) -> None:
+    store.create_member("m-1", "", [cloud_template(1), cloud_template(2), cloud_template(3)], T0)
+    store.save_cloud_person("m-1", "p-1")
+    sent, tried, waiting = store.faces("m-1")
+    store.save_cloud_face(sent.face_id, "pf-1")
+    entries = {e.face_id: e for e in store.outbox(10)}
+    store.outbox_done(entries[sent.face_id].seq)
+    store.outbox_attempt(entries[tried.face_id].seq)  # sent, but never heard back from
+
+    store.remove_photo("m-1", waiting.face_id, T0, cloud=True)  # never sent: just dropped
+    assert [e.face_id for e in store.outbox(10)] == [tried.face_id]
+    store.remove_photo("m-1", tried.face_id, T0, cloud=True)  # may be there: found by tag
+    store.create_member("m-2", "", [cloud_template(4)], T0)
+    assert [(e.kind, e.face_id, e.persisted_face_id) for e in store.outbox(10)] == [
+        ("delete_face", tried.face_id, None),
+        ("add_face", store.faces("m-2")[0].face_id, None),
+    ]
+    store.add_templates("m-1", [template(5)], T0)
+    store.remove_photo("m-1", sent.face_id, T0, cloud=True)  # in the cloud: by its id
+    assert [(e.kind, e.face_id, e.persisted_face_id) for e in store.outbox(10)][-1] == (
+        "delete_face",
+        sent.face_id,
+        "pf-1",
+    )
+
+
+def test_events_filter_by_decision_and_rule(store: Store) -> None:
+    from dataclasses import replace
+
+    from facegate_server.domain import MembershipRule
+
+    store.record_event(event(T0))
+    expired = replace(
+        event(T0), decision=Decision.DENIED_MEMBERSHIP_INACTIVE, rule=MembershipRule.EXPIRED
+    )
+    suspended = replace(expired, rule=MembershipRule.SUSPENDED)
+    hours = replace(
+        event(T0), decision=Decision.DENIED_OUTSIDE_HOURS, rule=MembershipRule.OUTSIDE_HOURS
+    )
+    ids = [store.record_event(e).event_id for e in (expired, suspended, hours)]
+    store.record_event(event(T0, ""))
+    inactive = EventFilter(decisions=(Decision.DENIED_MEMBERSHIP_INACTIVE,))
+    assert [e.event_id for e in store.list_events(inactive, 10)] == [ids[1], ids[0]]
+    assert [e.rule for e in store.list_events(inactive, 10)] == [
+        MembershipRule.SUSPENDED,
+        MembershipRule.EXPIRED,
+    ]
+    two = EventFilter(
+        decisions=(Decision.DENIED_MEMBERSHIP_INACTIVE, Decision.DENIED_OUTSIDE_HOURS)
+    )
+    assert [e.event_id for e in store.list_events(two, 10)] == ids[::-1]
+    only_expired = EventFilter(rule=MembershipRule.EXPIRED)
+    assert [e.event_id for e in store.list_events(only_expired, 10)] == [ids[0]]
+    assert store.list_events(EventFilter(), 10)[-1].rule is None
+
+
+def test_sqlite_upgrades_a_version_2_file_keeping_everything(tmp_path: Path) -> None:
+    from facegate_server.domain import Membership
+    from facegate_server.store.sqlite import MIGRATIONS
+
+    path = tmp_path / "v2.sqlite3"
+    db = sqlite3.connect(path)
+    for migration in MIGRATIONS[:2]:
+        for statement in migration:
+            db.execute(statement)
+    db.execute("INSERT INTO members VALUES ('m-1', 'Kim', 0, 0)")
+    blob = np.zeros(128, "<f8").tobytes()
+    db.execute("INSERT INTO faces (member_id, embedding, create_us) VALUES ('m-1', ?, 0)", (blob,))
+    db.execute(
+        "INSERT INTO outbox (kind, member_id, face_id, photo) VALUES ('add_face', 'm-1', 1, x'00')"
+    )
+    db.execute(
+        "INSERT INTO access_events (time_us, turnstile_id, member_id, decision, engine,"
+        " confidence, latency_us) VALUES (0, 'g', 'm-1', 'GRANTED', 'LOCAL', 0.9, 5)"
+    )
+    db.execute("PRAGMA user_version = 2")
+    db.commit()
+    db.close()
+    store = SqliteStore(path)
+    assert store.schema_version() == SCHEMA_VERSION
+    assert store.get_member("m-1").membership == Membership()
+    assert store.photos("m-1")[0].quality is None
+    [entry] = store.outbox(10)
+    assert (entry.kind, entry.face_id, entry.photo, entry.persisted_face_id) == (
+        "add_face",
+        1,
+        b"\x00",
+        None,
+    )
+    assert store.list_events(EventFilter(), 10)[0].rule is None
+    store.create_member("m-2", "", [cloud_template(2)], T0)  # the outbox still numbers on
+    assert [e.seq for e in store.outbox(10)] == sorted(e.seq for e in store.outbox(10))
+
+
 def test_a_verification_is_kept_as_one(store: Store) -> None:
     from dataclasses import replace
 

@@ -12,6 +12,7 @@ facegate_service_pb2 as pb`). Depends only on grpcio, protobuf and grpcio-status
 from facegate_client.client import (
     CHANNEL_OPTIONS,
     DEFAULT_TARGET,
+    KEEP,
     MAX_MESSAGE_BYTES,
     SERVICE_CONFIG,
     FaceGateClient,
@@ -34,6 +35,7 @@ from facegate_client.errors import (
 __all__ = [
     "CHANNEL_OPTIONS",
     "DEFAULT_TARGET",
+    "KEEP",
     "MAX_MESSAGE_BYTES",
     "SERVICE_CONFIG",
     "AlreadyExists",

@@ -6,7 +6,11 @@ access log.
     facegate identify frame.jpg --turnstile-id gate-1
     facegate verify --member-id m-1001 frame.jpg --turnstile-id gate-1
     facegate members list | get ID | delete ID
+    facegate members update m-1001 --valid-until 2027-01-01 --hours 'Mon-Fri 06:00-16:00'
+    facegate members update m-1001 --suspend "unpaid" | --resume
+    facegate members photos m-1001 | remove-photo m-1001 PHOTO_ID
     facegate events --member-id m-1001 --since 2026-11-26T00:00:00Z --limit 20
+    facegate events --decision DENIED_MEMBERSHIP_INACTIVE --rule EXPIRED --since 2026-11-23
 
 Every client command takes --target HOST:PORT (default: $FACEGATE_TARGET, else
 127.0.0.1:50051), --timeout SECONDS and --json (protobuf JSON, with the proto field names).
@@ -42,8 +46,9 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from facegate_client.client import DEFAULT_TARGET, FaceGateClient
+from facegate_client.client import DEFAULT_TARGET, KEEP, FaceGateClient
 from facegate_client.errors import FaceGateError
+from facegate_client.membership import format_membership, parse_hours
 
 __all__ = ["PLUGIN_GROUP", "build_parser", "main"]
 
@@ -56,6 +61,10 @@ _EPILOG = "Server commands (serve, ...) come with the facegate-server package."
 
 class _LocalFileError(Exception):
     """A file named on the command line cannot be read."""
+
+
+class _UsageError(Exception):
+    """Options that parse but say nothing to do (exit 2, like argparse's errors)."""
 
 
 # ---------------------------------------------------------------- argument types
@@ -89,6 +98,39 @@ def _iso_time(text: str) -> datetime:
             f"not an ISO 8601 time: {text!r} (e.g. 2026-11-26T23:00:00Z)"
         ) from None
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _iso_time_or_none(text: str) -> datetime | None:
+    """An ISO 8601 time, or `none` (no start / no end)."""
+    return None if text.lower() == "none" else _iso_time(text)
+
+
+def _hours(text: str) -> list[pb.AccessWindow]:
+    try:
+        return parse_hours(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _sites(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _enum_value(enum: Any, prefix: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        name = text.upper().removeprefix(prefix)
+        try:
+            value: int = enum.Value(prefix + name)
+        except ValueError:
+            names = [
+                n.removeprefix(prefix)
+                for n in [v.name for v in enum.DESCRIPTOR.values]
+                if not n.endswith("UNSPECIFIED")
+            ]
+            raise argparse.ArgumentTypeError(f"not one of {', '.join(names)}: {text!r}") from None
+        return value
+
+    return parse
 
 
 # ---------------------------------------------------------------- output
@@ -161,10 +203,18 @@ def format_member(member: pb.Member) -> str:
     return line + (f"  cloud: {member.cloud_state}" if member.cloud_state else "")
 
 
+def format_member_in_full(member: pb.Member) -> str:
+    """`format_member`'s line, then the membership (`members get`, `update`)."""
+    return "\n".join(
+        [format_member(member), *(f"  {line}" for line in format_membership(member.membership))]
+    )
+
+
 def format_event(event: pb.AccessEvent) -> str:
     """`2026-11-26T23:01:02Z  gate-1  GRANTED  m-1001  0.93  local  148 ms`; a verification
     ends with what was claimed, and why when the decision does not say:
-    `... verify m-1001` or `... verify m-9 (no member with this id)`."""
+    `... verify m-1001` or `... verify m-9 (no member with this id)`; a refusal by a
+    membership rule ends with the rule (`EXPIRED`)."""
     fields = [
         _time(event.time, event.HasField("time")),
         event.turnstile_id,
@@ -176,8 +226,29 @@ def format_event(event: pb.AccessEvent) -> str:
     ]
     if event.kind == pb.ACCESS_KIND_VERIFY:
         fields.append(f"verify {event.claimed_member_id or '-'}")
+    if event.membership_rule:
+        fields.append(_enum_name(pb.MembershipRule, event.membership_rule, "MEMBERSHIP_RULE_"))
     line = "  ".join(fields)
     return f"{line} ({event.detail})" if event.detail else line
+
+
+def format_photo(photo: pb.MemberPhoto) -> str:
+    """`17  added 2026-11-26T23:00:00Z  size 212  sharpness 85.1  brightness 120  yaw 0.04
+    pitch 0.78` (the measurements only where the server measured them)."""
+    parts = [
+        str(photo.photo_id),
+        f"added {_time(photo.create_time, photo.HasField('create_time'))}",
+    ]
+    if photo.HasField("quality"):
+        q = photo.quality
+        parts += [
+            f"size {q.size}",
+            f"sharpness {q.sharpness:.1f}",
+            f"brightness {q.brightness:.0f}",
+            f"yaw {q.yaw:.2f}",
+            f"pitch {q.pitch:.2f}",
+        ]
+    return "  ".join(parts)
 
 
 def _print_json(message: Message, out: TextIO) -> None:
@@ -218,7 +289,12 @@ Handler = Callable[[FaceGateClient, argparse.Namespace, TextIO], None]
 
 def _cmd_enroll(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -> None:
     photos = _read_files(args.photos)
-    member = client.enroll(args.member_id, photos, display_name=args.name)
+    membership = pb.Membership(access_hours=args.hours or [], sites=args.sites or [])
+    for name in ("valid_from", "valid_until"):
+        value = getattr(args, name)
+        if value is not None:
+            getattr(membership, name).FromDatetime(value)
+    member = client.enroll(args.member_id, photos, display_name=args.name, membership=membership)
     _show(args, out, member, format_member(member))
 
 
@@ -251,6 +327,78 @@ def _cmd_members_list(client: FaceGateClient, args: argparse.Namespace, out: Tex
 
 def _cmd_members_get(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -> None:
     member = client.get_member(args.member_id)
+    _show(args, out, member, format_member_in_full(member))
+
+
+def _given(args: argparse.Namespace, name: str) -> Any:
+    """A flag's value, or KEEP when it was not given (argparse.SUPPRESS leaves it out)."""
+    return getattr(args, name, KEEP)
+
+
+def _cmd_members_update(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -> None:
+    suspended: Any = KEEP
+    reason: Any = KEEP
+    if args.suspend is not None:
+        suspended, reason = True, args.suspend
+    elif args.resume:
+        suspended, reason = False, ""
+    changes = ("name", "valid_from", "valid_until", "hours", "sites")
+    if suspended is KEEP and not any(hasattr(args, name) for name in changes):
+        raise _UsageError(
+            "members update: nothing to change (--name, --valid-from, --valid-until, "
+            "--suspend, --resume, --hours, --sites)"
+        )
+    member = client.update_member(
+        args.member_id,
+        display_name=_given(args, "name"),
+        valid_from=_given(args, "valid_from"),
+        valid_until=_given(args, "valid_until"),
+        suspended=suspended,
+        suspension_reason=reason,
+        access_hours=_given(args, "hours"),
+        sites=_given(args, "sites"),
+    )
+    _show(args, out, member, format_member_in_full(member))
+
+
+def _cmd_members_photos(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -> None:
+    photos = client.list_member_photos(args.member_id, include_photos=args.save is not None)
+    if args.save is not None:
+        folder = Path(args.save)
+        for photo in photos:
+            if photo.photo:
+                try:
+                    (
+                        folder / f"{args.member_id}-{photo.photo_id}{_suffix(photo.photo)}"
+                    ).write_bytes(photo.photo)
+                except OSError as err:
+                    raise _LocalFileError(
+                        f"cannot write into {args.save!r}: {err.strerror or err}"
+                    ) from None
+    if args.json:
+        _print_json(pb.ListMemberPhotosResponse(photos=photos), out)
+        return
+    for photo in photos:
+        kept = " (saved)" if args.save is not None and photo.photo else ""
+        print(format_photo(photo) + kept, file=out)
+
+
+def _suffix(photo: bytes) -> str:
+    for magic, suffix in (
+        (b"\xff\xd8", ".jpg"),
+        (b"\x89PNG", ".png"),
+        (b"GIF8", ".gif"),
+        (b"BM", ".bmp"),
+    ):
+        if photo.startswith(magic):
+            return suffix
+    return ".img"
+
+
+def _cmd_members_remove_photo(
+    client: FaceGateClient, args: argparse.Namespace, out: TextIO
+) -> None:
+    member = client.remove_member_photo(args.member_id, args.photo_id)
     _show(args, out, member, format_member(member))
 
 
@@ -267,6 +415,8 @@ def _cmd_events(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -
         start_time=args.since,
         end_time=args.until,
         page_size=min(limit, _MAX_PAGE_SIZE) if limit else 100,
+        decisions=args.decision or (),
+        membership_rule=args.rule or pb.MEMBERSHIP_RULE_UNSPECIFIED,
     )
     selected = itertools.islice(events, limit) if limit else events
     if args.json:
@@ -388,7 +538,7 @@ def _run_client_command(handler: Handler) -> Callable[[argparse.Namespace], int]
         try:
             with client:
                 handler(client, args, sys.stdout)
-        except _LocalFileError as err:
+        except (_LocalFileError, _UsageError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         except FaceGateError as err:
@@ -455,6 +605,7 @@ def _add_client_commands(
     enroll = add(subparsers, "enroll", _cmd_enroll, "enrol a new member from photos")
     enroll.add_argument("--member-id", required=True, metavar="ID", help="the new member's id")
     enroll.add_argument("--name", default="", help="the member's display name")
+    _membership_options(enroll, update=False)
     enroll.add_argument("photos", nargs="+", metavar="PHOTO", help="photos of one face each")
 
     add_photos = add(subparsers, "add-photos", _cmd_add_photos, "add photos to an enrolled member")
@@ -497,6 +648,37 @@ def _add_client_commands(
         members_commands, "delete", _cmd_members_delete, "delete a member and their faces"
     )
     members_delete.add_argument("member_id", metavar="ID")
+    members_update = add(
+        members_commands,
+        "update",
+        _cmd_members_update,
+        "change a member's name or membership (only the options given)",
+    )
+    members_update.add_argument("member_id", metavar="ID")
+    members_update.add_argument(
+        "--name", default=argparse.SUPPRESS, help="the member's display name"
+    )
+    _membership_options(members_update, update=True)
+    suspension = members_update.add_mutually_exclusive_group()
+    suspension.add_argument(
+        "--suspend", metavar="REASON", help="refuse the member until resumed (REASON: the gym's)"
+    )
+    suspension.add_argument("--resume", action="store_true", help="lift a suspension")
+    members_photos = add(members_commands, "photos", _cmd_members_photos, "list a member's photos")
+    members_photos.add_argument("member_id", metavar="ID")
+    members_photos.add_argument(
+        "--save",
+        metavar="DIR",
+        help="also write the photos into DIR as ID-PHOTO_ID.jpg (where the server keeps them)",
+    )
+    members_remove_photo = add(
+        members_commands,
+        "remove-photo",
+        _cmd_members_remove_photo,
+        "remove one photo of a member (not their last)",
+    )
+    members_remove_photo.add_argument("member_id", metavar="ID")
+    members_remove_photo.add_argument("photo_id", metavar="PHOTO_ID", type=_non_negative_int)
 
     events = add(subparsers, "events", _cmd_events, "read the access log, newest first")
     events.add_argument("--member-id", default="", metavar="ID", help="only this member's")
@@ -512,6 +694,20 @@ def _add_client_commands(
         type=_iso_time,
         metavar="ISO8601",
         help="only before this time (UTC unless an offset is given)",
+    )
+    events.add_argument(
+        "--decision",
+        action="append",
+        type=_enum_value(pb.Decision, "DECISION_"),
+        metavar="DECISION",
+        help="only events with this decision (repeat for several), e.g. DENIED_OUTSIDE_HOURS",
+    )
+    events.add_argument(
+        "--rule",
+        type=_enum_value(pb.MembershipRule, "MEMBERSHIP_RULE_"),
+        metavar="RULE",
+        help="only events refused by this membership rule: NOT_YET_VALID, EXPIRED, "
+        "SUSPENDED, OUTSIDE_HOURS, OTHER_SITE",
     )
     events.add_argument(
         "--limit",
@@ -530,6 +726,44 @@ def _add_client_commands(
         "--retry-parked",
         action="store_true",
         help="instead, put the changes the cloud refused (see `facegate status`) back in line",
+    )
+
+
+def _membership_options(parser: argparse.ArgumentParser, *, update: bool) -> None:
+    """--valid-from, --valid-until, --hours, --sites: on `enroll` (absent: open) and on
+    `members update` (absent: unchanged)."""
+    absent = argparse.SUPPRESS if update else None
+    group = parser.add_argument_group("membership")
+    group.add_argument(
+        "--valid-from",
+        type=_iso_time_or_none,
+        default=absent,
+        metavar="ISO8601",
+        help="first instant the membership is valid (UTC unless an offset is given"
+        + ("; none: no start)" if update else ")"),
+    )
+    group.add_argument(
+        "--valid-until",
+        type=_iso_time_or_none,
+        default=absent,
+        metavar="ISO8601",
+        help="first instant it is no longer valid" + ("; none: no end" if update else ""),
+    )
+    group.add_argument(
+        "--hours",
+        type=_hours,
+        default=absent,
+        metavar="SPEC",
+        help="access hours in the site's time, e.g. 'Mon-Fri 06:00-16:00; Sat 08:00-12:00'"
+        + ("; '' for any time" if update else ""),
+    )
+    group.add_argument(
+        "--sites",
+        type=_sites,
+        default=absent,
+        metavar="A,B",
+        help="the sites (FACEGATE_SITE_ID) the member may enter"
+        + ("; '' for every site" if update else ""),
     )
 
 

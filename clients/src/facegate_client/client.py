@@ -14,6 +14,7 @@ itself, following the channel's service config; nothing else is retried.
 
 from __future__ import annotations
 
+import enum
 import json
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
@@ -23,6 +24,7 @@ from typing import Any, Final, Self, TypeVar
 import grpc
 from facegate.v1 import facegate_service_pb2 as pb
 from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
+from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from facegate_client.errors import from_rpc_error
@@ -30,6 +32,7 @@ from facegate_client.errors import from_rpc_error
 __all__ = [
     "CHANNEL_OPTIONS",
     "DEFAULT_TARGET",
+    "KEEP",
     "MAX_MESSAGE_BYTES",
     "SERVICE_CONFIG",
     "FaceGateClient",
@@ -41,7 +44,7 @@ MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 """The largest message the client sends or accepts: an Enroll may carry 10 photos of 6 MiB."""
 
 _SERVICE: Final = pb.DESCRIPTOR.services_by_name["FaceGateService"].full_name
-_RETRIED_METHODS: Final = ("GetMember", "ListMembers", "ListAccessEvents")
+_RETRIED_METHODS: Final = ("GetMember", "ListMembers", "ListAccessEvents", "ListMemberPhotos")
 
 SERVICE_CONFIG: Final = json.dumps(
     {
@@ -70,6 +73,14 @@ CHANNEL_OPTIONS: Final[tuple[tuple[str, int | str], ...]] = (
 """The options of the channels `FaceGateClient` creates; use them for a channel of your own."""
 
 _R = TypeVar("_R")
+
+
+class _Keep(enum.Enum):
+    KEEP = "keep"
+
+
+KEEP: Final = _Keep.KEEP
+"""`update_member`'s default for every field: leave it as it is (None clears a time)."""
 
 
 def _timestamp(value: datetime | None) -> Timestamp | None:
@@ -233,11 +244,16 @@ class FaceGateClient:
         photos: Sequence[bytes],
         display_name: str = "",
         *,
+        membership: pb.Membership | None = None,
         timeout: float | None = None,
     ) -> pb.Member:
-        """Create a member from 1 to 10 photos of one face each (AlreadyExists if taken)."""
+        """Create a member from 1 to 10 photos of one face each (AlreadyExists if taken),
+        with their `membership` (none: valid from now on, at any time and site)."""
         request = pb.EnrollRequest(
-            member_id=member_id, display_name=display_name, photos=_photo_list(photos)
+            member_id=member_id,
+            display_name=display_name,
+            photos=_photo_list(photos),
+            membership=membership,
         )
         response: pb.EnrollResponse = self._call(self._stub.Enroll, request, timeout)
         return response.member
@@ -256,6 +272,78 @@ class FaceGateClient:
         """Return one member (NotFound if there is none)."""
         request = pb.GetMemberRequest(member_id=member_id)
         response: pb.GetMemberResponse = self._call(self._stub.GetMember, request, timeout)
+        return response.member
+
+    def update_member(
+        self,
+        member_id: str,
+        *,
+        display_name: str | _Keep = KEEP,
+        valid_from: datetime | _Keep | None = KEEP,
+        valid_until: datetime | _Keep | None = KEEP,
+        suspended: bool | _Keep = KEEP,
+        suspension_reason: str | _Keep = KEEP,
+        access_hours: Sequence[pb.AccessWindow] | _Keep = KEEP,
+        sites: Sequence[str] | _Keep = KEEP,
+        timeout: float | None = None,
+    ) -> pb.Member:
+        """Change only the fields given (the rest are kept, whatever else changes them).
+
+        A time of None clears it (no start, no end); empty `access_hours` is any time and
+        empty `sites` every site; `suspended=False` clears the reason unless one is given.
+        Naive datetimes are taken as UTC. NotFound if there is no such member.
+        """
+        member = pb.Member(member_id=member_id)
+        paths: list[str] = []
+        if display_name is not KEEP:
+            member.display_name = display_name
+            paths.append("display_name")
+        m = member.membership
+        for name, value in (("valid_from", valid_from), ("valid_until", valid_until)):
+            if value is not KEEP:
+                stamp = _timestamp(value)
+                if stamp is not None:
+                    getattr(m, name).CopyFrom(stamp)
+                paths.append(f"membership.{name}")
+        if suspended is not KEEP:
+            m.suspended = suspended
+            paths.append("membership.suspended")
+        if suspension_reason is not KEEP:
+            m.suspension_reason = suspension_reason
+            paths.append("membership.suspension_reason")
+        if access_hours is not KEEP:
+            m.access_hours.extend(access_hours)
+            paths.append("membership.access_hours")
+        if sites is not KEEP:
+            if isinstance(sites, str):
+                raise TypeError("sites must be a sequence of site ids, not one string")
+            m.sites.extend(sites)
+            paths.append("membership.sites")
+        if not paths:
+            raise ValueError("name at least one field to change")
+        request = pb.UpdateMemberRequest(member=member, update_mask=FieldMask(paths=paths))
+        response: pb.UpdateMemberResponse = self._call(self._stub.UpdateMember, request, timeout)
+        return response.member
+
+    def list_member_photos(
+        self, member_id: str, *, include_photos: bool = False, timeout: float | None = None
+    ) -> list[pb.MemberPhoto]:
+        """A member's photos: ids, when added, quality measurements (and, with
+        `include_photos`, the bytes, where the server keeps photos)."""
+        request = pb.ListMemberPhotosRequest(member_id=member_id, include_photos=include_photos)
+        response: pb.ListMemberPhotosResponse = self._call(
+            self._stub.ListMemberPhotos, request, timeout
+        )
+        return list(response.photos)
+
+    def remove_member_photo(
+        self, member_id: str, photo_id: int, *, timeout: float | None = None
+    ) -> pb.Member:
+        """Remove one photo of a member (FailedPrecondition for their last one)."""
+        request = pb.RemoveMemberPhotoRequest(member_id=member_id, photo_id=photo_id)
+        response: pb.RemoveMemberPhotoResponse = self._call(
+            self._stub.RemoveMemberPhoto, request, timeout
+        )
         return response.member
 
     def list_members(
@@ -292,12 +380,15 @@ class FaceGateClient:
         page_size: int = 0,
         page_token: str = "",
         *,
+        decisions: Sequence[pb.Decision.ValueType] = (),
+        membership_rule: pb.MembershipRule.ValueType = pb.MEMBERSHIP_RULE_UNSPECIFIED,
         timeout: float | None = None,
     ) -> pb.ListAccessEventsResponse:
         """Return one page of the access log, newest first.
 
         Empty filters match everything; `start_time` is inclusive, `end_time` exclusive,
-        and naive datetimes are taken as UTC.
+        and naive datetimes are taken as UTC. `decisions`: only events with one of them;
+        `membership_rule`: only those refused by it (e.g. MEMBERSHIP_RULE_EXPIRED).
         """
         request = pb.ListAccessEventsRequest(
             member_id=member_id,
@@ -306,6 +397,8 @@ class FaceGateClient:
             end_time=_timestamp(end_time),
             page_size=page_size,
             page_token=page_token,
+            decisions=list(decisions),
+            membership_rule=membership_rule,
         )
         response: pb.ListAccessEventsResponse = self._call(
             self._stub.ListAccessEvents, request, timeout
@@ -320,6 +413,8 @@ class FaceGateClient:
         end_time: datetime | None = None,
         page_size: int = 100,
         *,
+        decisions: Sequence[pb.Decision.ValueType] = (),
+        membership_rule: pb.MembershipRule.ValueType = pb.MEMBERSHIP_RULE_UNSPECIFIED,
         timeout: float | None = None,
     ) -> Iterator[pb.AccessEvent]:
         """Yield every matching access event, newest first, page after page."""
@@ -332,6 +427,8 @@ class FaceGateClient:
                 end_time,
                 page_size,
                 page_token,
+                decisions=decisions,
+                membership_rule=membership_rule,
                 timeout=timeout,
             )
             yield from page.events

@@ -33,7 +33,8 @@ from facegate_server.engines.base import RecognitionEngine
 from facegate_server.engines.index import FaceIndex
 from facegate_server.engines.local import LocalEngine, WorkerPool
 from facegate_server.engines.policy import decision_policy
-from facegate_server.gate import Gate
+from facegate_server.gate import Clock, Gate, utc_now
+from facegate_server.membership import Site, load_zone
 from facegate_server.routing.breaker import CircuitBreaker, CircuitState
 from facegate_server.routing.router import Agreement, Policy, RoutingEngine
 from facegate_server.rpc import auth, ratelimit, tls
@@ -227,10 +228,12 @@ def build_server(
     store: Store | None = None,
     engine: RecognitionEngine | None = None,
     clock: Callable[[], float] = time.monotonic,
+    wall_clock: Clock = utc_now,
 ) -> FaceGateServer:
     """Build (not start) the server. `engine` replaces the local engine (the router's
     local part: the cloud, when configured, is still built from settings); `clock` is
-    the monotonic clock of the breaker, the rate limits and the outbox replayer."""
+    the monotonic clock of the breaker, the rate limits and the outbox replayer;
+    `wall_clock` the gate's (times in the store, and the membership rules')."""
     # Security settings first: a refusal (open beyond loopback, bad files) starts nothing.
     callers = auth.load_callers(
         settings.tokens_file, settings.tokens, client_ca=settings.tls_client_ca is not None
@@ -255,6 +258,8 @@ def build_server(
             replayer=replayer,
             engine_status=engine_status,
             refusals=refusals.counts,
+            clock=wall_clock,
+            site=Site(settings.site_id, load_zone(settings.site_time_zone)),
         )
         servicer = FaceGateServicer(gate)
         threads = max(8, 4 * settings.workers)

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails, PydanticCustomError
 from pydantic_settings import (
@@ -32,6 +32,8 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+
+from facegate_server.zones import UnknownTimeZone, load_zone
 
 MIB = 1024 * 1024
 ENV_PREFIX = "FACEGATE_"
@@ -137,6 +139,21 @@ class Settings(BaseSettings):
     breaker_cooldown_s: float = Field(default=10.0, gt=0)
     cloud_slots: int = Field(default=4, ge=1)
     sync_interval_s: float = 2.0
+    # Where this server's turnstiles are (membership.py): the branch a member's `sites`
+    # name (not the cloud's store identity), and the IANA zone of access hours.
+    site_id: str = Field(default="", pattern=r"^[A-Za-z0-9._:-]{0,64}$")
+    site_time_zone: str = "UTC"
+
+    @field_validator("site_time_zone")
+    @classmethod
+    def _known_zone(cls, name: str) -> str:
+        try:
+            load_zone(name)
+        except UnknownTimeZone:
+            raise PydanticCustomError(
+                "time_zone", "not an IANA time zone name (e.g. Europe/Berlin)"
+            ) from None
+        return name
 
     @classmethod
     def settings_customise_sources(
@@ -269,6 +286,8 @@ def _problem(detail: ErrorDetails) -> str:
         return "must be less than " + _number(ctx["lt"])
     if kind == "less_than_equal":
         return "must be at most " + _number(ctx["le"])
+    if kind == "string_pattern_mismatch":
+        return "must be up to 64 letters, digits or . _ : -"
     if kind == "literal_error":
         return "must be " + str(ctx["expected"]).replace("'", "")
     return str(detail["msg"])

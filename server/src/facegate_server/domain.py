@@ -28,6 +28,12 @@ class Decision(enum.Enum):
     DENIED_AMBIGUOUS = "DENIED_AMBIGUOUS"
     DENIED_NOT_THIS_MEMBER = "DENIED_NOT_THIS_MEMBER"
     """Verify only: the face is not the claimed member's (or no such member is enrolled)."""
+    DENIED_MEMBERSHIP_INACTIVE = "DENIED_MEMBERSHIP_INACTIVE"
+    """Recognised, but the membership is not yet valid, has expired, or is suspended."""
+    DENIED_OUTSIDE_HOURS = "DENIED_OUTSIDE_HOURS"
+    """Recognised, but outside the member's access hours (site time)."""
+    DENIED_OTHER_SITE = "DENIED_OTHER_SITE"
+    """Recognised, but the membership is for other branches than this server's site."""
     # No decision, recorded in the access log only (the call fails; the gate stays shut):
     NOT_DECIDED_TIMEOUT = "NOT_DECIDED_TIMEOUT"
     """No engine decided in time (DEADLINE_EXCEEDED)."""
@@ -44,6 +50,17 @@ class AccessKind(enum.Enum):
     """Who is this? (1:N, every member)"""
     VERIFY = "VERIFY"
     """Is this the member claimed? (1:1, a card or QR code names them)"""
+
+
+class MembershipRule(enum.Enum):
+    """Which membership rule refused a recognised member (names match
+    facegate.v1.MembershipRule); see membership.py."""
+
+    NOT_YET_VALID = "NOT_YET_VALID"
+    EXPIRED = "EXPIRED"
+    SUSPENDED = "SUSPENDED"
+    OUTSIDE_HOURS = "OUTSIDE_HOURS"
+    OTHER_SITE = "OTHER_SITE"
 
 
 class EngineKind(enum.Enum):
@@ -120,6 +137,35 @@ class FaceQuality:
 
 
 @dataclass(frozen=True)
+class AccessWindow:
+    """One weekly window of local wall-clock time at the site: from `start` minutes after
+    midnight on `day` (0 Monday to 6 Sunday) to `end` minutes after midnight (1 to 1440).
+    An `end` at or before `start` crosses midnight: the window ends on the next day, and
+    belongs to the day it starts (Fri 22:00-02:00 lets a member in at 01:00 on Saturday)."""
+
+    day: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Membership:
+    """What lets a recognised member in (membership.py decides by it); the defaults admit."""
+
+    valid_from: datetime | None = None
+    """The first instant the membership is valid (inclusive); None: since always."""
+    valid_until: datetime | None = None
+    """The first instant it is no longer valid (exclusive); None: no end."""
+    suspended: bool = False
+    suspension_reason: str = ""
+    """The gym's own words ("unpaid", "holiday freeze"); kept only while suspended."""
+    access_hours: tuple[AccessWindow, ...] = ()
+    """Weekly windows of site time; empty: any time."""
+    sites: tuple[str, ...] = ()
+    """The sites (FACEGATE_SITE_ID) the member may enter; empty: every site."""
+
+
+@dataclass(frozen=True)
 class Member:
     member_id: str
     display_name: str
@@ -128,6 +174,19 @@ class Member:
     update_time: datetime
     cloud_state: str = ""
     """The member in the cloud, in a few words (GetMember, when a cloud is configured)."""
+    membership: Membership = Membership()
+
+
+@dataclass(frozen=True)
+class MemberPhoto:
+    """One of a member's enrolled photos, as ListMemberPhotos shows it."""
+
+    photo_id: int
+    create_time: datetime
+    quality: FaceQuality | None = None
+    """What the local engine measured of the face at enrolment (None: not measured)."""
+    photo: bytes | None = None
+    """The photo itself, only when photos are kept (FACEGATE_KEEP_PHOTOS)."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +199,8 @@ class FaceTemplate:
     cloud_photo: bytes | None = None
     """The photo to add to the member's cloud person: held in the outbox until it is sent,
     then dropped (unlike `photo`, which is kept only when so configured)."""
+    quality: FaceQuality | None = None
+    """What the local engine measured of the photo's face (ListMemberPhotos shows it)."""
 
 
 @dataclass(frozen=True)
@@ -171,6 +232,8 @@ class NewAccessEvent:
     """Verify: the member the card named (`member_id` is set only when granted)."""
     detail: str = ""
     """Why, when the decision alone does not say (Verify: "no member with this id")."""
+    rule: MembershipRule | None = None
+    """The membership rule that refused a recognised member, if one did."""
 
 
 @dataclass(frozen=True)
@@ -187,6 +250,10 @@ class EventFilter:
     turnstile_id: str = ""
     start_time: datetime | None = None
     end_time: datetime | None = None
+    decisions: tuple[Decision, ...] = ()
+    """Only events with one of these decisions."""
+    rule: MembershipRule | None = None
+    """Only events refused by this membership rule."""
 
 
 @dataclass(frozen=True)
@@ -201,6 +268,8 @@ class Identification:
     hint: str = ""
     reports: tuple[EngineReport, ...] = ()
     cloud_transactions: int = 0
+    rule: MembershipRule | None = None
+    """The membership rule that refused a recognised member (the gate's `_admit`)."""
 
 
 @dataclass(frozen=True)
@@ -209,6 +278,8 @@ class OutboxEntry:
 
     kind "add_face": make sure the member's cloud person exists and holds this face.
     kind "delete_member": make sure the member's cloud person is gone.
+    kind "delete_face": make sure one face (a removed photo) is gone from the member's
+    cloud person: by `persisted_face_id` when it is known, else by the face's tag.
     """
 
     seq: int
@@ -220,6 +291,7 @@ class OutboxEntry:
     last_error: str = ""
     parked: str = ""
     """Why the cloud refused this entry for its own sake; empty while it is in line."""
+    persisted_face_id: str | None = None
 
 
 @dataclass(frozen=True)

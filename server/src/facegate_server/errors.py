@@ -4,6 +4,8 @@ gRPC statuses).
     FaceGateError                     -> INTERNAL (unless a subclass says otherwise)
     ├── InvalidArgument               -> INVALID_ARGUMENT, with BadRequest field violations
     ├── MemberNotFound                -> NOT_FOUND
+    ├── PhotoNotFound                 -> NOT_FOUND
+    ├── LastPhoto                     -> FAILED_PRECONDITION
     ├── MemberAlreadyExists           -> ALREADY_EXISTS
     ├── RecognitionTimeout            -> DEADLINE_EXCEEDED
     ├── RecognitionUnavailable        -> UNAVAILABLE
@@ -52,6 +54,28 @@ class MemberNotFound(FaceGateError):
 
     def __init__(self, member_id: str) -> None:
         super().__init__(f"no member with id {member_id!r}", metadata={"member_id": member_id})
+
+
+class PhotoNotFound(FaceGateError):
+    reason = "PHOTO_NOT_FOUND"
+
+    def __init__(self, member_id: str, photo_id: int) -> None:
+        super().__init__(
+            f"member {member_id!r} has no photo {photo_id}",
+            metadata={"member_id": member_id, "photo_id": str(photo_id)},
+        )
+
+
+class LastPhoto(FaceGateError):
+    """RemoveMemberPhoto of a member's only photo: a member needs one (delete them instead)."""
+
+    reason = "LAST_PHOTO"
+
+    def __init__(self, member_id: str) -> None:
+        super().__init__(
+            f"photo is member {member_id!r}'s last: delete the member instead",
+            metadata={"member_id": member_id},
+        )
 
 
 class MemberAlreadyExists(FaceGateError):

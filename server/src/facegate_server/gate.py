@@ -1,6 +1,7 @@
 """The gate: what each RPC does, in domain terms (no protobuf here).
 
 It validates requests, asks the engine, keeps the store and the matching index in step,
+applies the membership rules to whoever the engines recognised (`_admit`: membership.py),
 and writes every Identify and Verify decision to the access log.
 """
 
@@ -14,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
+from facegate_server import membership as rules
 from facegate_server import validation
 from facegate_server.cloud.azure import CloudFailure
 from facegate_server.cloud.sync import CloudSync
@@ -27,6 +29,8 @@ from facegate_server.domain import (
     FaceTemplate,
     Identification,
     Member,
+    MemberPhoto,
+    Membership,
     NewAccessEvent,
     SearchResult,
     Status,
@@ -43,6 +47,7 @@ from facegate_server.errors import (
     RecognitionTimeout,
     RecognitionUnavailable,
 )
+from facegate_server.membership import Site
 from facegate_server.store import Store
 
 log = logging.getLogger(__name__)
@@ -52,6 +57,16 @@ Clock = Callable[[], datetime]
 MAX_CANDIDATES = 10
 """The most members SearchFaces returns."""
 
+MEMBERSHIP_FIELDS = (
+    "valid_from",
+    "valid_until",
+    "suspended",
+    "suspension_reason",
+    "access_hours",
+    "sites",
+)
+UPDATABLE = ("display_name", "membership", *(f"membership.{f}" for f in MEMBERSHIP_FIELDS))
+"""The field mask paths UpdateMember accepts (relative to the member)."""
 NO_SUCH_MEMBER = "no member with this id"
 """The access log's detail for a Verify of an id nobody has (the turnstile is not told)."""
 
@@ -92,7 +107,8 @@ class Gate:
 
     `replayer` is the cloud's outbox replayer, when one is configured: woken after each
     change of membership, and asked to reconcile by SyncCloud. `engine_status` reports
-    the routing and the cloud for GetStatus.
+    the routing and the cloud for GetStatus. `site` is where the turnstiles are (its id
+    and time zone), for the membership rules; `clock` the wall clock they read.
     """
 
     def __init__(
@@ -108,6 +124,7 @@ class Gate:
         replayer: CloudSync | None = None,
         engine_status: Callable[[], EngineStatus] | None = None,
         refusals: Callable[[], dict[str, int]] | None = None,
+        site: Site | None = None,
     ) -> None:
         self.store = store
         self.engine = engine
@@ -120,6 +137,7 @@ class Gate:
         self.max_photos = max_photos
         self.keep_photos = keep_photos
         self.clock = clock
+        self.site = site if site is not None else Site()
         # Serialises changes of membership so the store and the engines change together.
         self._membership = threading.Lock()
 
@@ -134,11 +152,13 @@ class Gate:
         except (RecognitionTimeout, RateLimited, RecognitionUnavailable) as error:
             self.record_undecided(turnstile_id, error, time.perf_counter() - started)
             raise
+        now = self.clock()
+        identification = self._admit(identification, now)
         self._decisions[
             f"{identification.engine.value.lower()}/{identification.decision.value}"
         ] += 1
         display_name = ""
-        if identification.member_id:
+        if identification.decision is Decision.GRANTED:
             try:
                 display_name = self.store.get_member(identification.member_id).display_name
             except Exception:  # deleted a moment ago: the name is only for display
@@ -146,7 +166,7 @@ class Gate:
         latency = timedelta(seconds=time.perf_counter() - started)
         event = self.store.record_event(
             NewAccessEvent(
-                time=self.clock(),
+                time=now,
                 turnstile_id=turnstile_id,
                 member_id=identification.member_id,
                 decision=identification.decision,
@@ -154,6 +174,7 @@ class Gate:
                 confidence=identification.confidence,
                 latency=latency,
                 reports=identification.reports,
+                rule=identification.rule,
             )
         )
         return IdentifyResult(identification, display_name, event)
@@ -187,6 +208,31 @@ class Gate:
             )
         )
 
+    def _admit(self, identification: Identification, now: datetime | None = None) -> Identification:
+        """The membership rules, after recognition: a grant stands only if the member may
+        come in here and now (membership.py), on the store's copy of the member, whichever
+        engine recognised them. A refusal keeps the member's id (the gym needs to know who
+        was turned away), says which rule applied and gives the turnstile a hint.
+
+        Every other decision (unknown face, no face, several, poor quality, ambiguous)
+        stands as it is: the rules never reveal whom a stranger resembles. Identify and
+        Verify call this; so must any other use case that grants.
+        """
+        if identification.decision is not Decision.GRANTED or not identification.member_id:
+            return identification
+        try:
+            member = self.store.get_member(identification.member_id)
+        except MemberNotFound:  # deleted while the engine decided: nobody to let in
+            return replace(
+                identification, decision=Decision.DENIED_UNKNOWN_FACE, member_id="", hint=""
+            )
+        rule = rules.refusal(member.membership, self.clock() if now is None else now, self.site)
+        if rule is None:
+            return identification
+        return replace(
+            identification, decision=rules.DECISIONS[rule], rule=rule, hint=rules.HINTS[rule]
+        )
+
     def verify(
         self, member_id: str, image: bytes, turnstile_id: str, time_left: float | None = None
     ) -> IdentifyResult:
@@ -202,6 +248,8 @@ class Gate:
         validation.member_id(member_id)
         budget = self.identify_budget if time_left is None else min(self.identify_budget, time_left)
         found = self.engine.verify(member_id, image, budget)
+        now = self.clock()
+        found = self._admit(found, now)
         try:  # one read whatever the answer: the name on a grant, existence on a denial
             display_name, enrolled = self.store.get_member(member_id).display_name, True
         except MemberNotFound:
@@ -212,7 +260,7 @@ class Gate:
         latency = timedelta(seconds=time.perf_counter() - started)
         event = self.store.record_event(
             NewAccessEvent(
-                time=self.clock(),
+                time=now,
                 turnstile_id=turnstile_id,
                 member_id=found.member_id,
                 decision=found.decision,
@@ -223,6 +271,7 @@ class Gate:
                 kind=AccessKind.VERIFY,
                 claimed_member_id=member_id,
                 detail=detail,
+                rule=found.rule,
             )
         )
         return IdentifyResult(told(found), display_name if granted else "", event)
@@ -246,13 +295,22 @@ class Gate:
         budget = self.identify_budget if time_left is None else min(self.identify_budget, time_left)
         return self.engine.search(image, budget, max_candidates or 2)
 
-    def enroll(self, member_id: str, display_name: str, photos: Sequence[bytes]) -> Member:
+    def enroll(
+        self,
+        member_id: str,
+        display_name: str,
+        photos: Sequence[bytes],
+        membership: Membership | None = None,
+    ) -> Member:
         validation.member_id(member_id)
         validation.display_name(display_name)
+        checked = validation.membership(membership or Membership())
         self._check_absent(member_id)
         templates = self._templates(photos)
         with self._membership:
-            member = self.store.create_member(member_id, display_name, templates, self.clock())
+            member = self.store.create_member(
+                member_id, display_name, templates, self.clock(), checked
+            )
             self.engine.enrolled(member_id, templates)
         self._wake_cloud()
         return member
@@ -306,6 +364,63 @@ class Gate:
             member = self.store.add_templates(member_id, templates, self.clock())
             self.engine.enrolled(member_id, templates)
         self._wake_cloud()
+        return member
+
+    def update_member(
+        self, member_id: str, display_name: str, membership: Membership, paths: Sequence[str]
+    ) -> Member:
+        """Change the fields named by `paths` (a field mask, UPDATABLE), and only those, to
+        their values in `display_name` and `membership`."""
+        validation.member_id(member_id, "member.member_id")
+        if not paths:
+            raise InvalidArgument(
+                "update_mask",
+                "name the fields to change (e.g. membership.valid_until)",
+                reason="UPDATE_MASK_MISSING",
+            )
+        for path in paths:
+            if path not in UPDATABLE:
+                raise InvalidArgument(
+                    "update_mask",
+                    f"{path!r} cannot be updated; the fields are {', '.join(UPDATABLE)}",
+                    reason="UPDATE_MASK_INVALID",
+                )
+        with self._membership:
+            current = self.store.get_member(member_id)
+            name = current.display_name
+            if "display_name" in paths:
+                name = validation.display_name(display_name)
+            changed = membership if "membership" in paths else current.membership
+            fields = {
+                f: getattr(membership, f)
+                for f in MEMBERSHIP_FIELDS
+                if f"membership.{f}" in paths and "membership" not in paths
+            }
+            if "membership.suspended" in paths and "membership.suspension_reason" not in paths:
+                # Suspending or resuming replaces the reason: an old one never outlives it.
+                fields["suspension_reason"] = membership.suspension_reason
+            changed = validation.membership(replace(changed, **fields), "member.membership")
+            member = self.store.update_member(member_id, name, changed, self.clock())
+        log.info("member updated", extra={"member_id": member_id, "fields": list(paths)})
+        return member
+
+    def list_member_photos(self, member_id: str, with_bytes: bool = False) -> list[MemberPhoto]:
+        """The member's photos (their bytes too with `with_bytes`, where photos are kept)."""
+        return self.store.photos(validation.member_id(member_id), with_bytes=with_bytes)
+
+    def remove_member_photo(self, member_id: str, photo_id: int) -> Member:
+        """Remove one photo: from the store and the engines at once, from the cloud person
+        through the outbox. A member's last photo is refused (LastPhoto)."""
+        validation.member_id(member_id)
+        if photo_id <= 0:
+            raise InvalidArgument("photo_id", "is required", reason="PHOTO_ID_MISSING")
+        with self._membership:
+            member, removed = self.store.remove_photo(
+                member_id, photo_id, self.clock(), cloud=self.replayer is not None
+            )
+            self.engine.template_removed(member_id, removed)
+        self._wake_cloud()
+        log.info("member photo removed", extra={"member_id": member_id, "photo_id": photo_id})
         return member
 
     def get_member(self, member_id: str) -> Member:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from dataclasses import replace
 
+from facegate_server.domain import Membership
 from facegate_server.errors import InvalidArgument
 
 MEMBER_ID = re.compile(r"[A-Za-z0-9._:@-]{1,64}")
@@ -83,3 +85,58 @@ def page_size(value: int) -> int:
             "page_size", f"must be between 0 and {MAX_PAGE_SIZE}", reason="PAGE_SIZE_INVALID"
         )
     return value or DEFAULT_PAGE_SIZE
+
+
+MAX_REASON = 200
+MAX_WINDOWS = 50
+MAX_SITES = 50
+SITE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def membership(value: Membership, field: str = "membership") -> Membership:
+    """A membership's fields, checked; the reason is dropped when not suspended."""
+    if (
+        value.valid_from is not None
+        and value.valid_until is not None
+        and value.valid_until <= value.valid_from
+    ):
+        raise InvalidArgument(
+            f"{field}.valid_until", "must be after valid_from", reason="VALIDITY_INVALID"
+        )
+    reason = value.suspension_reason
+    if len(reason) > MAX_REASON or any(ord(c) < 32 or ord(c) == 127 for c in reason):
+        raise InvalidArgument(
+            f"{field}.suspension_reason",
+            f"must be at most {MAX_REASON} characters, without control characters",
+            reason="SUSPENSION_REASON_INVALID",
+        )
+    if len(value.access_hours) > MAX_WINDOWS:
+        raise InvalidArgument(
+            f"{field}.access_hours",
+            f"at most {MAX_WINDOWS} windows are allowed",
+            reason="ACCESS_HOURS_INVALID",
+        )
+    for i, w in enumerate(value.access_hours):
+        if not (0 <= w.day <= 6 and 0 <= w.start < 1440 and 0 < w.end <= 1440) or w.start == w.end:
+            raise InvalidArgument(
+                f"{field}.access_hours[{i}]",
+                "needs a day (Monday to Sunday), a start of 0 to 1439 minutes after midnight "
+                "and a different end of 1 to 1440 (at or before the start: the next day)",
+                reason="ACCESS_HOURS_INVALID",
+            )
+    if len(value.sites) > MAX_SITES:
+        raise InvalidArgument(
+            f"{field}.sites", f"at most {MAX_SITES} sites are allowed", reason="SITES_INVALID"
+        )
+    for i, site in enumerate(value.sites):
+        if not SITE_ID.fullmatch(site):
+            raise InvalidArgument(
+                f"{field}.sites[{i}]",
+                "must be 1 to 64 letters, digits or . _ : -",
+                reason="SITES_INVALID",
+            )
+    return replace(
+        value,
+        suspension_reason=reason if value.suspended else "",
+        sites=tuple(dict.fromkeys(value.sites)),
+    )

@@ -12,7 +12,8 @@ trailers (grpc-status-details-bin) carrying one google.rpc.ErrorInfo
 (domain "facegate.v1", reason in UPPER_SNAKE_CASE) and, when a request
 field is at fault, a google.rpc.BadRequest naming it:
   INVALID_ARGUMENT  a field is missing, too long, or an image is unusable
-  NOT_FOUND         no member with that id
+  NOT_FOUND         no member with that id (or no such photo of theirs)
+  FAILED_PRECONDITION RemoveMemberPhoto of a member's last photo
   ALREADY_EXISTS    Enroll with a member id that is already enrolled
   UNAVAILABLE       the server is starting or stopping; retry
   DEADLINE_EXCEEDED the recogniser did not answer within the deadline
@@ -27,6 +28,7 @@ README's Security section.
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -88,6 +90,18 @@ class _DecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decision.Val
     """No engine could decide: no recognition worker running and no cloud
     (UNAVAILABLE).
     """
+    DECISION_DENIED_MEMBERSHIP_INACTIVE: _Decision.ValueType  # 11
+    """The face is a member's, but their membership is not valid now: not yet
+    started, expired or suspended (`membership_rule` says which).
+    """
+    DECISION_DENIED_OUTSIDE_HOURS: _Decision.ValueType  # 12
+    """The face is a member's, but now (the site's local time) is outside
+    their access hours.
+    """
+    DECISION_DENIED_OTHER_SITE: _Decision.ValueType  # 13
+    """The face is a member's, but their membership is for other sites than
+    this server's (FACEGATE_SITE_ID).
+    """
 
 class Decision(_Decision, metaclass=_DecisionEnumTypeWrapper):
     """What the gate decided about a frame."""
@@ -132,6 +146,18 @@ DECISION_NOT_DECIDED_UNAVAILABLE: Decision.ValueType  # 10
 """No engine could decide: no recognition worker running and no cloud
 (UNAVAILABLE).
 """
+DECISION_DENIED_MEMBERSHIP_INACTIVE: Decision.ValueType  # 11
+"""The face is a member's, but their membership is not valid now: not yet
+started, expired or suspended (`membership_rule` says which).
+"""
+DECISION_DENIED_OUTSIDE_HOURS: Decision.ValueType  # 12
+"""The face is a member's, but now (the site's local time) is outside
+their access hours.
+"""
+DECISION_DENIED_OTHER_SITE: Decision.ValueType  # 13
+"""The face is a member's, but their membership is for other sites than
+this server's (FACEGATE_SITE_ID).
+"""
 Global___Decision: _TypeAlias = Decision  # noqa: Y015
 
 class _AccessKind:
@@ -157,6 +183,89 @@ ACCESS_KIND_IDENTIFY: AccessKind.ValueType  # 1
 ACCESS_KIND_VERIFY: AccessKind.ValueType  # 2
 """Verify: is this the member claimed (1:1)?"""
 Global___AccessKind: _TypeAlias = AccessKind  # noqa: Y015
+
+class _MembershipRule:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MembershipRuleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MembershipRule.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MEMBERSHIP_RULE_UNSPECIFIED: _MembershipRule.ValueType  # 0
+    """No rule refused (the member was granted, or nobody was recognised)."""
+    MEMBERSHIP_RULE_NOT_YET_VALID: _MembershipRule.ValueType  # 1
+    """Before `valid_from`."""
+    MEMBERSHIP_RULE_EXPIRED: _MembershipRule.ValueType  # 2
+    """At or after `valid_until`."""
+    MEMBERSHIP_RULE_SUSPENDED: _MembershipRule.ValueType  # 3
+    """Suspended by the gym."""
+    MEMBERSHIP_RULE_OUTSIDE_HOURS: _MembershipRule.ValueType  # 4
+    """Outside the access hours."""
+    MEMBERSHIP_RULE_OTHER_SITE: _MembershipRule.ValueType  # 5
+    """Not one of the member's sites."""
+
+class MembershipRule(_MembershipRule, metaclass=_MembershipRuleEnumTypeWrapper):
+    """Which membership rule refused a recognised member. The rules apply only
+    after recognition: an unknown face, no face, several faces, poor quality
+    or an ambiguous match is decided as such, and never reaches them.
+    """
+
+MEMBERSHIP_RULE_UNSPECIFIED: MembershipRule.ValueType  # 0
+"""No rule refused (the member was granted, or nobody was recognised)."""
+MEMBERSHIP_RULE_NOT_YET_VALID: MembershipRule.ValueType  # 1
+"""Before `valid_from`."""
+MEMBERSHIP_RULE_EXPIRED: MembershipRule.ValueType  # 2
+"""At or after `valid_until`."""
+MEMBERSHIP_RULE_SUSPENDED: MembershipRule.ValueType  # 3
+"""Suspended by the gym."""
+MEMBERSHIP_RULE_OUTSIDE_HOURS: MembershipRule.ValueType  # 4
+"""Outside the access hours."""
+MEMBERSHIP_RULE_OTHER_SITE: MembershipRule.ValueType  # 5
+"""Not one of the member's sites."""
+Global___MembershipRule: _TypeAlias = MembershipRule  # noqa: Y015
+
+class _DayOfWeek:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DayOfWeekEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DayOfWeek.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DAY_OF_WEEK_UNSPECIFIED: _DayOfWeek.ValueType  # 0
+    """Never valid."""
+    DAY_OF_WEEK_MONDAY: _DayOfWeek.ValueType  # 1
+    """Monday."""
+    DAY_OF_WEEK_TUESDAY: _DayOfWeek.ValueType  # 2
+    """Tuesday."""
+    DAY_OF_WEEK_WEDNESDAY: _DayOfWeek.ValueType  # 3
+    """Wednesday."""
+    DAY_OF_WEEK_THURSDAY: _DayOfWeek.ValueType  # 4
+    """Thursday."""
+    DAY_OF_WEEK_FRIDAY: _DayOfWeek.ValueType  # 5
+    """Friday."""
+    DAY_OF_WEEK_SATURDAY: _DayOfWeek.ValueType  # 6
+    """Saturday."""
+    DAY_OF_WEEK_SUNDAY: _DayOfWeek.ValueType  # 7
+    """Sunday."""
+
+class DayOfWeek(_DayOfWeek, metaclass=_DayOfWeekEnumTypeWrapper):
+    """A day of the week (numbered as google.type.DayOfWeek and ISO 8601)."""
+
+DAY_OF_WEEK_UNSPECIFIED: DayOfWeek.ValueType  # 0
+"""Never valid."""
+DAY_OF_WEEK_MONDAY: DayOfWeek.ValueType  # 1
+"""Monday."""
+DAY_OF_WEEK_TUESDAY: DayOfWeek.ValueType  # 2
+"""Tuesday."""
+DAY_OF_WEEK_WEDNESDAY: DayOfWeek.ValueType  # 3
+"""Wednesday."""
+DAY_OF_WEEK_THURSDAY: DayOfWeek.ValueType  # 4
+"""Thursday."""
+DAY_OF_WEEK_FRIDAY: DayOfWeek.ValueType  # 5
+"""Friday."""
+DAY_OF_WEEK_SATURDAY: DayOfWeek.ValueType  # 6
+"""Saturday."""
+DAY_OF_WEEK_SUNDAY: DayOfWeek.ValueType  # 7
+"""Sunday."""
+Global___DayOfWeek: _TypeAlias = DayOfWeek  # noqa: Y015
 
 class _Engine:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -311,6 +420,103 @@ SYNC_CHANGE_KIND_ORPHAN_FACE: SyncChangeKind.ValueType  # 4
 Global___SyncChangeKind: _TypeAlias = SyncChangeKind  # noqa: Y015
 
 @_typing.final
+class AccessWindow(_message.Message):
+    """A weekly window of local wall-clock time in the site's time zone
+    (FACEGATE_SITE_TIME_ZONE), e.g. Monday 06:00 to 16:00. A window whose end
+    is at or before its start crosses midnight, ends on the next day and
+    belongs to the day it starts (Friday 22:00 to 02:00 admits at 01:00 on
+    Saturday). Across daylight-saving changes a window keeps its local hours:
+    times skipped by the spring change do not occur, and both instants of a
+    time repeated by the autumn change are inside a window that holds it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DAY_FIELD_NUMBER: _builtins.int
+    START_MINUTE_FIELD_NUMBER: _builtins.int
+    END_MINUTE_FIELD_NUMBER: _builtins.int
+    day: Global___DayOfWeek.ValueType
+    """The day the window starts. Required."""
+    start_minute: _builtins.int
+    """Its start, in minutes after local midnight (0 to 1439)."""
+    end_minute: _builtins.int
+    """Its end, in minutes after local midnight (1 to 1440; 1440 is 24:00);
+    at or before the start: on the next day. Must differ from the start.
+    """
+    def __init__(
+        self,
+        *,
+        day: Global___DayOfWeek.ValueType = ...,
+        start_minute: _builtins.int = ...,
+        end_minute: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["day", b"day", "end_minute", b"end_minute", "start_minute", b"start_minute"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccessWindow: _TypeAlias = AccessWindow  # noqa: Y015
+
+@_typing.final
+class Membership(_message.Message):
+    """What lets a recognised member in. Every field is optional; an empty
+    Membership admits at any time, at any site.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALID_FROM_FIELD_NUMBER: _builtins.int
+    VALID_UNTIL_FIELD_NUMBER: _builtins.int
+    SUSPENDED_FIELD_NUMBER: _builtins.int
+    SUSPENSION_REASON_FIELD_NUMBER: _builtins.int
+    ACCESS_HOURS_FIELD_NUMBER: _builtins.int
+    SITES_FIELD_NUMBER: _builtins.int
+    suspended: _builtins.bool
+    """Refuses the member while set (holiday freeze, unpaid fees)."""
+    suspension_reason: _builtins.str
+    """Why, in the gym's words (at most 200 characters); kept only while
+    suspended, never shown at the turnstile.
+    """
+    @_builtins.property
+    def valid_from(self) -> _timestamp_pb2.Timestamp:
+        """The first instant the membership is valid (inclusive); unset: no start."""
+
+    @_builtins.property
+    def valid_until(self) -> _timestamp_pb2.Timestamp:
+        """The first instant it is no longer valid (exclusive); unset: no end.
+        Must be after `valid_from`.
+        """
+
+    @_builtins.property
+    def access_hours(self) -> _containers.RepeatedCompositeFieldContainer[Global___AccessWindow]:
+        """When the member may enter (at most 50 windows); empty: at any time."""
+
+    @_builtins.property
+    def sites(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The sites (FACEGATE_SITE_ID of their servers) the member may enter (at
+        most 50, each like a turnstile id); empty: every site.
+        """
+
+    def __init__(
+        self,
+        *,
+        valid_from: _timestamp_pb2.Timestamp | None = ...,
+        valid_until: _timestamp_pb2.Timestamp | None = ...,
+        suspended: _builtins.bool = ...,
+        suspension_reason: _builtins.str = ...,
+        access_hours: _abc.Iterable[Global___AccessWindow] | None = ...,
+        sites: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["valid_from", b"valid_from", "valid_until", b"valid_until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_hours", b"access_hours", "sites", b"sites", "suspended", b"suspended", "suspension_reason", b"suspension_reason", "valid_from", b"valid_from", "valid_until", b"valid_until"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Membership: _TypeAlias = Membership  # noqa: Y015
+
+@_typing.final
 class EngineReport(_message.Message):
     """One engine's part in a decision."""
 
@@ -444,10 +650,14 @@ class IdentifyResponse(_message.Message):
     HINT_FIELD_NUMBER: _builtins.int
     ENGINES_FIELD_NUMBER: _builtins.int
     CLOUD_TRANSACTIONS_FIELD_NUMBER: _builtins.int
+    MEMBERSHIP_RULE_FIELD_NUMBER: _builtins.int
     decision: Global___Decision.ValueType
     """What the gate decided."""
     member_id: _builtins.str
-    """The member granted; empty on every denial."""
+    """The member granted, or the member a membership rule refused
+    (DENIED_MEMBERSHIP_INACTIVE, DENIED_OUTSIDE_HOURS, DENIED_OTHER_SITE);
+    empty on every other denial.
+    """
     display_name: _builtins.str
     """The granted member's display name; empty unless granted."""
     confidence: _builtins.float
@@ -468,6 +678,8 @@ class IdentifyResponse(_message.Message):
     """
     cloud_transactions: _builtins.int
     """Paid cloud transactions (Face API calls) spent on this frame."""
+    membership_rule: Global___MembershipRule.ValueType
+    """The membership rule that refused the member, if one did."""
     @_builtins.property
     def face_box(self) -> Global___FaceBox:
         """The face decided on; unset when no face was found."""
@@ -498,10 +710,11 @@ class IdentifyResponse(_message.Message):
         hint: _builtins.str = ...,
         engines: _abc.Iterable[Global___EngineReport] | None = ...,
         cloud_transactions: _builtins.int = ...,
+        membership_rule: Global___MembershipRule.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["face_box", b"face_box", "server_latency", b"server_latency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cloud_transactions", b"cloud_transactions", "confidence", b"confidence", "decision", b"decision", "display_name", b"display_name", "engine", b"engine", "engines", b"engines", "event_id", b"event_id", "face_box", b"face_box", "hint", b"hint", "member_id", b"member_id", "server_latency", b"server_latency"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cloud_transactions", b"cloud_transactions", "confidence", b"confidence", "decision", b"decision", "display_name", b"display_name", "engine", b"engine", "engines", b"engines", "event_id", b"event_id", "face_box", b"face_box", "hint", b"hint", "member_id", b"member_id", "membership_rule", b"membership_rule", "server_latency", b"server_latency"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -560,10 +773,14 @@ class VerifyResponse(_message.Message):
     HINT_FIELD_NUMBER: _builtins.int
     ENGINES_FIELD_NUMBER: _builtins.int
     CLOUD_TRANSACTIONS_FIELD_NUMBER: _builtins.int
+    MEMBERSHIP_RULE_FIELD_NUMBER: _builtins.int
     decision: Global___Decision.ValueType
     """What the gate decided."""
     member_id: _builtins.str
-    """The member verified (the one claimed); empty on every denial."""
+    """The member verified (the one claimed); empty on every denial but a
+    membership rule's (DENIED_MEMBERSHIP_INACTIVE, DENIED_OUTSIDE_HOURS,
+    DENIED_OTHER_SITE: the face was theirs).
+    """
     display_name: _builtins.str
     """The verified member's display name; empty unless granted."""
     confidence: _builtins.float
@@ -581,6 +798,10 @@ class VerifyResponse(_message.Message):
     cloud_transactions: _builtins.int
     """Paid cloud transactions (Face API calls) spent on this frame: two for a
     cloud verification (detect, verify).
+    """
+    membership_rule: Global___MembershipRule.ValueType
+    """The membership rule that refused the verified member, if one did (then
+    `member_id` is the member claimed).
     """
     @_builtins.property
     def face_box(self) -> Global___FaceBox:
@@ -610,10 +831,11 @@ class VerifyResponse(_message.Message):
         hint: _builtins.str = ...,
         engines: _abc.Iterable[Global___EngineReport] | None = ...,
         cloud_transactions: _builtins.int = ...,
+        membership_rule: Global___MembershipRule.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["face_box", b"face_box", "server_latency", b"server_latency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cloud_transactions", b"cloud_transactions", "confidence", b"confidence", "decision", b"decision", "display_name", b"display_name", "engine", b"engine", "engines", b"engines", "event_id", b"event_id", "face_box", b"face_box", "hint", b"hint", "member_id", b"member_id", "server_latency", b"server_latency"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cloud_transactions", b"cloud_transactions", "confidence", b"confidence", "decision", b"decision", "display_name", b"display_name", "engine", b"engine", "engines", b"engines", "event_id", b"event_id", "face_box", b"face_box", "hint", b"hint", "member_id", b"member_id", "membership_rule", b"membership_rule", "server_latency", b"server_latency"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -626,6 +848,7 @@ class EnrollRequest(_message.Message):
     MEMBER_ID_FIELD_NUMBER: _builtins.int
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
     PHOTOS_FIELD_NUMBER: _builtins.int
+    MEMBERSHIP_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
     """The backend's own id for the member (1 to 64 characters: letters, digits,
     '.', '_', '-', ':', '@'). Must not be enrolled already. Required.
@@ -638,16 +861,21 @@ class EnrollRequest(_message.Message):
         with the same size limits as IdentifyRequest.image.
         """
 
+    @_builtins.property
+    def membership(self) -> Global___Membership:
+        """The member's membership; unset: valid from now on, at any time and site."""
+
     def __init__(
         self,
         *,
         member_id: _builtins.str = ...,
         display_name: _builtins.str = ...,
         photos: _abc.Iterable[_builtins.bytes] | None = ...,
+        membership: Global___Membership | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["membership", b"membership"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name", "member_id", b"member_id", "photos", b"photos"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name", "member_id", b"member_id", "membership", b"membership", "photos", b"photos"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -735,6 +963,7 @@ class Member(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     CLOUD_STATE_FIELD_NUMBER: _builtins.int
+    MEMBERSHIP_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
     """The backend's id for the member."""
     display_name: _builtins.str
@@ -751,7 +980,11 @@ class Member(_message.Message):
 
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
-        """When the member's photos last changed."""
+        """When the member (photos, name or membership) last changed."""
+
+    @_builtins.property
+    def membership(self) -> Global___Membership:
+        """What lets them in."""
 
     def __init__(
         self,
@@ -762,10 +995,11 @@ class Member(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         cloud_state: _builtins.str = ...,
+        membership: Global___Membership | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "membership", b"membership", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cloud_state", b"cloud_state", "create_time", b"create_time", "display_name", b"display_name", "face_count", b"face_count", "member_id", b"member_id", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cloud_state", b"cloud_state", "create_time", b"create_time", "display_name", b"display_name", "face_count", b"face_count", "member_id", b"member_id", "membership", b"membership", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -812,6 +1046,200 @@ class GetMemberResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetMemberResponse: _TypeAlias = GetMemberResponse  # noqa: Y015
+
+@_typing.final
+class UpdateMemberRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def member(self) -> Global___Member:
+        """The member, with its id (required) and the new values of the fields
+        named in `update_mask`; other fields are ignored.
+        """
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """The fields to change (required; an empty mask changes nothing and is
+        refused): "display_name", "membership" (all of it), or one of
+        "membership.valid_from", "membership.valid_until",
+        "membership.suspended", "membership.suspension_reason",
+        "membership.access_hours", "membership.sites". A field named but unset
+        in `member` is cleared (e.g. "membership.valid_until" unset: no end).
+        Changing "membership.suspended" alone also sets the reason to the one
+        sent (empty when resuming).
+        """
+
+    def __init__(
+        self,
+        *,
+        member: Global___Member | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["member", b"member", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member", b"member", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateMemberRequest: _TypeAlias = UpdateMemberRequest  # noqa: Y015
+
+@_typing.final
+class UpdateMemberResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def member(self) -> Global___Member:
+        """The member as stored after the change."""
+
+    def __init__(
+        self,
+        *,
+        member: Global___Member | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["member", b"member"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member", b"member"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateMemberResponse: _TypeAlias = UpdateMemberResponse  # noqa: Y015
+
+@_typing.final
+class MemberPhoto(_message.Message):
+    """One of a member's enrolled photos."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PHOTO_ID_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    QUALITY_FIELD_NUMBER: _builtins.int
+    PHOTO_FIELD_NUMBER: _builtins.int
+    photo_id: _builtins.int
+    """The photo's id, for RemoveMemberPhoto."""
+    photo: _builtins.bytes
+    """The photo, when asked for and kept by the server (FACEGATE_KEEP_PHOTOS);
+    empty otherwise.
+    """
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was added."""
+
+    @_builtins.property
+    def quality(self) -> Global___FaceQuality:
+        """What the local engine measured of its face at enrolment; unset when not
+        measured (photos enrolled before measurements were kept).
+        """
+
+    def __init__(
+        self,
+        *,
+        photo_id: _builtins.int = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        quality: Global___FaceQuality | None = ...,
+        photo: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "quality", b"quality"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "photo", b"photo", "photo_id", b"photo_id", "quality", b"quality"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MemberPhoto: _TypeAlias = MemberPhoto  # noqa: Y015
+
+@_typing.final
+class ListMemberPhotosRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    INCLUDE_PHOTOS_FIELD_NUMBER: _builtins.int
+    member_id: _builtins.str
+    """The member's id. Required."""
+    include_photos: _builtins.bool
+    """Also send the photos' bytes, where the server keeps them."""
+    def __init__(
+        self,
+        *,
+        member_id: _builtins.str = ...,
+        include_photos: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_photos", b"include_photos", "member_id", b"member_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMemberPhotosRequest: _TypeAlias = ListMemberPhotosRequest  # noqa: Y015
+
+@_typing.final
+class ListMemberPhotosResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PHOTOS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def photos(self) -> _containers.RepeatedCompositeFieldContainer[Global___MemberPhoto]:
+        """The member's photos, in the order they were added."""
+
+    def __init__(
+        self,
+        *,
+        photos: _abc.Iterable[Global___MemberPhoto] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["photos", b"photos"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMemberPhotosResponse: _TypeAlias = ListMemberPhotosResponse  # noqa: Y015
+
+@_typing.final
+class RemoveMemberPhotoRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    PHOTO_ID_FIELD_NUMBER: _builtins.int
+    member_id: _builtins.str
+    """The member's id. Required."""
+    photo_id: _builtins.int
+    """The photo's id (ListMemberPhotos). Required."""
+    def __init__(
+        self,
+        *,
+        member_id: _builtins.str = ...,
+        photo_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member_id", b"member_id", "photo_id", b"photo_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveMemberPhotoRequest: _TypeAlias = RemoveMemberPhotoRequest  # noqa: Y015
+
+@_typing.final
+class RemoveMemberPhotoResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def member(self) -> Global___Member:
+        """The member as stored after the removal."""
+
+    def __init__(
+        self,
+        *,
+        member: Global___Member | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["member", b"member"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member", b"member"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveMemberPhotoResponse: _TypeAlias = RemoveMemberPhotoResponse  # noqa: Y015
 
 @_typing.final
 class ListMembersRequest(_message.Message):
@@ -916,6 +1344,7 @@ class AccessEvent(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     CLAIMED_MEMBER_ID_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
+    MEMBERSHIP_RULE_FIELD_NUMBER: _builtins.int
     event_id: _builtins.int
     """The event's id; ids grow with time."""
     turnstile_id: _builtins.str
@@ -932,12 +1361,14 @@ class AccessEvent(_message.Message):
     """Identify or Verify."""
     claimed_member_id: _builtins.str
     """Verify: the member id the turnstile claimed (`member_id` is set only
-    when granted).
+    when granted, or when a membership rule refused the member).
     """
     detail: _builtins.str
     """Why, when the decision alone does not say: for a Verify of an id no
     member has, "no member with this id".
     """
+    membership_rule: Global___MembershipRule.ValueType
+    """The membership rule that refused the member, if one did."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When the decision was made."""
@@ -965,10 +1396,11 @@ class AccessEvent(_message.Message):
         kind: Global___AccessKind.ValueType = ...,
         claimed_member_id: _builtins.str = ...,
         detail: _builtins.str = ...,
+        membership_rule: Global___MembershipRule.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["server_latency", b"server_latency", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["claimed_member_id", b"claimed_member_id", "confidence", b"confidence", "decision", b"decision", "detail", b"detail", "engine", b"engine", "engines", b"engines", "event_id", b"event_id", "kind", b"kind", "member_id", b"member_id", "server_latency", b"server_latency", "time", b"time", "turnstile_id", b"turnstile_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claimed_member_id", b"claimed_member_id", "confidence", b"confidence", "decision", b"decision", "detail", b"detail", "engine", b"engine", "engines", b"engines", "event_id", b"event_id", "kind", b"kind", "member_id", b"member_id", "membership_rule", b"membership_rule", "server_latency", b"server_latency", "time", b"time", "turnstile_id", b"turnstile_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -984,6 +1416,8 @@ class ListAccessEventsRequest(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    DECISIONS_FIELD_NUMBER: _builtins.int
+    MEMBERSHIP_RULE_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
     """Only this member's events: those that granted them, and the verifications
     that claimed them (granted or not: a card used with another face shows
@@ -997,6 +1431,8 @@ class ListAccessEventsRequest(_message.Message):
     """The `next_page_token` of the previous page, sent with the same filters;
     empty for the first page.
     """
+    membership_rule: Global___MembershipRule.ValueType
+    """Only events refused by this membership rule; unspecified for any."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Only events at or after this time; unset for no lower bound."""
@@ -1004,6 +1440,10 @@ class ListAccessEventsRequest(_message.Message):
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """Only events before this time; unset for no upper bound."""
+
+    @_builtins.property
+    def decisions(self) -> _containers.RepeatedScalarFieldContainer[Global___Decision.ValueType]:
+        """Only events with one of these decisions; empty for every decision."""
 
     def __init__(
         self,
@@ -1014,10 +1454,12 @@ class ListAccessEventsRequest(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        decisions: _abc.Iterable[Global___Decision.ValueType] | None = ...,
+        membership_rule: Global___MembershipRule.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "member_id", b"member_id", "page_size", b"page_size", "page_token", b"page_token", "start_time", b"start_time", "turnstile_id", b"turnstile_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decisions", b"decisions", "end_time", b"end_time", "member_id", b"member_id", "membership_rule", b"membership_rule", "page_size", b"page_size", "page_token", b"page_token", "start_time", b"start_time", "turnstile_id", b"turnstile_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

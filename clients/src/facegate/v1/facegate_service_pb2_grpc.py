@@ -60,6 +60,21 @@ class FaceGateServiceStub:
                 request_serializer=facegate_dot_v1_dot_facegate__service__pb2.GetMemberRequest.SerializeToString,
                 response_deserializer=facegate_dot_v1_dot_facegate__service__pb2.GetMemberResponse.FromString,
                 _registered_method=True)
+        self.UpdateMember = channel.unary_unary(
+                '/facegate.v1.FaceGateService/UpdateMember',
+                request_serializer=facegate_dot_v1_dot_facegate__service__pb2.UpdateMemberRequest.SerializeToString,
+                response_deserializer=facegate_dot_v1_dot_facegate__service__pb2.UpdateMemberResponse.FromString,
+                _registered_method=True)
+        self.ListMemberPhotos = channel.unary_unary(
+                '/facegate.v1.FaceGateService/ListMemberPhotos',
+                request_serializer=facegate_dot_v1_dot_facegate__service__pb2.ListMemberPhotosRequest.SerializeToString,
+                response_deserializer=facegate_dot_v1_dot_facegate__service__pb2.ListMemberPhotosResponse.FromString,
+                _registered_method=True)
+        self.RemoveMemberPhoto = channel.unary_unary(
+                '/facegate.v1.FaceGateService/RemoveMemberPhoto',
+                request_serializer=facegate_dot_v1_dot_facegate__service__pb2.RemoveMemberPhotoRequest.SerializeToString,
+                response_deserializer=facegate_dot_v1_dot_facegate__service__pb2.RemoveMemberPhotoResponse.FromString,
+                _registered_method=True)
         self.ListMembers = channel.unary_unary(
                 '/facegate.v1.FaceGateService/ListMembers',
                 request_serializer=facegate_dot_v1_dot_facegate__service__pb2.ListMembersRequest.SerializeToString,
@@ -114,13 +129,15 @@ class FaceGateServiceServicer:
         NOT_FOUND: a turnstile cannot learn which ids exist. Every decision is
         written to the access log as a verification, with the id claimed and,
         for an unknown id, why. A denial is a successful call: check `decision`.
+        The membership rules apply to a verified member as to an identified one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Enroll(self, request, context):
-        """Creates a member from one or more photos, each holding exactly one face.
+        """Creates a member from one or more photos, each holding exactly one face,
+        with their membership (validity, suspension, access hours, sites).
         Fails with ALREADY_EXISTS when the member id is taken: adding photos to
         an existing member is AddMemberPhotos, never an accident of Enroll.
         All or nothing: if any photo is rejected, no member is created.
@@ -144,6 +161,34 @@ class FaceGateServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateMember(self, request, context):
+        """Changes a member's display name and membership: only the fields named in
+        `update_mask`, so a change to one field never overwrites another. The
+        membership rules apply from the next Identify on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMemberPhotos(self, request, context):
+        """Lists a member's photos: ids, when they were added, what the local
+        engine measured of each face, and (when asked, and only where the
+        server keeps photos) the photos themselves.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveMemberPhoto(self, request, context):
+        """Removes one photo of a member: from the moment this returns it is no
+        longer matched (the cloud's copy goes through the outbox). The member's
+        other photos stay. FAILED_PRECONDITION (LAST_PHOTO) for the member's only
+        photo: delete the member instead. NOT_FOUND for another member's photo.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListMembers(self, request, context):
         """Lists members in member id order, one page at a time.
         """
@@ -162,7 +207,8 @@ class FaceGateServiceServicer:
 
     def ListAccessEvents(self, request, context):
         """Reads the access log (every Identify and Verify decision), newest first,
-        one page at a time, optionally filtered by member, turnstile and time.
+        one page at a time, optionally filtered by member, turnstile, time,
+        decision and membership rule.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -225,6 +271,21 @@ def add_FaceGateServiceServicer_to_server(servicer, server):
                     servicer.GetMember,
                     request_deserializer=facegate_dot_v1_dot_facegate__service__pb2.GetMemberRequest.FromString,
                     response_serializer=facegate_dot_v1_dot_facegate__service__pb2.GetMemberResponse.SerializeToString,
+            ),
+            'UpdateMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateMember,
+                    request_deserializer=facegate_dot_v1_dot_facegate__service__pb2.UpdateMemberRequest.FromString,
+                    response_serializer=facegate_dot_v1_dot_facegate__service__pb2.UpdateMemberResponse.SerializeToString,
+            ),
+            'ListMemberPhotos': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMemberPhotos,
+                    request_deserializer=facegate_dot_v1_dot_facegate__service__pb2.ListMemberPhotosRequest.FromString,
+                    response_serializer=facegate_dot_v1_dot_facegate__service__pb2.ListMemberPhotosResponse.SerializeToString,
+            ),
+            'RemoveMemberPhoto': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveMemberPhoto,
+                    request_deserializer=facegate_dot_v1_dot_facegate__service__pb2.RemoveMemberPhotoRequest.FromString,
+                    response_serializer=facegate_dot_v1_dot_facegate__service__pb2.RemoveMemberPhotoResponse.SerializeToString,
             ),
             'ListMembers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListMembers,
@@ -393,6 +454,87 @@ class FaceGateService:
             '/facegate.v1.FaceGateService/GetMember',
             facegate_dot_v1_dot_facegate__service__pb2.GetMemberRequest.SerializeToString,
             facegate_dot_v1_dot_facegate__service__pb2.GetMemberResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/facegate.v1.FaceGateService/UpdateMember',
+            facegate_dot_v1_dot_facegate__service__pb2.UpdateMemberRequest.SerializeToString,
+            facegate_dot_v1_dot_facegate__service__pb2.UpdateMemberResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMemberPhotos(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/facegate.v1.FaceGateService/ListMemberPhotos',
+            facegate_dot_v1_dot_facegate__service__pb2.ListMemberPhotosRequest.SerializeToString,
+            facegate_dot_v1_dot_facegate__service__pb2.ListMemberPhotosResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveMemberPhoto(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/facegate.v1.FaceGateService/RemoveMemberPhoto',
+            facegate_dot_v1_dot_facegate__service__pb2.RemoveMemberPhotoRequest.SerializeToString,
+            facegate_dot_v1_dot_facegate__service__pb2.RemoveMemberPhotoResponse.FromString,
             options,
             channel_credentials,
             insecure,

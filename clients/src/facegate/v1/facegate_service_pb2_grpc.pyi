@@ -12,7 +12,8 @@ trailers (grpc-status-details-bin) carrying one google.rpc.ErrorInfo
 (domain "facegate.v1", reason in UPPER_SNAKE_CASE) and, when a request
 field is at fault, a google.rpc.BadRequest naming it:
   INVALID_ARGUMENT  a field is missing, too long, or an image is unusable
-  NOT_FOUND         no member with that id
+  NOT_FOUND         no member with that id (or no such photo of theirs)
+  FAILED_PRECONDITION RemoveMemberPhoto of a member's last photo
   ALREADY_EXISTS    Enroll with a member id that is already enrolled
   UNAVAILABLE       the server is starting or stopping; retry
   DEADLINE_EXCEEDED the recogniser did not answer within the deadline
@@ -68,9 +69,11 @@ class FaceGateServiceStub:
     NOT_FOUND: a turnstile cannot learn which ids exist. Every decision is
     written to the access log as a verification, with the id claimed and,
     for an unknown id, why. A denial is a successful call: check `decision`.
+    The membership rules apply to a verified member as to an identified one.
     """
     Enroll: _grpc.UnaryUnaryMultiCallable[_facegate_service_pb2.EnrollRequest, _facegate_service_pb2.EnrollResponse]
-    """Creates a member from one or more photos, each holding exactly one face.
+    """Creates a member from one or more photos, each holding exactly one face,
+    with their membership (validity, suspension, access hours, sites).
     Fails with ALREADY_EXISTS when the member id is taken: adding photos to
     an existing member is AddMemberPhotos, never an accident of Enroll.
     All or nothing: if any photo is rejected, no member is created.
@@ -81,6 +84,22 @@ class FaceGateServiceStub:
     """
     GetMember: _grpc.UnaryUnaryMultiCallable[_facegate_service_pb2.GetMemberRequest, _facegate_service_pb2.GetMemberResponse]
     """Returns one member."""
+    UpdateMember: _grpc.UnaryUnaryMultiCallable[_facegate_service_pb2.UpdateMemberRequest, _facegate_service_pb2.UpdateMemberResponse]
+    """Changes a member's display name and membership: only the fields named in
+    `update_mask`, so a change to one field never overwrites another. The
+    membership rules apply from the next Identify on.
+    """
+    ListMemberPhotos: _grpc.UnaryUnaryMultiCallable[_facegate_service_pb2.ListMemberPhotosRequest, _facegate_service_pb2.ListMemberPhotosResponse]
+    """Lists a member's photos: ids, when they were added, what the local
+    engine measured of each face, and (when asked, and only where the
+    server keeps photos) the photos themselves.
+    """
+    RemoveMemberPhoto: _grpc.UnaryUnaryMultiCallable[_facegate_service_pb2.RemoveMemberPhotoRequest, _facegate_service_pb2.RemoveMemberPhotoResponse]
+    """Removes one photo of a member: from the moment this returns it is no
+    longer matched (the cloud's copy goes through the outbox). The member's
+    other photos stay. FAILED_PRECONDITION (LAST_PHOTO) for the member's only
+    photo: delete the member instead. NOT_FOUND for another member's photo.
+    """
     ListMembers: _grpc.UnaryUnaryMultiCallable[_facegate_service_pb2.ListMembersRequest, _facegate_service_pb2.ListMembersResponse]
     """Lists members in member id order, one page at a time."""
     DeleteMember: _grpc.UnaryUnaryMultiCallable[_facegate_service_pb2.DeleteMemberRequest, _facegate_service_pb2.DeleteMemberResponse]
@@ -90,7 +109,8 @@ class FaceGateServiceStub:
     """
     ListAccessEvents: _grpc.UnaryUnaryMultiCallable[_facegate_service_pb2.ListAccessEventsRequest, _facegate_service_pb2.ListAccessEventsResponse]
     """Reads the access log (every Identify and Verify decision), newest first,
-    one page at a time, optionally filtered by member, turnstile and time.
+    one page at a time, optionally filtered by member, turnstile, time,
+    decision and membership rule.
     """
     GetStatus: _grpc.UnaryUnaryMultiCallable[_facegate_service_pb2.GetStatusRequest, _facegate_service_pb2.GetStatusResponse]
     """Reports the server's state for operators: engines, routing, the cloud's
@@ -130,9 +150,11 @@ class FaceGateServiceAsyncStub(FaceGateServiceStub):
     NOT_FOUND: a turnstile cannot learn which ids exist. Every decision is
     written to the access log as a verification, with the id claimed and,
     for an unknown id, why. A denial is a successful call: check `decision`.
+    The membership rules apply to a verified member as to an identified one.
     """
     Enroll: _aio.UnaryUnaryMultiCallable[_facegate_service_pb2.EnrollRequest, _facegate_service_pb2.EnrollResponse]  # type: ignore[assignment]
-    """Creates a member from one or more photos, each holding exactly one face.
+    """Creates a member from one or more photos, each holding exactly one face,
+    with their membership (validity, suspension, access hours, sites).
     Fails with ALREADY_EXISTS when the member id is taken: adding photos to
     an existing member is AddMemberPhotos, never an accident of Enroll.
     All or nothing: if any photo is rejected, no member is created.
@@ -143,6 +165,22 @@ class FaceGateServiceAsyncStub(FaceGateServiceStub):
     """
     GetMember: _aio.UnaryUnaryMultiCallable[_facegate_service_pb2.GetMemberRequest, _facegate_service_pb2.GetMemberResponse]  # type: ignore[assignment]
     """Returns one member."""
+    UpdateMember: _aio.UnaryUnaryMultiCallable[_facegate_service_pb2.UpdateMemberRequest, _facegate_service_pb2.UpdateMemberResponse]  # type: ignore[assignment]
+    """Changes a member's display name and membership: only the fields named in
+    `update_mask`, so a change to one field never overwrites another. The
+    membership rules apply from the next Identify on.
+    """
+    ListMemberPhotos: _aio.UnaryUnaryMultiCallable[_facegate_service_pb2.ListMemberPhotosRequest, _facegate_service_pb2.ListMemberPhotosResponse]  # type: ignore[assignment]
+    """Lists a member's photos: ids, when they were added, what the local
+    engine measured of each face, and (when asked, and only where the
+    server keeps photos) the photos themselves.
+    """
+    RemoveMemberPhoto: _aio.UnaryUnaryMultiCallable[_facegate_service_pb2.RemoveMemberPhotoRequest, _facegate_service_pb2.RemoveMemberPhotoResponse]  # type: ignore[assignment]
+    """Removes one photo of a member: from the moment this returns it is no
+    longer matched (the cloud's copy goes through the outbox). The member's
+    other photos stay. FAILED_PRECONDITION (LAST_PHOTO) for the member's only
+    photo: delete the member instead. NOT_FOUND for another member's photo.
+    """
     ListMembers: _aio.UnaryUnaryMultiCallable[_facegate_service_pb2.ListMembersRequest, _facegate_service_pb2.ListMembersResponse]  # type: ignore[assignment]
     """Lists members in member id order, one page at a time."""
     DeleteMember: _aio.UnaryUnaryMultiCallable[_facegate_service_pb2.DeleteMemberRequest, _facegate_service_pb2.DeleteMemberResponse]  # type: ignore[assignment]
@@ -152,7 +190,8 @@ class FaceGateServiceAsyncStub(FaceGateServiceStub):
     """
     ListAccessEvents: _aio.UnaryUnaryMultiCallable[_facegate_service_pb2.ListAccessEventsRequest, _facegate_service_pb2.ListAccessEventsResponse]  # type: ignore[assignment]
     """Reads the access log (every Identify and Verify decision), newest first,
-    one page at a time, optionally filtered by member, turnstile and time.
+    one page at a time, optionally filtered by member, turnstile, time,
+    decision and membership rule.
     """
     GetStatus: _aio.UnaryUnaryMultiCallable[_facegate_service_pb2.GetStatusRequest, _facegate_service_pb2.GetStatusResponse]  # type: ignore[assignment]
     """Reports the server's state for operators: engines, routing, the cloud's
@@ -201,6 +240,7 @@ class FaceGateServiceServicer(metaclass=_abc_1.ABCMeta):
         NOT_FOUND: a turnstile cannot learn which ids exist. Every decision is
         written to the access log as a verification, with the id claimed and,
         for an unknown id, why. A denial is a successful call: check `decision`.
+        The membership rules apply to a verified member as to an identified one.
         """
 
     @_abc_1.abstractmethod
@@ -209,7 +249,8 @@ class FaceGateServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _facegate_service_pb2.EnrollRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_facegate_service_pb2.EnrollResponse, _abc.Awaitable[_facegate_service_pb2.EnrollResponse]]:
-        """Creates a member from one or more photos, each holding exactly one face.
+        """Creates a member from one or more photos, each holding exactly one face,
+        with their membership (validity, suspension, access hours, sites).
         Fails with ALREADY_EXISTS when the member id is taken: adding photos to
         an existing member is AddMemberPhotos, never an accident of Enroll.
         All or nothing: if any photo is rejected, no member is created.
@@ -232,6 +273,40 @@ class FaceGateServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_facegate_service_pb2.GetMemberResponse, _abc.Awaitable[_facegate_service_pb2.GetMemberResponse]]:
         """Returns one member."""
+
+    @_abc_1.abstractmethod
+    def UpdateMember(
+        self,
+        request: _facegate_service_pb2.UpdateMemberRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_facegate_service_pb2.UpdateMemberResponse, _abc.Awaitable[_facegate_service_pb2.UpdateMemberResponse]]:
+        """Changes a member's display name and membership: only the fields named in
+        `update_mask`, so a change to one field never overwrites another. The
+        membership rules apply from the next Identify on.
+        """
+
+    @_abc_1.abstractmethod
+    def ListMemberPhotos(
+        self,
+        request: _facegate_service_pb2.ListMemberPhotosRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_facegate_service_pb2.ListMemberPhotosResponse, _abc.Awaitable[_facegate_service_pb2.ListMemberPhotosResponse]]:
+        """Lists a member's photos: ids, when they were added, what the local
+        engine measured of each face, and (when asked, and only where the
+        server keeps photos) the photos themselves.
+        """
+
+    @_abc_1.abstractmethod
+    def RemoveMemberPhoto(
+        self,
+        request: _facegate_service_pb2.RemoveMemberPhotoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_facegate_service_pb2.RemoveMemberPhotoResponse, _abc.Awaitable[_facegate_service_pb2.RemoveMemberPhotoResponse]]:
+        """Removes one photo of a member: from the moment this returns it is no
+        longer matched (the cloud's copy goes through the outbox). The member's
+        other photos stay. FAILED_PRECONDITION (LAST_PHOTO) for the member's only
+        photo: delete the member instead. NOT_FOUND for another member's photo.
+        """
 
     @_abc_1.abstractmethod
     def ListMembers(
@@ -259,7 +334,8 @@ class FaceGateServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_facegate_service_pb2.ListAccessEventsResponse, _abc.Awaitable[_facegate_service_pb2.ListAccessEventsResponse]]:
         """Reads the access log (every Identify and Verify decision), newest first,
-        one page at a time, optionally filtered by member, turnstile and time.
+        one page at a time, optionally filtered by member, turnstile, time,
+        decision and membership rule.
         """
 
     @_abc_1.abstractmethod

@@ -313,6 +313,10 @@ class AzureEngine:
     def removed(self, member_id: str) -> None:
         self.people.member_deleted(member_id)
 
+    def template_removed(self, member_id: str, template: FaceTemplate) -> None:
+        """Nothing to do now: the outbox replayer deletes the face from the member's cloud
+        person ("delete_face") and trains the group again."""
+
     def knows(self, member_id: str) -> bool:
         return self.people.ready(member_id)
 

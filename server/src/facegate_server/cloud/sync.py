@@ -1,6 +1,6 @@
 """Keeping the cloud group in step with the store: the outbox replayer and `facegate sync`.
 
-Enrolments and deletions commit locally at once, with outbox entries in the same
+Enrolments, deletions and removed photos commit locally at once, with outbox entries in the same
 transaction (store/base.py). A background thread replays the outbox in order, then queues
 one training for the whole batch and polls it until it has finished; members become
 "ready" in the cloud only then, and until then the local engine lets them in.
@@ -240,6 +240,29 @@ class CloudSync:
         self._poll_delay, _ = poll_delays(len(self.people.all()))
         self._next_poll = self._clock() + self._poll_delay
 
+    def _delete_face(self, entry: OutboxEntry) -> None:
+        """A removed photo: delete its face from the member's cloud person. Without the
+        cloud's id (the add was tried but never heard back from), find it by its tag.
+        Deleting twice is harmless (a face already gone is not an error)."""
+        assert entry.face_id is not None
+        self.store.outbox_attempt(entry.seq)
+        person = self.people.person_of(entry.member_id)
+        if person is None:
+            return  # no person (any more): nothing holds the face
+        persisted = entry.persisted_face_id
+        if persisted is None:
+            tag = face_tag(entry.face_id)
+            persisted = next(
+                (
+                    p
+                    for p in self.face.person_faces(person.person_id)
+                    if self.face.face_tag(person.person_id, p) == tag
+                ),
+                None,
+            )
+        if persisted is not None:
+            self.face.delete_face(person.person_id, persisted)
+
     def _train(self) -> None:
         now = self._clock()
         if self.training is Training.RUNNING:
@@ -315,6 +338,8 @@ class CloudSync:
                 self._add_face(entry, uncertain)
             elif entry.kind == "delete_member":
                 self._delete_member(entry)
+            elif entry.kind == "delete_face":
+                self._delete_face(entry)
             else:
                 raise ValueError(f"unknown outbox entry kind {entry.kind!r}")
         except CloudFailure as failure:

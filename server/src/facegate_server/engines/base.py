@@ -8,7 +8,8 @@ runs one suite against each.
 Enrolment goes through the engine in two steps around the store's transaction: `enrol`
 adds, to each photo's template, what this engine needs to remember it (the local engine an
 embedding, the cloud engine the photo to upload); once the store has committed the member,
-`enrolled` lets the engine recognise them. `removed` forgets a member at once.
+`enrolled` lets the engine recognise them. `removed` forgets a member at once, and
+`template_removed` one of a member's templates (a photo removed by RemoveMemberPhoto).
 """
 
 from __future__ import annotations
@@ -114,6 +115,11 @@ class RecognitionEngine(Protocol):
 
     def removed(self, member_id: str) -> None:
         """The store deleted `member_id`: never grant them again."""
+        ...
+
+    def template_removed(self, member_id: str, template: FaceTemplate) -> None:
+        """The store deleted one of `member_id`'s templates (as it was stored, embedding
+        included): never match it again; the member's other templates stay."""
         ...
 
     def knows(self, member_id: str) -> bool:

@@ -91,6 +91,23 @@ class FaceIndex:
             keep = old.owners != code
             self._snapshot = _Snapshot(old.vectors[keep], old.sq_norms[keep], old.owners[keep])
 
+    def remove_template(self, member_id: str, embedding: Embedding) -> bool:
+        """Remove one of the member's templates (the row equal to `embedding`, as stored in
+        float32); whether one was found. The member's other templates stay."""
+        probe = np.asarray(embedding, np.float32).reshape(DIMENSIONS)
+        with self._write_lock:
+            code = self._codes.get(member_id)
+            if code is None:
+                return False
+            old = self._snapshot
+            rows = np.flatnonzero((old.owners == code) & np.all(old.vectors == probe, axis=1))
+            if len(rows) == 0:
+                return False
+            keep = np.ones(len(old.owners), bool)
+            keep[rows[0]] = False
+            self._snapshot = _Snapshot(old.vectors[keep], old.sq_norms[keep], old.owners[keep])
+            return True
+
     @staticmethod
     def _distances(snap: _Snapshot, probe: Embedding) -> npt.NDArray[np.float32]:
         q = np.asarray(probe, np.float32)

@@ -153,7 +153,9 @@ class LocalEngine:
                     f"{explained}; enrol a sharp, well-lit photo facing the camera",
                     reason="PHOTO_POOR_QUALITY",
                 )
-            enrolled.append(replace(template, embedding=analysis.embedding))
+            enrolled.append(
+                replace(template, embedding=analysis.embedding, quality=analysis.quality)
+            )
         return enrolled
 
     def enrolled(self, member_id: str, templates: Sequence[FaceTemplate]) -> None:
@@ -161,6 +163,10 @@ class LocalEngine:
 
     def removed(self, member_id: str) -> None:
         self.index.remove(member_id)
+
+    def template_removed(self, member_id: str, template: FaceTemplate) -> None:
+        if template.embedding is not None:
+            self.index.remove_template(member_id, template.embedding)
 
     def knows(self, member_id: str) -> bool:
         return self.index.has(member_id)

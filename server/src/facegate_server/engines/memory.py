@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -49,7 +50,8 @@ class MemoryEngine:
         self._max_bytes, self._max_side = max_bytes, max_side
         self._lock = threading.Lock()
         self._pending: dict[int, str] = {}  # id(template embedding) -> face, until enrolled
-        self._members: dict[str, set[str]] = {}  # member -> faces
+        self._members: dict[str, Counter[str]] = {}  # member -> faces (one a template)
+        self._by_key: dict[int, str] = {}  # template embedding -> face, once enrolled
 
     def _face(self, image: bytes, field: str) -> str | None:
         try:
@@ -111,12 +113,28 @@ class MemoryEngine:
 
     def enrolled(self, member_id: str, templates: Sequence[FaceTemplate]) -> None:
         with self._lock:
-            faces = {self._pending.pop(_key(t)) for t in templates if _key(t) in self._pending}
-            self._members.setdefault(member_id, set()).update(faces)
+            for t in templates:
+                # The same photo twice has one key: the second finds it already enrolled.
+                face = self._pending.pop(_key(t), None) or self._by_key.get(_key(t))
+                if face is not None:
+                    self._by_key[_key(t)] = face
+                    self._members.setdefault(member_id, Counter())[face] += 1
 
     def removed(self, member_id: str) -> None:
         with self._lock:
             self._members.pop(member_id, None)
+
+    def template_removed(self, member_id: str, template: FaceTemplate) -> None:
+        with self._lock:
+            face = self._by_key.get(_key(template))
+            faces = self._members.get(member_id)
+            if face is None or faces is None or faces[face] == 0:
+                return
+            faces[face] -= 1
+            if faces[face] == 0:
+                del faces[face]
+            if not faces:
+                del self._members[member_id]
 
     def knows(self, member_id: str) -> bool:
         with self._lock:

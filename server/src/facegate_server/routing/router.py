@@ -167,6 +167,11 @@ class RoutingEngine:
         if self.cloud is not None:
             self.cloud.removed(member_id)
 
+    def template_removed(self, member_id: str, template: FaceTemplate) -> None:
+        self.local.template_removed(member_id, template)
+        if self.cloud is not None:
+            self.cloud.template_removed(member_id, template)
+
     def knows(self, member_id: str) -> bool:
         return self.local.knows(member_id)
 

@@ -13,13 +13,18 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from facegate_server.domain import (
     AccessEvent,
+    AccessWindow,
     Change,
     Decision,
     EngineKind,
     EngineReport,
     EventFilter,
     FaceBox,
+    FaceQuality,
     Member,
+    MemberPhoto,
+    Membership,
+    MembershipRule,
     SearchResult,
     Status,
 )
@@ -41,6 +46,27 @@ def duration(d: timedelta) -> duration_pb2.Duration:
 
 def decision(d: Decision) -> pb.Decision.ValueType:
     return pb.Decision.Value(f"DECISION_{d.value}")
+
+
+def decision_from(value: pb.Decision.ValueType, field: str) -> Decision:
+    """A Decision sent by a client; INVALID_ARGUMENT for UNSPECIFIED or an unknown number."""
+    if value not in pb.Decision.values() or value == pb.DECISION_UNSPECIFIED:
+        raise InvalidArgument(field, "is not a decision", reason="DECISION_INVALID")
+    return Decision(pb.Decision.Name(value).removeprefix("DECISION_"))
+
+
+def membership_rule(rule: MembershipRule | None) -> pb.MembershipRule.ValueType:
+    if rule is None:
+        return pb.MEMBERSHIP_RULE_UNSPECIFIED
+    return pb.MembershipRule.Value(f"MEMBERSHIP_RULE_{rule.value}")
+
+
+def membership_rule_from(value: pb.MembershipRule.ValueType, field: str) -> MembershipRule | None:
+    if value == pb.MEMBERSHIP_RULE_UNSPECIFIED:
+        return None
+    if value not in pb.MembershipRule.values():
+        raise InvalidArgument(field, "is not a membership rule", reason="MEMBERSHIP_RULE_INVALID")
+    return MembershipRule(pb.MembershipRule.Name(value).removeprefix("MEMBERSHIP_RULE_"))
 
 
 def engine(e: EngineKind) -> pb.Engine.ValueType:
@@ -79,6 +105,7 @@ def decided(response: Decided, result: IdentifyResult, server_latency: float) ->
     response.hint = found.hint
     response.engines.extend(engine_report(r) for r in found.reports)
     response.cloud_transactions = found.cloud_transactions
+    response.membership_rule = membership_rule(found.rule)
     if found.face_box is not None:
         response.face_box.CopyFrom(face_box(found.face_box))
     response.server_latency.FromNanoseconds(int(server_latency * 1e9))
@@ -96,8 +123,79 @@ def member(m: Member) -> pb.Member:
         face_count=m.face_count,
         create_time=timestamp(m.create_time),
         update_time=timestamp(m.update_time),
+        membership=membership(m.membership),
         cloud_state=m.cloud_state,
     )
+
+
+def membership(m: Membership) -> pb.Membership:
+    message = pb.Membership(
+        suspended=m.suspended,
+        suspension_reason=m.suspension_reason,
+        access_hours=[
+            pb.AccessWindow(
+                day=pb.DayOfWeek.ValueType(w.day + 1), start_minute=w.start, end_minute=w.end
+            )
+            for w in m.access_hours
+        ],
+        sites=list(m.sites),
+    )
+    if m.valid_from is not None:
+        message.valid_from.CopyFrom(timestamp(m.valid_from))
+    if m.valid_until is not None:
+        message.valid_until.CopyFrom(timestamp(m.valid_until))
+    return message
+
+
+def _instant(message: timestamp_pb2.Timestamp, field: str) -> datetime:
+    try:
+        return message.ToDatetime(UTC)
+    except (ValueError, OverflowError):
+        raise InvalidArgument(
+            field, "is not a valid time (years 1 to 9999)", reason="TIME_INVALID"
+        ) from None
+
+
+def membership_from(message: pb.Membership, field: str = "membership") -> Membership:
+    """A client's Membership; its windows' days checked here, the rest by validation."""
+    windows = []
+    for i, w in enumerate(message.access_hours):
+        if not pb.DAY_OF_WEEK_MONDAY <= w.day <= pb.DAY_OF_WEEK_SUNDAY:
+            raise InvalidArgument(
+                f"{field}.access_hours[{i}].day", "is required", reason="ACCESS_HOURS_INVALID"
+            )
+        windows.append(AccessWindow(int(w.day) - 1, w.start_minute, w.end_minute))
+    return Membership(
+        valid_from=(
+            _instant(message.valid_from, f"{field}.valid_from")
+            if message.HasField("valid_from")
+            else None
+        ),
+        valid_until=(
+            _instant(message.valid_until, f"{field}.valid_until")
+            if message.HasField("valid_until")
+            else None
+        ),
+        suspended=message.suspended,
+        suspension_reason=message.suspension_reason,
+        access_hours=tuple(windows),
+        sites=tuple(message.sites),
+    )
+
+
+def face_quality(q: FaceQuality) -> pb.FaceQuality:
+    return pb.FaceQuality(
+        size=q.size, sharpness=q.sharpness, brightness=q.brightness, yaw=q.yaw, pitch=q.pitch
+    )
+
+
+def member_photo(p: MemberPhoto) -> pb.MemberPhoto:
+    message = pb.MemberPhoto(
+        photo_id=p.photo_id, create_time=timestamp(p.create_time), photo=p.photo or b""
+    )
+    if p.quality is not None:
+        message.quality.CopyFrom(face_quality(p.quality))
+    return message
 
 
 def access_event(e: AccessEvent) -> pb.AccessEvent:
@@ -111,6 +209,7 @@ def access_event(e: AccessEvent) -> pb.AccessEvent:
         confidence=e.confidence,
         server_latency=duration(e.latency),
         engines=[engine_report(r) for r in e.reports],
+        membership_rule=membership_rule(e.rule),
         kind=pb.AccessKind.Value(f"ACCESS_KIND_{e.kind.value}"),
         claimed_member_id=e.claimed_member_id,
         detail=e.detail,
@@ -136,7 +235,9 @@ def event_filter(request: pb.ListAccessEventsRequest) -> EventFilter:
     end = _time_field(request, "end_time")
     if start is not None and end is not None and end <= start:
         raise InvalidArgument("end_time", "must be after start_time", reason="TIME_RANGE_INVALID")
-    return EventFilter(request.member_id, request.turnstile_id, start, end)
+    decisions = tuple(decision_from(d, f"decisions[{i}]") for i, d in enumerate(request.decisions))
+    rule = membership_rule_from(request.membership_rule, "membership_rule")
+    return EventFilter(request.member_id, request.turnstile_id, start, end, decisions, rule)
 
 
 # Page tokens are opaque to clients: base64url of a small JSON object.
@@ -224,15 +325,6 @@ def search_faces(result: SearchResult) -> pb.SearchFacesResponse:
     )
     if found.face_box is not None:
         message.face_box.CopyFrom(face_box(found.face_box))
-    q = result.quality
-    if q is not None:
-        message.quality.CopyFrom(
-            pb.FaceQuality(
-                size=q.size,
-                sharpness=q.sharpness,
-                brightness=q.brightness,
-                yaw=q.yaw,
-                pitch=q.pitch,
-            )
-        )
+    if result.quality is not None:
+        message.quality.CopyFrom(face_quality(result.quality))
     return message

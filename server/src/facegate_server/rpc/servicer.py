@@ -53,11 +53,18 @@ def _log_fields(request: Any, response: Any) -> dict[str, Any]:
         fields["image_bytes"] = len(request.image)
     if isinstance(request, pb.EnrollRequest | pb.AddMemberPhotosRequest):
         fields["photos"] = len(request.photos)
+    if isinstance(request, pb.UpdateMemberRequest):
+        fields["member_id"] = request.member.member_id[:80]
+        fields["update_mask"] = list(request.update_mask.paths)[:10]
+    if isinstance(request, pb.RemoveMemberPhotoRequest):
+        fields["photo_id"] = request.photo_id
     if isinstance(response, pb.IdentifyResponse | pb.VerifyResponse):
         fields["decision"] = pb.Decision.Name(response.decision)
         fields["engine"] = pb.Engine.Name(response.engine)
         fields["member_id"] = response.member_id
         fields["confidence"] = round(response.confidence, 3)
+        if response.membership_rule:
+            fields["membership_rule"] = pb.MembershipRule.Name(response.membership_rule)
         if response.engines:
             fields["engines"] = {
                 pb.Engine.Name(r.engine).removeprefix("ENGINE_").lower(): pb.EngineOutcome.Name(
@@ -153,7 +160,12 @@ class FaceGateServicer(pb_grpc.FaceGateServiceServicer):
 
     @rpc
     def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollResponse:
-        member = self.gate.enroll(request.member_id, request.display_name, list(request.photos))
+        member = self.gate.enroll(
+            request.member_id,
+            request.display_name,
+            list(request.photos),
+            serde.membership_from(request.membership),
+        )
         return pb.EnrollResponse(member=serde.member(member))
 
     @rpc
@@ -168,6 +180,32 @@ class FaceGateServicer(pb_grpc.FaceGateServiceServicer):
         self, request: pb.GetMemberRequest, context: grpc.ServicerContext
     ) -> pb.GetMemberResponse:
         return pb.GetMemberResponse(member=serde.member(self.gate.get_member(request.member_id)))
+
+    @rpc
+    def UpdateMember(
+        self, request: pb.UpdateMemberRequest, context: grpc.ServicerContext
+    ) -> pb.UpdateMemberResponse:
+        member = self.gate.update_member(
+            request.member.member_id,
+            request.member.display_name,
+            serde.membership_from(request.member.membership, "member.membership"),
+            list(request.update_mask.paths),
+        )
+        return pb.UpdateMemberResponse(member=serde.member(member))
+
+    @rpc
+    def ListMemberPhotos(
+        self, request: pb.ListMemberPhotosRequest, context: grpc.ServicerContext
+    ) -> pb.ListMemberPhotosResponse:
+        photos = self.gate.list_member_photos(request.member_id, request.include_photos)
+        return pb.ListMemberPhotosResponse(photos=[serde.member_photo(p) for p in photos])
+
+    @rpc
+    def RemoveMemberPhoto(
+        self, request: pb.RemoveMemberPhotoRequest, context: grpc.ServicerContext
+    ) -> pb.RemoveMemberPhotoResponse:
+        member = self.gate.remove_member_photo(request.member_id, request.photo_id)
+        return pb.RemoveMemberPhotoResponse(member=serde.member(member))
 
     @rpc
     def ListMembers(

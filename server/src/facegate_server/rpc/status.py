@@ -21,6 +21,8 @@ ERROR_DOMAIN = "facegate.v1"
 CODES: dict[type[errors.FaceGateError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     errors.MemberNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.PhotoNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.LastPhoto: grpc.StatusCode.FAILED_PRECONDITION,
     errors.MemberAlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     errors.RecognitionTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.RecognitionUnavailable: grpc.StatusCode.UNAVAILABLE,

@@ -20,6 +20,8 @@ from facegate_server.domain import (
     EventFilter,
     FaceTemplate,
     Member,
+    MemberPhoto,
+    Membership,
     NewAccessEvent,
     OutboxEntry,
     StoredFace,
@@ -36,13 +38,25 @@ def embedding_of(template: FaceTemplate) -> Embedding:
 class Store(abc.ABC):
     @abc.abstractmethod
     def create_member(
-        self, member_id: str, display_name: str, templates: Sequence[FaceTemplate], now: datetime
+        self,
+        member_id: str,
+        display_name: str,
+        templates: Sequence[FaceTemplate],
+        now: datetime,
+        membership: Membership | None = None,
     ) -> Member:
         """Create a member with its templates in one transaction; MemberAlreadyExists if taken.
 
         Each template with a `cloud_photo` gets an "add_face" outbox entry in the same
         transaction.
         """
+
+    @abc.abstractmethod
+    def update_member(
+        self, member_id: str, display_name: str, membership: Membership, now: datetime
+    ) -> Member:
+        """Replace a member's display name and membership; MemberNotFound if there is none.
+        (The gate merges a field mask into the member it read, under its lock.)"""
 
     @abc.abstractmethod
     def add_templates(
@@ -69,6 +83,24 @@ class Store(abc.ABC):
         Photos still waiting in the outbox are dropped with them. With `cloud`, a
         "delete_member" outbox entry is added in the same transaction. Access events are
         kept: they hold no biometric data.
+        """
+
+    @abc.abstractmethod
+    def photos(self, member_id: str, *, with_bytes: bool = False) -> list[MemberPhoto]:
+        """The member's photos in the order they were added (the bytes only with
+        `with_bytes`, and only those kept); MemberNotFound if there is none."""
+
+    @abc.abstractmethod
+    def remove_photo(
+        self, member_id: str, photo_id: int, now: datetime, *, cloud: bool = False
+    ) -> tuple[Member, FaceTemplate]:
+        """Delete one of a member's templates in one transaction; the member as it is now
+        and the template removed (its embedding: for the engines to forget).
+
+        MemberNotFound, PhotoNotFound (not this member's), LastPhoto (the member's only one:
+        delete the member instead). The face's "add_face" outbox entry, if still waiting, is
+        dropped. With `cloud`, a "delete_face" outbox entry is added in the same transaction
+        when the face may be in the cloud (its add was sent, or tried).
         """
 
     @abc.abstractmethod

@@ -15,11 +15,13 @@ from facegate_server.domain import (
     EventFilter,
     FaceTemplate,
     Member,
+    MemberPhoto,
+    Membership,
     NewAccessEvent,
     OutboxEntry,
     StoredFace,
 )
-from facegate_server.errors import MemberAlreadyExists, MemberNotFound
+from facegate_server.errors import LastPhoto, MemberAlreadyExists, MemberNotFound, PhotoNotFound
 from facegate_server.store.base import Store, embedding_of
 
 
@@ -27,6 +29,7 @@ from facegate_server.store.base import Store, embedding_of
 class _Face:
     face_id: int
     template: FaceTemplate
+    create_time: datetime
     persisted_face_id: str | None = None
 
 
@@ -52,11 +55,13 @@ class MemoryStore(Store):
         self._next_seq = 1
         self._store_id = uuid.uuid4().hex
 
-    def _add_faces(self, member_id: str, templates: Sequence[FaceTemplate]) -> list[_Face]:
+    def _add_faces(
+        self, member_id: str, templates: Sequence[FaceTemplate], now: datetime
+    ) -> list[_Face]:
         faces = []
         for t in templates:
             embedding_of(t)
-            face = _Face(self._next_face, t)
+            face = _Face(self._next_face, t, now)
             self._next_face += 1
             faces.append(face)
             if t.cloud_photo is not None:
@@ -64,28 +69,104 @@ class MemoryStore(Store):
         return faces
 
     def _enqueue(
-        self, kind: str, member_id: str, face_id: int | None = None, photo: bytes | None = None
+        self,
+        kind: str,
+        member_id: str,
+        face_id: int | None = None,
+        photo: bytes | None = None,
+        persisted_face_id: str | None = None,
     ) -> None:
-        self._outbox.append(OutboxEntry(self._next_seq, kind, member_id, face_id, photo))
+        self._outbox.append(
+            OutboxEntry(
+                self._next_seq,
+                kind,
+                member_id,
+                face_id,
+                photo,
+                persisted_face_id=persisted_face_id,
+            )
+        )
         self._next_seq += 1
 
     def create_member(
-        self, member_id: str, display_name: str, templates: Sequence[FaceTemplate], now: datetime
+        self,
+        member_id: str,
+        display_name: str,
+        templates: Sequence[FaceTemplate],
+        now: datetime,
+        membership: Membership | None = None,
     ) -> Member:
         with self._lock:
             if member_id in self._members:
                 raise MemberAlreadyExists(member_id)
-            member = Member(member_id, display_name, len(templates), now, now)
+            member = Member(
+                member_id,
+                display_name,
+                len(templates),
+                now,
+                now,
+                membership=membership or Membership(),
+            )
             self._members[member_id] = member
-            self._templates[member_id] = self._add_faces(member_id, templates)
+            self._templates[member_id] = self._add_faces(member_id, templates, now)
             return member
+
+    def update_member(
+        self, member_id: str, display_name: str, membership: Membership, now: datetime
+    ) -> Member:
+        with self._lock:
+            member = replace(
+                self._get(member_id),
+                display_name=display_name,
+                membership=membership,
+                update_time=now,
+            )
+            self._members[member_id] = member
+            return member
+
+    def photos(self, member_id: str, *, with_bytes: bool = False) -> list[MemberPhoto]:
+        with self._lock:
+            self._get(member_id)
+            return [
+                MemberPhoto(
+                    f.face_id,
+                    f.create_time,
+                    f.template.quality,
+                    f.template.photo if with_bytes else None,
+                )
+                for f in self._templates[member_id]
+            ]
+
+    def remove_photo(
+        self, member_id: str, photo_id: int, now: datetime, *, cloud: bool = False
+    ) -> tuple[Member, FaceTemplate]:
+        with self._lock:
+            member = self._get(member_id)
+            faces = self._templates[member_id]
+            found = [f for f in faces if f.face_id == photo_id]
+            if not found:
+                raise PhotoNotFound(member_id, photo_id)
+            if len(faces) == 1:
+                raise LastPhoto(member_id)
+            face = found[0]
+            self._templates[member_id] = [f for f in faces if f is not face]
+            pending = [e for e in self._outbox if e.kind == "add_face" and e.face_id == photo_id]
+            self._outbox = [e for e in self._outbox if e not in pending]
+            sent = face.persisted_face_id is not None or any(e.attempts for e in pending)
+            if cloud and sent:
+                self._enqueue(
+                    "delete_face", member_id, photo_id, persisted_face_id=face.persisted_face_id
+                )
+            member = replace(member, face_count=len(faces) - 1, update_time=now)
+            self._members[member_id] = member
+            return member, face.template
 
     def add_templates(
         self, member_id: str, templates: Sequence[FaceTemplate], now: datetime
     ) -> Member:
         with self._lock:
             member = self._get(member_id)
-            self._templates[member_id].extend(self._add_faces(member_id, templates))
+            self._templates[member_id].extend(self._add_faces(member_id, templates, now))
             member = replace(member, face_count=member.face_count + len(templates), update_time=now)
             self._members[member_id] = member
             return member
@@ -154,6 +235,10 @@ class MemoryStore(Store):
                 if where.start_time is not None and event.time < where.start_time:
                     continue
                 if where.end_time is not None and event.time >= where.end_time:
+                    continue
+                if where.decisions and event.decision not in where.decisions:
+                    continue
+                if where.rule is not None and event.rule is not where.rule:
                     continue
                 found.append(event)
                 if len(found) == limit:

@@ -27,12 +27,21 @@ from facegate_server.domain import (
     EventFilter,
     FaceTemplate,
     Member,
+    MemberPhoto,
+    Membership,
+    MembershipRule,
     NewAccessEvent,
     OutboxEntry,
     StoredFace,
 )
-from facegate_server.errors import MemberAlreadyExists, MemberNotFound
+from facegate_server.errors import LastPhoto, MemberAlreadyExists, MemberNotFound, PhotoNotFound
 from facegate_server.store.base import Store, embedding_of
+from facegate_server.store.codec import (
+    membership_from_json,
+    membership_json,
+    quality_from_json,
+    quality_json,
+)
 from facegate_server.store.reports import reports_from_json, reports_json
 
 EMBEDDING_DTYPE = np.dtype("<f8")
@@ -114,6 +123,36 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # with the reason; the entries behind it keep moving.
         "ALTER TABLE outbox ADD COLUMN parked TEXT NOT NULL DEFAULT ''",
     ),
+    (
+        # Membership rules (JSON, store/codec.py); '{}' admits as before.
+        "ALTER TABLE members ADD COLUMN membership TEXT NOT NULL DEFAULT '{}'",
+        # What the local engine measured of each enrolled face (JSON; NULL: not measured).
+        "ALTER TABLE faces ADD COLUMN quality TEXT",
+        # The membership rule that refused a recognised member ('' none).
+        "ALTER TABLE access_events ADD COLUMN rule TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX events_by_decision ON access_events(decision, event_id)",
+        # The outbox learns "delete_face" (a removed photo): the kind's CHECK cannot be
+        # altered in place, so the table is rebuilt, with the cloud face's id beside it.
+        """CREATE TABLE outbox_new (
+            seq               INTEGER PRIMARY KEY AUTOINCREMENT,
+            kind              TEXT NOT NULL
+                              CHECK (kind IN ('add_face', 'delete_member', 'delete_face')),
+            member_id         TEXT NOT NULL,
+            face_id           INTEGER,
+            photo             BLOB,
+            attempts          INTEGER NOT NULL DEFAULT 0,
+            last_error        TEXT NOT NULL DEFAULT '',
+            parked            TEXT NOT NULL DEFAULT '',
+            persisted_face_id TEXT
+        )""",
+        """INSERT INTO outbox_new
+            (seq, kind, member_id, face_id, photo, attempts, last_error, parked)
+            SELECT seq, kind, member_id, face_id, photo, attempts, last_error, parked
+            FROM outbox""",
+        "DROP TABLE outbox",
+        "ALTER TABLE outbox_new RENAME TO outbox",
+        "CREATE INDEX outbox_by_member ON outbox(member_id)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -166,12 +205,14 @@ class SqliteStore(Store):
     def _insert_faces(self, member_id: str, templates: Sequence[FaceTemplate], now_us: int) -> None:
         for t in templates:
             face_id = self._db.execute(
-                "INSERT INTO faces (member_id, embedding, photo, create_us) VALUES (?, ?, ?, ?)",
+                "INSERT INTO faces (member_id, embedding, photo, create_us, quality)"
+                " VALUES (?, ?, ?, ?, ?)",
                 (
                     member_id,
                     np.asarray(embedding_of(t), EMBEDDING_DTYPE).tobytes(),
                     t.photo,
                     now_us,
+                    quality_json(t.quality),
                 ),
             ).lastrowid
             if t.cloud_photo is not None:
@@ -182,14 +223,26 @@ class SqliteStore(Store):
                 )
 
     def create_member(
-        self, member_id: str, display_name: str, templates: Sequence[FaceTemplate], now: datetime
+        self,
+        member_id: str,
+        display_name: str,
+        templates: Sequence[FaceTemplate],
+        now: datetime,
+        membership: Membership | None = None,
     ) -> Member:
         now_us = _us(now)
         with self._lock, self._transaction():
             try:
                 self._db.execute(
-                    "INSERT INTO members VALUES (?, ?, ?, ?)",
-                    (member_id, display_name, now_us, now_us),
+                    "INSERT INTO members (member_id, display_name, create_us, update_us,"
+                    " membership) VALUES (?, ?, ?, ?, ?)",
+                    (
+                        member_id,
+                        display_name,
+                        now_us,
+                        now_us,
+                        membership_json(membership or Membership()),
+                    ),
                 )
             except sqlite3.IntegrityError:
                 raise MemberAlreadyExists(member_id) from None
@@ -209,13 +262,89 @@ class SqliteStore(Store):
             self._insert_faces(member_id, templates, now_us)
             return self._get(member_id)
 
+    def update_member(
+        self, member_id: str, display_name: str, membership: Membership, now: datetime
+    ) -> Member:
+        with self._lock, self._transaction():
+            updated = self._db.execute(
+                "UPDATE members SET display_name = ?, membership = ?, update_us = ?"
+                " WHERE member_id = ?",
+                (display_name, membership_json(membership), _us(now), member_id),
+            )
+            if updated.rowcount == 0:
+                raise MemberNotFound(member_id)
+            return self._get(member_id)
+
+    def photos(self, member_id: str, *, with_bytes: bool = False) -> list[MemberPhoto]:
+        photo = "photo" if with_bytes else "NULL"
+        with self._lock:
+            self._get(member_id)
+            rows = self._db.execute(
+                f"SELECT face_id, create_us, quality, {photo} FROM faces"
+                " WHERE member_id = ? ORDER BY face_id",
+                (member_id,),
+            ).fetchall()
+        return [MemberPhoto(r[0], _time(r[1]), quality_from_json(r[2]), r[3]) for r in rows]
+
+    def remove_photo(
+        self, member_id: str, photo_id: int, now: datetime, *, cloud: bool = False
+    ) -> tuple[Member, FaceTemplate]:
+        with self._lock, self._transaction():
+            self._get(member_id)
+            row = self._db.execute(
+                "SELECT embedding, photo, quality, persisted_face_id FROM faces"
+                " WHERE face_id = ? AND member_id = ?",
+                (photo_id, member_id),
+            ).fetchone()
+            if row is None:
+                raise PhotoNotFound(member_id, photo_id)
+            (count,) = self._db.execute(
+                "SELECT COUNT(*) FROM faces WHERE member_id = ?", (member_id,)
+            ).fetchone()
+            if count == 1:
+                raise LastPhoto(member_id)
+            (tried,) = self._db.execute(
+                "SELECT COUNT(*) FROM outbox WHERE kind = 'add_face' AND face_id = ?"
+                " AND attempts > 0",
+                (photo_id,),
+            ).fetchone()
+            self._db.execute(
+                "DELETE FROM outbox WHERE kind = 'add_face' AND face_id = ?", (photo_id,)
+            )
+            self._db.execute("DELETE FROM faces WHERE face_id = ?", (photo_id,))
+            if cloud and (row[3] is not None or tried):
+                self._db.execute(
+                    "INSERT INTO outbox (kind, member_id, face_id, persisted_face_id)"
+                    " VALUES ('delete_face', ?, ?, ?)",
+                    (member_id, photo_id, row[3]),
+                )
+            self._db.execute(
+                "UPDATE members SET update_us = ? WHERE member_id = ?", (_us(now), member_id)
+            )
+            member = self._get(member_id)
+        self._purge_wal()
+        removed = FaceTemplate(
+            np.frombuffer(row[0], EMBEDDING_DTYPE).astype(np.float64),
+            photo=row[1],
+            quality=quality_from_json(row[2]),
+        )
+        return member, removed
+
     _MEMBER_SQL = """SELECT m.member_id, m.display_name,
-        (SELECT COUNT(*) FROM faces f WHERE f.member_id = m.member_id), m.create_us, m.update_us
+        (SELECT COUNT(*) FROM faces f WHERE f.member_id = m.member_id), m.create_us, m.update_us,
+        m.membership
         FROM members m"""
 
     @staticmethod
     def _member(row: Any) -> Member:
-        return Member(row[0], row[1], row[2], _time(row[3]), _time(row[4]))
+        return Member(
+            row[0],
+            row[1],
+            row[2],
+            _time(row[3]),
+            _time(row[4]),
+            membership=membership_from_json(row[5]),
+        )
 
     def _get(self, member_id: str) -> Member:
         row = self._db.execute(self._MEMBER_SQL + " WHERE m.member_id = ?", (member_id,)).fetchone()
@@ -278,8 +407,8 @@ class SqliteStore(Store):
         with self._lock:
             cursor = self._db.execute(
                 "INSERT INTO access_events (time_us, turnstile_id, member_id, decision, engine,"
-                " confidence, latency_us, reports, kind, claimed_member_id, detail)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " confidence, latency_us, reports, kind, claimed_member_id, detail, rule)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     _us(event.time),
                     event.turnstile_id,
@@ -292,6 +421,7 @@ class SqliteStore(Store):
                     event.kind.value,
                     event.claimed_member_id,
                     event.detail,
+                    event.rule.value if event.rule is not None else "",
                 ),
             )
             event_id = cursor.lastrowid
@@ -319,9 +449,15 @@ class SqliteStore(Store):
         if where.end_time is not None:
             clauses.append("time_us < ?")
             params.append(_us(where.end_time))
+        if where.decisions:
+            clauses.append(f"decision IN ({', '.join('?' for _ in where.decisions)})")
+            params.extend(d.value for d in where.decisions)
+        if where.rule is not None:
+            clauses.append("rule = ?")
+            params.append(where.rule.value)
         sql = (
             "SELECT event_id, time_us, turnstile_id, member_id, decision, engine, confidence,"
-            " latency_us, reports, kind, claimed_member_id, detail FROM access_events"
+            " latency_us, reports, kind, claimed_member_id, detail, rule FROM access_events"
             + (" WHERE " + " AND ".join(clauses) if clauses else "")
             + " ORDER BY event_id DESC LIMIT ?"
         )
@@ -341,6 +477,7 @@ class SqliteStore(Store):
                 kind=AccessKind(r[9]),
                 claimed_member_id=r[10],
                 detail=r[11],
+                rule=MembershipRule(r[12]) if r[12] else None,
             )
             for r in rows
         ]
@@ -351,7 +488,8 @@ class SqliteStore(Store):
         return str(row[0])
 
     _OUTBOX_SQL = (
-        "SELECT seq, kind, member_id, face_id, photo, attempts, last_error, parked FROM outbox"
+        "SELECT seq, kind, member_id, face_id, photo, attempts, last_error, parked,"
+        " persisted_face_id FROM outbox"
     )
 
     def outbox(self, limit: int) -> list[OutboxEntry]:
