@@ -14,12 +14,17 @@ import pytest
 from facegate.v1 import facegate_service_pb2 as pb
 from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
 from facegate_client.cli import main
+from facegate_server import gate
 from facegate_server.commands.evaluate import (
+    MAX_CANDIDATES,
     NO_MATPLOTLIB,
     OTHER_MEMBER,
     QUALITY_RULE_OF_HINT,
+    TURNSTILE,
+    Claim,
     Person,
     Probe,
+    claims,
     find_people,
     member_id,
     refusals,
@@ -27,6 +32,8 @@ from facegate_server.commands.evaluate import (
     report,
     split,
     tally,
+    tally_verify,
+    verify_accepts,
 )
 from facegate_server.domain import Decision
 from facegate_server.engines.index import Match
@@ -35,6 +42,7 @@ from facegate_server.engines.policy import (
     DecisionPolicy,
     QualityProblem,
     decide_match,
+    decide_verification,
 )
 
 from tests.conftest import Faces
@@ -111,6 +119,79 @@ def test_refusals_by_rule_against_the_threshold_alone() -> None:
     assert [
         line.split() for line in table.splitlines() if line.strip().startswith("sharpness")
     ] == [["sharpness", "2", "1", "1", "1"]]
+
+
+def claiming(
+    person: str, genuine: bool, gallery: str, *candidates: tuple[str, float], decision: str = ""
+) -> Probe:
+    return Probe(
+        Path("x.jpg"),
+        person,
+        genuine,
+        decision or "DENIED_UNKNOWN_FACE",
+        "",
+        list(candidates),
+        gallery=tuple(gallery),
+    )
+
+
+def test_each_probe_claims_its_own_member_and_every_other() -> None:
+    probes = [
+        claiming("a", True, "abc", ("a", 0.40), (OTHER_MEMBER, 0.45), ("b", 0.60), ("c", 0.70)),
+        claiming("d", False, "ab", ("a", 0.50), ("b", 0.80)),  # a stranger
+        claiming("a", True, "ab", ("a", 0.2), ("b", 0.9), decision="DENIED_POOR_QUALITY"),
+        claiming("a", True, "ab", decision="DENIED_MULTIPLE_FACES"),  # no face compared
+    ]
+    assert claims(probes[0]) == [Claim(True, 0.40), Claim(False, 0.60), Claim(False, 0.70)]
+    assert claims(probes[1]) == [Claim(False, 0.50), Claim(False, 0.80)]
+    never = float("inf")  # Verify refuses these faces before comparing them
+    assert claims(probes[2]) == claims(probes[3]) == [Claim(True, never), Claim(False, never)]
+    at = tally_verify(probes, 0.55)
+    assert (at.genuine, at.genuine_accepted, at.impostors, at.impostor_accepted) == (3, 1, 6, 1)
+    assert at.not_measured == 0
+    loose = tally_verify(probes, 0.65)
+    assert (loose.genuine_accepted, loose.impostor_accepted) == (1, 2)
+
+
+def test_a_claimed_member_beyond_the_candidates_is_not_measured() -> None:
+    listed = [(f"m{i}", 0.30 + i / 100) for i in range(MAX_CANDIDATES)]  # m0 0.30 .. m9 0.39
+    probe = claiming("z", True, ["m0", "z"], *listed)
+    assert claims(probe) == [Claim(False, 0.30), Claim(True, 0.39, exact=False)]
+    below = tally_verify([probe], 0.35)  # z is further than 0.39: rejected for certain
+    assert (below.genuine_accepted, below.impostor_accepted, below.not_measured) == (0, 1, 0)
+    above = tally_verify([probe], 0.55)  # z might be within: neither accepted nor rejected
+    assert (above.genuine_accepted, above.not_measured) == (0, 1)
+    short = claiming("z", True, ["m0", "z"], *listed[:3])  # every member listed: z had none
+    assert claims(short)[1] == Claim(True, float("inf"))
+
+
+def test_the_1_to_1_rule_is_verifys() -> None:
+    assert MAX_CANDIDATES == gate.MAX_CANDIDATES
+    for threshold in (0.5, 0.55, 0.6):
+        policy = DecisionPolicy(verify_threshold=threshold)
+        for distance in (0.3, 0.5, 0.55, 0.6, 0.65, float("inf")):
+            engine = decide_verification("m-a", distance, policy).decision
+            assert verify_accepts(distance, threshold) == (engine is Decision.GRANTED)
+
+
+def test_the_1_to_1_table_marks_the_verify_threshold() -> None:
+    probes = [
+        claiming("a", True, "ab", ("a", 0.40), ("b", 0.60)),
+        claiming("b", True, "ab", ("b", 0.52), ("a", 0.58)),
+    ]
+    out = io.StringIO()
+    report(probes, 0.10, [0.50, 0.60], out, 0.55, verify_threshold=0.55)
+    table = out.getvalue()
+    assert "2 genuine claims" in table and "2 impostor claims" in table
+    rows = table[table.index("1:1 (Verify)") :].splitlines()
+    assert [line.split() for line in rows[1:] if line.strip()[:1].isdigit()] == [
+        ["0.50", "1/2", "1/2", "0/2"],
+        ["0.55*", "2/2", "0/2", "0/2"],
+        ["0.60", "2/2", "0/2", "2/2"],
+    ]
+    without = io.StringIO()
+    report(probes, 0.10, [0.55], without, 0.55)
+    assert "1:1" not in without.getvalue()
 
 
 def test_the_rules_hints_are_the_engines() -> None:
@@ -204,7 +285,7 @@ def test_evaluate_a_running_server_and_leave_its_members_alone(
             (photos / person / Path(path).name).symlink_to(faces.root / path)
     plot = tmp_path / "trade-off.png"
 
-    code = main(["evaluate", str(photos), "--target", target, "--plot", str(plot)])
+    code = main(["evaluate", str(photos), "--target", target, "--plot", str(plot), "--verify"])
 
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -213,9 +294,18 @@ def test_evaluate_a_running_server_and_leave_its_members_alone(
     assert "9 probes: 3 genuine (the person is enrolled), 6 impostor (the person is not)" in out
     assert "as served    3/3       0/3       0/3       0/6" in out
     assert "     0.55    3/3       0/3       0/3       0/6" in out
+    assert "3 genuine claims (a probe, its own member's id), 10 impostor claims" in out
+    assert "    0.55*    3/3       0/3       0/10" in out
+    assert "Verify's decisions: DENIED_NOT_THIS_MEMBER 6, GRANTED 3 (9/9 the same as" in out
+    assert (
+        "genuine claims accepted 3/3, impostor claims (the closest person the run enrolled)" in out
+    )
     assert "enrolled 2 people under eval-" in err
     assert plot.read_bytes().startswith(b"\x89PNG")
     members = stub.ListMembers(pb.ListMembersRequest(), timeout=5).members
     assert [m.member_id for m in members] == ["m-real"]
     assert members[0] == real
-    assert not stub.ListAccessEvents(pb.ListAccessEventsRequest(), timeout=5).events
+    # SearchFaces logs nothing; --verify's calls are logged as verifications, one a probe.
+    events = stub.ListAccessEvents(pb.ListAccessEventsRequest(), timeout=5).events
+    assert {(e.kind, e.turnstile_id) for e in events} == {(pb.ACCESS_KIND_VERIFY, TURNSTILE)}
+    assert len(events) == 9

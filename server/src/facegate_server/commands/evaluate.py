@@ -20,6 +20,15 @@ margin) to show the trade-off: correct grants, false rejects, wrong-member grant
 impostor grants. With `--identify` every probe is also sent to Identify (logged under
 turnstile `facegate-evaluate`), to measure the configured routing end to end.
 
+The same distances give the 1:1 (Verify) figures: each probe is a genuine claim (its own
+member's id, when they are enrolled) and an impostor claim of every other person the run
+has enrolled, accepted at a threshold when the claimed member's distance is within it
+(Verify has no margin). SearchFaces lists at most MAX_CANDIDATES members: a claimed member
+it leaves out is further than the last one listed, which is all that is known of them, so
+such a claim is "not measured" at thresholds from that distance on. With `--verify` every
+probe is also sent to Verify (logged under the same turnstile): genuine probes claim their
+own id, impostor probes the closest member the run enrolled.
+
 The decisions are recomputed with the local engine's own grant rule (engines/grant.py).
 The plot (PNG, `--plot`) needs matplotlib, which comes with the `evaluate` extra
 (`pip install 'facegate-server[evaluate]'`), not with a gym's server install; it is
@@ -48,6 +57,8 @@ from facegate_client.errors import FaceGateError, NotFound
 
 from facegate_server.engines.grant import Verdict, verdict  # the rule, without numpy
 
+MAX_CANDIDATES = 10
+"""SearchFaces' most candidates (gate.MAX_CANDIDATES; not imported: the gate needs numpy)."""
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 TURNSTILE = "facegate-evaluate"
 OTHER_MEMBER = "(a member not created by this run)"
@@ -86,6 +97,10 @@ class Probe:
     """With --identify: Identify's decision and the person granted, e.g. GRANTED kim."""
     hint: str = ""
     """The server's hint (for DENIED_POOR_QUALITY, which quality limit the face failed)."""
+    gallery: tuple[str, ...] = ()
+    """The people this run had enrolled when the probe was made: the 1:1 claims."""
+    verify: str = ""
+    """With --verify: Verify's decision and the person claimed, e.g. GRANTED kim."""
 
 
 @dataclass
@@ -208,6 +223,69 @@ def refusals(probes: Sequence[Probe], threshold: float) -> dict[str, Refusals]:
     return {rule: by_rule[rule] for rule in (*RULES, "other") if rule in by_rule}
 
 
+@dataclass(frozen=True)
+class Claim:
+    """One 1:1 claim: a probe and a member's id, as a card or QR code would claim it."""
+
+    genuine: bool
+    """The probe shows the claimed member."""
+    distance: float
+    """The claimed member's distance (infinity: no face to compare, never accepted)."""
+    exact: bool = True
+    """False: the member was not among the candidates, `distance` is only a lower bound."""
+
+
+def claims(probe: Probe) -> list[Claim]:
+    """Every claim a probe makes: its own person's (when enrolled), every other's."""
+    return [claim_of(probe, person) for person in probe.gallery]
+
+
+def claim_of(probe: Probe, person: str) -> Claim:
+    """The probe's claim to be `person` (one of its gallery)."""
+    decided = bool(probe.candidates) and probe.decision not in _FACE_NOT_DECIDED_ON
+    listed = {who: d for who, d in reversed(probe.candidates) if who != OTHER_MEMBER}
+    beyond = probe.candidates[-1][1] if len(probe.candidates) >= MAX_CANDIDATES else None
+    genuine = person == probe.person
+    if not decided:
+        return Claim(genuine, float("inf"))
+    if person in listed:
+        return Claim(genuine, listed[person])
+    if beyond is not None:
+        return Claim(genuine, beyond, exact=False)
+    return Claim(genuine, float("inf"))  # every member was listed: none of theirs compared
+
+
+def verify_accepts(distance: float, threshold: float) -> bool:
+    """Verify's rule (policy.decide_verification): the claimed member within the threshold."""
+    return distance <= threshold
+
+
+@dataclass
+class VerifyTally:
+    genuine: int = 0
+    genuine_accepted: int = 0
+    impostors: int = 0
+    impostor_accepted: int = 0
+    not_measured: int = 0
+    """Claims of members beyond the candidates, whose distance may be within the threshold."""
+
+
+def tally_verify(probes: Sequence[Probe], threshold: float) -> VerifyTally:
+    """Every probe's 1:1 claims decided at `threshold`."""
+    t = VerifyTally()
+    for claim in (c for p in probes for c in claims(p)):
+        unknown = not claim.exact and claim.distance <= threshold
+        accepted = not unknown and verify_accepts(claim.distance, threshold)
+        t.not_measured += unknown
+        if claim.genuine:
+            t.genuine += 1
+            t.genuine_accepted += accepted
+        else:
+            t.impostors += 1
+            t.impostor_accepted += accepted
+    return t
+
+
 def find_people(root: Path) -> list[Person]:
     people = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -237,10 +315,18 @@ def member_id(prefix: str, person: str) -> str:
 class Run:
     """One evaluation against one server: the members it made, and its probes."""
 
-    def __init__(self, client: FaceGateClient, prefix: str, identify: bool, err: TextIO) -> None:
+    def __init__(
+        self,
+        client: FaceGateClient,
+        prefix: str,
+        identify: bool,
+        err: TextIO,
+        verify: bool = False,
+    ) -> None:
         self.client = client
         self.prefix = prefix
         self.identify = identify
+        self.verify = verify
         self.err = err
         self.created: dict[str, str] = {}  # member id -> person
         self.persons: dict[str, str] = {}  # every member id this run ever used -> person
@@ -272,7 +358,8 @@ class Run:
 
     def probe(self, path: Path, person: str, genuine: bool) -> Probe:
         image = path.read_bytes()
-        found = self.client.search_faces(image, 10, timeout=60)
+        gallery = tuple(sorted(self.created.values()))
+        found = self.client.search_faces(image, MAX_CANDIDATES, timeout=60)
         decision = pb.Decision.Name(found.decision).removeprefix("DECISION_")
         candidates = [(self._who(c.member_id), c.distance) for c in found.candidates]
         granted_to = candidates[0][0] if decision == "GRANTED" and candidates else ""
@@ -282,9 +369,34 @@ class Run:
             identified = pb.Decision.Name(answer.decision).removeprefix("DECISION_")
             if answer.member_id:
                 identified += " " + self._who(answer.member_id)
+        verified = ""
+        if self.verify:
+            claimed = self._claim(person if genuine else "", candidates, gallery)
+            if claimed:
+                mid = member_id(self.prefix, claimed)
+                said = self.client.verify(mid, image, TURNSTILE, timeout=60)
+                verified = pb.Decision.Name(said.decision).removeprefix("DECISION_")
+                verified += " " + claimed
         return Probe(
-            path, person, genuine, decision, granted_to, candidates, identified, found.hint
+            path,
+            person,
+            genuine,
+            decision,
+            granted_to,
+            candidates,
+            identified,
+            found.hint,
+            gallery,
+            verified,
         )
+
+    @staticmethod
+    def _claim(own: str, candidates: Sequence[tuple[str, float]], gallery: Sequence[str]) -> str:
+        """Whom --verify claims: the person's own id, else the closest enrolled by the run."""
+        if own:
+            return own
+        closest = [who for who, _ in candidates if who in gallery]
+        return closest[0] if closest else (gallery[0] if gallery else "")
 
     def probe_all(self, jobs: Sequence[tuple[Path, str, bool]], parallel: int) -> list[Probe]:
         with cf.ThreadPoolExecutor(max_workers=parallel) as pool:
@@ -304,12 +416,13 @@ def evaluate(
     people: Sequence[Person],
     *,
     identify: bool = False,
+    verify: bool = False,
     parallel: int = 2,
     err: TextIO | None = None,
 ) -> list[Probe]:
     """Enrol, probe (genuine, then each person left out in turn), clean up; the probes."""
     err = err or sys.stderr
-    run = Run(client, f"eval-{secrets.token_hex(4)}-", identify, err)
+    run = Run(client, f"eval-{secrets.token_hex(4)}-", identify, err, verify)
     probes: list[Probe] = []
     with cleaning_up(run):
         enrolled = [p for p in people if p.enrolled and run.enrol(p)]
@@ -356,6 +469,7 @@ def report(
     shown: Sequence[float],
     out: TextIO,
     threshold: float = 0.55,
+    verify_threshold: float | None = None,
 ) -> None:
     decisions = Counter(p.decision for p in probes)
     genuine = sum(p.genuine for p in probes)
@@ -416,6 +530,62 @@ def report(
     )
     if margins:
         print(f"genuine probes' margin over the runner-up: from {margins[0]:.3f}", file=out)
+    if verify_threshold is not None:
+        report_verify(probes, sorted({*shown, verify_threshold}), verify_threshold, out)
+
+
+VERIFY_HEADER = (
+    f"{'threshold':>9} {'genuine':>9} {'genuine':>9} {'impostor':>9}\n"
+    f"{'':>9} {'accepted':>9} {'rejected':>9} {'accepted':>9}"
+)
+
+
+def report_verify(
+    probes: Sequence[Probe], shown: Sequence[float], verify_threshold: float, out: TextIO
+) -> None:
+    """The 1:1 table: genuine and impostor claims accepted at each threshold."""
+    made = [c for p in probes for c in claims(p)]
+    genuine = sum(c.genuine for c in made)
+    print(
+        f"\n1:1 (Verify): {genuine} genuine claims (a probe, its own member's id), "
+        f"{len(made) - genuine} impostor claims (a probe, another enrolled person's id);\n"
+        f"recomputed from the distances, * FACEGATE_VERIFY_THRESHOLD {verify_threshold:.2f}:",
+        file=out,
+    )
+    print(VERIFY_HEADER, file=out)
+    for threshold in shown:
+        t = tally_verify(probes, threshold)
+        mark = "*" if threshold == verify_threshold else " "
+        row = (
+            f"{threshold:>8.2f}{mark} {t.genuine_accepted:>4}/{t.genuine:<4}"
+            f" {t.genuine - t.genuine_accepted:>4}/{t.genuine:<4}"
+            f" {t.impostor_accepted:>4}/{t.impostors:<4}"
+        )
+        if t.not_measured:
+            row += f" ({t.not_measured} not measured: beyond the {MAX_CANDIDATES} candidates)"
+        print(row, file=out)
+    if any(p.verify for p in probes):
+        said = [p for p in probes if p.verify]
+        own = [p for p in said if p.genuine]
+        other = [p for p in said if not p.genuine]
+        accepted_own = sum(p.verify.startswith("GRANTED ") for p in own)
+        accepted_other = sum(p.verify.startswith("GRANTED ") for p in other)
+        decisions = Counter(p.verify.split()[0] for p in said)
+        agree = 0
+        for p in said:
+            decision, claimed = p.verify.split(maxsplit=1)
+            claim = claim_of(p, claimed)
+            agree += claim.exact and (decision == "GRANTED") == verify_accepts(
+                claim.distance, verify_threshold
+            )
+        print(
+            "Verify's decisions: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(decisions.items()))
+            + f" ({agree}/{len(said)} the same as recomputed at {verify_threshold:.2f});"
+            f"\ngenuine claims accepted {accepted_own}/{len(own)}, impostor claims (the"
+            f" closest person the run enrolled) accepted {accepted_other}/{len(other)}",
+            file=out,
+        )
 
 
 def can_plot() -> bool:
@@ -482,7 +652,8 @@ def register_evaluate(subparsers: Any) -> None:
             "Enrol part of each person's photos (DIR/<person>/*.jpg) on a running server, "
             "probe with the rest and with people left out of the gallery, report correct "
             "grants, false rejects, wrong-member grants and impostor grants over a range "
-            "of thresholds, and plot the trade-off. Uses SearchFaces (admin role). Creates "
+            "of thresholds (and, 1:1, the genuine and impostor claims Verify would "
+            "accept), and plot the trade-off. Uses SearchFaces (admin role). Creates "
             "members under a unique 'eval-' prefix and deletes them, and only them."
         ),
     )
@@ -508,6 +679,12 @@ def register_evaluate(subparsers: Any) -> None:
         "--identify",
         action="store_true",
         help=f"also send every probe to Identify (logged as turnstile {TURNSTILE})",
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="also send every probe to Verify, claiming its own member's id (impostors: the "
+        f"closest member the run enrolled; logged as turnstile {TURNSTILE})",
     )
     parser.add_argument("--parallel", type=int, default=2, help="calls in flight (2)")
     parser.add_argument(
@@ -541,7 +718,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
         options["credentials"] = grpc.ssl_channel_credentials(Path(args.ca).read_bytes())
     try:
         with FaceGateClient(args.target, **options) as client:
-            probes = evaluate(client, people, identify=args.identify, parallel=args.parallel)
+            probes = evaluate(
+                client,
+                people,
+                identify=args.identify,
+                verify=args.verify,
+                parallel=args.parallel,
+            )
     except FaceGateError as error:
         print(f"error: {error.code.name}: {error.message}", file=sys.stderr)
         return 1
@@ -553,7 +736,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     defaults = Settings()
     margin = defaults.match_margin if args.margin is None else args.margin
     shown = sorted({*thresholds(0.40, 0.70, 0.05), defaults.match_threshold})
-    report(probes, margin, shown, sys.stdout, defaults.match_threshold)
+    report(probes, margin, shown, sys.stdout, defaults.match_threshold, defaults.verify_threshold)
     plot(probes, margin, thresholds(0.30, 0.80, 0.01), defaults.match_threshold, args.plot)
     print(f"\nplot: {args.plot}")
     return 0
