@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import itertools
 import socket
+import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -649,6 +650,34 @@ def test_a_reconciliation_runs_a_page_a_tick_while_the_outbox_moves(
     assert orphan not in world.face.group
     assert len(world.face.group[person.person_id].persisted_face_ids) == 1
     assert len(read) == 1  # the one kept photo it re-added; no other photo read
+
+
+def test_the_background_thread_runs_the_pages_back_to_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pages follow each other without waiting for the replayer's interval (a minute here)."""
+    monkeypatch.setattr("facegate_server.cloud.sync.PAGE", 1)
+    world = World()
+    for n in range(5):
+        world.enrol(f"m-{n}")
+    world.settle()
+    world.sync.interval = 60.0
+    finished = threading.Event()
+    reconciled_one = world.sync._reconciled_one
+
+    def noted(r: Any) -> None:
+        reconciled_one(r)
+        finished.set()
+
+    monkeypatch.setattr(world.sync, "_reconciled_one", noted)
+    world.sync.start()
+    try:
+        world.sync.request_reconcile(dry_run=True)
+        assert finished.wait(30)
+    finally:
+        world.sync.stop()
+    done = world.sync.reconciliation
+    assert done is not None and (done.persons_checked, done.members_checked) == (5, 5)
 
 
 def test_a_reconciliation_is_joined_and_one_of_the_other_kind_queued() -> None:
