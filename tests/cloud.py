@@ -45,6 +45,24 @@ class CloudGate:
             emulator_clock.advance(1.0)  # the training has finished
         raise AssertionError(f"the cloud did not settle: training {cloud.training.value}")
 
+    def sync(self, dry_run: bool = False) -> pb.SyncCloudResponse:
+        """`facegate sync --wait`, the background's part done here: SyncCloud starts a
+        reconciliation, the replayer's ticks run it, SyncCloud (report_only) reports it."""
+        cloud = self.server.gate.replayer
+        assert cloud is not None
+        started: pb.SyncCloudResponse = self.stub.SyncCloud(
+            pb.SyncCloudRequest(dry_run=dry_run), timeout=30
+        )
+        for _ in range(100):
+            cloud.run_once()
+            answer: pb.SyncCloudResponse = self.stub.SyncCloud(
+                pb.SyncCloudRequest(report_only=True), timeout=30
+            )
+            if answer.finished.reconciliation_id == started.running.reconciliation_id:
+                return answer
+            self.clock.advance(1.0)  # past a back-off, if a page failed
+        raise AssertionError(f"the reconciliation did not finish: {answer.running}")
+
     def identify(self, image: bytes, timeout: float = 30) -> pb.IdentifyResponse:
         response: pb.IdentifyResponse = self.stub.Identify(
             pb.IdentifyRequest(image=image, turnstile_id="gate-1"), timeout=timeout

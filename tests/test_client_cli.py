@@ -124,6 +124,34 @@ class FakeFaceGateServicer(pb_grpc.FaceGateServiceServicer):
     events: list[pb.AccessEvent] = field(default_factory=canned_events)
     requests: list[Any] = field(default_factory=list)
     release: threading.Event = field(default_factory=threading.Event)
+    reconciling: list[pb.Reconciliation] = field(default_factory=list)
+    """The running reconciliation; it has finished when a report_only request finds it."""
+    polls_to_finish: int = 1
+
+    def SyncCloud(self, request: pb.SyncCloudRequest, context: grpc.ServicerContext) -> Any:
+        self.requests.append(request)
+        answer = pb.SyncCloudResponse()
+        if request.report_only and self.reconciling:
+            self.polls_to_finish -= 1
+            if self.polls_to_finish > 0:
+                answer.running.CopyFrom(self.reconciling[0])
+                return answer
+            done = self.reconciling.pop()
+            done.phase, done.changes_found = "done", 1
+            answer.finished.CopyFrom(done)
+            answer.changes.add(
+                kind=pb.SYNC_CHANGE_KIND_ORPHAN_PERSON,
+                member_id="m-9",
+                person_id="p-9",
+                detail="would be deleted from the cloud",
+            )
+            return answer
+        if not request.report_only:
+            self.reconciling.append(
+                pb.Reconciliation(reconciliation_id=7, dry_run=request.dry_run, phase="persons")
+            )
+            answer.running.CopyFrom(self.reconciling[0])
+        return answer
 
     def Identify(self, request: pb.IdentifyRequest, context: grpc.ServicerContext) -> Any:
         self.requests.append(request)
@@ -470,6 +498,46 @@ def test_the_client_library_verifies_within_identifys_deadline(served: Served) -
     served.servicer.release.set()
     first = served.requests_of(pb.VerifyRequest)[0]
     assert (first.member_id, first.image, first.turnstile_id) == ("m-1001", KIM, "gate-3")
+
+
+def test_sync_answers_at_once_and_waits_when_asked(
+    served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run_main(capsys, "sync", "--dry-run", "--target", served.target)
+    assert code == 0
+    assert out.startswith("reconciliation 7 (dry run): persons, 0 cloud persons")
+    assert "facegate sync --wait" in out
+    served.servicer.reconciling.clear()
+    code, out, _ = run_main(capsys, "sync", "--dry-run", "--wait", "--target", served.target)
+    assert code == 0
+    assert out.splitlines() == [
+        "orphan_person  m-9  p-9  would be deleted from the cloud  [not applied]",
+        "1 differences; would change 1",
+    ]
+    requests = served.requests_of(pb.SyncCloudRequest)
+    assert [(r.dry_run, r.report_only) for r in requests] == [
+        (True, False),
+        (True, False),
+        (False, True),
+    ]
+
+
+def test_waiting_for_a_sync_is_bounded(served: Served) -> None:
+    from facegate_client import FaceGateClient
+
+    now = [0.0]
+    served.servicer.polls_to_finish = 1_000
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    with FaceGateClient(served.target, timeout=30) as client:
+        started = client.sync_cloud()
+        with pytest.raises(TimeoutError, match="reconciliation 7 still running after 5 s"):
+            client.wait_for_sync(
+                started.running.reconciliation_id, timeout=5, sleep=sleep, clock=lambda: now[0]
+            )
+    assert now[0] == 5.0
 
 
 def test_events_show_verifications_and_why(capsys: pytest.CaptureFixture[str]) -> None:

@@ -198,7 +198,7 @@ def test_two_stores_on_one_group_keep_each_others_persons(faces: Faces, tmp_path
         north.settle()
         south.settle()
         for gate in (north, south):
-            answer = gate.stub.SyncCloud(pb.SyncCloudRequest(), timeout=60)
-            assert list(answer.changes) == []
+            answer = gate.sync()
+            assert list(answer.changes) == [] and answer.finished.changes_found == 0
         assert members(north) == {"m-1": 1} and members(south) == {"m-2": 1}
         assert len(north.persons()) == 2  # one group, both stores' persons

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import itertools
 import socket
+import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +35,8 @@ from facegate_server.cloud.ratelimit import TIER_RATES, CloudRate
 from facegate_server.cloud.sync import CloudSync, Training, poll_delays
 from facegate_server.config import SettingsError, load_settings
 from facegate_server.domain import (
+    Change,
+    ChangeKind,
     Decision,
     EngineOutcome,
     FaceBox,
@@ -215,6 +218,17 @@ class World:
             FaceTemplate(embedding=np.zeros(128), cloud_photo=p) for p in photos or (photo(),)
         ]
         self.store.create_member(member_id, "", templates, T0)
+
+    def reconcile(self, dry_run: bool) -> list[Change]:
+        """Ask for a reconciliation and tick until it has finished; its changes."""
+        started = self.sync.request_reconcile(dry_run).running
+        assert started is not None
+        for _ in range(100):
+            self.sync.run_once()
+            last = self.sync.reconciliation
+            if last and last.reconciliation_id == started.reconciliation_id and not last.running:
+                return list(last.changes)
+        raise AssertionError(f"the reconciliation did not finish: {self.sync.reconciliation}")
 
     def settle(self, rounds: int = 200) -> None:
         for _ in range(rounds):
@@ -587,10 +601,124 @@ def test_two_stores_on_one_group_keep_each_others_persons() -> None:
     second.enrol("m-2")
     second.settle()
     for world in (first, second):
-        changes = world.sync.reconcile(dry_run=False)
+        changes = world.reconcile(dry_run=False)
         assert changes == []
     assert sorted(first.face.members()) == ["m-1"] and second.face.members() == ["m-2"]
     assert len(first.face.group) == 2
+
+
+def test_a_reconciliation_runs_a_page_a_tick_while_the_outbox_moves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("facegate_server.cloud.sync.PAGE", 2)
+    monkeypatch.setattr("facegate_server.cloud.sync.MEMBER_PAGE", 2)
+    world = World()
+    kept = FaceTemplate(embedding=np.zeros(128), photo=photo(7), cloud_photo=photo(7))
+    world.store.create_member("m-kept", "", [kept], T0)
+    for n in range(4):
+        world.enrol(f"m-{n}")
+    world.settle()
+    orphan = world.face.create_person("gone")  # this store's, unknown to it
+    person = world.people.person_of("m-kept")
+    assert person is not None
+    world.face.group[person.person_id] = CloudPersonInfo(
+        person.person_id, world.face.group[person.person_id].user_data, ()
+    )
+    read: list[int] = []
+    face_photo = world.store.face_photo
+    monkeypatch.setattr(world.store, "face_photo", lambda i: read.append(i) or face_photo(i))
+
+    report = world.sync.request_reconcile(dry_run=False)
+    assert report.running is not None and report.finished is None  # answered at once
+    assert report.running.phase == "persons" and world.face.counter.totals()
+    lists = world.face.counter.totals().get("list_persons", 0)
+    world.sync.run_once()
+    assert world.face.counter.totals()["list_persons"] == lists + 1  # one page a tick
+    progress = world.sync.reconciliation
+    assert progress is not None and (progress.phase, progress.persons_checked) == ("persons", 2)
+    world.enrol("m-new")  # enrolled mid-reconciliation: replayed, not reported missing
+    world.sync.run_once()
+    assert world.store.outbox_depth() == 0
+    for _ in range(10):
+        world.sync.run_once()
+    done = world.sync.reconciliation
+    assert done is not None and not done.running and done.members_checked == 6
+    assert sorted((c.kind.value, c.member_id, c.applied) for c in done.changes) == [
+        ("missing_face", "m-kept", True),
+        ("orphan_person", "gone", True),
+    ]
+    assert orphan not in world.face.group
+    assert len(world.face.group[person.person_id].persisted_face_ids) == 1
+    assert len(read) == 1  # the one kept photo it re-added; no other photo read
+
+
+def test_the_background_thread_runs_the_pages_back_to_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pages follow each other without waiting for the replayer's interval (a minute here)."""
+    monkeypatch.setattr("facegate_server.cloud.sync.PAGE", 1)
+    world = World()
+    for n in range(5):
+        world.enrol(f"m-{n}")
+    world.settle()
+    world.sync.interval = 60.0
+    finished = threading.Event()
+    reconciled_one = world.sync._reconciled_one
+
+    def noted(r: Any) -> None:
+        reconciled_one(r)
+        finished.set()
+
+    monkeypatch.setattr(world.sync, "_reconciled_one", noted)
+    world.sync.start()
+    try:
+        world.sync.request_reconcile(dry_run=True)
+        assert finished.wait(30)
+    finally:
+        world.sync.stop()
+    done = world.sync.reconciliation
+    assert done is not None and (done.persons_checked, done.members_checked) == (5, 5)
+
+
+def test_a_reconciliation_is_joined_and_one_of_the_other_kind_queued() -> None:
+    world = World()
+    world.enrol("m-1")
+    world.settle()
+    first = world.sync.request_reconcile(dry_run=True).running
+    joined = world.sync.request_reconcile(dry_run=True).running
+    queued = world.sync.request_reconcile(dry_run=False).running
+    assert first is not None and joined is not None and queued is not None
+    assert first.reconciliation_id == joined.reconciliation_id == 1
+    assert (queued.reconciliation_id, queued.phase) == (2, "queued")
+    polled = world.sync.request_reconcile(dry_run=False, report_only=True)
+    assert polled.running is not None and polled.running.reconciliation_id == 1
+    for _ in range(10):
+        world.sync.run_once()
+    last = world.sync.reconciliation
+    assert last is not None and (last.reconciliation_id, last.dry_run, last.running) == (
+        2,
+        False,
+        False,
+    )
+    assert world.sync.request_reconcile(dry_run=True, report_only=True).running is None
+
+
+def test_a_reconciliation_waits_out_a_failing_page_and_reports_once() -> None:
+    world = World()
+    world.enrol("m-1")
+    world.settle()
+    world.face.create_person("gone")
+    world.sync.request_reconcile(dry_run=True)
+    world.face.fail["list_persons"] = [refused(500, "InternalServerError")]
+    world.sync.run_once()
+    waiting = world.sync.reconciliation
+    assert waiting is not None and waiting.running and "retrying" in waiting.waiting
+    world.clock.advance(2)
+    world.sync.run_once()
+    world.sync.run_once()
+    done = world.sync.reconciliation
+    assert done is not None and not done.running
+    assert [(c.kind, c.applied) for c in done.changes] == [(ChangeKind.ORPHAN_PERSON, False)]
 
 
 def test_the_group_id_is_validated() -> None:

@@ -275,23 +275,33 @@ def test_sync_reports_then_repairs_what_differs(
         face.delete_face(obama.person_id, gate.persons()["m-obama"][0])
 
         target = f"127.0.0.1:{gate.server.port}"
-        dry = run_cli("sync", "--dry-run", "--json", "--target", target)
-        changes = json.loads(dry)["changes"]
-        kinds = sorted((c["kind"], c["applied"]) for c in changes)
+        started = json.loads(run_cli("sync", "--dry-run", "--json", "--target", target))
+        assert started["running"]["phase"] == "persons" and "finished" not in started
+        assert "reconciliation 1 (dry run): persons" in run_cli("status", "--target", target)
+        cloud = gate.server.gate.replayer
+        assert cloud is not None
+        while cloud.reconciling:  # the background's ticks, a page each
+            cloud.run_once()
+        # The next `facegate sync` answers at once with the finished one's report.
+        dry = json.loads(run_cli("sync", "--dry-run", "--json", "--target", target))
+        kinds = sorted((c["kind"], c.get("applied", False)) for c in dry["changes"])
         assert kinds == [
             ("SYNC_CHANGE_KIND_MISSING_FACE", False),
             ("SYNC_CHANGE_KIND_ORPHAN_PERSON", False),
         ]
+        assert dry["finished"]["reconciliation_id"] == "1"
+        assert dry["running"]["reconciliation_id"] == "2"  # and started another
         assert orphan in gate.persons().get("someone-else", []) or "someone-else" in gate.persons()
 
-        applied = gate.stub.SyncCloud(pb.SyncCloudRequest(), timeout=60)
+        applied = gate.sync()  # queued behind dry run 2, still running: 3
         assert all(c.applied for c in applied.changes) and len(applied.changes) == 2
         assert "someone-else" not in gate.persons()
         assert len(gate.persons()["m-obama"]) == 2
-        again = gate.stub.SyncCloud(pb.SyncCloudRequest(dry_run=True), timeout=60)
+        again = gate.sync(dry_run=True)
         assert list(again.changes) == []
         plain = run_cli("status", "--target", target)
         assert "routing: cloud-first" in plain and "outbox depth: 0" in plain
+        assert "reconciliation 4 (dry run): done" in plain
 
 
 def run_cli(*args: str) -> str:

@@ -445,6 +445,8 @@ def format_status(status: pb.GetStatusResponse) -> str:
         for parked in status.parked:
             face = f" face {parked.face_id}" if parked.face_id else ""
             lines.append(f"  {parked.kind} {parked.member_id}{face}: {parked.reason}")
+    if status.HasField("reconciliation"):
+        lines.append(f"cloud sync: {format_reconciliation(status.reconciliation)}")
     if status.cloud_cost:
         lines.append(f"cloud cost: {status.cloud_cost}")
     if status.last_cloud_error:
@@ -485,26 +487,54 @@ def _cmd_status(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -
     _show(args, out, status, format_status(status))
 
 
+def format_reconciliation(r: pb.Reconciliation) -> str:
+    """`reconciliation 3 (dry run): persons, 2000 cloud persons and 0 members checked, 1
+    difference so far`."""
+    kind = " (dry run)" if r.dry_run else ""
+    return (
+        f"reconciliation {r.reconciliation_id}{kind}: {r.phase}, {r.persons_checked} cloud"
+        f" persons and {r.members_checked} members checked, {r.changes_found} differences"
+        + (" so far" if r.phase != "done" else "")
+        + (f" ({r.waiting})" if r.waiting else "")
+    )
+
+
 def _cmd_sync(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -> None:
     response = client.sync_cloud(
-        dry_run=args.dry_run, retry_parked=args.retry_parked, timeout=args.timeout or 300.0
+        dry_run=args.dry_run, retry_parked=args.retry_parked, timeout=args.timeout
     )
-    if args.json:
-        _print_json(response, out)
-        return
     if args.retry_parked:
-        print(f"{response.retried} parked changes put back in line", file=out)
+        if args.json:
+            _print_json(response, out)
+        else:
+            print(f"{response.retried} parked changes put back in line", file=out)
         return
+    waited = args.wait is not None and response.HasField("running")
+    if waited:
+        response = client.wait_for_sync(response.running.reconciliation_id, timeout=args.wait)
     if args.json:
         _print_json(response, out)
         return
+    if response.HasField("running"):
+        print(
+            format_reconciliation(response.running)
+            + " (runs in the background: `facegate sync --wait` shows its report)",
+            file=out,
+        )
+    if not response.HasField("finished"):
+        return
+    finished = response.finished
+    if not waited:
+        print(f"the last finished {format_reconciliation(finished)}:", file=out)
     for change in response.changes:
         print(format_change(change), file=out)
-    verb = "would change" if args.dry_run else "changed"
+    verb = "would change" if finished.dry_run else "changed"
     applied = sum(c.applied for c in response.changes)
+    shown = len(response.changes)
     print(
-        f"{len(response.changes)} differences; {verb} "
-        f"{len(response.changes) if args.dry_run else applied}",
+        f"{finished.changes_found} differences"
+        + (f" ({shown} shown)" if shown < finished.changes_found else "")
+        + f"; {verb} {shown if finished.dry_run else applied}",
         file=out,
     )
 
@@ -541,7 +571,7 @@ def _run_client_command(handler: Handler) -> Callable[[argparse.Namespace], int]
         except (_LocalFileError, _UsageError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        except FaceGateError as err:
+        except (FaceGateError, TimeoutError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
         return 0
@@ -726,6 +756,16 @@ def _add_client_commands(
         "--retry-parked",
         action="store_true",
         help="instead, put the changes the cloud refused (see `facegate status`) back in line",
+    )
+    sync.add_argument(
+        "--wait",
+        nargs="?",
+        type=float,
+        const=600.0,
+        metavar="SECONDS",
+        help="wait until the reconciliation has finished (at most SECONDS, default 600)"
+        " and show its report; without it, sync answers at once with the last finished"
+        " one's",
     )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import json
+import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from types import TracebackType
@@ -444,13 +445,53 @@ class FaceGateClient:
         return response
 
     def sync_cloud(
-        self, *, dry_run: bool = False, retry_parked: bool = False, timeout: float | None = 300.0
+        self,
+        *,
+        dry_run: bool = False,
+        retry_parked: bool = False,
+        report_only: bool = False,
+        timeout: float | None = None,
     ) -> pb.SyncCloudResponse:
-        """Reconcile the cloud group with the server's store (slow: lists the whole group);
-        with `retry_parked`, only put the parked outbox entries back in line."""
+        """Start a reconciliation of the cloud group with the server's store, or join the
+        running one of the same kind. The server runs it in the background and answers at
+        once: `running` is the reconciliation started or joined, `finished` the last one
+        that finished, `changes` its differences (`wait_for_sync` waits for yours). With
+        `report_only`, start nothing; with `retry_parked`, only put the parked outbox
+        entries back in line."""
         response: pb.SyncCloudResponse = self._call(
             self._stub.SyncCloud,
-            pb.SyncCloudRequest(dry_run=dry_run, retry_parked=retry_parked),
+            pb.SyncCloudRequest(
+                dry_run=dry_run, retry_parked=retry_parked, report_only=report_only
+            ),
             timeout,
         )
         return response
+
+    def wait_for_sync(
+        self,
+        reconciliation_id: int,
+        *,
+        timeout: float = 600.0,
+        every: float = 1.0,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> pb.SyncCloudResponse:
+        """Ask every `every` seconds (SyncCloud with report_only) until reconciliation
+        `reconciliation_id` has finished; the answer whose `finished` it is (or a later
+        one's, when another finished in between). TimeoutError after `timeout` seconds,
+        saying how far it has gone."""
+        deadline = clock() + timeout
+        while True:
+            response = self.sync_cloud(report_only=True)
+            if response.finished.reconciliation_id >= reconciliation_id:
+                return response
+            if clock() >= deadline:
+                progress = response.running
+                raise TimeoutError(
+                    f"reconciliation {reconciliation_id} still running after {timeout:g} s"
+                    f" ({progress.phase}: {progress.persons_checked} cloud persons and"
+                    f" {progress.members_checked} members checked"
+                    + (f"; {progress.waiting}" if progress.waiting else "")
+                    + "); `facegate sync --wait` again waits for it"
+                )
+            sleep(every)

@@ -221,6 +221,7 @@ def build_engine(
             cloud_readiness=sync.health.state.describe(),
             outbox_waiting=sync.waiting,
             cloud_cost=prices.describe(sync.face.counter.totals()),
+            reconciliation=sync.reconciliation,
             **workers(),
         )
 

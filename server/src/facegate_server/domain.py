@@ -344,6 +344,8 @@ class EngineStatus:
     """The recognition queue's counts (admitted, refused_full, lost, retried, ...)."""
     can_decide: bool = True
     """A recognition worker is running, or the cloud is reachable."""
+    reconciliation: Reconciliation | None = None
+    """The running reconciliation (`facegate sync`), else the last finished one."""
 
 
 @dataclass(frozen=True)
@@ -388,3 +390,31 @@ class Change:
     person_id: str
     detail: str
     applied: bool
+
+
+@dataclass(frozen=True)
+class Reconciliation:
+    """A reconciliation of the cloud group with the store, as far as it has gone."""
+
+    reconciliation_id: int
+    dry_run: bool
+    phase: str
+    """queued, persons, members or done."""
+    persons_checked: int = 0
+    members_checked: int = 0
+    changes_found: int = 0
+    waiting: str = ""
+    changes: tuple[Change, ...] = ()
+    """The first differences found (at most cloud/sync.py's REPORTED)."""
+
+    @property
+    def running(self) -> bool:
+        return self.phase != "done"
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    """SyncCloud's answer: the reconciliation started or joined, the last finished one."""
+
+    running: Reconciliation | None
+    finished: Reconciliation | None

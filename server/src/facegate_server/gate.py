@@ -17,12 +17,10 @@ from datetime import UTC, datetime, timedelta
 
 from facegate_server import membership as rules
 from facegate_server import validation
-from facegate_server.cloud.azure import CloudFailure
 from facegate_server.cloud.sync import CloudSync
 from facegate_server.domain import (
     AccessEvent,
     AccessKind,
-    Change,
     Decision,
     EngineStatus,
     EventFilter,
@@ -34,11 +32,11 @@ from facegate_server.domain import (
     NewAccessEvent,
     SearchResult,
     Status,
+    SyncReport,
 )
 from facegate_server.engines.base import RecognitionEngine
 from facegate_server.errors import (
     CloudNotConfigured,
-    CloudUnavailable,
     FaceGateError,
     InvalidArgument,
     MemberAlreadyExists,
@@ -340,13 +338,12 @@ class Gate:
             raise CloudNotConfigured("no cloud engine is configured (FACEGATE_AZURE_ENDPOINT)")
         return self.replayer.retry_parked()
 
-    def sync_cloud(self, dry_run: bool) -> list[Change]:
+    def sync_cloud(self, dry_run: bool, *, report_only: bool = False) -> SyncReport:
+        """Start (or join) a reconciliation in the replayer's background and answer at once
+        with it and the last finished one; with report_only, start nothing."""
         if self.replayer is None:
             raise CloudNotConfigured("no cloud engine is configured (FACEGATE_AZURE_ENDPOINT)")
-        try:
-            return self.replayer.reconcile(dry_run)
-        except CloudFailure as failure:
-            raise CloudUnavailable(f"the cloud could not be reconciled: {failure.detail}") from None
+        return self.replayer.request_reconcile(dry_run, report_only=report_only)
 
     def _check_absent(self, member_id: str) -> None:
         """Fail fast (before seconds of encoding) when the id is taken; create re-checks."""

@@ -1557,6 +1557,7 @@ class GetStatusResponse(_message.Message):
     ADMISSION_FIELD_NUMBER: _builtins.int
     REFUSALS_FIELD_NUMBER: _builtins.int
     CAN_DECIDE_FIELD_NUMBER: _builtins.int
+    RECONCILIATION_FIELD_NUMBER: _builtins.int
     routing_policy: _builtins.str
     """The routing policy: "cloud-first", "local-first" or "local-only"."""
     circuit_state: Global___CircuitState.ValueType
@@ -1633,6 +1634,12 @@ class GetStatusResponse(_message.Message):
         rate are counted here rather than logged one by one.
         """
 
+    @_builtins.property
+    def reconciliation(self) -> Global___Reconciliation:
+        """The running reconciliation (`facegate sync`), else the last finished one;
+        unset if none ran since the server started.
+        """
+
     def __init__(
         self,
         *,
@@ -1655,10 +1662,11 @@ class GetStatusResponse(_message.Message):
         admission: _abc.Iterable[Global___Count] | None = ...,
         refusals: _abc.Iterable[Global___Count] | None = ...,
         can_decide: _builtins.bool = ...,
+        reconciliation: Global___Reconciliation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_cloud_error_time", b"last_cloud_error_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_cloud_error_time", b"last_cloud_error_time", "reconciliation", b"reconciliation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "can_decide", b"can_decide", "circuit_state", b"circuit_state", "cloud_cost", b"cloud_cost", "cloud_readiness", b"cloud_readiness", "cloud_training", b"cloud_training", "cloud_transactions", b"cloud_transactions", "decisions", b"decisions", "last_cloud_error", b"last_cloud_error", "last_cloud_error_time", b"last_cloud_error_time", "member_count", b"member_count", "outbox_depth", b"outbox_depth", "outbox_parked", b"outbox_parked", "outbox_waiting", b"outbox_waiting", "parked", b"parked", "recognition_queue", b"recognition_queue", "refusals", b"refusals", "routing_policy", b"routing_policy", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "can_decide", b"can_decide", "circuit_state", b"circuit_state", "cloud_cost", b"cloud_cost", "cloud_readiness", b"cloud_readiness", "cloud_training", b"cloud_training", "cloud_transactions", b"cloud_transactions", "decisions", b"decisions", "last_cloud_error", b"last_cloud_error", "last_cloud_error_time", b"last_cloud_error_time", "member_count", b"member_count", "outbox_depth", b"outbox_depth", "outbox_parked", b"outbox_parked", "outbox_waiting", b"outbox_waiting", "parked", b"parked", "recognition_queue", b"recognition_queue", "reconciliation", b"reconciliation", "refusals", b"refusals", "routing_policy", b"routing_policy", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1744,25 +1752,86 @@ class SyncCloudRequest(_message.Message):
 
     DRY_RUN_FIELD_NUMBER: _builtins.int
     RETRY_PARKED_FIELD_NUMBER: _builtins.int
+    REPORT_ONLY_FIELD_NUMBER: _builtins.int
     dry_run: _builtins.bool
     """Only report what would change."""
     retry_parked: _builtins.bool
     """Instead of reconciling, put every parked outbox entry back in line (the
     photo may have been accepted since, or the cause fixed).
     """
+    report_only: _builtins.bool
+    """Start nothing: only answer with the running reconciliation and the last
+    finished one (what `facegate sync --wait` polls).
+    """
     def __init__(
         self,
         *,
         dry_run: _builtins.bool = ...,
         retry_parked: _builtins.bool = ...,
+        report_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "retry_parked", b"retry_parked"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "report_only", b"report_only", "retry_parked", b"retry_parked"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SyncCloudRequest: _TypeAlias = SyncCloudRequest  # noqa: Y015
+
+@_typing.final
+class Reconciliation(_message.Message):
+    """A reconciliation of the cloud group with the store. It runs in the
+    server's background, a page of the group (then of the members) at a time
+    between outbox replays, and reads no photo but a kept one it re-adds.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECONCILIATION_ID_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    PERSONS_CHECKED_FIELD_NUMBER: _builtins.int
+    MEMBERS_CHECKED_FIELD_NUMBER: _builtins.int
+    CHANGES_FOUND_FIELD_NUMBER: _builtins.int
+    WAITING_FIELD_NUMBER: _builtins.int
+    reconciliation_id: _builtins.int
+    """Numbered from 1 since the server started."""
+    dry_run: _builtins.bool
+    """Only reporting what differs."""
+    phase: _builtins.str
+    """"queued" (behind a running one of the other kind), "persons" (paging
+    through the cloud group), "members" (paging through the store) or
+    "done".
+    """
+    persons_checked: _builtins.int
+    """Cloud persons and store members checked so far."""
+    members_checked: _builtins.int
+    changes_found: _builtins.int
+    """Differences found so far (SyncCloudResponse.changes lists at most the
+    first 5,000 of a finished one).
+    """
+    waiting: _builtins.str
+    """Why it is not moving now (the outbox's pause: see
+    GetStatusResponse.outbox_waiting); empty while it moves.
+    """
+    def __init__(
+        self,
+        *,
+        reconciliation_id: _builtins.int = ...,
+        dry_run: _builtins.bool = ...,
+        phase: _builtins.str = ...,
+        persons_checked: _builtins.int = ...,
+        members_checked: _builtins.int = ...,
+        changes_found: _builtins.int = ...,
+        waiting: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes_found", b"changes_found", "dry_run", b"dry_run", "members_checked", b"members_checked", "persons_checked", b"persons_checked", "phase", b"phase", "reconciliation_id", b"reconciliation_id", "waiting", b"waiting"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Reconciliation: _TypeAlias = Reconciliation  # noqa: Y015
 
 @_typing.final
 class SyncChange(_message.Message):
@@ -1810,21 +1879,40 @@ class SyncCloudResponse(_message.Message):
 
     CHANGES_FIELD_NUMBER: _builtins.int
     RETRIED_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    FINISHED_FIELD_NUMBER: _builtins.int
     retried: _builtins.int
     """With retry_parked: how many parked entries were put back in line."""
     @_builtins.property
     def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___SyncChange]:
-        """Every difference found."""
+        """The differences the last finished reconciliation found (`finished`);
+        empty if none has finished since the server started. SyncCloud answers at
+        once: the reconciliation it started runs in the background.
+        """
+
+    @_builtins.property
+    def running(self) -> Global___Reconciliation:
+        """The reconciliation this request started or joined (a running one of the
+        same kind is joined), or with report_only the running one; unset if none.
+        """
+
+    @_builtins.property
+    def finished(self) -> Global___Reconciliation:
+        """The last finished reconciliation, whose differences `changes` lists;
+        unset if none.
+        """
 
     def __init__(
         self,
         *,
         changes: _abc.Iterable[Global___SyncChange] | None = ...,
         retried: _builtins.int = ...,
+        running: Global___Reconciliation | None = ...,
+        finished: Global___Reconciliation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["finished", b"finished", "running", b"running"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "retried", b"retried"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "finished", b"finished", "retried", b"retried", "running", b"running"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -225,8 +225,12 @@ class FaceGateServiceServicer:
     def SyncCloud(self, request, context):
         """Reconciles the cloud group with FaceGate's store: creates missing persons
         and faces, deletes persons and faces FaceGate does not know, and reports
-        every change. With dry_run it only reports. FAILED_PRECONDITION when no
-        cloud engine is configured; UNAVAILABLE when the cloud cannot be reached.
+        every change. With dry_run it only reports. It starts a reconciliation (or
+        joins the running one of the same kind) that runs in the server's
+        background, and answers at once with it and the last finished one's
+        report; report_only polls. FAILED_PRECONDITION when no cloud engine is
+        configured; while the cloud cannot be reached, the reconciliation waits
+        (Reconciliation.waiting says why).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

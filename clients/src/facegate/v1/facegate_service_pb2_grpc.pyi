@@ -119,8 +119,12 @@ class FaceGateServiceStub:
     SyncCloud: _grpc.UnaryUnaryMultiCallable[_facegate_service_pb2.SyncCloudRequest, _facegate_service_pb2.SyncCloudResponse]
     """Reconciles the cloud group with FaceGate's store: creates missing persons
     and faces, deletes persons and faces FaceGate does not know, and reports
-    every change. With dry_run it only reports. FAILED_PRECONDITION when no
-    cloud engine is configured; UNAVAILABLE when the cloud cannot be reached.
+    every change. With dry_run it only reports. It starts a reconciliation (or
+    joins the running one of the same kind) that runs in the server's
+    background, and answers at once with it and the last finished one's
+    report; report_only polls. FAILED_PRECONDITION when no cloud engine is
+    configured; while the cloud cannot be reached, the reconciliation waits
+    (Reconciliation.waiting says why).
     """
     SearchFaces: _grpc.UnaryUnaryMultiCallable[_facegate_service_pb2.SearchFacesRequest, _facegate_service_pb2.SearchFacesResponse]
     """Scores the face in a frame against the enrolled members without deciding
@@ -200,8 +204,12 @@ class FaceGateServiceAsyncStub(FaceGateServiceStub):
     SyncCloud: _aio.UnaryUnaryMultiCallable[_facegate_service_pb2.SyncCloudRequest, _facegate_service_pb2.SyncCloudResponse]  # type: ignore[assignment]
     """Reconciles the cloud group with FaceGate's store: creates missing persons
     and faces, deletes persons and faces FaceGate does not know, and reports
-    every change. With dry_run it only reports. FAILED_PRECONDITION when no
-    cloud engine is configured; UNAVAILABLE when the cloud cannot be reached.
+    every change. With dry_run it only reports. It starts a reconciliation (or
+    joins the running one of the same kind) that runs in the server's
+    background, and answers at once with it and the last finished one's
+    report; report_only polls. FAILED_PRECONDITION when no cloud engine is
+    configured; while the cloud cannot be reached, the reconciliation waits
+    (Reconciliation.waiting says why).
     """
     SearchFaces: _aio.UnaryUnaryMultiCallable[_facegate_service_pb2.SearchFacesRequest, _facegate_service_pb2.SearchFacesResponse]  # type: ignore[assignment]
     """Scores the face in a frame against the enrolled members without deciding
@@ -356,8 +364,12 @@ class FaceGateServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_facegate_service_pb2.SyncCloudResponse, _abc.Awaitable[_facegate_service_pb2.SyncCloudResponse]]:
         """Reconciles the cloud group with FaceGate's store: creates missing persons
         and faces, deletes persons and faces FaceGate does not know, and reports
-        every change. With dry_run it only reports. FAILED_PRECONDITION when no
-        cloud engine is configured; UNAVAILABLE when the cloud cannot be reached.
+        every change. With dry_run it only reports. It starts a reconciliation (or
+        joins the running one of the same kind) that runs in the server's
+        background, and answers at once with it and the last finished one's
+        report; report_only polls. FAILED_PRECONDITION when no cloud engine is
+        configured; while the cloud cannot be reached, the reconciliation waits
+        (Reconciliation.waiting says why).
         """
 
     @_abc_1.abstractmethod

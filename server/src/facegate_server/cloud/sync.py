@@ -31,11 +31,16 @@ for: a new person is created, and a background sweep pages through the group (on
 tick) for persons tagged with this store's identity that FaceGate does not remember, and
 deletes them — never a full listing on the replay path.
 
-`reconcile` (`facegate sync`) compares the group with the store and repairs what differs:
-members without a person, faces missing from a person, and this store's persons and faces
-that FaceGate does not know (orphans). A person another store made (another tag) is never
-touched. It pages through the group and reads no photo but the kept one it re-adds. With
-dry_run it only reports.
+A reconciliation (`facegate sync`, SyncCloud) compares the group with the store and repairs
+what differs: members without a person, faces missing from a person, and this store's
+persons and faces that FaceGate does not know (orphans). A person another store made
+(another tag) is never touched. With dry_run it only reports. SyncCloud only starts one (or
+joins the running one) and answers at once with the last finished one's report; the
+replayer's thread runs it a page per tick after the outbox's replays, so enrolments and
+Identify keep moving: first the group's persons (one call a page, faces compared with the
+store's), then the store's members (those whose person the group did not hold). It keeps
+no more than the ids of the persons it has seen, and reads no photo but a kept one it
+re-adds.
 """
 
 from __future__ import annotations
@@ -45,11 +50,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from facegate_server.cloud.azure import PAGE, AzureFace, CloudFailure
 from facegate_server.cloud.engine import CloudPeople
 from facegate_server.cloud.health import CloudHealth, Readiness
-from facegate_server.domain import Change, ChangeKind, EngineOutcome, OutboxEntry
+from facegate_server.domain import (
+    Change,
+    ChangeKind,
+    EngineOutcome,
+    OutboxEntry,
+    Reconciliation,
+    SyncReport,
+)
 from facegate_server.store import Store
 
 log = logging.getLogger(__name__)
@@ -64,6 +77,10 @@ check costs two transactions)."""
 FAILED_TRAINING_RETRY = 30.0
 CALLS_PER_ENTRY = 2  # an add-face: a person create (the member's first) and the add
 CLIENT_RATE_LIMIT = "ClientRateLimit"
+MEMBER_PAGE = 1_000
+"""Store members a reconciliation checks a tick (the group's persons: PAGE a tick)."""
+REPORTED = 5_000
+"""The differences a reconciliation keeps to report (it counts them all)."""
 
 
 def face_tag(face_id: int) -> str:
@@ -123,6 +140,11 @@ class CloudSync:
         self._sweep_from: str | None = None
         self.last_error = ""
         self.last_error_time = 0.0
+        self._reconcile_lock = threading.Lock()  # guards the three below (SyncCloud reads)
+        self._reconciling: _Reconcile | None = None
+        self._reconcile_queued: _Reconcile | None = None  # of the other kind, behind it
+        self._reconciled: Reconciliation | None = None  # the last finished one
+        self._reconcile_count = 0
 
     # The background thread
     def start(self) -> None:
@@ -147,8 +169,13 @@ class CloudSync:
                 log.exception("cloud sync failed")
             # Sooner when only our own rate limit holds the outbox back.
             due = self._retry_at - self._clock()
-            rate_bound = self.waiting.startswith("keeping to")
-            self._wake.wait(max(0.05, min(self.interval, due)) if rate_bound else self.interval)
+            if self.waiting.startswith("keeping to"):
+                delay = max(0.05, min(self.interval, due))
+            elif self._reconciling is not None and not self.waiting:
+                delay = 0.0  # the next page now: replays still come first each tick
+            else:
+                delay = self.interval
+            self._wake.wait(delay)
             self._wake.clear()
 
     def run_once(self) -> None:
@@ -167,6 +194,7 @@ class CloudSync:
                 self._replay_all()
                 self._train()
                 self._sweep_page()
+                self._reconcile_page()
             except CloudFailure as failure:
                 self._failed(failure)
                 return
@@ -371,6 +399,8 @@ class CloudSync:
             self._start_sweep()
         person_id = self.face.create_person(member_id)
         self.people.save(member_id, person_id)
+        if self._reconciling is not None:
+            self._reconciling.seen.add(person_id)  # made after its page was read, perhaps
         return person_id
 
     def _add_face(self, entry: OutboxEntry, uncertain: bool) -> None:
@@ -477,120 +507,228 @@ class CloudSync:
             persisted = self.face.add_face(person_id, photo, face_tag(face_id))
             self.store.save_cloud_face(face_id, persisted)
 
-    # `facegate sync`
-    def reconcile(self, dry_run: bool) -> list[Change]:
-        """Compare the cloud group with the store; repair the differences unless dry_run."""
-        with self._lock:
+    # `facegate sync`: a reconciliation, a page per tick in the background
+    def request_reconcile(self, dry_run: bool, *, report_only: bool = False) -> SyncReport:
+        """Start a reconciliation, or join the running one of the same kind (one of the
+        other kind is queued behind it); answer at once with it and the last finished one.
+        With report_only, start nothing."""
+        with self._reconcile_lock:
+            if report_only:
+                chosen = self._reconciling
+            elif self._reconciling is None:
+                chosen = self._reconciling = self._new_reconcile(dry_run)
+            elif self._reconciling.dry_run == dry_run:
+                chosen = self._reconciling
+            else:
+                if self._reconcile_queued is None:
+                    self._reconcile_queued = self._new_reconcile(dry_run)
+                chosen = self._reconcile_queued
+            report = SyncReport(
+                running=self._view(chosen) if chosen is not None else None,
+                finished=self._reconciled,
+            )
+        if not report_only:
+            self.wake()
+        return report
+
+    @property
+    def reconciliation(self) -> Reconciliation | None:
+        """The running reconciliation, else the last finished one (`facegate status`)."""
+        with self._reconcile_lock:
+            if self._reconciling is not None:
+                return self._view(self._reconciling)
+            return self._reconciled
+
+    @property
+    def reconciling(self) -> bool:
+        return self._reconciling is not None
+
+    def _new_reconcile(self, dry_run: bool) -> _Reconcile:
+        self._reconcile_count += 1
+        log.info(
+            "cloud reconciliation requested",
+            extra={"reconciliation": self._reconcile_count, "dry_run": dry_run},
+        )
+        return _Reconcile(self._reconcile_count, dry_run)
+
+    def _view(self, r: _Reconcile) -> Reconciliation:
+        queued = r is self._reconcile_queued
+        return Reconciliation(
+            r.reconciliation_id,
+            r.dry_run,
+            "queued" if queued else r.phase,
+            r.persons_checked,
+            r.members_checked,
+            r.found,
+            "" if queued else self.waiting,
+        )
+
+    def _reconcile_page(self) -> None:
+        """One page of the running reconciliation: the cloud group's persons first (one
+        call a page), then the store's members. A page that fails is read again at the next
+        tick; what it applied before failing is reported once (the cloud no longer differs)."""
+        r = self._reconciling
+        if r is None:
+            return
+        if not r.began:
             self._group_checked = False  # the group itself may have gone
             self._ensure_group()
-            return self._reconcile(dry_run)
+            r.began = True
+        noted: list[Change] = []
+        try:
+            if r.phase == "persons":
+                self._reconcile_persons(r, noted)
+            else:
+                self._reconcile_members(r, noted)
+        except CloudFailure:
+            r.note([c for c in noted if c.applied])
+            raise
+        r.note(noted)
+        if r.phase == "done":
+            self._reconciled_one(r)
 
-    def _reconcile(self, dry_run: bool) -> list[Change]:
-        changes: list[Change] = []
+    def _reconcile_persons(self, r: _Reconcile, noted: list[Change]) -> None:
+        page, following = self.face.persons_page(r.cursor, PAGE)
         remembered = {p.person_id: p for p in self.people.all()}
-        # This store's persons only: tagged with its identity, or remembered by their id.
-        cloud = {
-            p.person_id: p
-            for p in self.face.persons()
-            if p.person_id in remembered or self.face.member_of(p) is not None
-        }
         pending = self.store.outbox_members()
-        apply = not dry_run
-
-        def note(kind: ChangeKind, member: str, person: str, detail: str, done: bool) -> None:
-            changes.append(Change(kind, member, person, detail, done))
-
-        # Persons the store does not know, or knows as deleted: orphans.
-        for person_id, orphan in cloud.items():
-            known = remembered.get(person_id)
-            if known is not None and not known.deleted:
-                continue
-            owner = known.member_id if known is not None else self.face.member_of(orphan)
+        apply = not r.dry_run
+        for info in page:
+            known = remembered.get(info.person_id)
+            owner = known.member_id if known is not None else self.face.member_of(info)
+            if owner is None:
+                continue  # another store's person: never touched
+            r.persons_checked += 1
+            r.seen.add(info.person_id)
             if owner in pending:
-                continue  # its deletion (or its creation) is waiting in the outbox
-            if apply:
-                self.face.delete_person(person_id)
-                if known is not None:
-                    self.people.forget(person_id)
-            note(
-                ChangeKind.ORPHAN_PERSON,
-                owner or orphan.user_data,
-                person_id,
-                "deleted from the cloud" if apply else "would be deleted from the cloud",
-                apply,
-            )
-
-        # Members whose person or faces are missing in the cloud.
-        after = ""
-        while True:
-            members = self.store.list_members(1000, after)
-            if not members:
-                break
-            after = members[-1].member_id
-            for member in members:
-                if member.member_id in pending:
-                    continue  # the outbox will create it
-                person = self.people.person_of(member.member_id)
-                faces = self.store.faces(member.member_id, photos=False)
-                info = cloud.get(person.person_id) if person is not None else None
-                restorable = [f for f in faces if f.photo_kept]
-                if info is None:
-                    detail = f"no cloud person; {len(restorable)} of {len(faces)} photos kept"
-                    done = False
-                    if apply and restorable:
-                        if person is not None:
-                            self.people.forget(person.person_id)
-                        person_id = self._create_person(member.member_id, uncertain=False)
-                        for face in restorable:
-                            self._restore(person_id, face.face_id)
-                        done = True
-                    if not restorable:
-                        detail += ": re-enrol the member (or keep photos: FACEGATE_KEEP_PHOTOS)"
-                    note(
-                        ChangeKind.MISSING_PERSON,
-                        member.member_id,
-                        person.person_id if person else "",
-                        detail,
-                        done,
+                continue  # the outbox is changing it (creating, adding to or deleting it)
+            if known is None or known.deleted:  # an orphan: the store does not know it
+                if apply:
+                    self.face.delete_person(info.person_id)
+                    if known is not None:
+                        self.people.forget(info.person_id)
+                noted.append(
+                    Change(
+                        ChangeKind.ORPHAN_PERSON,
+                        owner,
+                        info.person_id,
+                        "deleted from the cloud" if apply else "would be deleted from the cloud",
+                        apply,
                     )
+                )
+                continue
+            faces = self.store.faces(owner, photos=False)
+            in_cloud = set(info.persisted_face_ids)
+            known_faces = {f.persisted_face_id for f in faces if f.persisted_face_id}
+            for face in faces:
+                if face.persisted_face_id in in_cloud:
                     continue
-                assert person is not None
-                in_cloud = set(info.persisted_face_ids)
-                known_faces = {f.persisted_face_id for f in faces if f.persisted_face_id}
-                for face in faces:
-                    if face.persisted_face_id in in_cloud:
-                        continue
-                    done = False
-                    if apply and face.photo_kept:
-                        self._restore(person.person_id, face.face_id)
-                        done = True
-                    note(
+                done = False
+                if apply and face.photo_kept:
+                    self._restore(info.person_id, face.face_id)
+                    done = True
+                noted.append(
+                    Change(
                         ChangeKind.MISSING_FACE,
-                        member.member_id,
-                        person.person_id,
+                        owner,
+                        info.person_id,
                         f"face {face.face_id} is not in the cloud"
                         + ("" if face.photo_kept else " (photo not kept)"),
                         done,
                     )
-                for persisted in sorted(in_cloud - known_faces):
-                    if apply:
-                        self.face.delete_face(person.person_id, persisted)
-                    note(
+                )
+            for persisted in sorted(in_cloud - known_faces):
+                if apply:
+                    self.face.delete_face(info.person_id, persisted)
+                noted.append(
+                    Change(
                         ChangeKind.ORPHAN_FACE,
-                        member.member_id,
-                        person.person_id,
+                        owner,
+                        info.person_id,
                         f"cloud face {persisted} is not FaceGate's",
                         apply,
                     )
-        if apply and any(c.applied for c in changes):
+                )
+        r.cursor = following
+        if following is None:
+            r.phase, r.after = "members", ""
+
+    def _reconcile_members(self, r: _Reconcile, noted: list[Change]) -> None:
+        """Members whose person the group did not hold (persons made since the group was
+        paged through are counted as seen: `_create_person`)."""
+        members = self.store.list_members(MEMBER_PAGE, r.after)
+        if not members:
+            r.phase = "done"
+            return
+        pending = self.store.outbox_members()
+        persons = {p.member_id: p for p in self.people.all() if not p.deleted}
+        apply = not r.dry_run
+        for member in members:
+            r.members_checked += 1
+            person = persons.get(member.member_id)
+            if member.member_id in pending or (person is not None and person.person_id in r.seen):
+                continue
+            faces = self.store.faces(member.member_id, photos=False)
+            restorable = [f for f in faces if f.photo_kept]
+            detail = f"no cloud person; {len(restorable)} of {len(faces)} photos kept"
+            done = False
+            if apply and restorable:
+                if person is not None:
+                    self.people.forget(person.person_id)
+                person_id = self._create_person(member.member_id, uncertain=False)
+                for face in restorable:
+                    self._restore(person_id, face.face_id)
+                done = True
+            if not restorable:
+                detail += ": re-enrol the member (or keep photos: FACEGATE_KEEP_PHOTOS)"
+            noted.append(
+                Change(
+                    ChangeKind.MISSING_PERSON,
+                    member.member_id,
+                    person.person_id if person else "",
+                    detail,
+                    done,
+                )
+            )
+        r.after = members[-1].member_id
+        if len(members) < MEMBER_PAGE:
+            r.phase = "done"  # the last page
+
+    def _reconciled_one(self, r: _Reconcile) -> None:
+        if any(c.applied for c in r.changes):
             self._changed()
-            self._train()
+        with self._reconcile_lock:
+            self._reconciled = replace(self._view(r), waiting="", changes=tuple(r.changes))
+            self._reconciling, self._reconcile_queued = self._reconcile_queued, None
         log.info(
             "cloud reconciled",
             extra={
-                "dry_run": dry_run,
-                "changes": len(changes),
-                "applied": sum(c.applied for c in changes),
+                "reconciliation": r.reconciliation_id,
+                "dry_run": r.dry_run,
+                "persons": r.persons_checked,
+                "members": r.members_checked,
+                "changes": r.found,
+                "applied": sum(c.applied for c in r.changes),
             },
         )
-        return changes
+
+
+class _Reconcile:
+    """A reconciliation's progress, kept between ticks (only the replayer's thread moves it)."""
+
+    def __init__(self, reconciliation_id: int, dry_run: bool) -> None:
+        self.reconciliation_id = reconciliation_id
+        self.dry_run = dry_run
+        self.began = False
+        self.phase = "persons"
+        self.cursor: str | None = None  # the persons page to read next
+        self.after = ""  # the last member checked
+        self.seen: set[str] = set()
+        """This store's persons the group holds (ids only: no faces, no photos)."""
+        self.persons_checked = 0
+        self.members_checked = 0
+        self.found = 0
+        self.changes: list[Change] = []
+
+    def note(self, changes: list[Change]) -> None:
+        self.found += len(changes)
+        self.changes.extend(changes[: max(0, REPORTED - len(self.changes))])

@@ -25,8 +25,10 @@ from facegate_server.domain import (
     MemberPhoto,
     Membership,
     MembershipRule,
+    Reconciliation,
     SearchResult,
     Status,
+    SyncReport,
 )
 from facegate_server.errors import InvalidArgument
 from facegate_server.gate import IdentifyResult
@@ -300,6 +302,30 @@ def status(s: Status) -> pb.GetStatusResponse:
     )
     if e.last_cloud_error_time is not None:
         message.last_cloud_error_time.CopyFrom(timestamp(e.last_cloud_error_time))
+    if e.reconciliation is not None:
+        message.reconciliation.CopyFrom(reconciliation(e.reconciliation))
+    return message
+
+
+def reconciliation(r: Reconciliation) -> pb.Reconciliation:
+    return pb.Reconciliation(
+        reconciliation_id=r.reconciliation_id,
+        dry_run=r.dry_run,
+        phase=r.phase,
+        persons_checked=r.persons_checked,
+        members_checked=r.members_checked,
+        changes_found=r.changes_found,
+        waiting=r.waiting,
+    )
+
+
+def sync_report(report: SyncReport) -> pb.SyncCloudResponse:
+    message = pb.SyncCloudResponse()
+    if report.running is not None:
+        message.running.CopyFrom(reconciliation(report.running))
+    if report.finished is not None:
+        message.finished.CopyFrom(reconciliation(report.finished))
+        message.changes.extend(sync_change(c) for c in report.finished.changes)
     return message
 
 

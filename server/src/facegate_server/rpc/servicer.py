@@ -250,8 +250,9 @@ class FaceGateServicer(pb_grpc.FaceGateServiceServicer):
     ) -> pb.SyncCloudResponse:
         if request.retry_parked:
             return pb.SyncCloudResponse(retried=self.gate.retry_parked())
-        changes = self.gate.sync_cloud(request.dry_run)
-        return pb.SyncCloudResponse(changes=[serde.sync_change(c) for c in changes])
+        return serde.sync_report(
+            self.gate.sync_cloud(request.dry_run, report_only=request.report_only)
+        )
 
     @rpc
     def SearchFaces(
