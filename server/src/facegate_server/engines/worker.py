@@ -28,6 +28,7 @@ budget), `landmarks`, `encode` and `encode_faces`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import threading
@@ -40,7 +41,7 @@ import numpy as np
 import numpy.typing as npt
 
 from facegate_server.domain import Embedding, FaceBox, FaceQuality
-from facegate_server.engines.images import Decoded, RGBImage, decode_image
+from facegate_server.engines.images import Decoded, RGBImage, decode_image, decode_scaled
 from facegate_server.engines.images import decode as decode  # re-exported: benchmarks use it
 from facegate_server.engines.policy import QualityLimits, choose_face
 
@@ -234,19 +235,31 @@ def measure_quality(pixels: RGBImage, box: FaceBox, points: npt.NDArray[np.float
     )
 
 
-def detect_faces(pixels: RGBImage, detect_pixels: int = DETECT_PIXELS) -> list[FaceBox]:
-    """The faces HOG finds in `pixels`, as boxes in its pixels, in the detector's order.
+HOG_WINDOW = 80
+"""dlib's HOG window: the smallest face it finds, in the pixels it detects on."""
+COARSE_SHARE = 1 / 3
+"""The coarse pass runs at this share of the fine pass's scale (a ninth of its pixels:
+about 284x160 for a 480p frame, a ninth of its time). Measured against 1/2 and 1/4
+(benchmarks/README.md, "Detection"): with the dominant-face ratio of 4 a face half as
+wide as the largest matters, so the coarse pass alone rarely settles a frame; what it
+gives is the largest face's width, which sets the second pass's scale, and a third costs
+least when that second pass must be the fine one."""
+SURE_WINDOWS = 1.0
+"""A face this many HOG windows wide at the scale HOG runs is taken to be found there
+(dlib's boxes go down to about 72 pixels at its scale); only narrower faces may have
+been missed."""
+ENCODE_FACE_PX = 150
+"""The encoder's chip side: the chosen face is landmarked, measured and encoded in pixels
+where it is at least this wide, or at the full resolution if it is smaller there."""
 
-    Detection runs on a copy scaled down to about `detect_pixels` pixels (HOG's cost grows
-    with pixels); an image of a quarter of that or less is upsampled once instead, so that
-    small faces are still found. Boxes are scaled back and clipped to the image.
-    """
+
+def _hog(pixels: RGBImage, scale: float, upsample: int) -> list[FaceBox]:
+    """HOG on `pixels` scaled by `scale` (<= 1) and upsampled `upsample` times; the boxes
+    scaled back to `pixels` and clipped."""
     fr = load_models()
     from PIL import Image
 
     height, width = pixels.shape[:2]
-    scale = min(1.0, math.sqrt(detect_pixels / (width * height)))
-    upsample = 1 if width * height * 4 <= detect_pixels else 0
     if scale < 1.0:
         small = Image.fromarray(pixels).resize(
             (max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BILINEAR
@@ -264,6 +277,80 @@ def detect_faces(pixels: RGBImage, detect_pixels: int = DETECT_PIXELS) -> list[F
         if r > l_ and b > t:
             boxes.append(FaceBox(left=l_, top=t, width=r - l_, height=b - t))
     return boxes
+
+
+def _fine_scale(width: int, height: int, detect_pixels: int) -> tuple[float, int]:
+    """(scale, upsample) of the fine pass: a copy of about `detect_pixels` pixels, or the
+    image upsampled once when it has a quarter of that or less."""
+    scale = min(1.0, math.sqrt(detect_pixels / (width * height)))
+    return scale, 1 if width * height * 4 <= detect_pixels else 0
+
+
+def detect_faces(pixels: RGBImage, detect_pixels: int = DETECT_PIXELS) -> list[FaceBox]:
+    """The faces HOG finds in `pixels`, as boxes in its pixels, in the detector's order.
+
+    Detection runs on a copy scaled down to about `detect_pixels` pixels (HOG's cost grows
+    with pixels); an image of a quarter of that or less is upsampled once instead, so that
+    small faces are still found. Boxes are scaled back and clipped to the image.
+    """
+    height, width = pixels.shape[:2]
+    return _hog(pixels, *_fine_scale(width, height, detect_pixels))
+
+
+def _settled(
+    boxes: Sequence[FaceBox], ratio: float, frame: tuple[int, int], missed_below: float
+) -> bool:
+    """Whether faces narrower than `missed_below` (which a pass may have missed) could not
+    change `choose_face`'s decision on `boxes`.
+
+    They cannot when the largest face found is at least `ratio` times the area of any of
+    them (it stays the largest and, by the size rule, dominant over them; a decision of
+    "several faces" only gains faces) -- unless the decision was made by the centre/side
+    rule, which any face in the middle overturns.
+    """
+    if not boxes:
+        return False
+    order = sorted(boxes, key=lambda b: b.area, reverse=True)
+    if order[0].area < ratio * missed_below * missed_below:
+        return False
+    chosen = choose_face(boxes, ratio, frame)
+    by_position = chosen is not None and len(order) > 1 and order[0].area < ratio * order[1].area
+    return not by_position
+
+
+def find_faces(
+    pixels: RGBImage, dominant_face_ratio: float | None, detect_pixels: int = DETECT_PIXELS
+) -> tuple[list[FaceBox], str]:
+    """The faces `choose_face` needs to decide, coarse to fine; and the passes that ran.
+
+    Enrolment (`dominant_face_ratio` None: any second face matters) runs the fine pass
+    (`detect_faces`). Otherwise a coarse pass first, at COARSE_SHARE of the fine pass's
+    scale; its faces are kept when every face it could have missed (narrower than
+    SURE_WINDOWS HOG windows at its scale) could not change the decision (`_settled`).
+    Else a second pass at the coarsest scale that surely finds every face that could
+    (the largest face's width over the square root of the ratio), at most the fine
+    pass's scale -- and the fine pass itself if that still leaves the decision open.
+    """
+    height, width = pixels.shape[:2]
+    fine, upsample = _fine_scale(width, height, detect_pixels)
+    if dominant_face_ratio is None:
+        return _hog(pixels, fine, upsample), "fine"
+    frame = (width, height)
+    effective = fine * (2 if upsample else 1)  # HOG's pixels per pixel of `pixels`
+    coarse = effective * COARSE_SHARE
+    boxes = _hog(pixels, coarse, 0) if coarse <= 1.0 else []
+    sure = SURE_WINDOWS * HOG_WINDOW
+    if coarse <= 1.0 and _settled(boxes, dominant_face_ratio, frame, sure / coarse):
+        return boxes, "coarse"
+    if boxes:
+        largest = max(b.width for b in boxes)
+        needed = sure * math.sqrt(dominant_face_ratio) / (0.85 * largest)  # boxes move
+        if coarse < needed < effective * 0.9 and needed <= 1.0:
+            middle = _hog(pixels, needed, 0)
+            if _settled(middle, dominant_face_ratio, frame, sure / needed):
+                return middle, "coarse+middle"
+            return _hog(pixels, fine, upsample), "coarse+middle+fine"
+    return _hog(pixels, fine, upsample), "coarse+fine" if coarse <= 1.0 else "fine"
 
 
 def landmarks(pixels: RGBImage, box: FaceBox) -> Any:
@@ -317,22 +404,67 @@ def full_size(box: FaceBox, image: Decoded) -> FaceBox:
     )
 
 
+def _frame_at_least(data: bytes, detect_pixels: int) -> tuple[int, int] | None:
+    """The size (as displayed) a frame must keep when decoded for detection: the fine
+    pass's copy (`detect_pixels`); None when it is not a JPEG or not larger than that."""
+    import io
+    import struct
+
+    from PIL import JpegImagePlugin
+
+    if not data.startswith(b"\xff\xd8\xff"):
+        return None
+    try:
+        header = JpegImagePlugin.JpegImageFile(io.BytesIO(data))
+        width, height = header.size
+        if header.getexif().get(0x0112, 1) >= 5:  # stored sideways
+            width, height = height, width
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error):
+        # the decode proper reports what is wrong
+        return None
+    scale = math.sqrt(detect_pixels / (width * height))
+    if scale >= 1.0:
+        return None
+    return math.ceil(width * scale), math.ceil(height * scale)
+
+
+def _scaled_box(box: FaceBox, by: float, size: tuple[int, int]) -> FaceBox:
+    """`box` scaled by `by`, clipped to `size` (width, height)."""
+    left, top = min(size[0] - 1, round(box.left * by)), min(size[1] - 1, round(box.top * by))
+    return FaceBox(
+        left=left,
+        top=top,
+        width=max(1, min(size[0] - left, round(box.width * by))),
+        height=max(1, min(size[1] - top, round(box.height * by))),
+    )
+
+
 def analyse(data: bytes, max_bytes: int, max_side: int, rules: FaceRules) -> Analysis:
     """Find the faces in an image; measure and encode the one to decide on.
 
-    An image larger than `max_side` is decoded scaled down (engines/images.py): faces are
-    found, measured and encoded in those pixels, and their boxes are reported in the full
-    image's (`width` x `height`).
+    Enrolment photos (`rules.dominant_face_ratio` None) are decoded in full (larger than
+    `max_side`: scaled down, engines/images.py) and searched by the fine pass. Frames to
+    identify are decoded at the smallest JPEG DCT scale that keeps the fine pass's pixels
+    (`images.decode_scaled`) and searched coarse to fine (`find_faces`); when the chosen
+    face is narrower than ENCODE_FACE_PX there and the full decode has more of it, the
+    frame is decoded again in full for its landmarks, measurements and encoding. Boxes
+    are reported in the full image's pixels (`width` x `height`), and so is the quality's
+    face size.
     """
     if _face_recognition is None:
         init_worker()
 
     started = time.perf_counter()
-    image = decode_image(data, max_bytes=max_bytes, max_side=max_side)
+    identify = rules.dominant_face_ratio is not None
+    at_least = _frame_at_least(data, DETECT_PIXELS) if identify else None
+    if at_least is not None:
+        image = decode_scaled(data, at_least, max_bytes=max_bytes, max_side=max_side)
+    else:
+        image = decode_image(data, max_bytes=max_bytes, max_side=max_side)
     pixels = image.pixels
     decoded = time.perf_counter()
 
-    boxes = detect_faces(pixels)
+    boxes, _passes = find_faces(pixels, rules.dominant_face_ratio)
     detected = time.perf_counter()
 
     # The frame's size in the pixels the boxes are in (the decoded, maybe scaled, image).
@@ -340,14 +472,27 @@ def analyse(data: bytes, max_bytes: int, max_side: int, rules: FaceRules) -> Ana
     quality = None
     embedding = None
     measured = encoded = detected
+    redecode = 0.0
     if chosen is not None:
         box = boxes[chosen]
-        shape = landmarks(pixels, box)
+        work, work_box = pixels, box
+        if at_least is not None and image.scale < 1.0 and box.width < ENCODE_FACE_PX:
+            again = time.perf_counter()
+            full = decode_image(data, max_bytes=max_bytes, max_side=max_side)
+            if full.scale > image.scale:
+                work = full.pixels
+                work_box = _scaled_box(
+                    box, full.scale / image.scale, (work.shape[1], work.shape[0])
+                )
+            redecode = time.perf_counter() - again
+        shape = landmarks(work, work_box)
         points = np.array([(p.x, p.y) for p in shape.parts()], np.float64)
-        quality = measure_quality(pixels, box, points)
+        quality = measure_quality(work, work_box, points)
+        size = full_size(box, image)
+        quality = dataclasses.replace(quality, size=max(size.width, size.height))
         measured = time.perf_counter()
         if rules.encode_poor or rules.limits.problem(quality) is None:
-            embedding = encode(pixels, shape)
+            embedding = encode(work, shape)
         encoded = time.perf_counter()
     return Analysis(
         width=image.width,
@@ -357,9 +502,9 @@ def analyse(data: bytes, max_bytes: int, max_side: int, rules: FaceRules) -> Ana
         quality=quality,
         embedding=embedding,
         stages_ms={
-            "decode": (decoded - started) * 1000,
+            "decode": (decoded - started + redecode) * 1000,
             "detect": (detected - decoded) * 1000,
-            "landmarks_quality": (measured - detected) * 1000,
+            "landmarks_quality": (measured - detected - redecode) * 1000,
             "encode": (encoded - measured) * 1000,
         },
     )
