@@ -147,14 +147,16 @@ def _main(argv: Sequence[str]) -> int:
 
     if argv and argv[0] == "--detection":
         faces = Path(argv[1]) if len(argv) > 1 else _shared_faces()
-        load_before = os.getloadavg()
-        rows = compare_detection(detection_frames(faces), repeats=3)
-        print(
-            f"old vs new detection, 3 runs each interleaved, one process; load average"
-            f" {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
-            f" ({os.cpu_count()} cores)"
-        )
-        print(detection_summary(rows))
+        frames = detection_frames(faces)
+        for share in (None, worker.COARSE_TO_FINE_SHARE):
+            load_before = os.getloadavg()
+            rows = compare_detection(frames, repeats=3, coarse_share=share)
+            print(
+                f"\nold vs new, coarse share {share}: 3 runs each interleaved, one process;"
+                f" load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
+                f" ({os.cpu_count()} cores)"
+            )
+            print(detection_summary(rows))
         return 0
     faces = Path(argv[0]) if argv else _shared_faces()
     with (faces / "manifest.csv").open(newline="") as f:
@@ -226,13 +228,14 @@ def _iou(a: Any, b: Any) -> float:
 
 
 def compare_detection(
-    frames: Sequence[tuple[str, bytes]], repeats: int = 1
+    frames: Sequence[tuple[str, bytes]], repeats: int = 1, coarse_share: float | None = None
 ) -> list[dict[str, Any]]:
     """Old (`old_analyse`) and new (`worker.analyse`) on each (name, frame), Identify's
     rules (every chosen face encoded), interleaved `repeats` times: per frame the faces
     each found, the decisions, whether every old face that could matter (area at least
     the largest's over the dominant-face ratio) has a new box over it (IoU >= 0.5), the
-    distance between the chosen face's two embeddings, and each path's median times."""
+    distance between the chosen face's two embeddings, and each path's median times.
+    `coarse_share`: `worker.COARSE_SHARE` for the run (None: no coarse pass)."""
     from facegate_server.config import Settings
     from facegate_server.engines import worker
     from facegate_server.engines.policy import decision_policy
@@ -243,6 +246,25 @@ def compare_detection(
     rules = worker.FaceRules(ratio, policy.quality, encode_poor=True)
     limit_bytes, limit_side = settings.max_image_bytes, settings.max_image_side
     worker.init_worker()
+    rows = []
+    was, worker.COARSE_SHARE = worker.COARSE_SHARE, coarse_share
+    try:
+        rows = _compare(frames, repeats, ratio, rules, limit_bytes, limit_side)
+    finally:
+        worker.COARSE_SHARE = was
+    return rows
+
+
+def _compare(
+    frames: Sequence[tuple[str, bytes]],
+    repeats: int,
+    ratio: float,
+    rules: Any,
+    limit_bytes: int,
+    limit_side: int,
+) -> list[dict[str, Any]]:
+    from facegate_server.engines import worker
+
     rows = []
     for name, frame in frames:
         olds, news = [], []
@@ -272,8 +294,8 @@ def compare_detection(
                 "old_chosen": old.chosen is not None,
                 "new_chosen": new.chosen is not None,
                 "same_face": same_face,
-                "old_problem": old.quality and policy.quality.problem(old.quality),
-                "new_problem": new.quality and policy.quality.problem(new.quality),
+                "old_problem": old.quality and rules.limits.problem(old.quality),
+                "new_problem": new.quality and rules.limits.problem(new.quality),
                 "distance": distance,
                 "old_ms": float(np.median([sum(a.stages_ms.values()) for a in olds])),
                 "new_ms": float(np.median([sum(a.stages_ms.values()) for a in news])),

@@ -5,9 +5,13 @@ processes (one a core by default) and keeps matching in the server process. Noth
 is imported by the server process except to name the functions it submits.
 
 Detection runs on a copy scaled to about 853x480 pixels (HOG's cost grows with pixels;
-smaller frames are upsampled once so that small faces are still found); encoding runs on
-the decoded frame (its cost does not grow with pixels), which is the full-resolution one
-unless the image is over the side limit (engines/images.py scales those down).
+smaller frames are upsampled once so that small faces are still found). A JPEG frame to
+identify is decoded at the smallest DCT scale that keeps those pixels (a 1080p frame at
+960x540) and the chosen face is encoded there when it is at least ENCODE_FACE_PX wide,
+else on the full decode; enrolment photos are decoded in full (or as scaled down for the
+side limit, engines/images.py). A coarse-to-fine search (`find_faces`, COARSE_SHARE) that
+keeps every decision is there, off by default: measured, it costs more than it saves on
+the frames we have.
 
 Of the faces found, one is chosen (policy.choose_face); its 5-point landmarks are computed
 once and serve both the quality measurements (pose) and the encoder, which is what
@@ -237,20 +241,34 @@ def measure_quality(pixels: RGBImage, box: FaceBox, points: npt.NDArray[np.float
 
 HOG_WINDOW = 80
 """dlib's HOG window: the smallest face it finds, in the pixels it detects on."""
-COARSE_SHARE = 1 / 3
-"""The coarse pass runs at this share of the fine pass's scale (a ninth of its pixels:
-about 284x160 for a 480p frame, a ninth of its time). Measured against 1/2 and 1/4
-(benchmarks/README.md, "Detection"): with the dominant-face ratio of 4 a face half as
-wide as the largest matters, so the coarse pass alone rarely settles a frame; what it
-gives is the largest face's width, which sets the second pass's scale, and a third costs
-least when that second pass must be the fine one."""
+COARSE_SHARE: float | None = None
+"""The coarse pass's share of the fine pass's scale; None: no coarse pass (the default).
+
+Measured (benchmarks/README.md, "Detection for Identify"): with the dominant-face ratio
+of 4 a face half as wide as the largest matters, so a coarse pass settles a frame alone
+only when its face fills most of it; what the coarse pass gives is the largest face's
+width, which sets the middle pass's scale. At 1/3 (a ninth of the pixels) it saved 12% of
+HOG's time on 480p close-ups (the face 55% of the height) and cost 17% on the benchmark's
+letterboxed frames (faces of 72-258 px at 480p), with every decision the same; so it is
+off until turnstile framing says otherwise. `COARSE_TO_FINE_SHARE` is the measured value."""
+COARSE_TO_FINE_SHARE = 1 / 3
 SURE_WINDOWS = 1.0
 """A face this many HOG windows wide at the scale HOG runs is taken to be found there
 (dlib's boxes go down to about 72 pixels at its scale); only narrower faces may have
 been missed."""
-ENCODE_FACE_PX = 150
-"""The encoder's chip side: the chosen face is landmarked, measured and encoded in pixels
-where it is at least this wide, or at the full resolution if it is smaller there."""
+MIDDLE_AT_MOST = 0.75
+"""A middle pass runs only at this share of the fine pass's scale or less (about half its
+pixels): above it, the coarse and middle passes together would cost about as much as the
+fine pass, and a middle pass that does not settle (the coarse box overstated the face)
+adds the fine pass after both."""
+ENCODE_FACE_PX = 100
+"""A frame decoded DCT-scaled is decoded again in full for the chosen face's landmarks,
+measurements and encoding when the face is narrower than this there (and the full decode
+has more of it). dlib's 150x150 chip (padding 0.25) holds the face at about 100 pixels,
+so a face this wide is not upsampled into it. Measured against 150 on the test photos
+(benchmarks/README.md): the same decisions, the largest old-new embedding distance 0.085
+against 0.082, and 1080p frames decoded in 6.8 ms against 11.4 (at 150 most of them were
+decoded twice; the full decode alone took 9.3)."""
 
 
 def _hog(pixels: RGBImage, scale: float, upsample: int) -> list[FaceBox]:
@@ -324,16 +342,20 @@ def find_faces(
     """The faces `choose_face` needs to decide, coarse to fine; and the passes that ran.
 
     Enrolment (`dominant_face_ratio` None: any second face matters) runs the fine pass
-    (`detect_faces`). Otherwise a coarse pass first, at COARSE_SHARE of the fine pass's
+    (`detect_faces`), and so does everything while COARSE_SHARE is None. Otherwise a
+    coarse pass first, at COARSE_SHARE of the fine pass's
     scale; its faces are kept when every face it could have missed (narrower than
     SURE_WINDOWS HOG windows at its scale) could not change the decision (`_settled`).
     Else a second pass at the coarsest scale that surely finds every face that could
-    (the largest face's width over the square root of the ratio), at most the fine
-    pass's scale -- and the fine pass itself if that still leaves the decision open.
+    (the largest face's width over the square root of the ratio; the coarse box's width
+    is known to about a pyramid step, hence a slack) when that scale is at most
+    MIDDLE_AT_MOST of the fine pass's -- and the fine pass if that still leaves the
+    decision open, or at once when the middle pass would save too little to pay for the
+    risk of a third.
     """
     height, width = pixels.shape[:2]
     fine, upsample = _fine_scale(width, height, detect_pixels)
-    if dominant_face_ratio is None:
+    if dominant_face_ratio is None or COARSE_SHARE is None:
         return _hog(pixels, fine, upsample), "fine"
     frame = (width, height)
     effective = fine * (2 if upsample else 1)  # HOG's pixels per pixel of `pixels`
@@ -345,7 +367,7 @@ def find_faces(
     if boxes:
         largest = max(b.width for b in boxes)
         needed = sure * math.sqrt(dominant_face_ratio) / (0.85 * largest)  # boxes move
-        if coarse < needed < effective * 0.9 and needed <= 1.0:
+        if coarse < needed <= effective * MIDDLE_AT_MOST and needed <= 1.0:
             middle = _hog(pixels, needed, 0)
             if _settled(middle, dominant_face_ratio, frame, sure / needed):
                 return middle, "coarse+middle"
