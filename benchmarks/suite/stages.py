@@ -12,6 +12,12 @@ Run before any server starts, so nothing else of the benchmark competes for the 
 `uv run python -m benchmarks.suite.stages [FACES_DIR]` compares the encoders alone: the
 time to encode one aligned chip with dlib and with ONNX Runtime on 1 and 2 threads, every
 face of the test photos, in one process.
+
+`uv run python -m benchmarks.suite.stages --detection [FACES_DIR]` compares detection old
+and new (`compare_detection`): the pipeline before coarse-to-fine HOG and DCT-scaled
+decoding (`old_analyse`) against `worker.analyse`, on every test photo as it is, as 480p
+and 1080p frames and as 480p close-ups; time, faces found, decisions and the distance
+between the two embeddings of the chosen face.
 """
 
 from __future__ import annotations
@@ -124,6 +130,12 @@ def compare_encoders(chips: Sequence[Any], repeats: int) -> dict[str, dict[str, 
     return {name: latency_summary(values) for name, values in times.items()}
 
 
+def _shared_faces() -> Any:
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[3] / "shared" / "faces"
+
+
 def _main(argv: Sequence[str]) -> int:
     import csv
     import os
@@ -133,7 +145,20 @@ def _main(argv: Sequence[str]) -> int:
     from facegate_server.engines import worker
     from facegate_server.engines.encoder import CHIP_PADDING, CHIP_SIZE
 
-    faces = Path(argv[0]) if argv else Path(__file__).resolve().parents[3] / "shared" / "faces"
+    if argv and argv[0] == "--detection":
+        faces = Path(argv[1]) if len(argv) > 1 else _shared_faces()
+        frames = detection_frames(faces)
+        for share in (None, worker.COARSE_TO_FINE_SHARE):
+            load_before = os.getloadavg()
+            rows = compare_detection(frames, repeats=3, coarse_share=share)
+            print(
+                f"\nold vs new, coarse share {share}: 3 runs each interleaved, one process;"
+                f" load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
+                f" ({os.cpu_count()} cores)"
+            )
+            print(detection_summary(rows))
+        return 0
+    faces = Path(argv[0]) if argv else _shared_faces()
     with (faces / "manifest.csv").open(newline="") as f:
         paths = [row["path"] for row in csv.DictReader(f)]
     chips = []
@@ -154,6 +179,225 @@ def _main(argv: Sequence[str]) -> int:
     for name, v in found.items():
         print(f"| {name} | {v['p50']:.1f} | {v['p95']:.1f} | {v['mean']:.1f} |")
     return 0
+
+
+def old_analyse(data: bytes, max_bytes: int, max_side: int, rules: Any) -> Any:
+    """The pipeline before coarse-to-fine detection and DCT-scaled decoding: the frame
+    decoded in full, HOG on its 853x480 copy, landmarks, quality and encoding on the
+    decoded frame. Kept to compare against (`compare_detection`)."""
+    from facegate_server.engines import worker
+    from facegate_server.engines.images import decode_image
+    from facegate_server.engines.policy import choose_face
+
+    started = time.perf_counter()
+    image = decode_image(data, max_bytes=max_bytes, max_side=max_side)
+    pixels = image.pixels
+    decoded = time.perf_counter()
+    boxes = worker.detect_faces(pixels)
+    detected = time.perf_counter()
+    chosen = choose_face(boxes, rules.dominant_face_ratio, (pixels.shape[1], pixels.shape[0]))
+    quality = embedding = None
+    if chosen is not None:
+        shape = worker.landmarks(pixels, boxes[chosen])
+        points = np.array([(p.x, p.y) for p in shape.parts()], np.float64)
+        quality = worker.measure_quality(pixels, boxes[chosen], points)
+        if rules.encode_poor or rules.limits.problem(quality) is None:
+            embedding = worker.encode(pixels, shape)
+    finished = time.perf_counter()
+    return worker.Analysis(
+        width=image.width,
+        height=image.height,
+        boxes=[worker.full_size(box, image) for box in boxes],
+        chosen=chosen,
+        quality=quality,
+        embedding=embedding,
+        stages_ms={
+            "decode": (decoded - started) * 1000,
+            "detect": (detected - decoded) * 1000,
+            "rest": (finished - detected) * 1000,
+        },
+    )
+
+
+def _iou(a: Any, b: Any) -> float:
+    left, top = max(a.left, b.left), max(a.top, b.top)
+    right = min(a.left + a.width, b.left + b.width)
+    bottom = min(a.top + a.height, b.top + b.height)
+    inter = max(0, right - left) * max(0, bottom - top)
+    return inter / float(a.area + b.area - inter)
+
+
+def compare_detection(
+    frames: Sequence[tuple[str, bytes]], repeats: int = 1, coarse_share: float | None = None
+) -> list[dict[str, Any]]:
+    """Old (`old_analyse`) and new (`worker.analyse`) on each (name, frame), Identify's
+    rules (every chosen face encoded), interleaved `repeats` times: per frame the faces
+    each found, the decisions, whether every old face that could matter (area at least
+    the largest's over the dominant-face ratio) has a new box over it (IoU >= 0.5), the
+    distance between the chosen face's two embeddings, and each path's median times.
+    `coarse_share`: `worker.COARSE_SHARE` for the run (None: no coarse pass)."""
+    from facegate_server.config import Settings
+    from facegate_server.engines import worker
+    from facegate_server.engines.policy import decision_policy
+
+    settings = Settings(workers=1)
+    policy = decision_policy(settings)
+    ratio = policy.dominant_face_ratio
+    rules = worker.FaceRules(ratio, policy.quality, encode_poor=True)
+    limit_bytes, limit_side = settings.max_image_bytes, settings.max_image_side
+    worker.init_worker()
+    rows = []
+    was, worker.COARSE_SHARE = worker.COARSE_SHARE, coarse_share
+    try:
+        rows = _compare(frames, repeats, ratio, rules, limit_bytes, limit_side)
+    finally:
+        worker.COARSE_SHARE = was
+    return rows
+
+
+def _compare(
+    frames: Sequence[tuple[str, bytes]],
+    repeats: int,
+    ratio: float,
+    rules: Any,
+    limit_bytes: int,
+    limit_side: int,
+) -> list[dict[str, Any]]:
+    from facegate_server.engines import worker
+
+    rows = []
+    for name, frame in frames:
+        olds, news = [], []
+        for _ in range(repeats):
+            olds.append(old_analyse(frame, limit_bytes, limit_side, rules))
+            news.append(worker.analyse(frame, limit_bytes, limit_side, rules))
+        old, new = olds[0], news[0]
+        largest = max((b.area for b in old.boxes), default=0)
+        matter = [b for b in old.boxes if b.area * ratio > largest]
+        kept = [b for b in matter if any(_iou(b, n) >= 0.5 for n in new.boxes)]
+        distance = None
+        if old.embedding is not None and new.embedding is not None:
+            distance = float(np.linalg.norm(old.embedding - new.embedding))
+        same_face = (
+            old.face is None
+            if new.face is None
+            else old.face is not None and _iou(old.face, new.face) >= 0.5
+        )
+        rows.append(
+            {
+                "frame": name,
+                "size": f"{old.width}x{old.height}",
+                "old_faces": len(old.boxes),
+                "new_faces": len(new.boxes),
+                "matter": len(matter),
+                "matter_kept": len(kept),
+                "old_chosen": old.chosen is not None,
+                "new_chosen": new.chosen is not None,
+                "same_face": same_face,
+                "old_problem": old.quality and rules.limits.problem(old.quality),
+                "new_problem": new.quality and rules.limits.problem(new.quality),
+                "distance": distance,
+                "old_ms": float(np.median([sum(a.stages_ms.values()) for a in olds])),
+                "new_ms": float(np.median([sum(a.stages_ms.values()) for a in news])),
+                "old_detect_ms": float(np.median([a.stages_ms["detect"] for a in olds])),
+                "new_detect_ms": float(np.median([a.stages_ms["detect"] for a in news])),
+                "old_decode_ms": float(np.median([a.stages_ms["decode"] for a in olds])),
+                "new_decode_ms": float(np.median([a.stages_ms["decode"] for a in news])),
+            }
+        )
+    return rows
+
+
+def close_up(data: bytes, width: int = 853, height: int = 480, share: float = 0.55) -> bytes | None:
+    """A turnstile's framing of a one-face photo: a `width` x `height` JPEG (quality 90)
+    cut around the face HOG finds so that its box is `share` of the frame's height;
+    None when the photo has no single face or is too small for it."""
+    import io
+
+    from facegate_server.engines import worker
+    from PIL import Image
+
+    pixels = worker.decode(data, max_bytes=6 << 20, max_side=4096)
+    boxes = worker.detect_faces(pixels)
+    if len(boxes) != 1:
+        return None
+    box = boxes[0]
+    scale = share * height / box.height
+    crop_w, crop_h = width / scale, height / scale
+    centre_x, centre_y = box.left + box.width / 2, box.top + box.height / 2
+    left = min(max(0.0, centre_x - crop_w / 2), pixels.shape[1] - crop_w)
+    top = min(max(0.0, centre_y - crop_h / 2), pixels.shape[0] - crop_h)
+    if left < 0 or top < 0:
+        return None
+    image = Image.fromarray(pixels).resize(
+        (width, height), Image.Resampling.LANCZOS, box=(left, top, left + crop_w, top + crop_h)
+    )
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def detection_frames(faces: Any) -> list[tuple[str, bytes]]:
+    """Every photo in `faces` as it is, letterboxed into 480p and 1080p frames (the
+    benchmark's turnstile frames, faces of 72 to 258 pixels at 480p), and each one-face
+    photo that allows it as a 480p close-up (`close_up`: the face 55% of the height)."""
+    import csv
+
+    from .frames import letterbox
+
+    with (faces / "manifest.csv").open(newline="") as f:
+        paths = [row["path"] for row in csv.DictReader(f)]
+    found = []
+    for path in paths:
+        data = (faces / path).read_bytes()
+        found.append((path, data))
+        for label, (width, height) in (("480p", (853, 480)), ("1080p", (1920, 1080))):
+            found.append((f"{path} @{label}", letterbox(data, width, height)))
+        near = close_up(data)
+        if near is not None:
+            found.append((f"{path} @480p close-up", near))
+    return found
+
+
+def detection_summary(rows: Sequence[dict[str, Any]]) -> str:
+    """`compare_detection`'s rows as a markdown table by kind of frame (median ms a frame,
+    old and new), with the recall, decisions and the largest embedding distance."""
+    kinds: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        kind = row["frame"].partition(" @")[2] or "as photographed"
+        kinds.setdefault(kind, []).append(row)
+    lines = [
+        "| frames | n | decode old/new ms | detect old/new ms | worker old/new ms |",
+        "|---|---|---|---|---|",
+    ]
+    for kind, group in kinds.items():
+
+        def med(key: str, group: list[dict[str, Any]] = group) -> float:
+            return float(np.median([r[key] for r in group]))
+
+        lines.append(
+            f"| {kind} | {len(group)} | {med('old_decode_ms'):.1f} / {med('new_decode_ms'):.1f}"
+            f" | {med('old_detect_ms'):.1f} / {med('new_detect_ms'):.1f}"
+            f" | {med('old_ms'):.1f} / {med('new_ms'):.1f} |"
+        )
+    matter = sum(r["matter"] for r in rows)
+    kept = sum(r["matter_kept"] for r in rows)
+    same = sum(
+        r["old_chosen"] == r["new_chosen"]
+        and r["same_face"]
+        and bool(r["old_problem"]) == bool(r["new_problem"])
+        for r in rows
+    )
+    distances = [r["distance"] for r in rows if r["distance"] is not None]
+    lines.append("")
+    lines.append(
+        f"{len(rows)} frames: faces that could matter found {kept} of {matter}; faces found"
+        f" old {sum(r['old_faces'] for r in rows)}, new {sum(r['new_faces'] for r in rows)};"
+        f" same decision {same} of {len(rows)}; largest distance between the chosen face's"
+        f" old and new embeddings {max(distances, default=0.0):.3f}"
+        f" (median {float(np.median(distances)) if distances else 0.0:.3f})."
+    )
+    return "\n".join(lines)
 
 
 def match_times(

@@ -5,9 +5,13 @@ processes (one a core by default) and keeps matching in the server process. Noth
 is imported by the server process except to name the functions it submits.
 
 Detection runs on a copy scaled to about 853x480 pixels (HOG's cost grows with pixels;
-smaller frames are upsampled once so that small faces are still found); encoding runs on
-the decoded frame (its cost does not grow with pixels), which is the full-resolution one
-unless the image is over the side limit (engines/images.py scales those down).
+smaller frames are upsampled once so that small faces are still found). A JPEG frame to
+identify is decoded at the smallest DCT scale that keeps those pixels (a 1080p frame at
+960x540) and the chosen face is encoded there when it is at least ENCODE_FACE_PX wide,
+else on the full decode; enrolment photos are decoded in full (or as scaled down for the
+side limit, engines/images.py). A coarse-to-fine search (`find_faces`, COARSE_SHARE) that
+keeps every decision is there, off by default: measured, it costs more than it saves on
+the frames we have.
 
 Of the faces found, one is chosen (policy.choose_face); its 5-point landmarks are computed
 once and serve both the quality measurements (pose) and the encoder, which is what
@@ -28,6 +32,7 @@ budget), `landmarks`, `encode` and `encode_faces`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import threading
@@ -40,7 +45,7 @@ import numpy as np
 import numpy.typing as npt
 
 from facegate_server.domain import Embedding, FaceBox, FaceQuality
-from facegate_server.engines.images import Decoded, RGBImage, decode_image
+from facegate_server.engines.images import Decoded, RGBImage, decode_image, decode_scaled
 from facegate_server.engines.images import decode as decode  # re-exported: benchmarks use it
 from facegate_server.engines.policy import QualityLimits, choose_face
 
@@ -234,19 +239,45 @@ def measure_quality(pixels: RGBImage, box: FaceBox, points: npt.NDArray[np.float
     )
 
 
-def detect_faces(pixels: RGBImage, detect_pixels: int = DETECT_PIXELS) -> list[FaceBox]:
-    """The faces HOG finds in `pixels`, as boxes in its pixels, in the detector's order.
+HOG_WINDOW = 80
+"""dlib's HOG window: the smallest face it finds, in the pixels it detects on."""
+COARSE_SHARE: float | None = None
+"""The coarse pass's share of the fine pass's scale; None: no coarse pass (the default).
 
-    Detection runs on a copy scaled down to about `detect_pixels` pixels (HOG's cost grows
-    with pixels); an image of a quarter of that or less is upsampled once instead, so that
-    small faces are still found. Boxes are scaled back and clipped to the image.
-    """
+Measured (benchmarks/README.md, "Detection for Identify"): with the dominant-face ratio
+of 4 a face half as wide as the largest matters, so a coarse pass settles a frame alone
+only when its face fills most of it; what the coarse pass gives is the largest face's
+width, which sets the middle pass's scale. At 1/3 (a ninth of the pixels) it saved 12% of
+HOG's time on 480p close-ups (the face 55% of the height) and cost 17% on the benchmark's
+letterboxed frames (faces of 72-258 px at 480p), with every decision the same; so it is
+off until turnstile framing says otherwise. `COARSE_TO_FINE_SHARE` is the measured value."""
+COARSE_TO_FINE_SHARE = 1 / 3
+SURE_WINDOWS = 1.0
+"""A face this many HOG windows wide at the scale HOG runs is taken to be found there
+(dlib's boxes go down to about 72 pixels at its scale); only narrower faces may have
+been missed."""
+MIDDLE_AT_MOST = 0.75
+"""A middle pass runs only at this share of the fine pass's scale or less (about half its
+pixels): above it, the coarse and middle passes together would cost about as much as the
+fine pass, and a middle pass that does not settle (the coarse box overstated the face)
+adds the fine pass after both."""
+ENCODE_FACE_PX = 100
+"""A frame decoded DCT-scaled is decoded again in full for the chosen face's landmarks,
+measurements and encoding when the face is narrower than this there (and the full decode
+has more of it). dlib's 150x150 chip (padding 0.25) holds the face at about 100 pixels,
+so a face this wide is not upsampled into it. Measured against 150 on the test photos
+(benchmarks/README.md): the same decisions, the largest old-new embedding distance 0.085
+against 0.082, and 1080p frames decoded in 6.8 ms against 11.4 (at 150 most of them were
+decoded twice; the full decode alone took 9.3)."""
+
+
+def _hog(pixels: RGBImage, scale: float, upsample: int) -> list[FaceBox]:
+    """HOG on `pixels` scaled by `scale` (<= 1) and upsampled `upsample` times; the boxes
+    scaled back to `pixels` and clipped."""
     fr = load_models()
     from PIL import Image
 
     height, width = pixels.shape[:2]
-    scale = min(1.0, math.sqrt(detect_pixels / (width * height)))
-    upsample = 1 if width * height * 4 <= detect_pixels else 0
     if scale < 1.0:
         small = Image.fromarray(pixels).resize(
             (max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BILINEAR
@@ -264,6 +295,84 @@ def detect_faces(pixels: RGBImage, detect_pixels: int = DETECT_PIXELS) -> list[F
         if r > l_ and b > t:
             boxes.append(FaceBox(left=l_, top=t, width=r - l_, height=b - t))
     return boxes
+
+
+def _fine_scale(width: int, height: int, detect_pixels: int) -> tuple[float, int]:
+    """(scale, upsample) of the fine pass: a copy of about `detect_pixels` pixels, or the
+    image upsampled once when it has a quarter of that or less."""
+    scale = min(1.0, math.sqrt(detect_pixels / (width * height)))
+    return scale, 1 if width * height * 4 <= detect_pixels else 0
+
+
+def detect_faces(pixels: RGBImage, detect_pixels: int = DETECT_PIXELS) -> list[FaceBox]:
+    """The faces HOG finds in `pixels`, as boxes in its pixels, in the detector's order.
+
+    Detection runs on a copy scaled down to about `detect_pixels` pixels (HOG's cost grows
+    with pixels); an image of a quarter of that or less is upsampled once instead, so that
+    small faces are still found. Boxes are scaled back and clipped to the image.
+    """
+    height, width = pixels.shape[:2]
+    return _hog(pixels, *_fine_scale(width, height, detect_pixels))
+
+
+def _settled(
+    boxes: Sequence[FaceBox], ratio: float, frame: tuple[int, int], missed_below: float
+) -> bool:
+    """Whether faces narrower than `missed_below` (which a pass may have missed) could not
+    change `choose_face`'s decision on `boxes`.
+
+    They cannot when the largest face found is at least `ratio` times the area of any of
+    them (it stays the largest and, by the size rule, dominant over them; a decision of
+    "several faces" only gains faces) -- unless the decision was made by the centre/side
+    rule, which any face in the middle overturns.
+    """
+    if not boxes:
+        return False
+    order = sorted(boxes, key=lambda b: b.area, reverse=True)
+    if order[0].area < ratio * missed_below * missed_below:
+        return False
+    chosen = choose_face(boxes, ratio, frame)
+    by_position = chosen is not None and len(order) > 1 and order[0].area < ratio * order[1].area
+    return not by_position
+
+
+def find_faces(
+    pixels: RGBImage, dominant_face_ratio: float | None, detect_pixels: int = DETECT_PIXELS
+) -> tuple[list[FaceBox], str]:
+    """The faces `choose_face` needs to decide, coarse to fine; and the passes that ran.
+
+    Enrolment (`dominant_face_ratio` None: any second face matters) runs the fine pass
+    (`detect_faces`), and so does everything while COARSE_SHARE is None. Otherwise a
+    coarse pass first, at COARSE_SHARE of the fine pass's
+    scale; its faces are kept when every face it could have missed (narrower than
+    SURE_WINDOWS HOG windows at its scale) could not change the decision (`_settled`).
+    Else a second pass at the coarsest scale that surely finds every face that could
+    (the largest face's width over the square root of the ratio; the coarse box's width
+    is known to about a pyramid step, hence a slack) when that scale is at most
+    MIDDLE_AT_MOST of the fine pass's -- and the fine pass if that still leaves the
+    decision open, or at once when the middle pass would save too little to pay for the
+    risk of a third.
+    """
+    height, width = pixels.shape[:2]
+    fine, upsample = _fine_scale(width, height, detect_pixels)
+    if dominant_face_ratio is None or COARSE_SHARE is None:
+        return _hog(pixels, fine, upsample), "fine"
+    frame = (width, height)
+    effective = fine * (2 if upsample else 1)  # HOG's pixels per pixel of `pixels`
+    coarse = effective * COARSE_SHARE
+    boxes = _hog(pixels, coarse, 0) if coarse <= 1.0 else []
+    sure = SURE_WINDOWS * HOG_WINDOW
+    if coarse <= 1.0 and _settled(boxes, dominant_face_ratio, frame, sure / coarse):
+        return boxes, "coarse"
+    if boxes:
+        largest = max(b.width for b in boxes)
+        needed = sure * math.sqrt(dominant_face_ratio) / (0.85 * largest)  # boxes move
+        if coarse < needed <= effective * MIDDLE_AT_MOST and needed <= 1.0:
+            middle = _hog(pixels, needed, 0)
+            if _settled(middle, dominant_face_ratio, frame, sure / needed):
+                return middle, "coarse+middle"
+            return _hog(pixels, fine, upsample), "coarse+middle+fine"
+    return _hog(pixels, fine, upsample), "coarse+fine" if coarse <= 1.0 else "fine"
 
 
 def landmarks(pixels: RGBImage, box: FaceBox) -> Any:
@@ -317,22 +426,67 @@ def full_size(box: FaceBox, image: Decoded) -> FaceBox:
     )
 
 
+def _frame_at_least(data: bytes, detect_pixels: int) -> tuple[int, int] | None:
+    """The size (as displayed) a frame must keep when decoded for detection: the fine
+    pass's copy (`detect_pixels`); None when it is not a JPEG or not larger than that."""
+    import io
+    import struct
+
+    from PIL import JpegImagePlugin
+
+    if not data.startswith(b"\xff\xd8\xff"):
+        return None
+    try:
+        header = JpegImagePlugin.JpegImageFile(io.BytesIO(data))
+        width, height = header.size
+        if header.getexif().get(0x0112, 1) >= 5:  # stored sideways
+            width, height = height, width
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error):
+        # the decode proper reports what is wrong
+        return None
+    scale = math.sqrt(detect_pixels / (width * height))
+    if scale >= 1.0:
+        return None
+    return math.ceil(width * scale), math.ceil(height * scale)
+
+
+def _scaled_box(box: FaceBox, by: float, size: tuple[int, int]) -> FaceBox:
+    """`box` scaled by `by`, clipped to `size` (width, height)."""
+    left, top = min(size[0] - 1, round(box.left * by)), min(size[1] - 1, round(box.top * by))
+    return FaceBox(
+        left=left,
+        top=top,
+        width=max(1, min(size[0] - left, round(box.width * by))),
+        height=max(1, min(size[1] - top, round(box.height * by))),
+    )
+
+
 def analyse(data: bytes, max_bytes: int, max_side: int, rules: FaceRules) -> Analysis:
     """Find the faces in an image; measure and encode the one to decide on.
 
-    An image larger than `max_side` is decoded scaled down (engines/images.py): faces are
-    found, measured and encoded in those pixels, and their boxes are reported in the full
-    image's (`width` x `height`).
+    Enrolment photos (`rules.dominant_face_ratio` None) are decoded in full (larger than
+    `max_side`: scaled down, engines/images.py) and searched by the fine pass. Frames to
+    identify are decoded at the smallest JPEG DCT scale that keeps the fine pass's pixels
+    (`images.decode_scaled`) and searched coarse to fine (`find_faces`); when the chosen
+    face is narrower than ENCODE_FACE_PX there and the full decode has more of it, the
+    frame is decoded again in full for its landmarks, measurements and encoding. Boxes
+    are reported in the full image's pixels (`width` x `height`), and so is the quality's
+    face size.
     """
     if _face_recognition is None:
         init_worker()
 
     started = time.perf_counter()
-    image = decode_image(data, max_bytes=max_bytes, max_side=max_side)
+    identify = rules.dominant_face_ratio is not None
+    at_least = _frame_at_least(data, DETECT_PIXELS) if identify else None
+    if at_least is not None:
+        image = decode_scaled(data, at_least, max_bytes=max_bytes, max_side=max_side)
+    else:
+        image = decode_image(data, max_bytes=max_bytes, max_side=max_side)
     pixels = image.pixels
     decoded = time.perf_counter()
 
-    boxes = detect_faces(pixels)
+    boxes, _passes = find_faces(pixels, rules.dominant_face_ratio)
     detected = time.perf_counter()
 
     # The frame's size in the pixels the boxes are in (the decoded, maybe scaled, image).
@@ -340,14 +494,27 @@ def analyse(data: bytes, max_bytes: int, max_side: int, rules: FaceRules) -> Ana
     quality = None
     embedding = None
     measured = encoded = detected
+    redecode = 0.0
     if chosen is not None:
         box = boxes[chosen]
-        shape = landmarks(pixels, box)
+        work, work_box = pixels, box
+        if at_least is not None and image.scale < 1.0 and box.width < ENCODE_FACE_PX:
+            again = time.perf_counter()
+            full = decode_image(data, max_bytes=max_bytes, max_side=max_side)
+            if full.scale > image.scale:
+                work = full.pixels
+                work_box = _scaled_box(
+                    box, full.scale / image.scale, (work.shape[1], work.shape[0])
+                )
+            redecode = time.perf_counter() - again
+        shape = landmarks(work, work_box)
         points = np.array([(p.x, p.y) for p in shape.parts()], np.float64)
-        quality = measure_quality(pixels, box, points)
+        quality = measure_quality(work, work_box, points)
+        size = full_size(box, image)
+        quality = dataclasses.replace(quality, size=max(size.width, size.height))
         measured = time.perf_counter()
         if rules.encode_poor or rules.limits.problem(quality) is None:
-            embedding = encode(pixels, shape)
+            embedding = encode(work, shape)
         encoded = time.perf_counter()
     return Analysis(
         width=image.width,
@@ -357,9 +524,9 @@ def analyse(data: bytes, max_bytes: int, max_side: int, rules: FaceRules) -> Ana
         quality=quality,
         embedding=embedding,
         stages_ms={
-            "decode": (decoded - started) * 1000,
+            "decode": (decoded - started + redecode) * 1000,
             "detect": (detected - decoded) * 1000,
-            "landmarks_quality": (measured - detected) * 1000,
+            "landmarks_quality": (measured - detected - redecode) * 1000,
             "encode": (encoded - measured) * 1000,
         },
     )
