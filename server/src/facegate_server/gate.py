@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from facegate_server import membership as rules
 from facegate_server import validation
@@ -152,30 +153,40 @@ class Gate:
             raise
         now = self.clock()
         identification = self._admit(identification, now)
-        self._decisions[
-            f"{identification.engine.value.lower()}/{identification.decision.value}"
-        ] += 1
         display_name = ""
         if identification.decision is Decision.GRANTED:
             try:
                 display_name = self.store.get_member(identification.member_id).display_name
             except Exception:  # deleted a moment ago: the name is only for display
                 display_name = ""
-        latency = timedelta(seconds=time.perf_counter() - started)
-        event = self.store.record_event(
+        event = self._log(identification, turnstile_id, now, started)
+        return IdentifyResult(identification, display_name, event)
+
+    def _log(
+        self,
+        found: Identification,
+        turnstile_id: str,
+        now: datetime,
+        started: float,
+        **verification: Any,
+    ) -> AccessEvent:
+        """Count the decision and write it to the access log: the one place entries are
+        written (`verification`: the event's Verify fields)."""
+        self._decisions[f"{found.engine.value.lower()}/{found.decision.value}"] += 1
+        return self.store.record_event(
             NewAccessEvent(
                 time=now,
                 turnstile_id=turnstile_id,
-                member_id=identification.member_id,
-                decision=identification.decision,
-                engine=identification.engine,
-                confidence=identification.confidence,
-                latency=latency,
-                reports=identification.reports,
-                rule=identification.rule,
+                member_id=found.member_id,
+                decision=found.decision,
+                engine=found.engine,
+                confidence=found.confidence,
+                latency=timedelta(seconds=time.perf_counter() - started),
+                reports=found.reports,
+                rule=found.rule,
+                **verification,
             )
         )
-        return IdentifyResult(identification, display_name, event)
 
     def record_undecided(
         self, turnstile_id: str, error: FaceGateError, latency: float = 0.0
@@ -254,23 +265,14 @@ class Gate:
             display_name, enrolled = "", False
         granted = found.decision is Decision.GRANTED
         detail = NO_SUCH_MEMBER if not (enrolled or granted) else ""
-        self._decisions[f"{found.engine.value.lower()}/{found.decision.value}"] += 1
-        latency = timedelta(seconds=time.perf_counter() - started)
-        event = self.store.record_event(
-            NewAccessEvent(
-                time=now,
-                turnstile_id=turnstile_id,
-                member_id=found.member_id,
-                decision=found.decision,
-                engine=found.engine,
-                confidence=found.confidence,
-                latency=latency,
-                reports=found.reports,
-                kind=AccessKind.VERIFY,
-                claimed_member_id=member_id,
-                detail=detail,
-                rule=found.rule,
-            )
+        event = self._log(
+            found,
+            turnstile_id,
+            now,
+            started,
+            kind=AccessKind.VERIFY,
+            claimed_member_id=member_id,
+            detail=detail,
         )
         return IdentifyResult(told(found), display_name if granted else "", event)
 

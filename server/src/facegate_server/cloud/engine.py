@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from facegate_server.cloud.azure import AzureFace, CloudFailure
 from facegate_server.cloud.health import CloudHealth
@@ -48,6 +48,15 @@ apart are not a grant."""
 NO_PERSON = "00000000-0000-0000-0000-000000000000"
 """The person Verify asks about for a member with no cloud person (no such member, or not
 synchronised yet): the Face API answers 404, as after a real verification's round trip."""
+
+
+@dataclass(frozen=True)
+class _Detected:
+    """The face Identify or Verify asks the cloud about, and when detect was sent."""
+
+    face_id: str
+    box: FaceBox
+    started: float
 
 
 class CloudPeople:
@@ -153,40 +162,10 @@ class AzureEngine:
     def _identify(
         self, image: bytes, timeout: float, attempt: Attempt, max_candidates: int
     ) -> tuple[Identification, list[tuple[str, float]]]:
-        if len(image) < MIN_BYTES:
-            raise CloudFailure(
-                EngineOutcome.NOT_USED, "image under the Face API's 1 KB", status=400
-            )
-        state = self.health.state
-        if self.health.off:
-            raise CloudFailure(
-                EngineOutcome.NOT_USED,
-                f"cloud off: {state.reason}",
-                engine_fault=False,
-            )
-        deadline = time.monotonic() + timeout
-        attempt.billed += 1
-        try:
-            faces = self.face.detect(image, timeout)
-        except CloudFailure as failure:
-            self.health.failed(failure, frame=image if failure.limited_access else None)
-            raise
-        if not faces:
-            return Identification(Decision.DENIED_NO_FACE, self.kind, hint=HINT_NO_FACE), []
-        chosen = choose_face([f.box for f in faces], self.dominant_face_ratio)
-        if chosen is None:
-            largest = max(faces, key=lambda f: f.box.area)
-            return (
-                Identification(
-                    Decision.DENIED_MULTIPLE_FACES,
-                    self.kind,
-                    face_box=largest.box,
-                    hint=HINT_MULTIPLE_FACES,
-                ),
-                [],
-            )
-        face = faces[chosen]
-        remaining = deadline - time.monotonic()
+        face = self._detect(image, timeout, attempt)
+        if isinstance(face, Identification):
+            return face, []
+        remaining = timeout - (time.monotonic() - face.started)
         if attempt.cancelled.is_set() or remaining <= 0:
             raise CloudFailure(EngineOutcome.TIMED_OUT, "no time left to identify")
         attempt.billed += 1
@@ -196,6 +175,40 @@ class AzureEngine:
             self.health.failed(failure)
             raise
         return self._decide(candidates, face.box), candidates
+
+    def _detect(self, image: bytes, timeout: float, attempt: Attempt) -> _Detected | Identification:
+        """The first call of Identify and Verify: the face to ask about, or the decision
+        the frame already gets (no face, several faces). Nothing is sent under the Face
+        API's 1 KB or while the cloud is off; a failure is told to the readiness check."""
+        if len(image) < MIN_BYTES:
+            raise CloudFailure(
+                EngineOutcome.NOT_USED, "image under the Face API's 1 KB", status=400
+            )
+        if self.health.off:
+            raise CloudFailure(
+                EngineOutcome.NOT_USED,
+                f"cloud off: {self.health.state.reason}",
+                engine_fault=False,
+            )
+        started = time.monotonic()
+        attempt.billed += 1
+        try:
+            faces = self.face.detect(image, timeout)
+        except CloudFailure as failure:
+            self.health.failed(failure, frame=image if failure.limited_access else None)
+            raise
+        if not faces:
+            return Identification(Decision.DENIED_NO_FACE, self.kind, hint=HINT_NO_FACE)
+        chosen = choose_face([f.box for f in faces], self.dominant_face_ratio)
+        if chosen is None:
+            largest = max(faces, key=lambda f: f.box.area)
+            return Identification(
+                Decision.DENIED_MULTIPLE_FACES,
+                self.kind,
+                face_box=largest.box,
+                hint=HINT_MULTIPLE_FACES,
+            )
+        return _Detected(faces[chosen].face_id, faces[chosen].box, started)
 
     def _decide(self, candidates: list[tuple[str, float]], box: FaceBox) -> Identification:
         if not candidates or candidates[0][1] < self.threshold:
@@ -238,36 +251,10 @@ class AzureEngine:
         cloud costs nothing; of several faces, the dominant one is verified.
         """
         attempt = attempt or Attempt()
-        if len(image) < MIN_BYTES:
-            raise CloudFailure(
-                EngineOutcome.NOT_USED, "image under the Face API's 1 KB", status=400
-            )
-        if self.health.off:
-            raise CloudFailure(
-                EngineOutcome.NOT_USED,
-                f"cloud off: {self.health.state.reason}",
-                engine_fault=False,
-            )
-        deadline = time.monotonic() + timeout
-        attempt.billed += 1
-        try:
-            faces = self.face.detect(image, timeout)
-        except CloudFailure as failure:
-            self.health.failed(failure, frame=image if failure.limited_access else None)
-            raise
-        if not faces:
-            return Identification(Decision.DENIED_NO_FACE, self.kind, hint=HINT_NO_FACE)
-        chosen = choose_face([f.box for f in faces], self.dominant_face_ratio)
-        if chosen is None:
-            largest = max(faces, key=lambda f: f.box.area)
-            return Identification(
-                Decision.DENIED_MULTIPLE_FACES,
-                self.kind,
-                face_box=largest.box,
-                hint=HINT_MULTIPLE_FACES,
-            )
-        face = faces[chosen]
-        remaining = deadline - time.monotonic()
+        face = self._detect(image, timeout, attempt)
+        if isinstance(face, Identification):
+            return face
+        remaining = timeout - (time.monotonic() - face.started)
         if attempt.cancelled.is_set() or remaining <= 0:
             raise CloudFailure(EngineOutcome.TIMED_OUT, "no time left to verify")
         person = self.people.person_of(member_id)
