@@ -236,7 +236,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=40, help="Identify calls a mode")
     parser.add_argument(
-        "--json", type=Path, default=ROOT / "strict_modes.json", help="where to write JSON"
+        "--json",
+        type=Path,
+        default=ROOT / "benchmarks" / "results" / "strict_modes.json",
+        help="where to write JSON",
     )
     args = parser.parse_args(argv)
     enrolled = frames.enrolment(FACES)[:PEOPLE]
@@ -270,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "budget_ms": BUDGET_MS,
         "results": [asdict(r) for r in results],
     }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"{report['seconds']} s; JSON in {args.json}", file=sys.stderr)
     return 0 if all(r.verdict for r in results) else 1
