@@ -48,11 +48,13 @@ def latency(results: Mapping[str, Any], path: Path) -> Path | None:
 def gallery(results: Mapping[str, Any], path: Path) -> Path | None:
     series: dict[tuple[int, str], list[tuple[int, Mapping[str, float]]]] = {}
     for r in results.get("runs", []):
-        if r["scenario"] == "local-only":
+        if r["scenario"] == "local-only" and not r.get("hostile_rate"):  # the plain cells
             series.setdefault((r["concurrency"], r["resolution"]), []).append(
                 (r["gallery"], r["latency_ms"])
             )
-    series = {k: sorted(v) for k, v in series.items() if len({g for g, _ in v}) > 1}
+    series = {
+        k: sorted(v, key=lambda p: p[0]) for k, v in series.items() if len({g for g, _ in v}) > 1
+    }
     if not series:
         return None
     plt = _pyplot()
@@ -92,7 +94,7 @@ def gallery(results: Mapping[str, Any], path: Path) -> Path | None:
 def throughput(results: Mapping[str, Any], path: Path) -> Path | None:
     series: dict[str, list[tuple[int, float]]] = {}
     for r in results.get("runs", []):
-        if not r["scenario"].startswith("local-only"):
+        if not r["scenario"].startswith("local-only") or r.get("hostile_rate"):
             continue  # the cloud scenarios' throughput is the local engine's, behind waits
         name = f"{r['scenario']} @{r['gallery']:,} {r['resolution']}"
         series.setdefault(name, []).append((r["concurrency"], r["throughput_rps"]))
