@@ -573,3 +573,35 @@ def test_sqlite_upgrades_older_events_as_identifications(tmp_path: Path) -> None
     )
     assert store.schema_version() == SCHEMA_VERSION
     store.close()
+
+
+def test_events_before_a_cutoff_are_deleted_and_ids_never_reused(store: Store) -> None:
+    assert store.oldest_event_at() is None
+    assert store.delete_events_before(T0) == 0
+    times = [T0 + timedelta(days=d, microseconds=5) for d in (0, 1, 2, 3)]
+    ids = [store.record_event(event(t)).event_id for t in times]
+    assert store.oldest_event_at() == times[0]
+    # Strictly older than the cutoff: an event at the cutoff itself is kept.
+    assert store.delete_events_before(times[2]) == 2
+    assert store.oldest_event_at() == times[2]
+    kept = store.list_events(EventFilter(), 10)
+    assert [e.event_id for e in kept] == ids[:1:-1]
+    assert store.delete_events_before(times[2]) == 0
+    later = store.record_event(event(T0 + timedelta(days=4)))
+    assert later.event_id > ids[-1]
+    assert store.delete_events_before(T0 + timedelta(days=30)) == 3
+    assert store.oldest_event_at() is None
+    assert store.list_events(EventFilter(), 10) == []
+
+
+def test_sqlite_deletes_many_events_in_batches(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "db")
+    try:
+        count = SqliteStore.EVENT_BATCH * 2 + 7
+        for i in range(count):
+            store.record_event(event(T0 + timedelta(seconds=i)))
+        store.record_event(event(T0 + timedelta(days=1)))
+        assert store.delete_events_before(T0 + timedelta(hours=12)) == count
+        assert store.oldest_event_at() == T0 + timedelta(days=1)
+    finally:
+        store.close()

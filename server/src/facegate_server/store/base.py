@@ -118,6 +118,20 @@ class Store(abc.ABC):
         """Up to `limit` events matching `where`, newest first, older than `before_id`."""
 
     @abc.abstractmethod
+    def delete_events_before(self, cutoff: datetime) -> int:
+        """Delete the access events older than `cutoff` (retention); how many. Event ids
+        are never reused afterwards."""
+
+    @abc.abstractmethod
+    def oldest_event_at(self) -> datetime | None:
+        """The time of the oldest access event kept; None when there is none."""
+
+    def purge_pending_since(self) -> datetime | None:
+        """Since when deleted data has been waiting to be purged from the store's files
+        (the SQLite store's WAL, while another process reads); None when nothing waits."""
+        return None
+
+    @abc.abstractmethod
     def store_id(self) -> str:
         """This store's identity: made once, when the store is created, and never changed.
 

@@ -53,6 +53,7 @@ class MemoryStore(Store):
         self._persons: dict[str, _Person] = {}
         self._next_face = 1
         self._next_seq = 1
+        self._next_event = 1  # ids are never reused, even after retention deletes events
         self._store_id = uuid.uuid4().hex
 
     def _add_faces(
@@ -213,7 +214,8 @@ class MemoryStore(Store):
         with self._lock:
             fields = {k: getattr(event, k) for k in NewAccessEvent.__dataclass_fields__}
             fields["latency"] = timedelta(microseconds=round(event.latency.total_seconds() * 1e6))
-            stored = AccessEvent(**fields, event_id=len(self._events) + 1)
+            stored = AccessEvent(**fields, event_id=self._next_event)
+            self._next_event += 1
             self._events.append(stored)
             return stored
 
@@ -244,6 +246,17 @@ class MemoryStore(Store):
                 if len(found) == limit:
                     break
             return found
+
+    def delete_events_before(self, cutoff: datetime) -> int:
+        with self._lock:
+            kept = [e for e in self._events if e.time >= cutoff]
+            deleted = len(self._events) - len(kept)
+            self._events = kept
+        return deleted
+
+    def oldest_event_at(self) -> datetime | None:
+        with self._lock:
+            return min((e.time for e in self._events), default=None)
 
     def store_id(self) -> str:
         return self._store_id

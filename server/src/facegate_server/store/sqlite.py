@@ -3,10 +3,24 @@
 
 Times are stored as integer microseconds since the Unix epoch (UTC); embeddings as the
 128 float64 values' little-endian bytes. The file is created readable by its owner only.
+
+Deletion leaves nothing behind in the live files: `secure_delete` zeroes freed content,
+and after a deletion commits the WAL (which still holds the pages as they were) is
+checkpointed into the database and truncated. That purge runs outside the store's lock on
+its own connection with a short busy timeout; when another process holds a read
+transaction (a backup, the sqlite3 shell) the WAL cannot be reset, and a background timer
+retries until it can (SQLite has no event for a reader closing). `purge_pending_since`
+says when a purge has been waiting.
+
+A server holds a shared `flock` on `<db>.lock` while the store is open, so that
+`facegate restore` (store/backup.py), which takes it exclusively, never replaces the
+database under a running server.
 """
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import sqlite3
 import threading
@@ -45,6 +59,13 @@ from facegate_server.store.codec import (
 from facegate_server.store.reports import reports_from_json, reports_json
 
 EMBEDDING_DTYPE = np.dtype("<f8")
+
+log = logging.getLogger(__name__)
+
+PURGE_BUSY_MS = 100
+"""How long a purge attempt waits for a reader or writer before leaving it to the timer."""
+PURGE_INTERVAL_S = 1.0
+"""How often a pending purge is retried."""
 
 # Each migration takes the schema from version i to i + 1. Append; never edit.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -165,21 +186,50 @@ def _time(us: int) -> datetime:
     return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=us)
 
 
+def lock_path(path: Path) -> Path:
+    """The lock file beside a database: servers hold it shared, a restore exclusively."""
+    return path.with_name(path.name + ".lock")
+
+
+def open_lock(path: Path) -> int:
+    """The lock file's descriptor (created readable by its owner only)."""
+    return os.open(lock_path(path), os.O_CREAT | os.O_RDWR, 0o600)
+
+
 class SqliteStore(Store):
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, purge_interval: float = PURGE_INTERVAL_S) -> None:
         path = Path(path)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._held = open_lock(path)
+        try:
+            fcntl.flock(self._held, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._held)
+            raise RuntimeError(f"{path} is being restored (facegate restore): try again") from None
         if not path.exists():
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # The purge's own connection: a checkpoint there waits for no store lock, and
+        # gives up after PURGE_BUSY_MS rather than the store's busy timeout.
+        self._purge_lock = threading.Lock()
+        self._purge_db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._purge_db.execute(f"PRAGMA busy_timeout={PURGE_BUSY_MS}")
+        self._purge_interval = purge_interval
+        self._purge_since: datetime | None = None
+        self._purge_thread: threading.Thread | None = None
+        self._closing = threading.Event()
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=5000")
         # Deleted rows are overwritten with zeros, not left in free pages (see delete_member).
         self._db.execute("PRAGMA secure_delete=ON")
-        self._migrate()
+        try:
+            self._migrate()
+        except BaseException:
+            self.close()
+            raise
 
     def _migrate(self) -> None:
         with self._lock:
@@ -391,9 +441,51 @@ class SqliteStore(Store):
     def _purge_wal(self) -> None:
         """Copy the WAL into the database and empty it: the WAL still holds the pages as
         they were before a deletion (the member's embeddings and photos) until then.
-        With secure_delete on, the database file keeps nothing of them either."""
-        with self._lock:
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        With secure_delete on, the database file keeps nothing of them either.
+
+        Called after the deletion has committed, without the store's lock: when a reader
+        holds old pages, the purge is left to the timer (`purge_pending_since`)."""
+        with self._purge_lock:
+            if self._checkpoint():
+                self._purge_since = None
+                return
+            if self._purge_since is None:
+                self._purge_since = datetime.now(UTC)
+                log.warning(
+                    "deleted data stays in the WAL until another process's read transaction"
+                    " ends (a backup, the sqlite3 shell); retrying",
+                    extra={"every_s": self._purge_interval},
+                )
+            if self._purge_thread is None and not self._closing.is_set():
+                self._purge_thread = threading.Thread(
+                    target=self._purge_later, name="sqlite-purge", daemon=True
+                )
+                self._purge_thread.start()
+
+    def _checkpoint(self) -> bool:
+        """One attempt at checkpointing the whole WAL and truncating it (purge lock held)."""
+        try:
+            busy, _, _ = self._purge_db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.OperationalError:  # locked by a writer past the short timeout
+            return False
+        return bool(busy == 0)
+
+    def _purge_later(self) -> None:
+        while not self._closing.wait(self._purge_interval):
+            with self._purge_lock:
+                if self._purge_since is not None and self._checkpoint():
+                    log.info(
+                        "deleted data purged from the WAL",
+                        extra={"waited_s": round((datetime.now(UTC) - self._purge_since).total_seconds(), 1)},
+                    )
+                    self._purge_since = None
+                if self._purge_since is None:
+                    self._purge_thread = None
+                    return
+
+    def purge_pending_since(self) -> datetime | None:
+        with self._purge_lock:
+            return self._purge_since
 
     def iter_embeddings(self) -> Iterator[tuple[str, Embedding]]:
         with self._lock:
@@ -481,6 +573,30 @@ class SqliteStore(Store):
             )
             for r in rows
         ]
+
+    EVENT_BATCH = 2000
+    """Events deleted a transaction: the store's lock is let go between batches."""
+
+    def delete_events_before(self, cutoff: datetime) -> int:
+        cutoff_us, deleted = _us(cutoff), 0
+        while True:
+            with self._lock:
+                count = self._db.execute(
+                    "DELETE FROM access_events WHERE event_id IN (SELECT event_id FROM"
+                    " access_events WHERE time_us < ? ORDER BY time_us LIMIT ?)",
+                    (cutoff_us, self.EVENT_BATCH),
+                ).rowcount
+            deleted += count
+            if count < self.EVENT_BATCH:
+                break
+        if deleted:
+            self._purge_wal()
+        return deleted
+
+    def oldest_event_at(self) -> datetime | None:
+        with self._lock:
+            (oldest,) = self._db.execute("SELECT MIN(time_us) FROM access_events").fetchone()
+        return None if oldest is None else _time(oldest)
 
     def store_id(self) -> str:
         with self._lock:
@@ -634,8 +750,17 @@ class SqliteStore(Store):
             )
 
     def close(self) -> None:
+        if self._closing.is_set():
+            return
+        self._closing.set()
+        thread = self._purge_thread
+        if thread is not None:
+            thread.join()
+        with self._purge_lock:
+            self._purge_db.close()
         with self._lock:
             self._db.close()
+        os.close(self._held)  # and with it the shared lock
 
 
 class _Transaction:
