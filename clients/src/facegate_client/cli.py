@@ -461,6 +461,15 @@ def format_status(status: pb.GetStatusResponse) -> str:
         )
         lines.append(f"workers: {workers}")
         lines.append(f"recognition queue: {status.recognition_queue}")
+    if status.HasField("purge_pending_since"):
+        since = _time(status.purge_pending_since, True)
+        lines.append(
+            f"purge pending since {since}: deleted data stays in the store's files until"
+            " another process's read transaction ends (a backup, the sqlite3 shell)"
+        )
+    oldest = _time(status.oldest_event_time, status.HasField("oldest_event_time"))
+    kept = f"{status.event_retention_days} days" if status.event_retention_days else "forever"
+    lines.append(f"access events: oldest {oldest}, kept {kept}")
     for title, counts in (
         ("cloud transactions", status.cloud_transactions),
         ("decisions", status.decisions),

@@ -36,6 +36,7 @@ from facegate_server.engines.local import LocalEngine, WorkerPool
 from facegate_server.engines.policy import decision_policy
 from facegate_server.gate import Clock, Gate, utc_now
 from facegate_server.membership import Site, load_zone
+from facegate_server.retention import Retention
 from facegate_server.routing.breaker import CircuitBreaker, CircuitState
 from facegate_server.routing.router import Agreement, Policy, RoutingEngine
 from facegate_server.rpc import auth, ratelimit, tls
@@ -57,6 +58,8 @@ class FaceGateServer:
     store: Store
     background_sync: bool = True
     """Replay the outbox in a background thread (tests call `gate.replayer.run_once()`)."""
+    retention: Retention | None = None
+    """Deletes access events past retention, at start and hourly (tests: `run_once()`)."""
 
     _watch: threading.Thread | None = None
     _stopping: threading.Event = field(default_factory=threading.Event)
@@ -65,6 +68,8 @@ class FaceGateServer:
         if self.gate.replayer is not None and self.background_sync:
             self.gate.replayer.start()
         self.rpc.start()
+        if self.retention is not None:
+            self.retention.start()
         self._watch = threading.Thread(target=self._watch_health, name="health", daemon=True)
         self._watch.start()
 
@@ -85,6 +90,8 @@ class FaceGateServer:
         if self._watch is not None:
             self._watch.join()
         self.rpc.stop(grace)
+        if self.retention is not None:
+            self.retention.stop()
         if self.gate.replayer is not None:
             self.gate.replayer.stop()
             log.info(
@@ -248,7 +255,11 @@ def build_server(
     credentials = tls.server_credentials(
         settings.tls_cert, settings.tls_key, settings.tls_client_ca
     )
-    store = store if store is not None else SqliteStore(settings.db_path)
+    store = (
+        store
+        if store is not None
+        else SqliteStore(settings.db_path, purge_interval=settings.purge_interval_s)
+    )
     router: RecognitionEngine | None = None
     try:
         local = engine if engine is not None else build_local(settings, store)
@@ -266,6 +277,7 @@ def build_server(
             refusals=refusals.counts,
             clock=wall_clock,
             site=Site(settings.site_id, load_zone(settings.site_time_zone)),
+            event_retention_days=settings.event_retention_days,
         )
         servicer = FaceGateServicer(gate)
         threads = max(8, 4 * settings.workers)
@@ -311,4 +323,10 @@ def build_server(
         router.close()
         store.close()
         raise OSError(f"could not listen on {settings.listen}")
-    return FaceGateServer(rpc, rpc.port, gate, store)
+    retention = Retention(
+        store,
+        settings.event_retention_days,
+        clock=wall_clock,
+        interval=settings.retention_interval_s,
+    )
+    return FaceGateServer(rpc, rpc.port, gate, store, retention=retention)

@@ -143,6 +143,12 @@ class Settings(BaseSettings):
     # name (not the cloud's store identity), and the IANA zone of access hours.
     site_id: str = Field(default="", pattern=r"^[A-Za-z0-9._:-]{0,64}$")
     site_time_zone: str = "UTC"
+    # Retention and purging (issue 15, operations; retention.py, store/sqlite.py): access
+    # events older than this many days are deleted hourly (0: kept forever); a pending
+    # purge of deleted data from the SQLite WAL is retried this often.
+    event_retention_days: int = Field(default=400, ge=0)
+    retention_interval_s: float = Field(default=3600.0, gt=0)
+    purge_interval_s: float = Field(default=1.0, gt=0)
 
     @field_validator("site_time_zone")
     @classmethod

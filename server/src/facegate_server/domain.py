@@ -374,6 +374,13 @@ class Status:
     parked: tuple[OutboxEntry, ...] = ()
     refusals: dict[str, int] = field(default_factory=dict)
     """Calls refused before the servicer, by "method/code/reason"."""
+    purge_pending_since: datetime | None = None
+    """Since when deleted data has been waiting to be purged from the store's files
+    (another process holds a read transaction); None when nothing waits."""
+    oldest_event_time: datetime | None = None
+    """The oldest access event kept; None when the log is empty."""
+    event_retention_days: int = 0
+    """Access events are kept this many days (0: forever)."""
 
 
 class ChangeKind(enum.Enum):

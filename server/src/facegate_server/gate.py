@@ -124,6 +124,7 @@ class Gate:
         engine_status: Callable[[], EngineStatus] | None = None,
         refusals: Callable[[], dict[str, int]] | None = None,
         site: Site | None = None,
+        event_retention_days: int = 0,
     ) -> None:
         self.store = store
         self.engine = engine
@@ -137,6 +138,7 @@ class Gate:
         self.keep_photos = keep_photos
         self.clock = clock
         self.site = site if site is not None else Site()
+        self.event_retention_days = event_retention_days
         # Serialises changes of membership so the store and the engines change together.
         self._membership = threading.Lock()
 
@@ -332,6 +334,9 @@ class Gate:
             outbox_parked=self.store.outbox_parked_count(),
             parked=tuple(self.store.outbox_parked(PARKED_SHOWN)),
             refusals=self._refusals(),
+            purge_pending_since=self.store.purge_pending_since(),
+            oldest_event_time=self.store.oldest_event_at(),
+            event_retention_days=self.event_retention_days,
         )
 
     def retry_parked(self) -> int:

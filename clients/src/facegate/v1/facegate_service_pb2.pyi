@@ -1558,6 +1558,9 @@ class GetStatusResponse(_message.Message):
     REFUSALS_FIELD_NUMBER: _builtins.int
     CAN_DECIDE_FIELD_NUMBER: _builtins.int
     RECONCILIATION_FIELD_NUMBER: _builtins.int
+    PURGE_PENDING_SINCE_FIELD_NUMBER: _builtins.int
+    OLDEST_EVENT_TIME_FIELD_NUMBER: _builtins.int
+    EVENT_RETENTION_DAYS_FIELD_NUMBER: _builtins.int
     routing_policy: _builtins.str
     """The routing policy: "cloud-first", "local-first" or "local-only"."""
     circuit_state: Global___CircuitState.ValueType
@@ -1595,6 +1598,8 @@ class GetStatusResponse(_message.Message):
     """Whether the server can decide at all: a recognition worker is running, or
     the cloud is reachable (health says NOT_SERVING when it cannot).
     """
+    event_retention_days: _builtins.int
+    """Access events are deleted after this many days; 0: kept forever."""
     @_builtins.property
     def last_cloud_error_time(self) -> _timestamp_pb2.Timestamp:
         """When the last cloud error was seen; unset if none."""
@@ -1640,6 +1645,18 @@ class GetStatusResponse(_message.Message):
         unset if none ran since the server started.
         """
 
+    @_builtins.property
+    def purge_pending_since(self) -> _timestamp_pb2.Timestamp:
+        """Since when deleted data (a member's embeddings, photos, name) has been
+        waiting to be purged from the store's files: another process holds a read
+        transaction (a backup, the sqlite3 shell) and the purge retries until it
+        ends. Unset when nothing waits.
+        """
+
+    @_builtins.property
+    def oldest_event_time(self) -> _timestamp_pb2.Timestamp:
+        """The oldest access event kept; unset when the access log is empty."""
+
     def __init__(
         self,
         *,
@@ -1663,10 +1680,13 @@ class GetStatusResponse(_message.Message):
         refusals: _abc.Iterable[Global___Count] | None = ...,
         can_decide: _builtins.bool = ...,
         reconciliation: Global___Reconciliation | None = ...,
+        purge_pending_since: _timestamp_pb2.Timestamp | None = ...,
+        oldest_event_time: _timestamp_pb2.Timestamp | None = ...,
+        event_retention_days: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_cloud_error_time", b"last_cloud_error_time", "reconciliation", b"reconciliation"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_cloud_error_time", b"last_cloud_error_time", "oldest_event_time", b"oldest_event_time", "purge_pending_since", b"purge_pending_since", "reconciliation", b"reconciliation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "can_decide", b"can_decide", "circuit_state", b"circuit_state", "cloud_cost", b"cloud_cost", "cloud_readiness", b"cloud_readiness", "cloud_training", b"cloud_training", "cloud_transactions", b"cloud_transactions", "decisions", b"decisions", "last_cloud_error", b"last_cloud_error", "last_cloud_error_time", b"last_cloud_error_time", "member_count", b"member_count", "outbox_depth", b"outbox_depth", "outbox_parked", b"outbox_parked", "outbox_waiting", b"outbox_waiting", "parked", b"parked", "recognition_queue", b"recognition_queue", "reconciliation", b"reconciliation", "refusals", b"refusals", "routing_policy", b"routing_policy", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "can_decide", b"can_decide", "circuit_state", b"circuit_state", "cloud_cost", b"cloud_cost", "cloud_readiness", b"cloud_readiness", "cloud_training", b"cloud_training", "cloud_transactions", b"cloud_transactions", "decisions", b"decisions", "event_retention_days", b"event_retention_days", "last_cloud_error", b"last_cloud_error", "last_cloud_error_time", b"last_cloud_error_time", "member_count", b"member_count", "oldest_event_time", b"oldest_event_time", "outbox_depth", b"outbox_depth", "outbox_parked", b"outbox_parked", "outbox_waiting", b"outbox_waiting", "parked", b"parked", "purge_pending_since", b"purge_pending_since", "recognition_queue", b"recognition_queue", "reconciliation", b"reconciliation", "refusals", b"refusals", "routing_policy", b"routing_policy", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -299,7 +299,12 @@ def status(s: Status) -> pb.GetStatusResponse:
         admission=[pb.Count(name=k, count=v) for k, v in sorted(e.admission.items())],
         refusals=[pb.Count(name=k, count=v) for k, v in sorted(s.refusals.items())],
         can_decide=e.can_decide,
+        event_retention_days=s.event_retention_days,
     )
+    if s.purge_pending_since is not None:
+        message.purge_pending_since.CopyFrom(timestamp(s.purge_pending_since))
+    if s.oldest_event_time is not None:
+        message.oldest_event_time.CopyFrom(timestamp(s.oldest_event_time))
     if e.last_cloud_error_time is not None:
         message.last_cloud_error_time.CopyFrom(timestamp(e.last_cloud_error_time))
     if e.reconciliation is not None:
