@@ -78,22 +78,30 @@ def describe(path: Path) -> BackupInfo:
             tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         except sqlite3.DatabaseError as error:
             raise BackupError(f"{path} is not a SQLite database ({error})") from None
-        if not {"store_meta", "members", "faces", "access_events"} <= tables:
-            raise BackupError(f"{path} is not a FaceGate database (its tables are not FaceGate's)")
-        if not 1 <= version <= SCHEMA_VERSION:
-            raise BackupError(
-                f"{path} has schema version {version}; this FaceGate knows 1 to {SCHEMA_VERSION}"
-                + (": upgrade FaceGate" if version > SCHEMA_VERSION else "")
-            )
-        row = db.execute("SELECT value FROM store_meta WHERE key = 'store_id'").fetchone()
-        if row is None:
-            raise BackupError(f"{path} is not a FaceGate database (it has no store id)")
-        problems = [r[0] for r in db.execute("PRAGMA integrity_check(10)")]
-        if problems != ["ok"]:
-            raise BackupError(f"{path} is damaged (integrity_check: {'; '.join(problems)})")
-        (members,) = db.execute("SELECT COUNT(*) FROM members").fetchone()
-        (faces,) = db.execute("SELECT COUNT(*) FROM faces").fetchone()
-        (events,) = db.execute("SELECT COUNT(*) FROM access_events").fetchone()
+        try:
+            return _check(db, path, version, tables)
+        except sqlite3.DatabaseError as error:
+            raise BackupError(f"{path} is damaged ({error})") from None
+
+
+def _check(db: sqlite3.Connection, path: Path, version: int, tables: set[str]) -> BackupInfo:
+    """The FaceGate checks, then integrity; what the database holds."""
+    if not {"store_meta", "members", "faces", "access_events"} <= tables:
+        raise BackupError(f"{path} is not a FaceGate database (its tables are not FaceGate's)")
+    if not 1 <= version <= SCHEMA_VERSION:
+        raise BackupError(
+            f"{path} has schema version {version}; this FaceGate knows 1 to {SCHEMA_VERSION}"
+            + (": upgrade FaceGate" if version > SCHEMA_VERSION else "")
+        )
+    row = db.execute("SELECT value FROM store_meta WHERE key = 'store_id'").fetchone()
+    if row is None:
+        raise BackupError(f"{path} is not a FaceGate database (it has no store id)")
+    problems = [r[0] for r in db.execute("PRAGMA integrity_check(10)")]
+    if problems != ["ok"]:
+        raise BackupError(f"{path} is damaged (integrity_check: {'; '.join(problems)})")
+    (members,) = db.execute("SELECT COUNT(*) FROM members").fetchone()
+    (faces,) = db.execute("SELECT COUNT(*) FROM faces").fetchone()
+    (events,) = db.execute("SELECT COUNT(*) FROM access_events").fetchone()
     return BackupInfo(path, version, str(row[0]), members, faces, events, path.stat().st_size)
 
 

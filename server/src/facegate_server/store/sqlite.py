@@ -476,7 +476,11 @@ class SqliteStore(Store):
                 if self._purge_since is not None and self._checkpoint():
                     log.info(
                         "deleted data purged from the WAL",
-                        extra={"waited_s": round((datetime.now(UTC) - self._purge_since).total_seconds(), 1)},
+                        extra={
+                            "waited_s": round(
+                                (datetime.now(UTC) - self._purge_since).total_seconds(), 1
+                            )
+                        },
                     )
                     self._purge_since = None
                 if self._purge_since is None:
