@@ -230,6 +230,9 @@ class SqliteStore(Store):
         except BaseException:
             self.close()
             raise
+        wal = path.with_name(path.name + "-wal")
+        if wal.exists() and wal.stat().st_size > 0:  # left by a crash, maybe after a deletion
+            self._purge_wal()
 
     def _migrate(self) -> None:
         with self._lock:
