@@ -310,3 +310,23 @@ def test_retention_zero_keeps_events_forever(tmp_path: Path) -> None:
     forever.start()  # starts nothing
     forever.stop()
     assert store.oldest_event_at() == datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def test_a_store_does_not_open_while_a_restore_holds_its_lock(tmp_path: Path) -> None:
+    import fcntl
+    import os
+
+    from facegate_server.store import SqliteStore
+    from facegate_server.store.sqlite import open_lock
+
+    path = tmp_path / "data" / "facegate.sqlite3"
+    SqliteStore(path).close()
+    held = open_lock(path)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what `facegate restore` takes
+        with pytest.raises(RuntimeError, match="being restored"):
+            SqliteStore(path)
+    finally:
+        os.close(held)
+    SqliteStore(path).close()
+    assert stat.S_IMODE(path.with_name("facegate.sqlite3.lock").stat().st_mode) == 0o600

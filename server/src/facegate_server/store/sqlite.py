@@ -760,7 +760,8 @@ class SqliteStore(Store):
         if self._closing.is_set():
             return
         self._closing.set()
-        thread = self._purge_thread
+        with self._purge_lock:  # no purge thread starts once closing is set
+            thread = self._purge_thread
         if thread is not None:
             thread.join()
         with self._purge_lock:
