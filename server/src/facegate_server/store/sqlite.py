@@ -765,6 +765,8 @@ class SqliteStore(Store):
         if thread is not None:
             thread.join()
         with self._purge_lock:
+            if self._purge_since is not None and not self._checkpoint():
+                log.warning("deleted data stays in the WAL until the store next opens")
             self._purge_db.close()
         with self._lock:
             self._db.close()
