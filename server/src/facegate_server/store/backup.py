@@ -21,7 +21,7 @@ import fcntl
 import os
 import sqlite3
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from facegate_server.store.sqlite import SCHEMA_VERSION, open_lock
@@ -126,14 +126,14 @@ def backup(db_path: Path, dest: Path) -> BackupInfo:
                 except sqlite3.Error as error:
                     raise BackupError(f"cannot back up {db_path}: {error}") from None
                 copy.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
-        describe(partial)
+        info = describe(partial)
         _fsync(partial)
         os.replace(partial, dest)
         _fsync(dest.parent)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    return describe(dest)
+    return replace(info, path=dest)
 
 
 def restore(source: Path, db_path: Path) -> BackupInfo:
