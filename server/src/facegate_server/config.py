@@ -301,7 +301,7 @@ def _secret_files(
         if path is None:
             continue
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            text = Path(path).read_bytes().decode("utf-8")  # as written: no newline translation
         except (OSError, UnicodeDecodeError) as error:
             reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
             raise SettingsError(
