@@ -229,3 +229,43 @@ def test_sighup_serves_a_rotated_certificate_to_new_connections(tmp_path: Path) 
             c.list_members()
     finally:
         server.stop()
+
+
+def test_sighup_rotates_the_client_ca_for_new_connections(tmp_path: Path) -> None:
+    server_ca, old_clients, new_clients = Authority("server"), Authority("old"), Authority("new")
+    cert, key = server_ca.server().write(tmp_path, "server")
+    client_ca = tmp_path / "clients.pem"
+    client_ca.write_bytes(old_clients.pem)
+    server = Served(
+        tmp_path,
+        FACEGATE_TLS_CERT=str(cert),
+        FACEGATE_TLS_KEY=str(key),
+        FACEGATE_TLS_CLIENT_CA=str(client_ca),
+    )
+
+    def client(authority: Authority) -> FaceGateClient:
+        pem = authority.client("crm-host")
+        return FaceGateClient(
+            server.target,
+            token=server.crm,
+            root_certificates=server_ca.pem,
+            certificate_chain=pem.cert,
+            private_key=pem.key,
+        )
+
+    try:
+        with client(old_clients) as c:
+            c.list_members()
+        with client(new_clients) as c, pytest.raises(Unavailable):
+            c.list_members()
+
+        client_ca.write_bytes(new_clients.pem)
+        answer = hang_up(server.process, server.log)
+        assert answer["msg"] == "reloaded" and answer["tls"] == "mutual"
+
+        with client(new_clients) as c:
+            c.list_members()
+        with client(old_clients) as c, pytest.raises(Unavailable):
+            c.list_members()
+    finally:
+        server.stop()

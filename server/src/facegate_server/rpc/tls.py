@@ -40,14 +40,6 @@ def _read_pem(path: Path, what: str) -> bytes:
     return data
 
 
-def server_credentials(
-    cert: Path | None, key: Path | None, client_ca: Path | None
-) -> grpc.ServerCredentials | None:
-    """The server's TLS credentials, or None for plaintext (no certificate configured)."""
-    certificates = Certificates.load(cert, key, client_ca)
-    return None if certificates is None else certificates.credentials
-
-
 def _read_configuration(
     cert: Path, key: Path, client_ca: Path | None
 ) -> grpc.ServerCertificateConfiguration:
