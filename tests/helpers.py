@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from PIL import Image
@@ -67,6 +69,19 @@ def details(error: grpc.RpcError) -> tuple[str, list[tuple[str, str]]]:
             detail.Unpack(bad)
             violations = [(v.field, v.description) for v in bad.field_violations]
     return reason, violations
+
+
+def require_tool(name: str, how: str) -> str:
+    """The path of the program `name` on PATH. Where it is missing the test skips, saying
+    `how` to install it, except in CI (CI=true), where a missing tool fails the test: CI
+    must install what its tests need (.ci/run), not pass by skipping them."""
+    found = shutil.which(name)
+    if found is not None:
+        return found
+    reason = f"{name} is not installed (not on PATH): {how}"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true and {reason}", pytrace=False)
+    pytest.skip(reason)
 
 
 FACEGATE = str(Path(sys.executable).with_name("facegate"))

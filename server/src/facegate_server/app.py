@@ -36,6 +36,7 @@ from facegate_server.engines.local import LocalEngine, WorkerPool
 from facegate_server.engines.policy import decision_policy
 from facegate_server.gate import Clock, Gate, utc_now
 from facegate_server.membership import Site, load_zone
+from facegate_server.metrics import Metrics, MetricsServer, sqlite_files
 from facegate_server.routing.breaker import CircuitBreaker, CircuitState
 from facegate_server.routing.router import Agreement, Policy, RoutingEngine
 from facegate_server.rpc import auth, ratelimit, tls
@@ -57,11 +58,15 @@ class FaceGateServer:
     store: Store
     background_sync: bool = True
     """Replay the outbox in a background thread (tests call `gate.replayer.run_once()`)."""
+    metrics: MetricsServer | None = None
+    """The Prometheus endpoint (FACEGATE_METRICS_LISTEN), when configured."""
 
     _watch: threading.Thread | None = None
     _stopping: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> None:
+        if self.metrics is not None:
+            self.metrics.start()
         if self.gate.replayer is not None and self.background_sync:
             self.gate.replayer.start()
         self.rpc.start()
@@ -85,6 +90,8 @@ class FaceGateServer:
         if self._watch is not None:
             self._watch.join()
         self.rpc.stop(grace)
+        if self.metrics is not None:  # scraped until the calls in flight are done
+            self.metrics.stop()
         if self.gate.replayer is not None:
             self.gate.replayer.stop()
             log.info(
@@ -248,12 +255,16 @@ def build_server(
     credentials = tls.server_credentials(
         settings.tls_cert, settings.tls_key, settings.tls_client_ca
     )
+    # The store's files are measured for the metrics when the store is the settings' own.
+    store_files = sqlite_files(settings.db_path) if store is None else ()
     store = store if store is not None else SqliteStore(settings.db_path)
     router: RecognitionEngine | None = None
+    metrics_server: MetricsServer | None = None
     try:
         local = engine if engine is not None else build_local(settings, store)
         router, replayer, engine_status = build_engine(settings, store, local, clock)
         refusals = Refusals()
+        metrics = Metrics()
         gate = Gate(
             store,
             router,
@@ -266,7 +277,11 @@ def build_server(
             refusals=refusals.counts,
             clock=wall_clock,
             site=Site(settings.site_id, load_zone(settings.site_time_zone)),
+            on_event=metrics.observe,
         )
+        metrics.watch(gate.status, store_files)
+        if settings.metrics_listen:
+            metrics_server = MetricsServer(settings.metrics_listen, metrics.registry)
         servicer = FaceGateServicer(gate)
         threads = max(8, 4 * settings.workers)
         rpc = RpcServer(
@@ -278,7 +293,8 @@ def build_server(
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", 16 * 1024 * 1024),
             ],
-            interceptors=[  # authentication first: rate limits are per admitted caller
+            interceptors=[  # calls counted outermost (refusals too); then authentication
+                metrics.interceptor(),  # first: rate limits are per admitted caller
                 auth.interceptor(callers, refusals),
                 ratelimit.interceptor(
                     (settings.identify_rate, settings.identify_burst),
@@ -302,13 +318,19 @@ def build_server(
         if open_warning:
             log.warning(open_warning)
     except BaseException:
+        if metrics_server is not None:
+            metrics_server.stop()
         if router is not None:
             router.close()
         store.close()
         raise
     if rpc.port == 0:
+        if metrics_server is not None:
+            metrics_server.stop()
         rpc.stop(0)
         router.close()
         store.close()
         raise OSError(f"could not listen on {settings.listen}")
-    return FaceGateServer(rpc, rpc.port, gate, store)
+    if metrics_server is not None:
+        log.info("metrics", extra={"listen": settings.metrics_listen, "port": metrics_server.port})
+    return FaceGateServer(rpc, rpc.port, gate, store, metrics=metrics_server)

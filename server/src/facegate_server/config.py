@@ -143,6 +143,11 @@ class Settings(BaseSettings):
     # name (not the cloud's store identity), and the IANA zone of access hours.
     site_id: str = Field(default="", pattern=r"^[A-Za-z0-9._:-]{0,64}$")
     site_time_zone: str = "UTC"
+    # Metrics (metrics.py; README: Metrics): Prometheus' exposition format on HOST:PORT of
+    # its own, unauthenticated (keep it on loopback or a private network); unset: off.
+    metrics_listen: str = Field(
+        default="", pattern=r"^(|(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):\d{1,5})$"
+    )
 
     @field_validator("site_time_zone")
     @classmethod
@@ -286,6 +291,8 @@ def _problem(detail: ErrorDetails) -> str:
         return "must be less than " + _number(ctx["lt"])
     if kind == "less_than_equal":
         return "must be at most " + _number(ctx["le"])
+    if kind == "string_pattern_mismatch" and detail["loc"][:1] == ("metrics_listen",):
+        return "must be HOST:PORT (e.g. 127.0.0.1:9464, [::1]:9464)"
     if kind == "string_pattern_mismatch":
         return "must be up to 64 letters, digits or . _ : -"
     if kind == "literal_error":

@@ -1,0 +1,308 @@
+"""Prometheus metrics (metrics.py): scraped over HTTP from running servers and read with
+prometheus_client's own parser, after real calls; and end to end, scraped by a real
+Prometheus server (the Debian package `prometheus`) and read back from its query API."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+from facegate.v1 import facegate_service_pb2 as pb
+from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
+from facegate_server.commands.token import new_token
+from facegate_server.config import SettingsError, load_settings
+from facegate_server.engines.memory import MemoryEngine
+from facegate_server.rpc import auth
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.cloud import cloud_gate, emulator
+from tests.helpers import image_bytes, require_tool, running_server, start_serve
+
+MEMBER_FACE = image_bytes(64, 64, color="red")
+STRANGER = image_bytes(64, 64, color="blue")
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(port: int) -> Samples:
+    """Every sample the endpoint serves: (name, labels) -> value, parsed by prometheus_client."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        assert answer.status == 200
+        assert answer.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = answer.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+def metrics_port(server: object) -> int:
+    metrics = server.metrics  # type: ignore[attr-defined]
+    assert metrics is not None
+    port: int = metrics.port
+    return port
+
+
+@contextmanager
+def fake_server(
+    data: Path, **settings: object
+) -> Iterator[tuple[object, pb_grpc.FaceGateServiceStub]]:
+    with (
+        running_server(
+            data, engine=MemoryEngine(), metrics_listen="127.0.0.1:0", **settings
+        ) as server,
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        yield server, pb_grpc.FaceGateServiceStub(channel)
+
+
+def identify(stub: pb_grpc.FaceGateServiceStub, image: bytes) -> pb.IdentifyResponse:
+    answer: pb.IdentifyResponse = stub.Identify(
+        pb.IdentifyRequest(image=image, turnstile_id="gate-1"), timeout=30
+    )
+    return answer
+
+
+def test_identify_and_verify_are_timed_by_engine_and_decision(tmp_path: Path) -> None:
+    with fake_server(tmp_path) as (server, stub):
+        stub.Enroll(pb.EnrollRequest(member_id="m-1", photos=[MEMBER_FACE]), timeout=30)
+        for _ in range(3):
+            assert identify(stub, MEMBER_FACE).decision == pb.DECISION_GRANTED
+        for _ in range(2):
+            assert identify(stub, STRANGER).decision == pb.DECISION_DENIED_UNKNOWN_FACE
+        verified = stub.Verify(
+            pb.VerifyRequest(member_id="m-1", image=MEMBER_FACE, turnstile_id="gate-1"),
+            timeout=30,
+        )
+        assert verified.decision == pb.DECISION_GRANTED
+        with pytest.raises(grpc.RpcError) as bad:
+            stub.Identify(pb.IdentifyRequest(image=MEMBER_FACE, turnstile_id=""), timeout=30)
+        assert bad.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+        samples = scrape(metrics_port(server))
+
+    name = "facegate_identify_duration_seconds"
+    assert value(samples, f"{name}_count", engine="local", decision="GRANTED") == 3
+    assert value(samples, f"{name}_count", engine="local", decision="DENIED_UNKNOWN_FACE") == 2
+    # Every call is in the bucket at the budget (the in-memory engine answers in ms), and
+    # the +Inf bucket counts them all.
+    assert value(samples, f"{name}_bucket", engine="local", decision="GRANTED", le="1.2") == 3
+    assert value(samples, f"{name}_bucket", engine="local", decision="GRANTED", le="+Inf") == 3
+    assert value(samples, f"{name}_sum", engine="local", decision="GRANTED") > 0  # type: ignore[operator]
+    verify = "facegate_verify_duration_seconds_count"
+    assert value(samples, verify, engine="local", decision="GRANTED") == 1
+    assert (
+        value(samples, f"{name}_count", engine="local", decision="DENIED_NOT_THIS_MEMBER") is None
+    )
+    outcomes = "facegate_engine_outcomes_total"
+    assert value(samples, outcomes, kind="identify", engine="local", outcome="DECIDED") == 5
+    assert value(samples, outcomes, kind="verify", engine="local", outcome="DECIDED") == 1
+    calls = "facegate_grpc_calls_total"
+    assert value(samples, calls, method="Identify", code="OK") == 5
+    assert value(samples, calls, method="Identify", code="INVALID_ARGUMENT") == 1
+    assert value(samples, calls, method="Verify", code="OK") == 1
+    assert value(samples, calls, method="Enroll", code="OK") == 1
+    # The state, read from GetStatus's sources when scraped.
+    assert value(samples, "facegate_members") == 1
+    assert value(samples, "facegate_outbox_entries") == 0
+    assert value(samples, "facegate_outbox_parked_entries") == 0
+    assert value(samples, "facegate_can_decide") == 1
+    assert value(samples, "facegate_recognition_queue_depth") == 0
+    assert value(samples, "facegate_store_size_bytes") >= 4096  # type: ignore[operator]
+    assert not [key for key in samples if key[0] == "facegate_circuit_breaker_state"]  # no cloud
+
+
+def test_refused_calls_are_counted_by_their_code(tmp_path: Path) -> None:
+    token = new_token()
+    callers = f"turnstile gate-1 {auth.token_hash(token)}"
+    with fake_server(tmp_path, tokens=callers) as (server, stub):
+        with pytest.raises(grpc.RpcError) as refused:
+            identify(stub, MEMBER_FACE)
+        assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        answer = stub.Identify(
+            pb.IdentifyRequest(image=STRANGER, turnstile_id="gate-1"),
+            metadata=[("authorization", f"Bearer {token}")],
+            timeout=30,
+        )
+        assert answer.decision == pb.DECISION_DENIED_UNKNOWN_FACE
+        samples = scrape(metrics_port(server))
+    calls = "facegate_grpc_calls_total"
+    assert value(samples, calls, method="Identify", code="UNAUTHENTICATED") == 1
+    assert value(samples, calls, method="Identify", code="OK") == 1
+    # A refused call never reached the gate: no decision was timed.
+    name = "facegate_identify_duration_seconds_count"
+    assert value(samples, name, engine="local", decision="DENIED_UNKNOWN_FACE") == 1
+
+
+def test_servers_in_one_process_keep_their_own_metrics(tmp_path: Path) -> None:
+    with fake_server(tmp_path / "a") as (first, a), fake_server(tmp_path / "b") as (second, b):
+        identify(a, STRANGER)
+        identify(a, STRANGER)
+        identify(b, STRANGER)
+        name = "facegate_identify_duration_seconds_count"
+        labels = {"engine": "local", "decision": "DENIED_UNKNOWN_FACE"}
+        assert value(scrape(metrics_port(first)), name, **labels) == 2
+        assert value(scrape(metrics_port(second)), name, **labels) == 1
+
+
+def test_metrics_are_off_by_default_and_stop_with_the_server(tmp_path: Path) -> None:
+    with running_server(tmp_path / "off", engine=MemoryEngine()) as server:
+        assert server.metrics is None
+    with fake_server(tmp_path / "on") as (server, _):
+        port = metrics_port(server)
+        scrape(port)
+    with pytest.raises(urllib.error.URLError):
+        scrape(port)
+
+
+@pytest.mark.parametrize("listen", ["9464", "localhost", "127.0.0.1:port", "a b:1"])
+def test_a_bad_metrics_address_is_one_line(listen: str) -> None:
+    with pytest.raises(SettingsError) as error:
+        load_settings({"FACEGATE_METRICS_LISTEN": listen})
+    assert str(error.value).startswith("FACEGATE_METRICS_LISTEN=")
+    assert "HOST:PORT" in str(error.value)
+
+
+def test_the_cloud_state_is_read_when_scraped(tmp_path: Path) -> None:
+    """Circuit breaker, outbox (waiting and set aside) and the cloud's transactions by
+    operation, against the Face API emulator: the figures GetStatus reports."""
+    with (
+        emulator() as emu,
+        cloud_gate(emu, tmp_path, engine=MemoryEngine(), metrics_listen="127.0.0.1:0") as gate,
+    ):
+        port = metrics_port(gate.server)
+        circuit = "facegate_circuit_breaker_state"
+        samples = scrape(port)
+        assert value(samples, circuit, engine="azure", state="closed") == 1
+        assert value(samples, circuit, engine="azure", state="open") == 0
+
+        # A photo with no face: the cloud refuses it (InvalidImage) and the entry is parked.
+        gate.stub.Enroll(pb.EnrollRequest(member_id="m-1", photos=[STRANGER]), timeout=60)
+        assert value(scrape(port), "facegate_outbox_entries") == 1
+        gate.settle()
+        for _ in range(3):  # FACEGATE_BREAKER_FAILURES' default: the circuit opens
+            gate.router.breaker.record_failure()
+        samples = scrape(port)
+        status = gate.stub.GetStatus(pb.GetStatusRequest(), timeout=10)
+
+    assert value(samples, "facegate_outbox_entries") == 0
+    assert value(samples, "facegate_outbox_parked_entries") == 1 == status.outbox_parked
+    assert value(samples, circuit, engine="azure", state="open") == 1
+    assert value(samples, circuit, engine="azure", state="closed") == 0
+    transactions = {
+        dict(labels)["operation"]: count
+        for (name, labels), count in samples.items()
+        if name == "facegate_cloud_transactions_total"
+    }
+    assert transactions == {c.name: c.count for c in status.cloud_transactions}
+    assert transactions["detect"] >= 1  # the refused photo
+
+
+PROMETHEUS_HOW = (
+    "apt-get install -y prometheus (Debian's package; only the binary is used, "
+    "the test runs its own instance)"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def query(api: str, expression: str) -> list[dict[str, object]]:
+    url = f"{api}/api/v1/query?" + urllib.parse.urlencode({"query": expression})
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        body = json.load(answer)
+    assert body["status"] == "success", body
+    result: list[dict[str, object]] = body["data"]["result"]
+    return result
+
+
+def test_a_real_prometheus_scrapes_the_identify_histogram(tmp_path: Path) -> None:
+    prometheus = require_tool("prometheus", PROMETHEUS_HOW)
+    log = tmp_path / "facegate.log"
+    process, target = start_serve(
+        {
+            "FACEGATE_DATA_DIR": str(tmp_path / "data"),
+            "FACEGATE_WORKERS": "1",
+            "FACEGATE_METRICS_LISTEN": "127.0.0.1:0",
+        },
+        log,
+    )
+    prom: subprocess.Popen[bytes] | None = None
+    try:
+        serving = next(
+            json.loads(line)
+            for line in log.read_text().splitlines()
+            if line.startswith("{") and json.loads(line).get("msg") == "serving"
+        )
+        exporter = f"127.0.0.1:{serving['metrics_port']}"
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.FaceGateServiceStub(channel)
+            for _ in range(3):  # a grey frame: the real local engine finds no face
+                assert identify(stub, image_bytes(320, 240)).decision == pb.DECISION_DENIED_NO_FACE
+
+        config = tmp_path / "prometheus.yml"
+        config.write_text(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            "scrape_configs:\n  - job_name: facegate\n"
+            f"    static_configs:\n      - targets: ['{exporter}']\n"
+        )
+        port = free_port()
+        with (tmp_path / "prometheus.log").open("wb") as prometheus_log:
+            prom = subprocess.Popen(
+                [
+                    prometheus,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=prometheus_log,
+            )
+        api = f"http://127.0.0.1:{port}"
+        expression = (
+            'facegate_identify_duration_seconds_count{job="facegate",engine="local",'
+            'decision="DENIED_NO_FACE"}'
+        )
+        deadline, found = time.monotonic() + 90, []
+        while time.monotonic() < deadline and prom.poll() is None:
+            try:
+                found = query(api, expression)
+            except (urllib.error.URLError, ConnectionError):
+                found = []  # not listening yet
+            if found:
+                break
+            time.sleep(0.5)
+        assert found, (
+            f"Prometheus never had the series:\n{(tmp_path / 'prometheus.log').read_text()}"
+        )
+        assert float(found[0]["value"][1]) == 3  # type: ignore[index]
+        up = query(api, 'up{job="facegate"}')
+        assert float(up[0]["value"][1]) == 1  # type: ignore[index]
+        buckets = query(api, 'facegate_identify_duration_seconds_bucket{le="+Inf"}')
+        assert sum(float(b["value"][1]) for b in buckets) == 3  # type: ignore[index]
+    finally:
+        if prom is not None:
+            prom.terminate()
+            prom.wait(30)
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
