@@ -5,9 +5,12 @@ Prometheus server (the Debian package `prometheus`) and read back from its query
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -214,6 +217,32 @@ def test_the_cloud_state_is_read_when_scraped(tmp_path: Path) -> None:
     assert transactions["detect"] >= 1  # the refused photo
 
 
+def test_worker_restarts_and_states_are_the_pools(tmp_path: Path) -> None:
+    """A real recognition worker killed (as a dlib crash would): the pool replaces it, and
+    the scrape says so, as GetStatus does."""
+    with running_server(tmp_path, workers=1, metrics_listen="127.0.0.1:0") as server:
+        router = server.gate.engine
+        pool = router.local.pool  # type: ignore[attr-defined]
+        port = metrics_port(server)
+        samples = scrape(port)
+        assert value(samples, "facegate_worker_restarts_total", slot="0") == 0
+        assert value(samples, "facegate_workers", state="idle") == 1
+        healed = threading.Event()
+
+        def check() -> None:
+            if pool.live() == 1 and pool.state()[0].restarts == 1:
+                healed.set()
+
+        pool.on_change(check)
+        os.kill(pool.state()[0].pid, signal.SIGKILL)
+        assert healed.wait(180), "the worker was not replaced"
+        samples = scrape(port)
+    assert value(samples, "facegate_worker_restarts_total", slot="0") == 1
+    assert value(samples, "facegate_workers", state="idle") == 1
+    assert value(samples, "facegate_workers", state="stopped") == 0
+    assert value(samples, "facegate_can_decide") == 1
+
+
 PROMETHEUS_HOW = (
     "apt-get install -y prometheus (Debian's package; only the binary is used, "
     "the test runs its own instance)"
@@ -306,3 +335,87 @@ def test_a_real_prometheus_scrapes_the_identify_histogram(tmp_path: Path) -> Non
             prom.wait(30)
         process.send_signal(signal.SIGTERM)
         process.wait(60)
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_alerts() -> str:
+    """The example alerting rules of the README's Metrics section (its YAML block)."""
+    section = README.read_text().split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    return section.split("```yaml\n", 1)[1].split("```", 1)[0]
+
+
+def alert(name: str, at: str, fires: bool, summaries: dict[str, str], **labels: str) -> object:
+    expected = [{"exp_labels": labels, "exp_annotations": {"summary": summaries[name]}}]
+    return {"eval_time": at, "alertname": name, "exp_alerts": expected if fires else []}
+
+
+def test_the_readme_alerts_fire_when_they_should(tmp_path: Path) -> None:
+    """The README's example alerts, checked and unit-tested by Prometheus' own promtool on
+    made-up series: a circuit open for minutes, an outbox that grows (not one that only
+    stands), and an Identify p99 above a second (not a fast one)."""
+    promtool = require_tool("promtool", PROMETHEUS_HOW)
+    rules = readme_alerts()
+    (tmp_path / "rules.yml").write_text(rules)
+    names = re.findall(r"- alert: (\w+)", rules)
+    summaries = dict(zip(names, re.findall(r'summary: "([^"]*)"', rules), strict=True))
+    slow = 'facegate_identify_duration_seconds_bucket{engine="local",decision="GRANTED",le="%s"}'
+    tests = {
+        "rule_files": ["rules.yml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {
+                        "series": 'facegate_circuit_breaker_state{engine="azure",state="open"}',
+                        "values": "0 0 0 1 1 1 1 1 1 1 1 1",
+                    },
+                    {"series": "facegate_outbox_entries", "values": "0+1x80"},
+                    {"series": "facegate_outbox_parked_entries", "values": "0 0 2 2"},
+                    {"series": slow % "1", "values": "0+0x30"},
+                    {"series": slow % "1.5", "values": "0+10x30"},
+                    {"series": slow % "+Inf", "values": "0+10x30"},
+                ],
+                "alert_rule_test": [
+                    alert("FaceGateCloudCircuitOpen", "5m", False, summaries),
+                    alert(
+                        "FaceGateCloudCircuitOpen",
+                        "10m",
+                        True,
+                        summaries,
+                        engine="azure",
+                        state="open",
+                    ),
+                    alert("FaceGateOutboxGrowing", "10m", False, summaries),
+                    alert("FaceGateOutboxGrowing", "75m", True, summaries),
+                    alert("FaceGateOutboxParked", "1m", False, summaries),
+                    alert("FaceGateOutboxParked", "3m", True, summaries),
+                    alert("FaceGateIdentifySlow", "25m", True, summaries),
+                ],
+            },
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": "facegate_outbox_entries", "values": "5x80"},  # stands: no alert
+                    {"series": slow % "0.2", "values": "0+10x30"},
+                    {"series": slow % "+Inf", "values": "0+10x30"},
+                ],
+                "alert_rule_test": [
+                    alert("FaceGateOutboxGrowing", "75m", False, summaries),
+                    alert("FaceGateIdentifySlow", "25m", False, summaries),
+                ],
+            },
+        ],
+    }
+    (tmp_path / "tests.json").write_text(json.dumps(tests))  # JSON is YAML
+    checked = subprocess.run(
+        [promtool, "test", "rules", "tests.json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert len(names) == 4
