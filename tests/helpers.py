@@ -88,15 +88,17 @@ FACEGATE = str(Path(sys.executable).with_name("facegate"))
 """The `facegate` console script of this environment: the real entry point."""
 
 
-def start_serve(settings: dict[str, str], log: Path) -> tuple[subprocess.Popen[str], str]:
-    """`facegate serve` on a free loopback port, configured by FACEGATE_* `settings` only
-    (the caller's own FACEGATE_* variables are not inherited); logs appended to `log`.
-    Returns the process and its HOST:PORT once it logs "serving"."""
+def start_serve(
+    settings: dict[str, str], log: Path, *flags: str
+) -> tuple[subprocess.Popen[str], str]:
+    """`facegate serve` on a free loopback port, configured by FACEGATE_* `settings` (the
+    caller's own FACEGATE_* variables are not inherited) and `flags`; logs appended to
+    `log`. Returns the process and its HOST:PORT once it logs "serving"."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FACEGATE_")}
     start = log.stat().st_size if log.exists() else 0
     with log.open("a") as sink:
         process = subprocess.Popen(
-            [FACEGATE, "serve", "--listen", "127.0.0.1:0"],
+            [FACEGATE, "serve", "--listen", "127.0.0.1:0", *flags],
             stdout=sink,
             stderr=sink,
             text=True,

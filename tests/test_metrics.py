@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -182,6 +183,19 @@ def test_a_bad_metrics_address_is_one_line(listen: str) -> None:
     assert "HOST:PORT" in str(error.value)
 
 
+@pytest.mark.parametrize("listen", ["127.0.0.1:9464", "[::1]:9464", "localhost:9464", ""])
+def test_metrics_addresses_are_host_and_port(listen: str) -> None:
+    assert load_settings({"FACEGATE_METRICS_LISTEN": listen}).metrics_listen == listen
+
+
+def test_metrics_beyond_loopback_are_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with running_server(tmp_path, engine=MemoryEngine(), metrics_listen="0.0.0.0:0") as server:
+        scrape(metrics_port(server))
+    assert any("metrics are served without authentication" in r.message for r in caplog.records)
+
+
 def test_the_cloud_state_is_read_when_scraped(tmp_path: Path) -> None:
     """Circuit breaker, outbox (waiting and set aside) and the cloud's transactions by
     operation, against the Face API emulator: the figures GetStatus reports."""
@@ -269,12 +283,10 @@ def test_a_real_prometheus_scrapes_the_identify_histogram(tmp_path: Path) -> Non
     prometheus = require_tool("prometheus", PROMETHEUS_HOW)
     log = tmp_path / "facegate.log"
     process, target = start_serve(
-        {
-            "FACEGATE_DATA_DIR": str(tmp_path / "data"),
-            "FACEGATE_WORKERS": "1",
-            "FACEGATE_METRICS_LISTEN": "127.0.0.1:0",
-        },
+        {"FACEGATE_DATA_DIR": str(tmp_path / "data"), "FACEGATE_WORKERS": "1"},
         log,
+        "--metrics-listen",
+        "127.0.0.1:0",
     )
     prom: subprocess.Popen[bytes] | None = None
     try:
@@ -419,3 +431,14 @@ def test_the_readme_alerts_fire_when_they_should(tmp_path: Path) -> None:
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert len(names) == 4
+
+
+def test_a_missing_tool_skips_but_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = "facegate-no-such-tool"
+    monkeypatch.setenv("CI", "false")
+    with pytest.raises(pytest.skip.Exception, match="apt-get install it"):
+        require_tool(missing, "apt-get install it")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true and facegate-no-such-tool"):
+        require_tool(missing, "apt-get install it")
+    assert require_tool("sh", "always there") == shutil.which("sh")

@@ -333,4 +333,9 @@ def build_server(
         raise OSError(f"could not listen on {settings.listen}")
     if metrics_server is not None:
         log.info("metrics", extra={"listen": settings.metrics_listen, "port": metrics_server.port})
+        if not auth.is_loopback(settings.metrics_listen):
+            log.warning(
+                f"metrics are served without authentication on {settings.metrics_listen}: "
+                "anyone who can reach it reads the member count and the decisions' figures"
+            )
     return FaceGateServer(rpc, rpc.port, gate, store, metrics=metrics_server)
