@@ -175,7 +175,9 @@ def test_metrics_are_off_by_default_and_stop_with_the_server(tmp_path: Path) -> 
         scrape(port)
 
 
-@pytest.mark.parametrize("listen", ["9464", "localhost", "127.0.0.1:port", "a b:1"])
+@pytest.mark.parametrize(
+    "listen", ["9464", "localhost", "127.0.0.1:port", "a b:1", ":9464", "::1:9464", "h:99999"]
+)
 def test_a_bad_metrics_address_is_one_line(listen: str) -> None:
     with pytest.raises(SettingsError) as error:
         load_settings({"FACEGATE_METRICS_LISTEN": listen})
@@ -194,6 +196,18 @@ def test_metrics_beyond_loopback_are_warned_of(
     with running_server(tmp_path, engine=MemoryEngine(), metrics_listen="0.0.0.0:0") as server:
         scrape(metrics_port(server))
     assert any("metrics are served without authentication" in r.message for r in caplog.records)
+
+
+def test_a_taken_metrics_port_stops_the_start_and_says_so(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        with (
+            pytest.raises(OSError, match=f"could not serve metrics on {listen}"),
+            running_server(tmp_path, engine=MemoryEngine(), metrics_listen=listen),
+        ):
+            pass
 
 
 def test_the_cloud_state_is_read_when_scraped(tmp_path: Path) -> None:

@@ -293,8 +293,9 @@ def build_server(
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", 16 * 1024 * 1024),
             ],
-            interceptors=[  # calls counted outermost (refusals too); then authentication
-                metrics.interceptor(),  # first: rate limits are per admitted caller
+            interceptors=[
+                metrics.interceptor(),  # outermost: it counts the calls the others refuse
+                # authentication before rate limits: rate limits are per admitted caller
                 auth.interceptor(callers, refusals),
                 ratelimit.interceptor(
                     (settings.identify_rate, settings.identify_burst),

@@ -145,9 +145,23 @@ class Settings(BaseSettings):
     site_time_zone: str = "UTC"
     # Metrics (metrics.py; README: Metrics): Prometheus' exposition format on HOST:PORT of
     # its own, unauthenticated (keep it on loopback or a private network); unset: off.
-    metrics_listen: str = Field(
-        default="", pattern=r"^(|(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):\d{1,5})$"
-    )
+    metrics_listen: str = ""
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _host_port(cls, listen: str) -> str:
+        host, _, port = listen.rpartition(":")
+        bracketed = host.startswith("[") and host.endswith("]")
+        if listen and not (
+            host
+            and port.isdigit()
+            and int(port) <= 65535
+            and (bracketed or not any(c in host for c in ":[] \t"))
+        ):
+            raise PydanticCustomError(
+                "host_port", "must be HOST:PORT (e.g. 127.0.0.1:9464, [::1]:9464)"
+            )
+        return listen
 
     @field_validator("site_time_zone")
     @classmethod
@@ -291,8 +305,6 @@ def _problem(detail: ErrorDetails) -> str:
         return "must be less than " + _number(ctx["lt"])
     if kind == "less_than_equal":
         return "must be at most " + _number(ctx["le"])
-    if kind == "string_pattern_mismatch" and detail["loc"][:1] == ("metrics_listen",):
-        return "must be HOST:PORT (e.g. 127.0.0.1:9464, [::1]:9464)"
     if kind == "string_pattern_mismatch":
         return "must be up to 64 letters, digits or . _ : -"
     if kind == "literal_error":

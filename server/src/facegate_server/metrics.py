@@ -256,7 +256,12 @@ class MetricsServer:
         class Server(ThreadingWSGIServer):
             address_family = family
 
-        self._httpd = make_server(host, port, make_wsgi_app(registry), Server, handler_class=_Quiet)
+        try:
+            self._httpd = make_server(
+                host, port, make_wsgi_app(registry), Server, handler_class=_Quiet
+            )
+        except OSError as error:
+            raise OSError(f"could not serve metrics on {listen}: {error.strerror}") from error
         self.port: int = self._httpd.server_port
         self._thread: threading.Thread | None = None
 
