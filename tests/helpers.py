@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from PIL import Image
@@ -69,19 +71,34 @@ def details(error: grpc.RpcError) -> tuple[str, list[tuple[str, str]]]:
     return reason, violations
 
 
+def require_tool(name: str, how: str) -> str:
+    """The path of the program `name` on PATH. Where it is missing the test skips, saying
+    `how` to install it, except in CI (CI=true), where a missing tool fails the test: CI
+    must install what its tests need (.ci/run), not pass by skipping them."""
+    found = shutil.which(name)
+    if found is not None:
+        return found
+    reason = f"{name} is not installed (not on PATH): {how}"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true and {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 FACEGATE = str(Path(sys.executable).with_name("facegate"))
 """The `facegate` console script of this environment: the real entry point."""
 
 
-def start_serve(settings: dict[str, str], log: Path) -> tuple[subprocess.Popen[str], str]:
-    """`facegate serve` on a free loopback port, configured by FACEGATE_* `settings` only
-    (the caller's own FACEGATE_* variables are not inherited); logs appended to `log`.
-    Returns the process and its HOST:PORT once it logs "serving"."""
+def start_serve(
+    settings: dict[str, str], log: Path, *flags: str
+) -> tuple[subprocess.Popen[str], str]:
+    """`facegate serve` on a free loopback port, configured by FACEGATE_* `settings` (the
+    caller's own FACEGATE_* variables are not inherited) and `flags`; logs appended to
+    `log`. Returns the process and its HOST:PORT once it logs "serving"."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FACEGATE_")}
     start = log.stat().st_size if log.exists() else 0
     with log.open("a") as sink:
         process = subprocess.Popen(
-            [FACEGATE, "serve", "--listen", "127.0.0.1:0"],
+            [FACEGATE, "serve", "--listen", "127.0.0.1:0", *flags],
             stdout=sink,
             stderr=sink,
             text=True,

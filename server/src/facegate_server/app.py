@@ -36,6 +36,7 @@ from facegate_server.engines.local import LocalEngine, WorkerPool
 from facegate_server.engines.policy import decision_policy
 from facegate_server.gate import Clock, Gate, utc_now
 from facegate_server.membership import Site, load_zone
+from facegate_server.metrics import Metrics, MetricsServer, sqlite_files
 from facegate_server.permissions import startup_findings, tokens_file
 from facegate_server.retention import Retention
 from facegate_server.routing.breaker import CircuitBreaker, CircuitState
@@ -66,11 +67,15 @@ class FaceGateServer:
     settings: Settings | None = None
     authenticator: auth.Authenticator | None = None
     certificates: tls.Certificates | None = None
+    metrics: MetricsServer | None = None
+    """The Prometheus endpoint (FACEGATE_METRICS_LISTEN), when configured."""
 
     _watch: threading.Thread | None = None
     _stopping: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> None:
+        if self.metrics is not None:
+            self.metrics.start()
         if self.gate.replayer is not None and self.background_sync:
             self.gate.replayer.start()
         self.rpc.start()
@@ -135,6 +140,8 @@ class FaceGateServer:
         self.rpc.stop(grace)
         if self.retention is not None:
             self.retention.stop()
+        if self.metrics is not None:  # scraped until the calls in flight are done
+            self.metrics.stop()
         if self.gate.replayer is not None:
             self.gate.replayer.stop()
             log.info(
@@ -300,16 +307,20 @@ def build_server(
     )
     credentials = None if certificates is None else certificates.credentials
     authenticator = auth.Authenticator(callers)
+    # The store's files are measured for the metrics when the store is the settings' own.
+    store_files = sqlite_files(settings.db_path) if store is None else ()
     store = (
         store
         if store is not None
         else SqliteStore(settings.db_path, purge_interval=settings.purge_interval_s)
     )
     router: RecognitionEngine | None = None
+    metrics_server: MetricsServer | None = None
     try:
         local = engine if engine is not None else build_local(settings, store)
         router, replayer, engine_status = build_engine(settings, store, local, clock)
         refusals = Refusals()
+        metrics = Metrics()
         gate = Gate(
             store,
             router,
@@ -323,7 +334,11 @@ def build_server(
             clock=wall_clock,
             site=Site(settings.site_id, load_zone(settings.site_time_zone)),
             event_retention_days=settings.event_retention_days,
+            on_event=metrics.observe,
         )
+        metrics.watch(gate.status, store_files)
+        if settings.metrics_listen:
+            metrics_server = MetricsServer(settings.metrics_listen, metrics.registry)
         servicer = FaceGateServicer(gate)
         threads = max(8, 4 * settings.workers)
         rpc = RpcServer(
@@ -335,7 +350,9 @@ def build_server(
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", 16 * 1024 * 1024),
             ],
-            interceptors=[  # authentication first: rate limits are per admitted caller
+            interceptors=[
+                metrics.interceptor(),  # outermost: it counts the calls the others refuse
+                # authentication before rate limits: rate limits are per admitted caller
                 auth.AuthInterceptor(authenticator, refusals),
                 ratelimit.interceptor(
                     (settings.identify_rate, settings.identify_burst),
@@ -361,15 +378,26 @@ def build_server(
         for finding in startup_findings(settings, callers):
             log.warning(finding.message, extra=finding.log_fields())
     except BaseException:
+        if metrics_server is not None:
+            metrics_server.stop()
         if router is not None:
             router.close()
         store.close()
         raise
     if rpc.port == 0:
+        if metrics_server is not None:
+            metrics_server.stop()
         rpc.stop(0)
         router.close()
         store.close()
         raise OSError(f"could not listen on {settings.listen}")
+    if metrics_server is not None:
+        log.info("metrics", extra={"listen": settings.metrics_listen, "port": metrics_server.port})
+        if not auth.is_loopback(settings.metrics_listen):
+            log.warning(
+                f"metrics are served without authentication on {settings.metrics_listen}: "
+                "anyone who can reach it reads the member count and the decisions' figures"
+            )
     return FaceGateServer(
         rpc,
         rpc.port,
@@ -384,4 +412,5 @@ def build_server(
             clock=wall_clock,
             interval=settings.retention_interval_s,
         ),
+        metrics=metrics_server,
     )

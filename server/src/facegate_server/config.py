@@ -159,6 +159,25 @@ class Settings(BaseSettings):
     event_retention_days: int = Field(default=400, ge=0)
     retention_interval_s: float = Field(default=3600.0, gt=0)
     purge_interval_s: float = Field(default=1.0, gt=0)
+    # Metrics (metrics.py; README: Metrics): Prometheus' exposition format on HOST:PORT of
+    # its own, unauthenticated (keep it on loopback or a private network); unset: off.
+    metrics_listen: str = ""
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _host_port(cls, listen: str) -> str:
+        host, _, port = listen.rpartition(":")
+        bracketed = host.startswith("[") and host.endswith("]")
+        if listen and not (
+            host
+            and port.isdigit()
+            and int(port) <= 65535
+            and (bracketed or not any(c in host for c in ":[] \t"))
+        ):
+            raise PydanticCustomError(
+                "host_port", "must be HOST:PORT (e.g. 127.0.0.1:9464, [::1]:9464)"
+            )
+        return listen
 
     @field_validator("site_time_zone")
     @classmethod

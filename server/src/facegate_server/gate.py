@@ -108,6 +108,7 @@ class Gate:
     change of membership, and asked to reconcile by SyncCloud. `engine_status` reports
     the routing and the cloud for GetStatus. `site` is where the turnstiles are (its id
     and time zone), for the membership rules; `clock` the wall clock they read.
+    `on_event` is told of each access event logged (the metrics' latency histograms).
     """
 
     def __init__(
@@ -125,12 +126,14 @@ class Gate:
         refusals: Callable[[], dict[str, int]] | None = None,
         site: Site | None = None,
         event_retention_days: int = 0,
+        on_event: Callable[[AccessEvent], None] | None = None,
     ) -> None:
         self.store = store
         self.engine = engine
         self.replayer = replayer
         self._engine_status = engine_status or EngineStatus
         self._refusals = refusals or dict
+        self._on_event = on_event
         self._decisions: Counter[str] = Counter()
         self.identify_budget = identify_budget
         self.enroll_timeout = enroll_timeout
@@ -175,7 +178,7 @@ class Gate:
         """Count the decision and write it to the access log: the one place entries are
         written (`verification`: the event's Verify fields)."""
         self._decisions[f"{found.engine.value.lower()}/{found.decision.value}"] += 1
-        return self.store.record_event(
+        event = self.store.record_event(
             NewAccessEvent(
                 time=now,
                 turnstile_id=turnstile_id,
@@ -189,6 +192,13 @@ class Gate:
                 **verification,
             )
         )
+        return self._logged(event)
+
+    def _logged(self, event: AccessEvent) -> AccessEvent:
+        """Tell `on_event` (the metrics) of an Identify or Verify just logged."""
+        if self._on_event is not None:
+            self._on_event(event)
+        return event
 
     def record_undecided(
         self, turnstile_id: str, error: FaceGateError, latency: float = 0.0
@@ -206,7 +216,7 @@ class Gate:
         else:
             decision = Decision.NOT_DECIDED_UNAVAILABLE
         self._decisions[f"{self.engine.kind.value.lower()}/{decision.value}"] += 1
-        return self.store.record_event(
+        event = self.store.record_event(
             NewAccessEvent(
                 time=self.clock(),
                 turnstile_id=turnstile_id,
@@ -218,6 +228,7 @@ class Gate:
                 reports=(),
             )
         )
+        return self._logged(event)
 
     def _admit(self, identification: Identification, now: datetime | None = None) -> Identification:
         """The membership rules, after recognition: a grant stands only if the member may

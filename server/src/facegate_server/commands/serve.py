@@ -35,6 +35,11 @@ def register_serve(subparsers: Any) -> None:
         "--workers", type=int, help="recognition processes (FACEGATE_WORKERS; default: one a core)"
     )
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING (FACEGATE_LOG_LEVEL; INFO)")
+    parser.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (FACEGATE_METRICS_LISTEN; off)",
+    )
     security = parser.add_argument_group("callers and TLS (see the README's Security section)")
     security.add_argument(
         "--tokens-file",
@@ -79,6 +84,7 @@ def serve(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             workers=args.workers,
             log_level=args.log_level,
+            metrics_listen=args.metrics_listen,
             tokens_file=args.tokens_file,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
@@ -128,6 +134,7 @@ def serve(args: argparse.Namespace) -> int:
             "routing": settings.policy,
             "engines": ["azure", "local"] if settings.cloud_enabled else ["local"],
             "store": str(settings.db_path),
+            **({"metrics_port": server.metrics.port} if server.metrics is not None else {}),
         },
     )
     while not stop.is_set():
