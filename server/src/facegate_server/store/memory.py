@@ -43,12 +43,27 @@ class _Person:
     in_training: bool = False
 
 
+def _matches(event: AccessEvent, where: EventFilter) -> bool:
+    if where.member_id and where.member_id not in (event.member_id, event.claimed_member_id):
+        return False
+    if where.turnstile_id and event.turnstile_id != where.turnstile_id:
+        return False
+    if where.start_time is not None and event.time < where.start_time:
+        return False
+    if where.end_time is not None and event.time >= where.end_time:
+        return False
+    if where.decisions and event.decision not in where.decisions:
+        return False
+    return where.rule is None or event.rule is where.rule
+
+
 class MemoryStore(Store):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._members: dict[str, Member] = {}
         self._templates: dict[str, list[_Face]] = {}
         self._events: list[AccessEvent] = []
+        self._last_event_id = 0  # never reused, like SQLite's AUTOINCREMENT
         self._outbox: list[OutboxEntry] = []
         self._persons: dict[str, _Person] = {}
         self._next_face = 1
@@ -213,7 +228,8 @@ class MemoryStore(Store):
         with self._lock:
             fields = {k: getattr(event, k) for k in NewAccessEvent.__dataclass_fields__}
             fields["latency"] = timedelta(microseconds=round(event.latency.total_seconds() * 1e6))
-            stored = AccessEvent(**fields, event_id=len(self._events) + 1)
+            self._last_event_id += 1
+            stored = AccessEvent(**fields, event_id=self._last_event_id)
             self._events.append(stored)
             return stored
 
@@ -225,24 +241,20 @@ class MemoryStore(Store):
             for event in reversed(self._events):
                 if before_id is not None and event.event_id >= before_id:
                     continue
-                if where.member_id and where.member_id not in (
-                    event.member_id,
-                    event.claimed_member_id,
-                ):
-                    continue
-                if where.turnstile_id and event.turnstile_id != where.turnstile_id:
-                    continue
-                if where.start_time is not None and event.time < where.start_time:
-                    continue
-                if where.end_time is not None and event.time >= where.end_time:
-                    continue
-                if where.decisions and event.decision not in where.decisions:
-                    continue
-                if where.rule is not None and event.rule is not where.rule:
-                    continue
-                found.append(event)
-                if len(found) == limit:
-                    break
+                if _matches(event, where):
+                    found.append(event)
+                    if len(found) == limit:
+                        break
+            return found
+
+    def events_after(self, after_id: int, where: EventFilter, limit: int) -> list[AccessEvent]:
+        with self._lock:
+            found = []
+            for event in self._events:
+                if event.event_id > after_id and _matches(event, where):
+                    found.append(event)
+                    if len(found) == limit:
+                        break
             return found
 
     def store_id(self) -> str:
