@@ -34,6 +34,7 @@ from facegate_server.engines.base import RecognitionEngine
 from facegate_server.engines.index import FaceIndex
 from facegate_server.engines.local import LocalEngine, WorkerPool
 from facegate_server.engines.policy import decision_policy
+from facegate_server.feed import EventBell, EventFeed
 from facegate_server.gate import Clock, Gate, utc_now
 from facegate_server.membership import Site, load_zone
 from facegate_server.routing.breaker import CircuitBreaker, CircuitState
@@ -57,6 +58,8 @@ class FaceGateServer:
     store: Store
     background_sync: bool = True
     """Replay the outbox in a background thread (tests call `gate.replayer.run_once()`)."""
+    feed: EventFeed | None = None
+    """The followers of the access log (WatchAccessEvents): ended first when stopping."""
 
     _watch: threading.Thread | None = None
     _stopping: threading.Event = field(default_factory=threading.Event)
@@ -82,9 +85,13 @@ class FaceGateServer:
     def stop(self, grace: float) -> None:
         """Report NOT_SERVING, let calls in flight finish for `grace` seconds, release all."""
         self._stopping.set()
+        if self.feed is not None:
+            self.feed.close()  # followers end now (UNAVAILABLE), not after the grace period
         if self._watch is not None:
             self._watch.join()
         self.rpc.stop(grace)
+        if self.feed is not None:
+            self.feed.shutdown()
         if self.gate.replayer is not None:
             self.gate.replayer.stop()
             log.info(
@@ -254,6 +261,7 @@ def build_server(
         local = engine if engine is not None else build_local(settings, store)
         router, replayer, engine_status = build_engine(settings, store, local, clock)
         refusals = Refusals()
+        bell = EventBell()
         gate = Gate(
             store,
             router,
@@ -266,8 +274,12 @@ def build_server(
             refusals=refusals.counts,
             clock=wall_clock,
             site=Site(settings.site_id, load_zone(settings.site_time_zone)),
+            events=bell,
         )
-        servicer = FaceGateServicer(gate)
+        feed = EventFeed(
+            store, bell, max_followers=settings.max_followers, poll=settings.follow_poll_s
+        )
+        servicer = FaceGateServicer(gate, feed)
         threads = max(8, 4 * settings.workers)
         rpc = RpcServer(
             listen=settings.listen,
@@ -308,7 +320,8 @@ def build_server(
         raise
     if rpc.port == 0:
         rpc.stop(0)
+        feed.shutdown()
         router.close()
         store.close()
         raise OSError(f"could not listen on {settings.listen}")
-    return FaceGateServer(rpc, rpc.port, gate, store)
+    return FaceGateServer(rpc, rpc.port, gate, store, feed=feed)

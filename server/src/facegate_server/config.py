@@ -143,6 +143,11 @@ class Settings(BaseSettings):
     # name (not the cloud's store identity), and the IANA zone of access hours.
     site_id: str = Field(default="", pattern=r"^[A-Za-z0-9._:-]{0,64}$")
     site_time_zone: str = "UTC"
+    # Live entry events (WatchAccessEvents): how many followers at once, each held by a
+    # coroutine (no thread); and how often a follower re-reads the log unwoken (events
+    # written by another process sharing the store).
+    max_followers: int = Field(default=64, ge=1)
+    follow_poll_s: float = Field(default=1.0, gt=0)
 
     @field_validator("site_time_zone")
     @classmethod
