@@ -122,7 +122,14 @@ def rpc(method: Handler[Request, Response]) -> Handler[Request, Response]:
 class FaceGateServicer(pb_grpc.FaceGateServiceServicer):
     def __init__(self, gate: Gate, feed: EventFeed | None = None) -> None:
         self.gate = gate
-        self.feed = feed if feed is not None else EventFeed(gate.store, gate.events_written)
+        self._feed = feed
+
+    @property
+    def feed(self) -> EventFeed:
+        """The followers of the gate's log (app.py passes the server's; else made here)."""
+        if self._feed is None:
+            self._feed = EventFeed(self.gate.store, self.gate.events_written)
+        return self._feed
 
     def refused_busy(self, full_method: str, request: Any, error: FaceGateError) -> None:
         """The server refused a call for load before any thread took it (rpc/server.py's
