@@ -73,15 +73,18 @@ FACEGATE = str(Path(sys.executable).with_name("facegate"))
 """The `facegate` console script of this environment: the real entry point."""
 
 
-def start_serve(settings: dict[str, str], log: Path) -> tuple[subprocess.Popen[str], str]:
-    """`facegate serve` on a free loopback port, configured by FACEGATE_* `settings` only
-    (the caller's own FACEGATE_* variables are not inherited); logs appended to `log`.
-    Returns the process and its HOST:PORT once it logs "serving"."""
+def start_serve(
+    settings: dict[str, str], log: Path, listen: str = "127.0.0.1:0"
+) -> tuple[subprocess.Popen[str], str]:
+    """`facegate serve` on a free loopback port (or `listen`: a restart on the same one),
+    configured by FACEGATE_* `settings` only (the caller's own FACEGATE_* variables are not
+    inherited); logs appended to `log`. Returns the process and its HOST:PORT once it
+    logs "serving"."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FACEGATE_")}
     start = log.stat().st_size if log.exists() else 0
     with log.open("a") as sink:
         process = subprocess.Popen(
-            [FACEGATE, "serve", "--listen", "127.0.0.1:0"],
+            [FACEGATE, "serve", "--listen", listen],
             stdout=sink,
             stderr=sink,
             text=True,
