@@ -145,6 +145,7 @@ def running_server(
         "workers": 1,
         "identify_rate": 0,
         "enroll_rate": 0,
+        "follow_rate": 0,
         **settings,
     }
     extra = {} if wall_clock is None else {"wall_clock": wall_clock}

@@ -27,7 +27,7 @@ from facegate_server.feed import EventBell
 from facegate_server.rpc import auth
 from facegate_server.store import SqliteStore
 
-from tests.helpers import details, image_bytes, running_server
+from tests.helpers import FakeClock, details, image_bytes, running_server
 
 KIM = image_bytes(64, 64, color="red")
 STRANGER = image_bytes(64, 64, color="blue")
@@ -248,6 +248,31 @@ def test_too_many_followers_are_refused_with_a_retry_delay(tmp_path: Path) -> No
             next(client.watch_events())
         assert refused.value.reason == "FOLLOWERS_LIMIT"
         assert refused.value.retry_delay is not None and refused.value.retry_delay > 0
+
+
+def test_starting_streams_is_rate_limited_per_caller(tmp_path: Path) -> None:
+    clock = FakeClock()
+    with running_server(
+        tmp_path, engine=MemoryEngine(), clock=clock, follow_rate=1.0, follow_burst=2
+    ) as server:
+        request = pb.WatchAccessEventsRequest(after_event_id=0)
+        with grpc.insecure_channel(target(server)) as channel:
+            stub = pb_grpc.FaceGateServiceStub(channel)
+            calls = [stub.WatchAccessEvents(request, timeout=WAIT) for _ in range(2)]
+            try:
+                refused = stub.WatchAccessEvents(request, timeout=WAIT)
+                with pytest.raises(grpc.RpcError) as caught:
+                    next(refused)
+                assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert details(caught.value)[0] == "RATE_LIMITED"
+                clock.advance(1.0)  # one more start a second
+                with following(target(server)) as admitted:
+                    enrol_kim(server)
+                    new = enter(server)
+                    assert [e.event_id for e in admitted.take(1)] == [new]
+            finally:
+                for call in calls:
+                    call.cancel()
 
 
 TOKENS = {"crm": "fg_backend_token", "gate-1": "fg_turnstile_token", "ops": "fg_admin_token"}

@@ -31,7 +31,7 @@ from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
 from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from facegate_client.errors import FaceGateError, Unavailable, from_rpc_error
+from facegate_client.errors import FaceGateError, ResourceExhausted, Unavailable, from_rpc_error
 
 __all__ = [
     "CHANNEL_OPTIONS",
@@ -495,8 +495,9 @@ class FaceGateClient:
         event id it yielded, so each event is yielded once, none lost. It waits `backoff`
         seconds, doubling up to `max_backoff` (with a little jitter) while reconnecting
         fails, and from `backoff` again once a stream has delivered an event or lasted.
-        `on_reconnect(error, delay)` is told of each wait. Other errors (credentials,
-        role, bad filters) end it.
+        RESOURCE_EXHAUSTED (too many followers, or reconnecting too often) is waited out
+        likewise, at least as long as its RetryInfo says. `on_reconnect(error, delay)` is
+        told of each wait. Other errors (credentials, role, bad filters) end it.
         """
         last, delay = after_event_id, backoff
         while True:
@@ -514,11 +515,13 @@ class FaceGateClient:
                     last, delay = event.event_id, backoff
                     yield event
                 error: FaceGateError = Unavailable("the stream ended")
-            except Unavailable as unavailable:
-                error = unavailable
+            except (Unavailable, ResourceExhausted) as refused:
+                error = refused
             if time.monotonic() - began > max_backoff:
                 delay = backoff  # it was connected a while: this is a new outage
             wait = delay * random.uniform(0.8, 1.2)
+            if isinstance(error, ResourceExhausted) and error.retry_delay is not None:
+                wait = max(wait, error.retry_delay)  # over a limit: as long as the server says
             if on_reconnect is not None:
                 on_reconnect(error, wait)
             sleep(wait)

@@ -297,6 +297,7 @@ def build_server(
                     (settings.enroll_rate, settings.enroll_burst),
                     clock,
                     refusals,
+                    follow=(settings.follow_rate, settings.follow_burst),
                 ),
             ],
             threads=threads,

@@ -144,10 +144,12 @@ class Settings(BaseSettings):
     site_id: str = Field(default="", pattern=r"^[A-Za-z0-9._:-]{0,64}$")
     site_time_zone: str = "UTC"
     # Live entry events (WatchAccessEvents): how many followers at once, each held by a
-    # coroutine (no thread); and how often a follower re-reads the log unwoken (events
-    # written by another process sharing the store).
+    # coroutine (no thread); how often a follower re-reads the log unwoken (events
+    # written by another process sharing the store); how often a caller may start one.
     max_followers: int = Field(default=64, ge=1)
     follow_poll_s: float = Field(default=1.0, gt=0)
+    follow_rate: float = Field(default=1.0, ge=0)  # streams started per caller a second; 0: off
+    follow_burst: int = Field(default=20, ge=1)
 
     @field_validator("site_time_zone")
     @classmethod
