@@ -21,11 +21,11 @@ from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
 from facegate_client import FaceGateClient
 from facegate_client.errors import FaceGateError, ResourceExhausted, Unavailable
 from facegate_server.app import FaceGateServer
-from facegate_server.domain import Decision, EngineKind, NewAccessEvent
+from facegate_server.domain import Decision, EngineKind, EventFilter, NewAccessEvent
 from facegate_server.engines.memory import MemoryEngine
-from facegate_server.feed import EventBell
+from facegate_server.feed import EventBell, EventFeed
 from facegate_server.rpc import auth
-from facegate_server.store import SqliteStore
+from facegate_server.store import MemoryStore, SqliteStore
 
 from tests.helpers import FakeClock, details, image_bytes, running_server
 
@@ -260,6 +260,10 @@ def test_starting_streams_is_rate_limited_per_caller(tmp_path: Path) -> None:
             stub = pb_grpc.FaceGateServiceStub(channel)
             calls = [stub.WatchAccessEvents(request, timeout=WAIT) for _ in range(2)]
             try:
+                assert server.feed is not None
+                deadline = time.monotonic() + WAIT
+                while server.feed.followers < 2 and time.monotonic() < deadline:
+                    time.sleep(0.05)  # both admitted before the third asks
                 refused = stub.WatchAccessEvents(request, timeout=WAIT)
                 with pytest.raises(grpc.RpcError) as caught:
                     next(refused)
@@ -363,3 +367,95 @@ def test_the_bell_wakes_waiters_and_never_misses_a_ring() -> None:
         await asyncio.wait_for(bell.wait(bell.rung, timeout=60), WAIT)
 
     asyncio.run(scenario())
+
+
+def stored(store: MemoryStore, turnstile: str = "gate-1") -> int:
+    return store.record_event(
+        NewAccessEvent(
+            time=datetime.now(UTC),
+            turnstile_id=turnstile,
+            member_id="",
+            decision=Decision.DENIED_UNKNOWN_FACE,
+            engine=EngineKind.LOCAL,
+            confidence=0.0,
+            latency=timedelta(milliseconds=5),
+        )
+    ).event_id
+
+
+def test_followers_share_one_store_read_an_event() -> None:
+    store, bell = MemoryStore(), EventBell()
+    feed = EventFeed(store, bell, poll=60)  # no poll during the test: wakes only
+    old = [stored(store) for _ in range(5)]
+
+    async def scenario() -> list[list[int]]:
+        got: list[list[int]] = [[] for _ in range(20)]
+        caught_up = asyncio.Event()
+
+        async def follower(i: int) -> None:
+            async for event in feed.follow(0, EventFilter()):
+                got[i].append(event.event_id)
+                if all(len(g) >= 5 for g in got):
+                    caught_up.set()
+
+        tasks = [asyncio.create_task(follower(i)) for i in range(20)]
+        await asyncio.wait_for(caught_up.wait(), WAIT)
+        await asyncio.sleep(0.05)  # all of them waiting on the bell
+        reads = feed.store_reads
+        for _ in range(10):
+            stored(store)
+            bell.ring()
+            await asyncio.sleep(0.01)
+        deadline = time.monotonic() + WAIT
+        while any(len(g) < 15 for g in got) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert feed.store_reads - reads <= 10 + 2  # one read an event, not twenty
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return got
+
+    try:
+        got = asyncio.run(scenario())
+    finally:
+        feed.shutdown()
+    assert all(g == old + list(range(6, 16)) for g in got)
+    assert feed.followers == 0
+
+
+def test_a_follower_behind_the_window_reads_the_store_then_joins_it() -> None:
+    store, bell = MemoryStore(), EventBell()
+    feed = EventFeed(store, bell, poll=60, page=3, recent=4)
+    ids = [stored(store, f"gate-{i % 2}") for i in range(11)]
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        everything: list[int] = []
+        gate1: list[int] = []
+
+        async def follow(where: EventFilter, into: list[int]) -> None:
+            async for event in feed.follow(0, where):
+                into.append(event.event_id)
+
+        tasks = [
+            asyncio.create_task(follow(EventFilter(), everything)),
+            asyncio.create_task(follow(EventFilter(turnstile_id="gate-1"), gate1)),
+        ]
+        for _ in range(9):  # more than the window holds, some while they catch up
+            ids.append(stored(store, f"gate-{len(ids) % 2}"))
+            bell.ring()
+            await asyncio.sleep(0)
+        deadline = time.monotonic() + WAIT
+        while len(everything) < len(ids) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return everything, gate1
+
+    try:
+        everything, gate1 = asyncio.run(scenario())
+    finally:
+        feed.shutdown()
+    assert everything == ids
+    assert gate1 == [i for n, i in enumerate(ids) if n % 2 == 1]

@@ -17,6 +17,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -24,6 +25,7 @@ import grpc
 from facegate.v1 import facegate_service_pb2 as pb
 from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
 
+from facegate_server.domain import AccessEvent
 from facegate_server.errors import FaceGateError
 from facegate_server.feed import EventFeed
 from facegate_server.gate import Gate
@@ -123,6 +125,17 @@ class FaceGateServicer(pb_grpc.FaceGateServiceServicer):
     def __init__(self, gate: Gate, feed: EventFeed | None = None) -> None:
         self.gate = gate
         self._feed = feed
+        # The newest events' messages, made once for every follower (on the loop only).
+        self._messages: OrderedDict[int, pb.WatchAccessEventsResponse] = OrderedDict()
+
+    def _message(self, event: AccessEvent) -> pb.WatchAccessEventsResponse:
+        message = self._messages.get(event.event_id)
+        if message is None:
+            message = pb.WatchAccessEventsResponse(event=serde.access_event(event))
+            self._messages[event.event_id] = message
+            if len(self._messages) > 4096:
+                self._messages.popitem(last=False)
+        return message
 
     @property
     def feed(self) -> EventFeed:
@@ -286,7 +299,7 @@ class FaceGateServicer(pb_grpc.FaceGateServiceServicer):
         try:
             after, where = serde.watch_filter(request)
             async for event in self.feed.follow(after, where):
-                yield pb.WatchAccessEventsResponse(event=serde.access_event(event))
+                yield self._message(event)
                 sent, last = sent + 1, event.event_id
         except FaceGateError as error:
             outcome = {"code": code_of(error).name, "reason": error.reason, "error": error.message}

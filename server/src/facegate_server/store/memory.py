@@ -43,20 +43,6 @@ class _Person:
     in_training: bool = False
 
 
-def _matches(event: AccessEvent, where: EventFilter) -> bool:
-    if where.member_id and where.member_id not in (event.member_id, event.claimed_member_id):
-        return False
-    if where.turnstile_id and event.turnstile_id != where.turnstile_id:
-        return False
-    if where.start_time is not None and event.time < where.start_time:
-        return False
-    if where.end_time is not None and event.time >= where.end_time:
-        return False
-    if where.decisions and event.decision not in where.decisions:
-        return False
-    return where.rule is None or event.rule is where.rule
-
-
 class MemoryStore(Store):
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -241,7 +227,7 @@ class MemoryStore(Store):
             for event in reversed(self._events):
                 if before_id is not None and event.event_id >= before_id:
                     continue
-                if _matches(event, where):
+                if where.matches(event):
                     found.append(event)
                     if len(found) == limit:
                         break
@@ -251,7 +237,7 @@ class MemoryStore(Store):
         with self._lock:
             found = []
             for event in self._events:
-                if event.event_id > after_id and _matches(event, where):
+                if event.event_id > after_id and where.matches(event):
                     found.append(event)
                     if len(found) == limit:
                         break
