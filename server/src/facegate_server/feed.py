@@ -1,18 +1,20 @@
 """Following the access log as it is written (WatchAccessEvents), without polling it hard.
 
-    writer (the gate, in an RPC thread)        follower (a coroutine on the server's loop)
+    writer (the gate, in an RPC thread)        followers (coroutines on the server's loop)
     store.record_event(...)                    seen = bell.rung
-    bell.ring()  ─── wakes ──────────────▶     events_after(last, ...) in a small executor
-                                               yield each, last = its id
+    bell.ring()  ─── wakes ──────────────▶     one store read after the window's tail,
+                                               shared by all those woken (a small executor)
+                                               each takes its events after its position
                                                await bell.wait(seen, poll)
 
-The store is the truth; the bell only says "read again". A follower reads everything after
-the last id it sent on each wake, so wakes may coalesce (ten events, one wake) and nothing
-is lost: an event committed before the follower took `seen` is in its read, and one
-committed after rings the bell, which the follower's wait sees. It also reads again every
-`poll` seconds unwoken, for events another process wrote to a shared store.
+The store is the truth; the bell only says "read again". On each wake a follower looks at
+everything after the last event it sent, so wakes may coalesce (ten events, one wake) and
+nothing is lost: an event committed before the follower took `seen` is in the read that
+follows, and one committed after rings the bell, which the follower's wait sees. It also
+reads again every `poll` seconds unwoken, for events another process wrote to a shared
+store. Ids are the order: the stores make an event visible only after every lower id.
 
-Followers take no thread of the RPC pool while they wait: only their short store reads run,
+Followers take no thread of the RPC pool while they wait: only the short store reads run,
 in an executor of their own, so turnstiles never wait behind them. `close()` (the server
 stopping) ends every follower with ServerStopping; the caller reconnects with its last id.
 """
