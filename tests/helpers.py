@@ -89,16 +89,17 @@ FACEGATE = str(Path(sys.executable).with_name("facegate"))
 
 
 def start_serve(
-    settings: dict[str, str], log: Path, *flags: str
+    settings: dict[str, str], log: Path, *flags: str, listen: str = "127.0.0.1:0"
 ) -> tuple[subprocess.Popen[str], str]:
-    """`facegate serve` on a free loopback port, configured by FACEGATE_* `settings` (the
-    caller's own FACEGATE_* variables are not inherited) and `flags`; logs appended to
-    `log`. Returns the process and its HOST:PORT once it logs "serving"."""
+    """`facegate serve` on a free loopback port (or `listen`: a restart on the same one),
+    configured by FACEGATE_* `settings` only (the caller's own FACEGATE_* variables are not
+    inherited) and `flags`; logs appended to `log`. Returns the process and its HOST:PORT
+    once it logs "serving"."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FACEGATE_")}
     start = log.stat().st_size if log.exists() else 0
     with log.open("a") as sink:
         process = subprocess.Popen(
-            [FACEGATE, "serve", "--listen", "127.0.0.1:0", *flags],
+            [FACEGATE, "serve", "--listen", listen, *flags],
             stdout=sink,
             stderr=sink,
             text=True,
@@ -159,6 +160,7 @@ def running_server(
         "workers": 1,
         "identify_rate": 0,
         "enroll_rate": 0,
+        "follow_rate": 0,
         **settings,
     }
     extra = {} if wall_clock is None else {"wall_clock": wall_clock}

@@ -137,6 +137,53 @@ def test_events_newest_first_filtered_and_paged(store: Store) -> None:
     assert [e.member_id for e in store.list_events(EventFilter(turnstile_id="gate-2"), 9)] == [""]
 
 
+def test_events_after_an_id_oldest_first_filtered_and_paged(store: Store) -> None:
+    ids = [
+        store.record_event(event(T0 + timedelta(minutes=i), "m-1" if i % 2 else "m-2")).event_id
+        for i in range(6)
+    ]
+    assert ids == sorted(ids)
+    everything = store.events_after(0, EventFilter(), 100)
+    assert [e.event_id for e in everything] == ids
+    assert everything == store.list_events(EventFilter(), 100)[::-1]
+
+    # Paged: each page resumes after the last id of the one before, nothing lost or repeated.
+    seen, last = [], 0
+    while page := store.events_after(last, EventFilter(), 4):
+        seen += [e.event_id for e in page]
+        last = page[-1].event_id
+    assert seen == ids
+    assert store.events_after(ids[-1], EventFilter(), 10) == []
+
+    m1 = store.events_after(ids[1], EventFilter(member_id="m-1"), 10)
+    assert [e.event_id for e in m1] == [ids[3], ids[5]]
+    assert [e.event_id for e in store.events_after(0, EventFilter(member_id="m-2"), 2)] == [
+        ids[0],
+        ids[2],
+    ]
+    # A new event comes after everything read so far.
+    new = store.record_event(event(T0 + timedelta(minutes=9), "", turnstile="gate-2"))
+    assert new.event_id > ids[-1]
+    assert store.events_after(last, EventFilter(), 10) == [new]
+    assert store.events_after(0, EventFilter(turnstile_id="gate-2"), 10) == [new]
+    assert store.events_after(0, EventFilter(decisions=(Decision.DENIED_UNKNOWN_FACE,)), 10) == [
+        new
+    ]
+
+
+def test_sqlite_events_after_survives_reopen(tmp_path: Path) -> None:
+    first = SqliteStore(tmp_path / "db")
+    before = first.record_event(event(T0))
+    first.close()
+    again = SqliteStore(tmp_path / "db")
+    after = again.record_event(event(T0 + timedelta(minutes=1)))
+    assert after.event_id > before.event_id
+    assert [e.event_id for e in again.events_after(before.event_id, EventFilter(), 10)] == [
+        after.event_id
+    ]
+    again.close()
+
+
 def test_sqlite_survives_reopen_and_is_private(tmp_path: Path) -> None:
     path = tmp_path / "data" / "facegate.sqlite3"
     store = SqliteStore(path)

@@ -11,6 +11,7 @@ access log.
     facegate members photos m-1001 | remove-photo m-1001 PHOTO_ID
     facegate events --member-id m-1001 --since 2026-11-26T00:00:00Z --limit 20
     facegate events --decision DENIED_MEMBERSHIP_INACTIVE --rule EXPIRED --since 2026-11-23
+    facegate events --follow --after 1234
 
 Every client command takes --target HOST:PORT (default: $FACEGATE_TARGET, else
 127.0.0.1:50051), --timeout SECONDS and --json (protobuf JSON, with the proto field names).
@@ -408,7 +409,12 @@ def _cmd_members_delete(client: FaceGateClient, args: argparse.Namespace, out: T
 
 
 def _cmd_events(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -> None:
-    limit: int = args.limit
+    if args.follow:
+        _follow_events(client, args, out)
+        return
+    if args.after is not None:
+        raise _UsageError("--after ID goes with --follow")
+    limit: int = 50 if args.limit is None else args.limit
     events = client.iter_access_events(
         member_id=args.member_id,
         turnstile_id=args.turnstile_id,
@@ -424,6 +430,56 @@ def _cmd_events(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -
         return
     for event in selected:
         print(format_event(event), file=out)
+
+
+_TAIL = 10
+
+
+def _tail_start(client: FaceGateClient, args: argparse.Namespace) -> int:
+    """Where `events --follow` without --after starts: before the last 10 matching events,
+    as `tail -f` does (0 when there are none)."""
+    newest = client.list_access_events(
+        member_id=args.member_id,
+        turnstile_id=args.turnstile_id,
+        page_size=_TAIL,
+        decisions=args.decision or (),
+        membership_rule=args.rule or pb.MEMBERSHIP_RULE_UNSPECIFIED,
+    ).events
+    return newest[-1].event_id - 1 if newest else 0
+
+
+def _follow_events(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -> None:
+    """`events --follow`: each event as it is written, oldest first from --after; through
+    server restarts, resumed after the last event printed (none lost, none twice)."""
+    if args.since is not None or args.until is not None:
+        raise _UsageError("--since and --until do not go with --follow (use --after ID)")
+    limit: int = args.limit or 0
+    last: int = args.after if args.after is not None else _tail_start(client, args)
+
+    def reconnecting(error: FaceGateError, delay: float) -> None:
+        print(
+            f"facegate: {error}; resuming after event {last} in {delay:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    events = client.follow_events(
+        last,
+        member_id=args.member_id,
+        turnstile_id=args.turnstile_id,
+        decisions=args.decision or (),
+        membership_rule=args.rule or pb.MEMBERSHIP_RULE_UNSPECIFIED,
+        on_reconnect=reconnecting,
+    )
+    for count, event in enumerate(events, start=1):
+        last = event.event_id
+        if args.json:  # one JSON object a line
+            text = json_format.MessageToJson(event, preserving_proto_field_name=True, indent=None)
+            print(text, file=out, flush=True)
+        else:
+            print(format_event(event), file=out, flush=True)
+        if count == limit:
+            return
 
 
 def format_status(status: pb.GetStatusResponse) -> str:
@@ -751,9 +807,21 @@ def _add_client_commands(
     events.add_argument(
         "--limit",
         type=_non_negative_int,
-        default=50,
         metavar="N",
-        help="at most N events, 0 for all (default: %(default)s)",
+        help="at most N events, 0 for all (default: 50; with --follow, no limit)",
+    )
+    events.add_argument(
+        "--follow",
+        action="store_true",
+        help="print the last 10 events, then each one as it is written, until interrupted; "
+        "resumes after the last event printed when the server restarts (--json: one object "
+        "a line)",
+    )
+    events.add_argument(
+        "--after",
+        type=_non_negative_int,
+        metavar="ID",
+        help="with --follow: start after event ID, 0 for the whole log (default: the last 10)",
     )
 
     add(subparsers, "status", _cmd_status, "show the server's engines, circuit and outbox")

@@ -9,13 +9,16 @@ Every call has a deadline (`identify_timeout` for Identify and Verify, `timeout`
 rest) and
 raises a `facegate_client.errors.FaceGateError` subclass when it fails. The idempotent
 reads (GetMember, ListMembers, ListAccessEvents) are retried on UNAVAILABLE by gRPC
-itself, following the channel's service config; nothing else is retried.
+itself, following the channel's service config; nothing else is retried. `follow_events`
+follows the access log live and reconnects, after the last event it yielded, when the
+server goes away.
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
@@ -28,7 +31,7 @@ from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
 from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from facegate_client.errors import from_rpc_error
+from facegate_client.errors import FaceGateError, ResourceExhausted, Unavailable, from_rpc_error
 
 __all__ = [
     "CHANNEL_OPTIONS",
@@ -436,6 +439,93 @@ class FaceGateClient:
             page_token = page.next_page_token
             if not page_token:
                 return
+
+    def watch_events(
+        self,
+        after_event_id: int = 0,
+        member_id: str = "",
+        turnstile_id: str = "",
+        *,
+        decisions: Sequence[pb.Decision.ValueType] = (),
+        membership_rule: pb.MembershipRule.ValueType = pb.MEMBERSHIP_RULE_UNSPECIFIED,
+        timeout: float | None = None,
+    ) -> Iterator[pb.AccessEvent]:
+        """Follow the access log (WatchAccessEvents): every event with an id greater than
+        `after_event_id`, oldest first, then each new one as it is written, for as long as
+        you iterate. No deadline unless `timeout` is given (a follower stays).
+
+        The stream ends with a `FaceGateError` when the connection or the server goes
+        (`Unavailable`, reason SERVER_STOPPING when it stops): call again with the last
+        `event_id` you got and nothing is lost or repeated; `follow_events` does that.
+        Closing the iterator cancels the call.
+        """
+        request = pb.WatchAccessEventsRequest(
+            after_event_id=after_event_id,
+            member_id=member_id,
+            turnstile_id=turnstile_id,
+            decisions=list(decisions),
+            membership_rule=membership_rule,
+        )
+        call = self._stub.WatchAccessEvents(
+            request, timeout=timeout, metadata=self._metadata or None
+        )
+        try:
+            for response in call:
+                yield response.event
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        finally:
+            call.cancel()
+
+    def follow_events(
+        self,
+        after_event_id: int = 0,
+        member_id: str = "",
+        turnstile_id: str = "",
+        *,
+        decisions: Sequence[pb.Decision.ValueType] = (),
+        membership_rule: pb.MembershipRule.ValueType = pb.MEMBERSHIP_RULE_UNSPECIFIED,
+        backoff: float = 0.5,
+        max_backoff: float = 10.0,
+        on_reconnect: Callable[[FaceGateError, float], None] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> Iterator[pb.AccessEvent]:
+        """`watch_events` that survives restarts: when the stream ends UNAVAILABLE (the
+        server stopping, restarting, out of reach), it waits and reconnects with the last
+        event id it yielded, so each event is yielded once, none lost. It waits `backoff`
+        seconds, doubling up to `max_backoff` (with a little jitter) while reconnecting
+        fails, and from `backoff` again once a stream has delivered an event or lasted.
+        RESOURCE_EXHAUSTED (too many followers, or reconnecting too often) is waited out
+        likewise, at least as long as its RetryInfo says. `on_reconnect(error, delay)` is
+        told of each wait. Other errors (credentials, role, bad filters) end it.
+        """
+        last, delay = after_event_id, backoff
+        while True:
+            began = time.monotonic()
+            try:
+                for event in self.watch_events(
+                    last,
+                    member_id,
+                    turnstile_id,
+                    decisions=decisions,
+                    membership_rule=membership_rule,
+                ):
+                    if event.event_id <= last:
+                        continue  # never yield an event twice
+                    last, delay = event.event_id, backoff
+                    yield event
+                error: FaceGateError = Unavailable("the stream ended")
+            except (Unavailable, ResourceExhausted) as refused:
+                error = refused
+            if time.monotonic() - began > max_backoff:
+                delay = backoff  # it was connected a while: this is a new outage
+            wait = delay * random.uniform(0.8, 1.2)
+            if isinstance(error, ResourceExhausted) and error.retry_delay is not None:
+                wait = max(wait, error.retry_delay)  # over a limit: as long as the server says
+            if on_reconnect is not None:
+                on_reconnect(error, wait)
+            sleep(wait)
+            delay = min(max_backoff, delay * 2)
 
     def get_status(self, *, timeout: float | None = None) -> pb.GetStatusResponse:
         """The server's state: routing policy, the cloud's circuit, outbox depth, counts."""

@@ -34,6 +34,7 @@ from facegate_server.engines.base import RecognitionEngine
 from facegate_server.engines.index import FaceIndex
 from facegate_server.engines.local import LocalEngine, WorkerPool
 from facegate_server.engines.policy import decision_policy
+from facegate_server.feed import EventBell, EventFeed
 from facegate_server.gate import Clock, Gate, utc_now
 from facegate_server.membership import Site, load_zone
 from facegate_server.metrics import Metrics, MetricsServer, sqlite_files
@@ -69,6 +70,8 @@ class FaceGateServer:
     certificates: tls.Certificates | None = None
     metrics: MetricsServer | None = None
     """The Prometheus endpoint (FACEGATE_METRICS_LISTEN), when configured."""
+    feed: EventFeed | None = None
+    """The followers of the access log (WatchAccessEvents): ended first when stopping."""
 
     _watch: threading.Thread | None = None
     _stopping: threading.Event = field(default_factory=threading.Event)
@@ -135,6 +138,8 @@ class FaceGateServer:
     def stop(self, grace: float) -> None:
         """Report NOT_SERVING, let calls in flight finish for `grace` seconds, release all."""
         self._stopping.set()
+        if self.feed is not None:
+            self.feed.close()  # followers end now (UNAVAILABLE), not after the grace period
         if self._watch is not None:
             self._watch.join()
         self.rpc.stop(grace)
@@ -142,6 +147,10 @@ class FaceGateServer:
             self.retention.stop()
         if self.metrics is not None:  # scraped until the calls in flight are done
             self.metrics.stop()
+        if self.feed is not None:
+            self.feed.shutdown()
+        if self.feed is not None:
+            self.feed.shutdown()
         if self.gate.replayer is not None:
             self.gate.replayer.stop()
             log.info(
@@ -321,6 +330,7 @@ def build_server(
         router, replayer, engine_status = build_engine(settings, store, local, clock)
         refusals = Refusals()
         metrics = Metrics()
+        bell = EventBell()
         gate = Gate(
             store,
             router,
@@ -335,11 +345,15 @@ def build_server(
             site=Site(settings.site_id, load_zone(settings.site_time_zone)),
             event_retention_days=settings.event_retention_days,
             on_event=metrics.observe,
+            events=bell,
         )
         metrics.watch(gate.status, store_files)
         if settings.metrics_listen:
             metrics_server = MetricsServer(settings.metrics_listen, metrics.registry)
-        servicer = FaceGateServicer(gate)
+        feed = EventFeed(
+            store, bell, max_followers=settings.max_followers, poll=settings.follow_poll_s
+        )
+        servicer = FaceGateServicer(gate, feed)
         threads = max(8, 4 * settings.workers)
         rpc = RpcServer(
             listen=settings.listen,
@@ -359,6 +373,7 @@ def build_server(
                     (settings.enroll_rate, settings.enroll_burst),
                     clock,
                     refusals,
+                    follow=(settings.follow_rate, settings.follow_burst),
                 ),
             ],
             threads=threads,
@@ -388,6 +403,7 @@ def build_server(
         if metrics_server is not None:
             metrics_server.stop()
         rpc.stop(0)
+        feed.shutdown()
         router.close()
         store.close()
         raise OSError(f"could not listen on {settings.listen}")
@@ -413,4 +429,5 @@ def build_server(
             interval=settings.retention_interval_s,
         ),
         metrics=metrics_server,
+        feed=feed,
     )

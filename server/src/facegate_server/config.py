@@ -179,6 +179,14 @@ class Settings(BaseSettings):
             )
         return listen
 
+    # Live entry events (WatchAccessEvents): how many followers at once, each held by a
+    # coroutine (no thread); how often a follower re-reads the log unwoken (events
+    # written by another process sharing the store); how often a caller may start one.
+    max_followers: int = Field(default=64, ge=1)
+    follow_poll_s: float = Field(default=1.0, gt=0)
+    follow_rate: float = Field(default=1.0, ge=0)  # streams started per caller a second; 0: off
+    follow_burst: int = Field(default=20, ge=1)
+
     @field_validator("site_time_zone")
     @classmethod
     def _known_zone(cls, name: str) -> str:

@@ -255,6 +255,20 @@ class EventFilter:
     rule: MembershipRule | None = None
     """Only events refused by this membership rule."""
 
+    def matches(self, event: NewAccessEvent) -> bool:
+        """Whether `event` passes the filter (the stores' SQL says the same)."""
+        if self.member_id and self.member_id not in (event.member_id, event.claimed_member_id):
+            return False
+        if self.turnstile_id and event.turnstile_id != self.turnstile_id:
+            return False
+        if self.start_time is not None and event.time < self.start_time:
+            return False
+        if self.end_time is not None and event.time >= self.end_time:
+            return False
+        if self.decisions and event.decision not in self.decisions:
+            return False
+        return self.rule is None or event.rule is self.rule
+
 
 @dataclass(frozen=True)
 class Identification:

@@ -13,9 +13,12 @@ gRPC statuses).
     ├── CloudUnavailable              -> UNAVAILABLE
     ├── Unauthenticated               -> UNAUTHENTICATED (no or unknown credentials)
     ├── PermissionDenied              -> PERMISSION_DENIED (the caller's role may not)
+    ├── ServerStopping                -> UNAVAILABLE (a follower of the log: reconnect)
     └── RateLimited                   -> RESOURCE_EXHAUSTED, with a RetryInfo
-        └── RecognitionBusy           -> RESOURCE_EXHAUSTED (the recognition queue is full,
-                                         or the image could not finish before its deadline)
+        ├── RecognitionBusy           -> RESOURCE_EXHAUSTED (the recognition queue is full,
+        │                                or the image could not finish before its deadline)
+        └── FollowersLimit            -> RESOURCE_EXHAUSTED (as many WatchAccessEvents
+                                         streams as the server allows are open)
 
 Messages never quote credentials or image bytes.
 """
@@ -137,3 +140,16 @@ class RecognitionBusy(RateLimited):
     image could not be analysed before its deadline."""
 
     reason = "RECOGNITION_BUSY"
+
+
+class ServerStopping(FaceGateError):
+    """The server is stopping: a stream that would run on (WatchAccessEvents) ends; the
+    caller reconnects, to this server once restarted or to another."""
+
+    reason = "SERVER_STOPPING"
+
+
+class FollowersLimit(RateLimited):
+    """The server already has as many followers of the access log as it allows."""
+
+    reason = "FOLLOWERS_LIMIT"

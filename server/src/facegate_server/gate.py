@@ -46,6 +46,7 @@ from facegate_server.errors import (
     RecognitionTimeout,
     RecognitionUnavailable,
 )
+from facegate_server.feed import EventBell
 from facegate_server.membership import Site
 from facegate_server.store import Store
 
@@ -127,8 +128,11 @@ class Gate:
         site: Site | None = None,
         event_retention_days: int = 0,
         on_event: Callable[[AccessEvent], None] | None = None,
+        events: EventBell | None = None,
     ) -> None:
         self.store = store
+        self.events_written = events if events is not None else EventBell()
+        """Rung after each access event is stored: wakes followers of the log (feed.py)."""
         self.engine = engine
         self.replayer = replayer
         self._engine_status = engine_status or EngineStatus
@@ -175,10 +179,10 @@ class Gate:
         started: float,
         **verification: Any,
     ) -> AccessEvent:
-        """Count the decision and write it to the access log: the one place entries are
-        written (`verification`: the event's Verify fields)."""
+        """Count the decision and write it to the access log: the one place decisions are
+        written (`verification`: the event's Verify fields); `_record` stores every entry."""
         self._decisions[f"{found.engine.value.lower()}/{found.decision.value}"] += 1
-        event = self.store.record_event(
+        event = self._record(
             NewAccessEvent(
                 time=now,
                 turnstile_id=turnstile_id,
@@ -200,6 +204,12 @@ class Gate:
             self._on_event(event)
         return event
 
+    def _record(self, event: NewAccessEvent) -> AccessEvent:
+        """Store an access event and wake the log's followers."""
+        stored = self.store.record_event(event)
+        self.events_written.ring()
+        return stored
+
     def record_undecided(
         self, turnstile_id: str, error: FaceGateError, latency: float = 0.0
     ) -> AccessEvent | None:
@@ -216,7 +226,7 @@ class Gate:
         else:
             decision = Decision.NOT_DECIDED_UNAVAILABLE
         self._decisions[f"{self.engine.kind.value.lower()}/{decision.value}"] += 1
-        event = self.store.record_event(
+        event = self._record(
             NewAccessEvent(
                 time=self.clock(),
                 turnstile_id=turnstile_id,

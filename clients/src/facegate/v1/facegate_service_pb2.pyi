@@ -2093,3 +2093,67 @@ class SearchFacesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SearchFacesResponse: _TypeAlias = SearchFacesResponse  # noqa: Y015
+
+@_typing.final
+class WatchAccessEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_EVENT_ID_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    TURNSTILE_ID_FIELD_NUMBER: _builtins.int
+    DECISIONS_FIELD_NUMBER: _builtins.int
+    MEMBERSHIP_RULE_FIELD_NUMBER: _builtins.int
+    after_event_id: _builtins.int
+    """Send events with ids greater than this one: the `event_id` of the last
+    event received, to resume; 0 for the whole log. Not negative.
+    """
+    member_id: _builtins.str
+    """Only this member's events (as ListAccessEventsRequest.member_id); empty
+    for everybody.
+    """
+    turnstile_id: _builtins.str
+    """Only this turnstile's events; empty for every turnstile."""
+    membership_rule: Global___MembershipRule.ValueType
+    """Only events refused by this membership rule; unspecified for any."""
+    @_builtins.property
+    def decisions(self) -> _containers.RepeatedScalarFieldContainer[Global___Decision.ValueType]:
+        """Only events with one of these decisions; empty for every decision."""
+
+    def __init__(
+        self,
+        *,
+        after_event_id: _builtins.int = ...,
+        member_id: _builtins.str = ...,
+        turnstile_id: _builtins.str = ...,
+        decisions: _abc.Iterable[Global___Decision.ValueType] | None = ...,
+        membership_rule: Global___MembershipRule.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_event_id", b"after_event_id", "decisions", b"decisions", "member_id", b"member_id", "membership_rule", b"membership_rule", "turnstile_id", b"turnstile_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchAccessEventsRequest: _TypeAlias = WatchAccessEventsRequest  # noqa: Y015
+
+@_typing.final
+class WatchAccessEventsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def event(self) -> Global___AccessEvent:
+        """One event of the log; each response carries the next one in id order."""
+
+    def __init__(
+        self,
+        *,
+        event: Global___AccessEvent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchAccessEventsResponse: _TypeAlias = WatchAccessEventsResponse  # noqa: Y015

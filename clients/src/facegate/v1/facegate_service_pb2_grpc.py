@@ -105,6 +105,11 @@ class FaceGateServiceStub:
                 request_serializer=facegate_dot_v1_dot_facegate__service__pb2.SearchFacesRequest.SerializeToString,
                 response_deserializer=facegate_dot_v1_dot_facegate__service__pb2.SearchFacesResponse.FromString,
                 _registered_method=True)
+        self.WatchAccessEvents = channel.unary_stream(
+                '/facegate.v1.FaceGateService/WatchAccessEvents',
+                request_serializer=facegate_dot_v1_dot_facegate__service__pb2.WatchAccessEventsRequest.SerializeToString,
+                response_deserializer=facegate_dot_v1_dot_facegate__service__pb2.WatchAccessEventsResponse.FromString,
+                _registered_method=True)
 
 
 class FaceGateServiceServicer:
@@ -248,6 +253,31 @@ class FaceGateServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchAccessEvents(self, request, context):
+        """Follows the access log as it is written (a screen at the front desk, the
+        gym's backend): first every stored event with an id greater than
+        `after_event_id`, oldest first, then each new event as it is written, for
+        as long as the caller stays. Optionally filtered like ListAccessEvents.
+
+        Event ids are the log's total order: events are sent in increasing id
+        order, and an event becomes visible only after every event with a lower
+        id. So a caller that reconnects with the id of the last event it got (the
+        stream can end at any time: the server restarts, the network breaks)
+        gets every later event exactly once; 0 sends the whole log first. Ids are
+        given when an event reaches this server's store: with a store shared by
+        several sites (a chain on one PostgreSQL), an event recorded offline at a
+        branch gets its id, and is sent, when it arrives, after events that
+        happened later; its `time` is when the decision was made.
+
+        When the server stops, the stream ends with UNAVAILABLE (reason
+        SERVER_STOPPING): reconnect. RESOURCE_EXHAUSTED (reason
+        FOLLOWERS_LIMIT) when the server already has as many followers as it
+        allows. Roles: backend (and admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FaceGateServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -320,6 +350,11 @@ def add_FaceGateServiceServicer_to_server(servicer, server):
                     servicer.SearchFaces,
                     request_deserializer=facegate_dot_v1_dot_facegate__service__pb2.SearchFacesRequest.FromString,
                     response_serializer=facegate_dot_v1_dot_facegate__service__pb2.SearchFacesResponse.SerializeToString,
+            ),
+            'WatchAccessEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchAccessEvents,
+                    request_deserializer=facegate_dot_v1_dot_facegate__service__pb2.WatchAccessEventsRequest.FromString,
+                    response_serializer=facegate_dot_v1_dot_facegate__service__pb2.WatchAccessEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -701,6 +736,33 @@ class FaceGateService:
             '/facegate.v1.FaceGateService/SearchFaces',
             facegate_dot_v1_dot_facegate__service__pb2.SearchFacesRequest.SerializeToString,
             facegate_dot_v1_dot_facegate__service__pb2.SearchFacesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchAccessEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/facegate.v1.FaceGateService/WatchAccessEvents',
+            facegate_dot_v1_dot_facegate__service__pb2.WatchAccessEventsRequest.SerializeToString,
+            facegate_dot_v1_dot_facegate__service__pb2.WatchAccessEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -134,6 +134,27 @@ class FaceGateServiceStub:
     operators, never for turnstiles: it names the closest members however
     far they are, so it is admin-only. Served by the local engine.
     """
+    WatchAccessEvents: _grpc.UnaryStreamMultiCallable[_facegate_service_pb2.WatchAccessEventsRequest, _facegate_service_pb2.WatchAccessEventsResponse]
+    """Follows the access log as it is written (a screen at the front desk, the
+    gym's backend): first every stored event with an id greater than
+    `after_event_id`, oldest first, then each new event as it is written, for
+    as long as the caller stays. Optionally filtered like ListAccessEvents.
+
+    Event ids are the log's total order: events are sent in increasing id
+    order, and an event becomes visible only after every event with a lower
+    id. So a caller that reconnects with the id of the last event it got (the
+    stream can end at any time: the server restarts, the network breaks)
+    gets every later event exactly once; 0 sends the whole log first. Ids are
+    given when an event reaches this server's store: with a store shared by
+    several sites (a chain on one PostgreSQL), an event recorded offline at a
+    branch gets its id, and is sent, when it arrives, after events that
+    happened later; its `time` is when the decision was made.
+
+    When the server stops, the stream ends with UNAVAILABLE (reason
+    SERVER_STOPPING): reconnect. RESOURCE_EXHAUSTED (reason
+    FOLLOWERS_LIMIT) when the server already has as many followers as it
+    allows. Roles: backend (and admin).
+    """
 
 @_typing.type_check_only
 class FaceGateServiceAsyncStub(FaceGateServiceStub):
@@ -218,6 +239,27 @@ class FaceGateServiceAsyncStub(FaceGateServiceStub):
     measurements. For evaluation (`facegate evaluate`) and tuning by
     operators, never for turnstiles: it names the closest members however
     far they are, so it is admin-only. Served by the local engine.
+    """
+    WatchAccessEvents: _aio.UnaryStreamMultiCallable[_facegate_service_pb2.WatchAccessEventsRequest, _facegate_service_pb2.WatchAccessEventsResponse]  # type: ignore[assignment]
+    """Follows the access log as it is written (a screen at the front desk, the
+    gym's backend): first every stored event with an id greater than
+    `after_event_id`, oldest first, then each new event as it is written, for
+    as long as the caller stays. Optionally filtered like ListAccessEvents.
+
+    Event ids are the log's total order: events are sent in increasing id
+    order, and an event becomes visible only after every event with a lower
+    id. So a caller that reconnects with the id of the last event it got (the
+    stream can end at any time: the server restarts, the network breaks)
+    gets every later event exactly once; 0 sends the whole log first. Ids are
+    given when an event reaches this server's store: with a store shared by
+    several sites (a chain on one PostgreSQL), an event recorded offline at a
+    branch gets its id, and is sent, when it arrives, after events that
+    happened later; its `time` is when the decision was made.
+
+    When the server stops, the stream ends with UNAVAILABLE (reason
+    SERVER_STOPPING): reconnect. RESOURCE_EXHAUSTED (reason
+    FOLLOWERS_LIMIT) when the server already has as many followers as it
+    allows. Roles: backend (and admin).
     """
 
 class FaceGateServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -384,6 +426,33 @@ class FaceGateServiceServicer(metaclass=_abc_1.ABCMeta):
         measurements. For evaluation (`facegate evaluate`) and tuning by
         operators, never for turnstiles: it names the closest members however
         far they are, so it is admin-only. Served by the local engine.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchAccessEvents(
+        self,
+        request: _facegate_service_pb2.WatchAccessEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_facegate_service_pb2.WatchAccessEventsResponse], _abc.AsyncIterator[_facegate_service_pb2.WatchAccessEventsResponse]]:
+        """Follows the access log as it is written (a screen at the front desk, the
+        gym's backend): first every stored event with an id greater than
+        `after_event_id`, oldest first, then each new event as it is written, for
+        as long as the caller stays. Optionally filtered like ListAccessEvents.
+
+        Event ids are the log's total order: events are sent in increasing id
+        order, and an event becomes visible only after every event with a lower
+        id. So a caller that reconnects with the id of the last event it got (the
+        stream can end at any time: the server restarts, the network breaks)
+        gets every later event exactly once; 0 sends the whole log first. Ids are
+        given when an event reaches this server's store: with a store shared by
+        several sites (a chain on one PostgreSQL), an event recorded offline at a
+        branch gets its id, and is sent, when it arrives, after events that
+        happened later; its `time` is when the decision was made.
+
+        When the server stops, the stream ends with UNAVAILABLE (reason
+        SERVER_STOPPING): reconnect. RESOURCE_EXHAUSTED (reason
+        FOLLOWERS_LIMIT) when the server already has as many followers as it
+        allows. Roles: backend (and admin).
         """
 
 def add_FaceGateServiceServicer_to_server(servicer: FaceGateServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -74,6 +74,7 @@ ALLOWED: Final[Mapping[str, frozenset[Role]]] = {
     _FACEGATE + "ListMembers": _BACKEND,
     _FACEGATE + "DeleteMember": _BACKEND,
     _FACEGATE + "ListAccessEvents": _BACKEND,
+    _FACEGATE + "WatchAccessEvents": _BACKEND,
     # Reflection shows only the public contract, but to known callers only (grpcurl -H).
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": _ANY_ROLE,
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": _ANY_ROLE,

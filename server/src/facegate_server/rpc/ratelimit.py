@@ -1,7 +1,8 @@
 """Per-caller rate limits: a token bucket per (limit, caller), checked before the servicer.
 
 Each limited method draws from a named bucket (`METHOD_LIMITS`): Identify and Verify (the
-same camera's other question) from "identify", Enroll and AddMemberPhotos from "enroll". A
+same camera's other question) from "identify", Enroll and AddMemberPhotos from "enroll",
+each start of a WatchAccessEvents stream from "follow" (a reconnecting loop). A
 bucket holds up to `burst` calls and refills at `rate` calls a second; a call finding it
 empty is refused with RESOURCE_EXHAUSTED, reason RATE_LIMITED and a google.rpc.RetryInfo
 saying when the next call will be admitted. Refused calls take nothing from the bucket.
@@ -34,6 +35,7 @@ METHOD_LIMITS: Final[Mapping[str, str]] = {
     _FACEGATE + "Verify": "identify",
     _FACEGATE + "Enroll": "enroll",
     _FACEGATE + "AddMemberPhotos": "enroll",
+    _FACEGATE + "WatchAccessEvents": "follow",
 }
 """Which bucket each limited method draws from; other methods are not limited."""
 
@@ -96,7 +98,12 @@ class RateLimiter:
 
 
 def method_limits(
-    identify_rate: float, identify_burst: int, enroll_rate: float, enroll_burst: int
+    identify_rate: float,
+    identify_burst: int,
+    enroll_rate: float,
+    enroll_burst: int,
+    follow_rate: float = 0.0,
+    follow_burst: int = 1,
 ) -> dict[str, Limit]:
     """The Limit of each limited method; a rate of 0 leaves its methods unlimited."""
     limits = {}
@@ -104,6 +111,8 @@ def method_limits(
         limits["identify"] = Limit("identify", identify_rate, identify_burst)
     if enroll_rate > 0:
         limits["enroll"] = Limit("enroll", enroll_rate, enroll_burst)
+    if follow_rate > 0:
+        limits["follow"] = Limit("follow", follow_rate, follow_burst)
     return {method: limits[name] for method, name in METHOD_LIMITS.items() if name in limits}
 
 
@@ -155,8 +164,10 @@ def interceptor(
     enroll: tuple[float, int],
     clock: Clock = time.monotonic,
     refusals: Refusals | None = None,
+    follow: tuple[float, int] = (0.0, 1),
 ) -> RateLimitInterceptor:
-    """The interceptor for (rate, burst) of Identify and of enrolment; rate 0 is no limit."""
+    """The interceptor for (rate, burst) of Identify, of enrolment and of starting to
+    follow the access log; rate 0 is no limit."""
     return RateLimitInterceptor(
-        RateLimiter(method_limits(*identify, *enroll), clock=clock), refusals
+        RateLimiter(method_limits(*identify, *enroll, *follow), clock=clock), refusals
     )

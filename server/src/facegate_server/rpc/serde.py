@@ -11,6 +11,7 @@ from typing import Literal, TypeVar
 from facegate.v1 import facegate_service_pb2 as pb
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from facegate_server import validation
 from facegate_server.domain import (
     AccessEvent,
     AccessWindow,
@@ -240,6 +241,22 @@ def event_filter(request: pb.ListAccessEventsRequest) -> EventFilter:
     decisions = tuple(decision_from(d, f"decisions[{i}]") for i, d in enumerate(request.decisions))
     rule = membership_rule_from(request.membership_rule, "membership_rule")
     return EventFilter(request.member_id, request.turnstile_id, start, end, decisions, rule)
+
+
+def watch_filter(request: pb.WatchAccessEventsRequest) -> tuple[int, EventFilter]:
+    """WatchAccessEvents' starting point and filter (ids and enums checked)."""
+    if request.after_event_id < 0:
+        raise InvalidArgument(
+            "after_event_id", "must not be negative", reason="AFTER_EVENT_ID_INVALID"
+        )
+    if request.member_id:
+        validation.member_id(request.member_id)
+    if request.turnstile_id:
+        validation.turnstile_id(request.turnstile_id)
+    decisions = tuple(decision_from(d, f"decisions[{i}]") for i, d in enumerate(request.decisions))
+    rule = membership_rule_from(request.membership_rule, "membership_rule")
+    where = EventFilter(request.member_id, request.turnstile_id, decisions=decisions, rule=rule)
+    return request.after_event_id, where
 
 
 # Page tokens are opaque to clients: base64url of a small JSON object.

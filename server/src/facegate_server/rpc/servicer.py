@@ -7,21 +7,27 @@ is logged with its traceback and answered INTERNAL without internals.
 The methods are synchronous: the server runs them on its thread pool (rpc/server.py).
 Identify's and Verify's budget starts when the call arrived (`arrival()`), not when a
 thread took it; the log line says how long the call waited for one (`queued_ms`).
+WatchAccessEvents, which lasts as long as its caller stays, is an asyncio generator on the
+server's loop instead (feed.py): it holds no thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
 from facegate.v1 import facegate_service_pb2 as pb
 from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
 
+from facegate_server.domain import AccessEvent
 from facegate_server.errors import FaceGateError
+from facegate_server.feed import EventFeed
 from facegate_server.gate import Gate
 from facegate_server.rpc import serde
 from facegate_server.rpc.auth import current_caller
@@ -116,8 +122,27 @@ def rpc(method: Handler[Request, Response]) -> Handler[Request, Response]:
 
 
 class FaceGateServicer(pb_grpc.FaceGateServiceServicer):
-    def __init__(self, gate: Gate) -> None:
+    def __init__(self, gate: Gate, feed: EventFeed | None = None) -> None:
         self.gate = gate
+        self._feed = feed
+        # The newest events' messages, made once for every follower (on the loop only).
+        self._messages: OrderedDict[int, pb.WatchAccessEventsResponse] = OrderedDict()
+
+    def _message(self, event: AccessEvent) -> pb.WatchAccessEventsResponse:
+        message = self._messages.get(event.event_id)
+        if message is None:
+            message = pb.WatchAccessEventsResponse(event=serde.access_event(event))
+            self._messages[event.event_id] = message
+            if len(self._messages) > 4096:
+                self._messages.popitem(last=False)
+        return message
+
+    @property
+    def feed(self) -> EventFeed:
+        """The followers of the gate's log (app.py passes the server's; else made here)."""
+        if self._feed is None:
+            self._feed = EventFeed(self.gate.store, self.gate.events_written)
+        return self._feed
 
     def refused_busy(self, full_method: str, request: Any, error: FaceGateError) -> None:
         """The server refused a call for load before any thread took it (rpc/server.py's
@@ -262,3 +287,44 @@ class FaceGateServicer(pb_grpc.FaceGateServiceServicer):
             request.image, request.max_candidates, self._time_left(arrival(), context)
         )
         return serde.search_faces(result)
+
+    async def WatchAccessEvents(
+        self, request: pb.WatchAccessEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.WatchAccessEventsResponse]:
+        """On the server's loop, not in a thread: the stored events after the id asked for,
+        then each new one (feed.py). One log line when the stream ends."""
+        started = time.perf_counter()
+        outcome: dict[str, Any] = {"code": "OK"}
+        sent, last = 0, request.after_event_id
+        try:
+            after, where = serde.watch_filter(request)
+            async for event in self.feed.follow(after, where):
+                yield self._message(event)
+                sent, last = sent + 1, event.event_id
+        except FaceGateError as error:
+            outcome = {"code": code_of(error).name, "reason": error.reason, "error": error.message}
+            await context.abort_with_status(to_status(error))
+        except asyncio.CancelledError:  # the caller went away, or the server stopped
+            outcome = {"code": "CANCELLED"}
+            raise
+        except Exception:
+            log.exception("unexpected error", extra={"method": "WatchAccessEvents"})
+            outcome = {"code": "INTERNAL", "reason": "INTERNAL"}
+            await context.abort_with_status(
+                to_status(FaceGateError("internal error; the server log has the details"))
+            )
+        finally:
+            caller = current_caller()
+            log.info(
+                "rpc",
+                extra={
+                    "method": "WatchAccessEvents",
+                    "peer": context.peer(),
+                    **(caller.log_fields() if caller is not None else {}),
+                    **outcome,
+                    "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+                    "after_event_id": request.after_event_id,
+                    "events_sent": sent,
+                    "last_event_id": last,
+                },
+            )

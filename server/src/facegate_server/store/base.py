@@ -132,6 +132,16 @@ class Store(abc.ABC):
         return None
 
     @abc.abstractmethod
+    def events_after(self, after_id: int, where: EventFilter, limit: int) -> list[AccessEvent]:
+        """Up to `limit` events matching `where` with ids greater than `after_id`, oldest
+        (lowest id) first: what a follower of the log reads next (WatchAccessEvents).
+
+        Ids are the log's total order: an event is visible here only once every event
+        with a lower id is (a follower that resumes after the last id it saw misses
+        nothing), and an id is never reused, even after older events are deleted.
+        """
+
+    @abc.abstractmethod
     def store_id(self) -> str:
         """This store's identity: made once, when the store is created, and never changed.
 

@@ -227,24 +227,20 @@ class MemoryStore(Store):
             for event in reversed(self._events):
                 if before_id is not None and event.event_id >= before_id:
                     continue
-                if where.member_id and where.member_id not in (
-                    event.member_id,
-                    event.claimed_member_id,
-                ):
-                    continue
-                if where.turnstile_id and event.turnstile_id != where.turnstile_id:
-                    continue
-                if where.start_time is not None and event.time < where.start_time:
-                    continue
-                if where.end_time is not None and event.time >= where.end_time:
-                    continue
-                if where.decisions and event.decision not in where.decisions:
-                    continue
-                if where.rule is not None and event.rule is not where.rule:
-                    continue
-                found.append(event)
-                if len(found) == limit:
-                    break
+                if where.matches(event):
+                    found.append(event)
+                    if len(found) == limit:
+                        break
+            return found
+
+    def events_after(self, after_id: int, where: EventFilter, limit: int) -> list[AccessEvent]:
+        with self._lock:
+            found = []
+            for event in self._events:
+                if event.event_id > after_id and where.matches(event):
+                    found.append(event)
+                    if len(found) == limit:
+                        break
             return found
 
     def delete_events_before(self, cutoff: datetime) -> int:

@@ -196,6 +196,31 @@ def open_lock(path: Path) -> int:
     return os.open(lock_path(path), os.O_CREAT | os.O_RDWR, 0o600)
 
 
+def _event_clauses(where: EventFilter) -> tuple[list[str], list[str | int]]:
+    """The SQL conditions (and their parameters) of an event filter."""
+    clauses: list[str] = []
+    params: list[str | int] = []
+    if where.member_id:
+        clauses.append("(member_id = ? OR claimed_member_id = ?)")
+        params.extend([where.member_id, where.member_id])
+    if where.turnstile_id:
+        clauses.append("turnstile_id = ?")
+        params.append(where.turnstile_id)
+    if where.start_time is not None:
+        clauses.append("time_us >= ?")
+        params.append(_us(where.start_time))
+    if where.end_time is not None:
+        clauses.append("time_us < ?")
+        params.append(_us(where.end_time))
+    if where.decisions:
+        clauses.append(f"decision IN ({', '.join('?' for _ in where.decisions)})")
+        params.extend(d.value for d in where.decisions)
+    if where.rule is not None:
+        clauses.append("rule = ?")
+        params.append(where.rule.value)
+    return clauses, params
+
+
 class SqliteStore(Store):
     def __init__(self, path: Path, *, purge_interval: float = PURGE_INTERVAL_S) -> None:
         path = Path(path)
@@ -531,34 +556,26 @@ class SqliteStore(Store):
     def list_events(
         self, where: EventFilter, limit: int, before_id: int | None = None
     ) -> list[AccessEvent]:
-        clauses: list[str] = []
-        params: list[str | int] = []
+        clauses, params = _event_clauses(where)
         if before_id is not None:
-            clauses.append("event_id < ?")
-            params.append(before_id)
-        if where.member_id:
-            clauses.append("(member_id = ? OR claimed_member_id = ?)")
-            params.extend([where.member_id, where.member_id])
-        if where.turnstile_id:
-            clauses.append("turnstile_id = ?")
-            params.append(where.turnstile_id)
-        if where.start_time is not None:
-            clauses.append("time_us >= ?")
-            params.append(_us(where.start_time))
-        if where.end_time is not None:
-            clauses.append("time_us < ?")
-            params.append(_us(where.end_time))
-        if where.decisions:
-            clauses.append(f"decision IN ({', '.join('?' for _ in where.decisions)})")
-            params.extend(d.value for d in where.decisions)
-        if where.rule is not None:
-            clauses.append("rule = ?")
-            params.append(where.rule.value)
+            clauses.insert(0, "event_id < ?")
+            params.insert(0, before_id)
+        return self._select_events(clauses, params, "event_id DESC", limit)
+
+    def events_after(self, after_id: int, where: EventFilter, limit: int) -> list[AccessEvent]:
+        clauses, params = _event_clauses(where)
+        clauses.insert(0, "event_id > ?")
+        params.insert(0, after_id)
+        return self._select_events(clauses, params, "event_id", limit)
+
+    def _select_events(
+        self, clauses: list[str], params: list[str | int], order: str, limit: int
+    ) -> list[AccessEvent]:
         sql = (
             "SELECT event_id, time_us, turnstile_id, member_id, decision, engine, confidence,"
             " latency_us, reports, kind, claimed_member_id, detail, rule FROM access_events"
             + (" WHERE " + " AND ".join(clauses) if clauses else "")
-            + " ORDER BY event_id DESC LIMIT ?"
+            + f" ORDER BY {order} LIMIT ?"
         )
         with self._lock:
             rows = self._db.execute(sql, (*params, limit)).fetchall()
