@@ -43,7 +43,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from concurrent import futures
 from contextvars import ContextVar
-from typing import Any, NoReturn, TypeVar, cast
+from typing import Any, NamedTuple, NoReturn, TypeVar, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -51,10 +51,10 @@ from grpc_reflection.v1alpha import reflection
 
 from facegate_server.engines import admission
 from facegate_server.engines.admission import Ticket
-from facegate_server.errors import FaceGateError, RateLimited
+from facegate_server.errors import FaceGateError, InvalidArgument, MessageTooLarge, RateLimited
 from facegate_server.rpc import tls
 from facegate_server.rpc.auth import current_caller
-from facegate_server.rpc.intercept import Refusals, peer_host, refuse
+from facegate_server.rpc.intercept import Refusals, method_name, peer_host, refuse
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +150,19 @@ class Slots:
 
 
 class Dispatcher(grpc.aio.ServerInterceptor):
-    """The innermost interceptor: runs synchronous unary handlers on the thread pool, within
-    the bound, with the call's arrival time; asyncio handlers run as they are."""
+    """The innermost interceptor: receives each unary call's request message only once the
+    outer interceptors have admitted the call, then runs synchronous handlers on the
+    thread pool, within the bound, with the call's arrival time (asyncio handlers run on
+    the loop as they are).
+
+    Receiving after admission: a unary method's handler would get its message whole, and
+    gRPC receives it (up to the server-wide limit, which fits an Enroll of the most photos)
+    before any behaviour runs, so before authentication. Here every unary-request method is
+    served as a request-streaming one (the same bytes on the wire: clients see no
+    difference) whose behaviour reads its one message itself, inside the interceptors'
+    guards: a call refused there has sent only what HTTP/2 flow control let through. A
+    method of `message_limits` is refused RESOURCE_EXHAUSTED (MESSAGE_TOO_LARGE) when its
+    message is larger than its limit, before it is parsed."""
 
     def __init__(
         self,
@@ -161,12 +172,14 @@ class Dispatcher(grpc.aio.ServerInterceptor):
         retry_after: float,
         refusals: Refusals | None = None,
         on_busy: OnBusy | None = None,
+        message_limits: Mapping[str, MessageLimit] | None = None,
     ) -> None:
         self.pool, self.threads = pool, threads
         self.slots = slots
         self.retry_after = retry_after
         self.refusals = refusals
         self.on_busy = on_busy
+        self.message_limits = dict(message_limits or {})
 
     async def intercept_service(
         self,
@@ -178,13 +191,23 @@ class Dispatcher(grpc.aio.ServerInterceptor):
         arrived = time.monotonic()
         handler = await continuation(handler_call_details)
         behaviour = None if handler is None else handler.unary_unary
-        if handler is None or behaviour is None or inspect.iscoroutinefunction(behaviour):
+        if handler is None or behaviour is None:
             return handler
         full_method = handler_call_details.method
+        receive = _Receiver(full_method, handler.request_deserializer, self.refusals)
+        receive.limit = self.message_limits.get(full_method)
+        if inspect.iscoroutinefunction(behaviour):
+            asynchronous = cast(Callable[..., Awaitable[Any]], behaviour)
+
+            async def received(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                return await asynchronous(await receive(context), context)
+
+            return grpc.stream_unary_rpc_method_handler(received, None, handler.response_serializer)
         pool, threads, slots, retry_after = self.pool, self.threads, self.slots, self.retry_after
         refusals, on_busy = self.refusals, self.on_busy
 
-        async def dispatched(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def dispatched(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            request = await receive(context)
             caller = current_caller()
             if caller is None or caller.via == "open":
                 # Nobody is authenticated: the peer host and the turnstile it names (channels
@@ -228,9 +251,56 @@ class Dispatcher(grpc.aio.ServerInterceptor):
             finally:
                 ticket.gone.set()  # answered or abandoned: its queued images are for nobody
 
-        return grpc.unary_unary_rpc_method_handler(
-            dispatched, handler.request_deserializer, handler.response_serializer
-        )
+        return grpc.stream_unary_rpc_method_handler(dispatched, None, handler.response_serializer)
+
+
+class MessageLimit(NamedTuple):
+    """The largest request message a method takes, and why (quoted when refusing)."""
+
+    bytes: int
+    why: str
+
+
+class _Receiver:
+    """Reads a unary call's one request message (raw bytes: the method has no
+    deserializer, so its size is checked before it is parsed) and parses it."""
+
+    def __init__(
+        self,
+        full_method: str,
+        deserializer: Callable[[bytes], Any] | None,
+        refusals: Refusals | None,
+    ) -> None:
+        self.full_method, self.deserializer, self.refusals = full_method, deserializer, refusals
+        self.limit: MessageLimit | None = None
+
+    async def __call__(self, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        started = time.perf_counter()
+        raw = await context.read()
+        method = method_name(self.full_method)
+        if raw is grpc.aio.EOF:
+            error: FaceGateError = InvalidArgument(
+                "request", f"{method} takes one request message; none was sent", reason="EMPTY"
+            )
+            await refuse(context, self.full_method, error, started, self.refusals)
+        raw = cast(bytes, raw)
+        limit = self.limit
+        if limit is not None and len(raw) > limit.bytes:
+            error = MessageTooLarge(
+                f"the {method} request message is {len(raw)} bytes; {method} takes at most "
+                f"{limit.bytes} bytes ({limit.why})",
+                metadata={"message_bytes": str(len(raw)), "limit_bytes": str(limit.bytes)},
+            )
+            await refuse(context, self.full_method, error, started, self.refusals)
+        if self.deserializer is None:
+            return raw
+        try:
+            return self.deserializer(raw)
+        except Exception:  # protobuf's DecodeError, or whatever a deserializer raises
+            error = InvalidArgument(
+                "request", f"the {method} request message could not be parsed", reason="MALFORMED"
+            )
+            await refuse(context, self.full_method, error, started, self.refusals)
 
 
 class RpcServer:
@@ -251,8 +321,11 @@ class RpcServer:
         retry_after: float = 0.5,
         refusals: Refusals | None = None,
         on_busy: OnBusy | None = None,
+        message_limits: Mapping[str, MessageLimit] | None = None,
     ) -> None:
-        """`register` adds the servicers; `service_names` get health statuses (and "")."""
+        """`register` adds the servicers; `service_names` get health statuses (and "");
+        `message_limits`: full method -> the largest request message it takes, below the
+        server-wide grpc.max_receive_message_length of `options`."""
         self.threads, self.queue = threads, queue
         self.refusals = refusals if refusals is not None else Refusals()
         self.service_names = ("", *service_names)
@@ -264,7 +337,9 @@ class RpcServer:
             target=self._loop.run_forever, name="facegate-grpc", daemon=True
         )
         self._thread.start()
-        dispatcher = Dispatcher(self.pool, threads, self.slots, retry_after, self.refusals, on_busy)
+        dispatcher = Dispatcher(
+            self.pool, threads, self.slots, retry_after, self.refusals, on_busy, message_limits
+        )
         try:
             self._server, self.port = self._run(
                 self._build(listen, credentials, register, [*interceptors, dispatcher], options)
