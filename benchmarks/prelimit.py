@@ -2,15 +2,18 @@
 Memory before authentication): the resident set of a real `facegate serve` process at
 rest and while N concurrent Enroll calls, each carrying one photo of M MiB, arrive
 (1) without credentials, (2) from a turnstile (a known caller whose role may not enrol),
-(3) from the backend (which may: its messages are received whole), and (4) the health
-check, which needs no credentials, with an M MiB service name.
+(3) from the backend (which may: its messages are received whole); and while N health
+checks with an M MiB service name arrive without credentials (4) on the main port, where
+health needs none, (5) on the main port of a server with a probe listener
+(FACEGATE_HEALTH_LISTEN), where it then does, and (6) on that probe listener.
 
     uv run python benchmarks/prelimit.py [--calls 24] [--mib 60] [--out FILE.json]
+        [--only anonymous turnstile backend health health-locked probes]
 
 Each scenario gets a fresh server (the allocator keeps what it once took, so a second
 scenario in the same process would start higher). RSS is read from /proc every 10 ms
 while the calls run; "peak growth" is the highest RSS minus the RSS at rest. The calls
-come from one client process, each on a connection of its own. Slow (about a minute):
+come from one client process, each on a connection of its own. Slow (2-3 minutes):
 not part of the suite's quick mode.
 """
 
@@ -43,8 +46,11 @@ TOKENS = {"crm": new_token(), "gate-1": new_token()}
 CALLERS = f"backend crm {token_hash(TOKENS['crm'])};turnstile gate-1 {token_hash(TOKENS['gate-1'])}"
 
 
-def start(data: Path, settings: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
-    """`facegate serve` on a free loopback port with callers; (process, target)."""
+def start(
+    data: Path, settings: dict[str, str], at_probes: bool = False
+) -> tuple[subprocess.Popen[str], str]:
+    """`facegate serve` on a free loopback port with callers; (process, target): the
+    health listener's if `at_probes`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FACEGATE_")}
     env |= {
         "FACEGATE_DATA_DIR": str(data),
@@ -67,7 +73,8 @@ def start(data: Path, settings: dict[str, str]) -> tuple[subprocess.Popen[str], 
         for line in log.read_text().splitlines():
             entry = json.loads(line) if line.startswith("{") else {}
             if entry.get("msg") == "serving":
-                return process, f"127.0.0.1:{entry['port']}"
+                port = entry["health_port"] if at_probes else entry["port"]
+                return process, f"127.0.0.1:{port}"
         time.sleep(0.1)
     process.kill()
     raise SystemExit(f"the server did not start:\n{log.read_text()}")
@@ -92,10 +99,16 @@ def settle(process: psutil.Process, seconds: float = 2.0) -> int:
 
 
 def scenario(
-    name: str, method: str, request: bytes, token: str | None, calls: int, settings: dict[str, str]
+    name: str,
+    method: str,
+    request: bytes,
+    token: str | None,
+    calls: int,
+    settings: dict[str, str],
+    at_probes: bool = False,
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="facegate-prelimit-") as tmp:
-        server, target = start(Path(tmp), settings)
+        server, target = start(Path(tmp), settings, at_probes)
         watched = psutil.Process(server.pid)
         channels = [
             grpc.insecure_channel(
@@ -173,7 +186,9 @@ def main() -> None:
     parser.add_argument("--mib", type=float, default=60)
     parser.add_argument("--out", type=Path)
     parser.add_argument(
-        "--only", nargs="*", default=["anonymous", "turnstile", "backend", "health"]
+        "--only",
+        nargs="*",
+        default=["anonymous", "turnstile", "backend", "health", "health-locked", "probes"],
     )
     args = parser.parse_args()
     size = int(args.mib * MIB)
@@ -191,11 +206,24 @@ def main() -> None:
         "turnstile": ("Enroll from a turnstile (may not enrol)", ENROLL, enroll, TOKENS["gate-1"]),
         "backend": ("Enroll from the backend (may)", ENROLL, enroll, TOKENS["crm"]),
         "health": ("Health Check (no credentials needed)", HEALTH, health, None),
+        "health-locked": (
+            "Health Check, probes elsewhere (needs credentials)",
+            HEALTH,
+            health,
+            None,
+        ),
+        "probes": ("Health Check on the probe listener", HEALTH, health, None),
     }
+    probes = {"FACEGATE_HEALTH_LISTEN": "127.0.0.1:0"}
     results = []
     for key in args.only:
         name, method, request, token = plan[key]
-        results.append(scenario(name, method, request, token, args.calls, settings))
+        # health-locked: the main port, with a probe listener; probes: the probe listener.
+        extra = probes if key in ("health-locked", "probes") else {}
+        at_probes = key == "probes"
+        results.append(
+            scenario(name, method, request, token, args.calls, settings | extra, at_probes)
+        )
     machine = {"cpus": os.cpu_count(), "load_1m": round(os.getloadavg()[0], 2)}
     if args.out:
         args.out.write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")

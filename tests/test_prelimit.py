@@ -7,6 +7,7 @@ its own (the client's copies of the messages would swamp an in-process measureme
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from facegate.v1 import facegate_service_pb2 as pb
 from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
 from facegate_server.commands.token import new_token
 from facegate_server.rpc import auth
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import Faces
 from tests.helpers import start_serve
@@ -200,3 +202,39 @@ def test_unauthenticated_enrolls_cost_the_server_little_memory(tmp_path: Path) -
     assert codes == [grpc.StatusCode.UNAUTHENTICATED] * calls
     growth = peak - at_rest
     assert growth < calls * 12 * MIB, f"the server grew by {growth / MIB:.0f} MiB"
+
+
+def test_a_probe_listener_serves_health_alone_and_locks_it_on_the_main_port(
+    tmp_path: Path,
+) -> None:
+    """FACEGATE_HEALTH_LISTEN: probes get health there, without credentials, and a large
+    message is refused from its length; on the main port health then needs a known caller."""
+    settings = {"FACEGATE_DATA_DIR": str(tmp_path), "FACEGATE_TOKENS": CALLERS}
+    settings |= {"FACEGATE_WORKERS": "1", "FACEGATE_HEALTH_LISTEN": "127.0.0.1:0"}
+    log = tmp_path / "serve.log"
+    process, target = start_serve(settings, log)
+    try:
+        serving = [json.loads(line) for line in log.read_text().splitlines() if '"serving"' in line]
+        probes = f"127.0.0.1:{serving[-1]['health_port']}"
+        check = health_pb2.HealthCheckRequest(service="facegate.v1.FaceGateService")
+        with channel(probes) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            assert stub.Check(check, timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+            big = health_pb2.HealthCheckRequest(service="x" * 60 * MIB)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Check(big, timeout=60)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "larger than max" in (refused.value.details() or "")
+            with pytest.raises(grpc.RpcError) as refused:  # nothing but health there
+                pb_grpc.FaceGateServiceStub(ch).GetStatus(pb.GetStatusRequest(), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        with channel(target) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Check(check, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            answer = stub.Check(check, timeout=10, metadata=bearer("gate-1"))
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        process.terminate()
+        process.wait(30)

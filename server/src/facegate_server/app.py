@@ -297,7 +297,7 @@ def build_server(
                 ("grpc.max_send_message_length", 16 * 1024 * 1024),
             ],
             interceptors=[  # authentication first: rate limits are per admitted caller
-                auth.interceptor(callers, refusals),
+                auth.interceptor(callers, refusals, open_health=not settings.health_listen),
                 ratelimit.interceptor(
                     (settings.identify_rate, settings.identify_burst),
                     (settings.enroll_rate, settings.enroll_burst),
@@ -310,6 +310,7 @@ def build_server(
             refusals=refusals,
             on_busy=servicer.refused_busy,
             message_limits=frame_limits(settings.max_image_bytes),
+            health_listen=settings.health_listen,
         )
         log.info(
             "security",

@@ -143,6 +143,11 @@ class Settings(BaseSettings):
     # name (not the cloud's store identity), and the IANA zone of access hours.
     site_id: str = Field(default="", pattern=r"^[A-Za-z0-9._:-]{0,64}$")
     site_time_zone: str = "UTC"
+    # Bounded memory before authentication (prelimit; rpc/server.py): health probes on a
+    # plaintext listener of their own (HOST:PORT), whose small receive limit refuses a large
+    # message from its length prefix alone. With it set, the health service on `listen`
+    # needs credentials like every other method. Empty: health on `listen`, open.
+    health_listen: str = ""
 
     @field_validator("site_time_zone")
     @classmethod

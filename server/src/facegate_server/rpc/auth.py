@@ -77,6 +77,9 @@ ALLOWED: Final[Mapping[str, frozenset[Role]]] = {
     # Reflection shows only the public contract, but to known callers only (grpcurl -H).
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": _ANY_ROLE,
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": _ANY_ROLE,
+    # Health needs no credentials (below) unless probes have a listener of their own.
+    "/grpc.health.v1.Health/Check": _ANY_ROLE,
+    "/grpc.health.v1.Health/Watch": _ANY_ROLE,
 }
 """The roles, besides admin, that may call each method. One line a method; a method
 missing here is admin-only."""
@@ -306,8 +309,11 @@ def _common_name(auth_context: Mapping[str, Any]) -> str | None:
 class Authenticator:
     """Decides whether a call is admitted, and as whom."""
 
-    def __init__(self, callers: Callers) -> None:
+    def __init__(
+        self, callers: Callers, no_credentials_needed: frozenset[str] = NO_CREDENTIALS_NEEDED
+    ) -> None:
         self.callers = callers
+        self.no_credentials_needed = no_credentials_needed
 
     def authenticate(self, metadata: Metadata, auth_context: Mapping[str, Any]) -> Caller:
         token = _bearer(metadata)
@@ -338,7 +344,7 @@ class Authenticator:
         """Who calls: None for a method that needs no credentials; Unauthenticated."""
         if self.callers.open:
             return OPEN_CALLER
-        if full_method in NO_CREDENTIALS_NEEDED:
+        if full_method in self.no_credentials_needed:
             return None
         return self.authenticate(metadata, auth_context)
 
@@ -398,5 +404,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return guard_behaviour(handler, admitted)
 
 
-def interceptor(callers: Callers, refusals: Refusals | None = None) -> AuthInterceptor:
-    return AuthInterceptor(Authenticator(callers), refusals)
+def interceptor(
+    callers: Callers, refusals: Refusals | None = None, *, open_health: bool = True
+) -> AuthInterceptor:
+    """`open_health`: the health service needs no credentials (False: probes have a
+    listener of their own, FACEGATE_HEALTH_LISTEN, and health here is for known callers)."""
+    needed = NO_CREDENTIALS_NEEDED if open_health else frozenset[str]()
+    return AuthInterceptor(Authenticator(callers, needed), refusals)

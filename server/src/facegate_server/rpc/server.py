@@ -254,6 +254,10 @@ class Dispatcher(grpc.aio.ServerInterceptor):
         return grpc.stream_unary_rpc_method_handler(dispatched, None, handler.response_serializer)
 
 
+PROBE_BYTES = 4096
+"""The health listener's receive limit: a HealthCheckRequest is a service name."""
+
+
 class MessageLimit(NamedTuple):
     """The largest request message a method takes, and why (quoted when refusing)."""
 
@@ -322,10 +326,12 @@ class RpcServer:
         refusals: Refusals | None = None,
         on_busy: OnBusy | None = None,
         message_limits: Mapping[str, MessageLimit] | None = None,
+        health_listen: str = "",
     ) -> None:
         """`register` adds the servicers; `service_names` get health statuses (and "");
         `message_limits`: full method -> the largest request message it takes, below the
-        server-wide grpc.max_receive_message_length of `options`."""
+        server-wide grpc.max_receive_message_length of `options`; `health_listen`: where to
+        serve health alone as well (plaintext; `health_port` is its port)."""
         self.threads, self.queue = threads, queue
         self.refusals = refusals if refusals is not None else Refusals()
         self.service_names = ("", *service_names)
@@ -340,10 +346,18 @@ class RpcServer:
         dispatcher = Dispatcher(
             self.pool, threads, self.slots, retry_after, self.refusals, on_busy, message_limits
         )
+        self._probes: grpc.aio.Server | None = None
+        self.health_port = 0
         try:
             self._server, self.port = self._run(
                 self._build(listen, credentials, register, [*interceptors, dispatcher], options)
             )
+            if health_listen:
+                try:
+                    self._probes, self.health_port = self._run(self._build_probes(health_listen))
+                except BaseException:
+                    self._run(self._server.stop(None))
+                    raise
         except BaseException:
             self._close()
             raise
@@ -374,10 +388,28 @@ class RpcServer:
             raise
         return server, port
 
+    async def _build_probes(self, listen: str) -> tuple[grpc.aio.Server, int]:
+        """A server of the health service alone (the same statuses), plaintext: probes carry
+        neither tokens nor client certificates. Its receive limit fits a service name and
+        nothing else: gRPC refuses a larger message from its 5-byte prefix, before receiving
+        it, so a probe listener costs no memory whatever is sent to it."""
+        probes = grpc.aio.server(options=[("grpc.max_receive_message_length", PROBE_BYTES)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, probes)
+        try:
+            port = probes.add_insecure_port(listen)
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            await probes.stop(None)
+            raise OSError(f"could not listen for health probes on {listen}")
+        return probes, port
+
     def start(self) -> None:
         """Accept calls; health SERVING."""
 
         async def start() -> None:
+            if self._probes is not None:
+                await self._probes.start()
             await self._server.start()
             for service in self.service_names:
                 await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -405,6 +437,8 @@ class RpcServer:
         async def stop() -> None:
             await self.health.enter_graceful_shutdown()
             await self._server.stop(grace)
+            if self._probes is not None:
+                await self._probes.stop(None)
 
         try:
             if self._thread.is_alive():
