@@ -5,10 +5,11 @@ rest and while N concurrent Enroll calls, each carrying one photo of M MiB, arri
 (3) from the backend (which may: its messages are received whole); and while N health
 checks with an M MiB service name arrive without credentials (4) on the main port, where
 health needs none, (5) on the main port of a server with a probe listener
-(FACEGATE_HEALTH_LISTEN), where it then does, and (6) on that probe listener.
+(FACEGATE_HEALTH_LISTEN), where it then does (Check, and Watch), and (6) on that
+probe listener.
 
     uv run python benchmarks/prelimit.py [--calls 24] [--mib 60] [--out FILE.json]
-        [--only anonymous turnstile backend health health-locked probes]
+        [--only anonymous turnstile backend health health-locked watch-locked probes]
 
 Each scenario gets a fresh server (the allocator keeps what it once took, so a second
 scenario in the same process would start higher). RSS is read from /proc every 10 ms
@@ -27,7 +28,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ FACEGATE = str(Path(sys.executable).with_name("facegate"))
 MIB = 1024 * 1024
 ENROLL = "/facegate.v1.FaceGateService/Enroll"
 HEALTH = "/grpc.health.v1.Health/Check"
+WATCH = "/grpc.health.v1.Health/Watch"
 TOKENS = {"crm": new_token(), "gate-1": new_token()}
 CALLERS = f"backend crm {token_hash(TOKENS['crm'])};turnstile gate-1 {token_hash(TOKENS['gate-1'])}"
 
@@ -139,9 +140,11 @@ def scenario(
 
             def call(channel: grpc.Channel) -> tuple[str, str, float]:
                 started = time.perf_counter()
-                stub: Callable[..., Any] = channel.unary_unary(method)
                 try:
-                    stub(request, timeout=120, metadata=metadata)
+                    if method == WATCH:
+                        next(channel.unary_stream(method)(request, timeout=120, metadata=metadata))
+                    else:
+                        channel.unary_unary(method)(request, timeout=120, metadata=metadata)
                     return "OK", "", time.perf_counter() - started
                 except grpc.RpcError as error:
                     took = time.perf_counter() - started
@@ -188,7 +191,15 @@ def main() -> None:
     parser.add_argument(
         "--only",
         nargs="*",
-        default=["anonymous", "turnstile", "backend", "health", "health-locked", "probes"],
+        default=[
+            "anonymous",
+            "turnstile",
+            "backend",
+            "health",
+            "health-locked",
+            "watch-locked",
+            "probes",
+        ],
     )
     args = parser.parse_args()
     size = int(args.mib * MIB)
@@ -213,13 +224,14 @@ def main() -> None:
             None,
         ),
         "probes": ("Health Check on the probe listener", HEALTH, health, None),
+        "watch-locked": ("Health Watch, probes elsewhere (needs credentials)", WATCH, health, None),
     }
     probes = {"FACEGATE_HEALTH_LISTEN": "127.0.0.1:0"}
     results = []
     for key in args.only:
         name, method, request, token = plan[key]
         # health-locked: the main port, with a probe listener; probes: the probe listener.
-        extra = probes if key in ("health-locked", "probes") else {}
+        extra = probes if key in ("health-locked", "watch-locked", "probes") else {}
         at_probes = key == "probes"
         results.append(
             scenario(name, method, request, token, args.calls, settings | extra, at_probes)

@@ -235,6 +235,14 @@ def test_a_probe_listener_serves_health_alone_and_locks_it_on_the_main_port(
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
             answer = stub.Check(check, timeout=10, metadata=bearer("gate-1"))
             assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            # Watch streams its answers: its one message too is read after admission.
+            big = health_pb2.HealthCheckRequest(service="x" * 60 * MIB)
+            with pytest.raises(grpc.RpcError) as refused:
+                next(stub.Watch(big, timeout=60))
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            watched = stub.Watch(check, timeout=10, metadata=bearer("gate-1"))
+            assert next(watched).status == health_pb2.HealthCheckResponse.SERVING
+            watched.cancel()
     finally:
         process.terminate()
         process.wait(30)

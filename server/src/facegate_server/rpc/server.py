@@ -10,7 +10,8 @@ take no thread.
 
 How a call goes:
 1. It arrives on the loop. `Dispatcher` stamps its arrival (`time.monotonic()`); the
-   interceptors (authentication, then rate limits) admit or refuse it there.
+   interceptors (authentication, then rate limits) admit or refuse it there, before its
+   request message is received (see `Dispatcher`): a refusal costs no message's memory.
 2. FaceGate's servicer is synchronous (the Gate blocks on recognition workers, SQLite and
    the cloud), so each of its calls runs on a pool of `threads` threads. At most
    `threads + queue` such calls are in the server, running or waiting for a thread; the
@@ -160,7 +161,8 @@ class Dispatcher(grpc.aio.ServerInterceptor):
     before any behaviour runs, so before authentication. Here every unary-request method is
     served as a request-streaming one (the same bytes on the wire: clients see no
     difference) whose behaviour reads its one message itself, inside the interceptors'
-    guards: a call refused there has sent only what HTTP/2 flow control let through. A
+    guards: a call refused there has sent only what HTTP/2 flow control let through (under
+    1 MiB measured, benchmarks/prelimit.py). Server-streaming asyncio methods alike. A
     method of `message_limits` is refused RESOURCE_EXHAUSTED (MESSAGE_TOO_LARGE) when its
     message is larger than its limit, before it is parsed."""
 
@@ -190,12 +192,16 @@ class Dispatcher(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         arrived = time.monotonic()
         handler = await continuation(handler_call_details)
-        behaviour = None if handler is None else handler.unary_unary
-        if handler is None or behaviour is None:
-            return handler
+        if handler is None:
+            return None
         full_method = handler_call_details.method
         receive = _Receiver(full_method, handler.request_deserializer, self.refusals)
         receive.limit = self.message_limits.get(full_method)
+        if handler.unary_stream is not None:
+            return _streamed(handler, receive)
+        behaviour = handler.unary_unary
+        if behaviour is None:
+            return handler
         if inspect.iscoroutinefunction(behaviour):
             asynchronous = cast(Callable[..., Awaitable[Any]], behaviour)
 
@@ -256,6 +262,31 @@ class Dispatcher(grpc.aio.ServerInterceptor):
 
 PROBE_BYTES = 4096
 """The health listener's receive limit: a HealthCheckRequest is a service name."""
+
+
+def _streamed(
+    handler: grpc.RpcMethodHandler[Any, Any], receive: _Receiver
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A server-streaming method served as a bidirectional one that reads its one message
+    after admission (an asyncio behaviour: health's Watch, the long waits of the docstring);
+    a synchronous one is left as it is."""
+    behaviour = handler.unary_stream
+    if inspect.isasyncgenfunction(behaviour):
+        generator = behaviour
+
+        async def yielded(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            async for response in generator(await receive(context), context):
+                yield response
+
+        return grpc.stream_stream_rpc_method_handler(yielded, None, handler.response_serializer)
+    if inspect.iscoroutinefunction(behaviour):  # writes with context.write
+        writer = cast(Callable[..., Awaitable[Any]], behaviour)
+
+        async def written(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            return await writer(await receive(context), context)
+
+        return grpc.stream_stream_rpc_method_handler(written, None, handler.response_serializer)
+    return handler
 
 
 class MessageLimit(NamedTuple):
