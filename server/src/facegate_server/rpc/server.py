@@ -195,8 +195,12 @@ class Dispatcher(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         full_method = handler_call_details.method
-        receive = _Receiver(full_method, handler.request_deserializer, self.refusals)
-        receive.limit = self.message_limits.get(full_method)
+        receive = _Receiver(
+            full_method,
+            handler.request_deserializer,
+            self.message_limits.get(full_method),
+            self.refusals,
+        )
         if handler.unary_stream is not None:
             return _streamed(handler, receive)
         behaviour = handler.unary_unary
@@ -304,10 +308,11 @@ class _Receiver:
         self,
         full_method: str,
         deserializer: Callable[[bytes], Any] | None,
+        limit: MessageLimit | None,
         refusals: Refusals | None,
     ) -> None:
         self.full_method, self.deserializer, self.refusals = full_method, deserializer, refusals
-        self.limit: MessageLimit | None = None
+        self.limit = limit
 
     async def __call__(self, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         started = time.perf_counter()
