@@ -124,10 +124,10 @@ def test_a_turnstiles_oversized_frame_is_refused_before_it_is_parsed(
         ):
             with pytest.raises(grpc.RpcError) as refused:
                 call(request, timeout=60, metadata=bearer("gate-1"))
-            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert refused.value.details() == (
-                f"the {method} request message is {request.ByteSize()} bytes; {method} takes "
-                f"at most {limit} bytes ({why})"
+                f"image: the {method} request message is {request.ByteSize()} bytes; "
+                f"{method} takes at most {limit} bytes ({why})"
             )
 
 

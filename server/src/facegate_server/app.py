@@ -239,6 +239,8 @@ def frame_limits(max_image_bytes: int) -> dict[str, MessageLimit]:
     ids, far below the server-wide limit that fits an Enroll of the most photos."""
     limit = MessageLimit(
         max_image_bytes + FRAME_MESSAGE_MARGIN,
+        "image",
+        "IMAGE_TOO_LARGE",  # as when the image alone is over the limit (validation.py)
         f"one image of at most FACEGATE_MAX_IMAGE_BYTES = {max_image_bytes} bytes, and its "
         f"ids in {FRAME_MESSAGE_MARGIN} bytes",
     )

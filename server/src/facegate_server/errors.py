@@ -132,13 +132,6 @@ class RateLimited(FaceGateError):
         self.retry_delay = retry_delay
 
 
-class MessageTooLarge(FaceGateError):
-    """A request message larger than its method takes (rpc/server.py: a frame method's
-    limit is far below the server's, which fits an Enroll of the most photos)."""
-
-    reason = "MESSAGE_TOO_LARGE"
-
-
 class RecognitionBusy(RateLimited):
     """Refused at once by the recognition queue (engines/admission.py): it is full, or this
     image could not be analysed before its deadline."""

@@ -52,7 +52,7 @@ from grpc_reflection.v1alpha import reflection
 
 from facegate_server.engines import admission
 from facegate_server.engines.admission import Ticket
-from facegate_server.errors import FaceGateError, InvalidArgument, MessageTooLarge, RateLimited
+from facegate_server.errors import FaceGateError, InvalidArgument, RateLimited
 from facegate_server.rpc import tls
 from facegate_server.rpc.auth import current_caller
 from facegate_server.rpc.intercept import Refusals, method_name, peer_host, refuse
@@ -163,7 +163,7 @@ class Dispatcher(grpc.aio.ServerInterceptor):
     difference) whose behaviour reads its one message itself, inside the interceptors'
     guards: a call refused there has sent only what HTTP/2 flow control let through (under
     1 MiB measured, benchmarks/prelimit.py). Server-streaming asyncio methods alike. A
-    method of `message_limits` is refused RESOURCE_EXHAUSTED (MESSAGE_TOO_LARGE) when its
+    method of `message_limits` is refused (INVALID_ARGUMENT, as its limit says) when its
     message is larger than its limit, before it is parsed."""
 
     def __init__(
@@ -294,9 +294,12 @@ def _streamed(
 
 
 class MessageLimit(NamedTuple):
-    """The largest request message a method takes, and why (quoted when refusing)."""
+    """The largest request message a method takes; a larger one is refused
+    INVALID_ARGUMENT naming `field` (what makes it large) with `reason`, and `why`."""
 
     bytes: int
+    field: str
+    reason: str
     why: str
 
 
@@ -326,10 +329,11 @@ class _Receiver:
         raw = cast(bytes, raw)
         limit = self.limit
         if limit is not None and len(raw) > limit.bytes:
-            error = MessageTooLarge(
+            error = InvalidArgument(
+                limit.field,
                 f"the {method} request message is {len(raw)} bytes; {method} takes at most "
                 f"{limit.bytes} bytes ({limit.why})",
-                metadata={"message_bytes": str(len(raw)), "limit_bytes": str(limit.bytes)},
+                reason=limit.reason,
             )
             await refuse(context, self.full_method, error, started, self.refusals)
         if self.deserializer is None:

@@ -31,7 +31,6 @@ CODES: dict[type[errors.FaceGateError], grpc.StatusCode] = {
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.MessageTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,  # as gRPC's own limit
 }
 
 
