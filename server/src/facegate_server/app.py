@@ -45,7 +45,7 @@ from facegate_server.routing.router import Agreement, Policy, RoutingEngine
 from facegate_server.rpc import auth, ratelimit, tls
 from facegate_server.rpc.auth import SecurityConfigError
 from facegate_server.rpc.intercept import Refusals
-from facegate_server.rpc.server import RpcServer
+from facegate_server.rpc.server import MessageLimit, RpcServer
 from facegate_server.rpc.servicer import FaceGateServicer
 from facegate_server.store import SqliteStore, Store
 
@@ -294,6 +294,26 @@ def build_engine(
     return router, sync, status
 
 
+# Bounded memory before authentication: the methods that take one frame.
+FRAME_METHODS = ("Identify", "Verify", "SearchFaces")
+FRAME_MESSAGE_MARGIN = 64 * 1024
+"""What a frame method's message may hold besides its image (its ids: a few hundred bytes)."""
+
+
+def frame_limits(max_image_bytes: int) -> dict[str, MessageLimit]:
+    """The message limit of each frame method: one image of FACEGATE_MAX_IMAGE_BYTES and its
+    ids, far below the server-wide limit that fits an Enroll of the most photos."""
+    limit = MessageLimit(
+        max_image_bytes + FRAME_MESSAGE_MARGIN,
+        "image",
+        "IMAGE_TOO_LARGE",  # as when the image alone is over the limit (validation.py)
+        f"one image of at most FACEGATE_MAX_IMAGE_BYTES = {max_image_bytes} bytes, and its "
+        f"ids in {FRAME_MESSAGE_MARGIN} bytes",
+    )
+    service = pb.DESCRIPTOR.services_by_name["FaceGateService"].full_name
+    return {f"/{service}/{method}": limit for method in FRAME_METHODS}
+
+
 def build_server(
     settings: Settings,
     *,
@@ -315,7 +335,11 @@ def build_server(
         settings.tls_cert, settings.tls_key, settings.tls_client_ca
     )
     credentials = None if certificates is None else certificates.credentials
-    authenticator = auth.Authenticator(callers)
+    # Health needs no credentials, unless probes have a listener of their own
+    # (FACEGATE_HEALTH_LISTEN): then health here is for known callers.
+    authenticator = auth.Authenticator(
+        callers, frozenset() if settings.health_listen else auth.NO_CREDENTIALS_NEEDED
+    )
     # The store's files are measured for the metrics when the store is the settings' own.
     store_files = sqlite_files(settings.db_path) if store is None else ()
     store = (
@@ -380,6 +404,8 @@ def build_server(
             queue=2 * threads,
             refusals=refusals,
             on_busy=servicer.refused_busy,
+            message_limits=frame_limits(settings.max_image_bytes),
+            health_listen=settings.health_listen,
         )
         log.info(
             "security",

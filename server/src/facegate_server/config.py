@@ -186,6 +186,11 @@ class Settings(BaseSettings):
     follow_poll_s: float = Field(default=1.0, gt=0)
     follow_rate: float = Field(default=1.0, ge=0)  # streams started per caller a second; 0: off
     follow_burst: int = Field(default=20, ge=1)
+    # Bounded memory before authentication (prelimit; rpc/server.py): health probes on a
+    # plaintext listener of their own (HOST:PORT), whose small receive limit refuses a large
+    # message from its length prefix alone. With it set, the health service on `listen`
+    # needs credentials like every other method. Empty: health on `listen`, open.
+    health_listen: str = ""
 
     @field_validator("site_time_zone")
     @classmethod

@@ -131,6 +131,7 @@ def serve(args: argparse.Namespace) -> int:
         extra={
             "listen": settings.listen,
             "port": server.port,
+            **({"health_port": server.rpc.health_port} if settings.health_listen else {}),
             "routing": settings.policy,
             "engines": ["azure", "local"] if settings.cloud_enabled else ["local"],
             "store": str(settings.db_path),

@@ -78,6 +78,9 @@ ALLOWED: Final[Mapping[str, frozenset[Role]]] = {
     # Reflection shows only the public contract, but to known callers only (grpcurl -H).
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": _ANY_ROLE,
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": _ANY_ROLE,
+    # Health needs no credentials (below) unless probes have a listener of their own.
+    "/grpc.health.v1.Health/Check": _ANY_ROLE,
+    "/grpc.health.v1.Health/Watch": _ANY_ROLE,
 }
 """The roles, besides admin, that may call each method. One line a method; a method
 missing here is admin-only."""
@@ -309,8 +312,11 @@ class Authenticator:
     reload (SIGHUP) replaces whole: each call reads it once, so it sees the old table or the
     new one, never a mix."""
 
-    def __init__(self, callers: Callers) -> None:
+    def __init__(
+        self, callers: Callers, no_credentials_needed: frozenset[str] = NO_CREDENTIALS_NEEDED
+    ) -> None:
         self.callers = callers
+        self.no_credentials_needed = no_credentials_needed
 
     def authenticate(
         self, metadata: Metadata, auth_context: Mapping[str, Any], callers: Callers | None = None
@@ -345,7 +351,7 @@ class Authenticator:
         callers = self.callers  # read once (see the class)
         if callers.open:
             return OPEN_CALLER
-        if full_method in NO_CREDENTIALS_NEEDED:
+        if full_method in self.no_credentials_needed:
             return None
         return self.authenticate(metadata, auth_context, callers)
 
@@ -405,5 +411,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return guard_behaviour(handler, admitted)
 
 
-def interceptor(callers: Callers, refusals: Refusals | None = None) -> AuthInterceptor:
-    return AuthInterceptor(Authenticator(callers), refusals)
+def interceptor(
+    callers: Callers, refusals: Refusals | None = None, *, open_health: bool = True
+) -> AuthInterceptor:
+    """`open_health`: the health service needs no credentials (False: probes have a
+    listener of their own, FACEGATE_HEALTH_LISTEN, and health here is for known callers)."""
+    needed = NO_CREDENTIALS_NEEDED if open_health else frozenset[str]()
+    return AuthInterceptor(Authenticator(callers, needed), refusals)

@@ -10,7 +10,8 @@ take no thread.
 
 How a call goes:
 1. It arrives on the loop. `Dispatcher` stamps its arrival (`time.monotonic()`); the
-   interceptors (authentication, then rate limits) admit or refuse it there.
+   interceptors (authentication, then rate limits) admit or refuse it there, before its
+   request message is received (see `Dispatcher`): a refusal costs no message's memory.
 2. FaceGate's servicer is synchronous (the Gate blocks on recognition workers, SQLite and
    the cloud), so each of its calls runs on a pool of `threads` threads. At most
    `threads + queue` such calls are in the server, running or waiting for a thread; the
@@ -43,7 +44,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from concurrent import futures
 from contextvars import ContextVar
-from typing import Any, NoReturn, TypeVar, cast
+from typing import Any, NamedTuple, NoReturn, TypeVar, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -51,10 +52,10 @@ from grpc_reflection.v1alpha import reflection
 
 from facegate_server.engines import admission
 from facegate_server.engines.admission import Ticket
-from facegate_server.errors import FaceGateError, RateLimited
+from facegate_server.errors import FaceGateError, InvalidArgument, RateLimited
 from facegate_server.rpc import tls
 from facegate_server.rpc.auth import current_caller
-from facegate_server.rpc.intercept import Refusals, peer_host, refuse
+from facegate_server.rpc.intercept import Refusals, method_name, peer_host, refuse
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +151,20 @@ class Slots:
 
 
 class Dispatcher(grpc.aio.ServerInterceptor):
-    """The innermost interceptor: runs synchronous unary handlers on the thread pool, within
-    the bound, with the call's arrival time; asyncio handlers run as they are."""
+    """The innermost interceptor: receives each unary call's request message only once the
+    outer interceptors have admitted the call, then runs synchronous handlers on the
+    thread pool, within the bound, with the call's arrival time (asyncio handlers run on
+    the loop as they are).
+
+    Receiving after admission: a unary method's handler would get its message whole, and
+    gRPC receives it (up to the server-wide limit, which fits an Enroll of the most photos)
+    before any behaviour runs, so before authentication. Here every unary-request method is
+    served as a request-streaming one (the same bytes on the wire: clients see no
+    difference) whose behaviour reads its one message itself, inside the interceptors'
+    guards: a call refused there has sent only what HTTP/2 flow control let through (under
+    1 MiB measured, benchmarks/prelimit.py). Server-streaming asyncio methods alike. A
+    method of `message_limits` is refused (INVALID_ARGUMENT, as its limit says) when its
+    message is larger than its limit, before it is parsed."""
 
     def __init__(
         self,
@@ -161,12 +174,14 @@ class Dispatcher(grpc.aio.ServerInterceptor):
         retry_after: float,
         refusals: Refusals | None = None,
         on_busy: OnBusy | None = None,
+        message_limits: Mapping[str, MessageLimit] | None = None,
     ) -> None:
         self.pool, self.threads = pool, threads
         self.slots = slots
         self.retry_after = retry_after
         self.refusals = refusals
         self.on_busy = on_busy
+        self.message_limits = dict(message_limits or {})
 
     async def intercept_service(
         self,
@@ -177,14 +192,32 @@ class Dispatcher(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         arrived = time.monotonic()
         handler = await continuation(handler_call_details)
-        behaviour = None if handler is None else handler.unary_unary
-        if handler is None or behaviour is None or inspect.iscoroutinefunction(behaviour):
-            return handler
+        if handler is None:
+            return None
         full_method = handler_call_details.method
+        receive = _Receiver(
+            full_method,
+            handler.request_deserializer,
+            self.message_limits.get(full_method),
+            self.refusals,
+        )
+        if handler.unary_stream is not None:
+            return _streamed(handler, receive)
+        behaviour = handler.unary_unary
+        if behaviour is None:
+            return handler
+        if inspect.iscoroutinefunction(behaviour):
+            asynchronous = cast(Callable[..., Awaitable[Any]], behaviour)
+
+            async def received(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                return await asynchronous(await receive(context), context)
+
+            return grpc.stream_unary_rpc_method_handler(received, None, handler.response_serializer)
         pool, threads, slots, retry_after = self.pool, self.threads, self.slots, self.retry_after
         refusals, on_busy = self.refusals, self.on_busy
 
-        async def dispatched(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def dispatched(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            request = await receive(context)
             caller = current_caller()
             if caller is None or caller.via == "open":
                 # Nobody is authenticated: the peer host and the turnstile it names (channels
@@ -228,9 +261,90 @@ class Dispatcher(grpc.aio.ServerInterceptor):
             finally:
                 ticket.gone.set()  # answered or abandoned: its queued images are for nobody
 
-        return grpc.unary_unary_rpc_method_handler(
-            dispatched, handler.request_deserializer, handler.response_serializer
-        )
+        return grpc.stream_unary_rpc_method_handler(dispatched, None, handler.response_serializer)
+
+
+PROBE_BYTES = 4096
+"""The health listener's receive limit: a HealthCheckRequest is a service name."""
+
+
+def _streamed(
+    handler: grpc.RpcMethodHandler[Any, Any], receive: _Receiver
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A server-streaming method served as a bidirectional one that reads its one message
+    after admission (an asyncio behaviour: health's Watch, the long waits of the docstring);
+    a synchronous one is left as it is."""
+    behaviour = handler.unary_stream
+    if inspect.isasyncgenfunction(behaviour):
+        generator = behaviour
+
+        async def yielded(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            async for response in generator(await receive(context), context):
+                yield response
+
+        return grpc.stream_stream_rpc_method_handler(yielded, None, handler.response_serializer)
+    if inspect.iscoroutinefunction(behaviour):  # writes with context.write
+        writer = cast(Callable[..., Awaitable[Any]], behaviour)
+
+        async def written(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            return await writer(await receive(context), context)
+
+        return grpc.stream_stream_rpc_method_handler(written, None, handler.response_serializer)
+    return handler
+
+
+class MessageLimit(NamedTuple):
+    """The largest request message a method takes; a larger one is refused
+    INVALID_ARGUMENT naming `field` (what makes it large) with `reason`, and `why`."""
+
+    bytes: int
+    field: str
+    reason: str
+    why: str
+
+
+class _Receiver:
+    """Reads a unary call's one request message (raw bytes: the method has no
+    deserializer, so its size is checked before it is parsed) and parses it."""
+
+    def __init__(
+        self,
+        full_method: str,
+        deserializer: Callable[[bytes], Any] | None,
+        limit: MessageLimit | None,
+        refusals: Refusals | None,
+    ) -> None:
+        self.full_method, self.deserializer, self.refusals = full_method, deserializer, refusals
+        self.limit = limit
+
+    async def __call__(self, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        started = time.perf_counter()
+        raw = await context.read()
+        method = method_name(self.full_method)
+        if raw is grpc.aio.EOF:
+            error: FaceGateError = InvalidArgument(
+                "request", f"{method} takes one request message; none was sent", reason="EMPTY"
+            )
+            await refuse(context, self.full_method, error, started, self.refusals)
+        raw = cast(bytes, raw)
+        limit = self.limit
+        if limit is not None and len(raw) > limit.bytes:
+            error = InvalidArgument(
+                limit.field,
+                f"the {method} request message is {len(raw)} bytes; {method} takes at most "
+                f"{limit.bytes} bytes ({limit.why})",
+                reason=limit.reason,
+            )
+            await refuse(context, self.full_method, error, started, self.refusals)
+        if self.deserializer is None:
+            return raw
+        try:
+            return self.deserializer(raw)
+        except Exception:  # protobuf's DecodeError, or whatever a deserializer raises
+            error = InvalidArgument(
+                "request", f"the {method} request message could not be parsed", reason="MALFORMED"
+            )
+            await refuse(context, self.full_method, error, started, self.refusals)
 
 
 class RpcServer:
@@ -251,8 +365,13 @@ class RpcServer:
         retry_after: float = 0.5,
         refusals: Refusals | None = None,
         on_busy: OnBusy | None = None,
+        message_limits: Mapping[str, MessageLimit] | None = None,
+        health_listen: str = "",
     ) -> None:
-        """`register` adds the servicers; `service_names` get health statuses (and "")."""
+        """`register` adds the servicers; `service_names` get health statuses (and "");
+        `message_limits`: full method -> the largest request message it takes, below the
+        server-wide grpc.max_receive_message_length of `options`; `health_listen`: where to
+        serve health alone as well (plaintext; `health_port` is its port)."""
         self.threads, self.queue = threads, queue
         self.refusals = refusals if refusals is not None else Refusals()
         self.service_names = ("", *service_names)
@@ -264,11 +383,21 @@ class RpcServer:
             target=self._loop.run_forever, name="facegate-grpc", daemon=True
         )
         self._thread.start()
-        dispatcher = Dispatcher(self.pool, threads, self.slots, retry_after, self.refusals, on_busy)
+        dispatcher = Dispatcher(
+            self.pool, threads, self.slots, retry_after, self.refusals, on_busy, message_limits
+        )
+        self._probes: grpc.aio.Server | None = None
+        self.health_port = 0
         try:
             self._server, self.port = self._run(
                 self._build(listen, credentials, register, [*interceptors, dispatcher], options)
             )
+            if health_listen:
+                try:
+                    self._probes, self.health_port = self._run(self._build_probes(health_listen))
+                except BaseException:
+                    self._run(self._server.stop(None))
+                    raise
         except BaseException:
             self._close()
             raise
@@ -299,10 +428,28 @@ class RpcServer:
             raise
         return server, port
 
+    async def _build_probes(self, listen: str) -> tuple[grpc.aio.Server, int]:
+        """A server of the health service alone (the same statuses), plaintext: probes carry
+        neither tokens nor client certificates. Its receive limit fits a service name and
+        nothing else: gRPC refuses a larger message from its 5-byte prefix, before receiving
+        it, so a probe listener costs no memory whatever is sent to it."""
+        probes = grpc.aio.server(options=[("grpc.max_receive_message_length", PROBE_BYTES)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, probes)
+        try:
+            port = probes.add_insecure_port(listen)
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            await probes.stop(None)
+            raise OSError(f"could not listen for health probes on {listen}")
+        return probes, port
+
     def start(self) -> None:
         """Accept calls; health SERVING."""
 
         async def start() -> None:
+            if self._probes is not None:
+                await self._probes.start()
             await self._server.start()
             for service in self.service_names:
                 await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -330,6 +477,8 @@ class RpcServer:
         async def stop() -> None:
             await self.health.enter_graceful_shutdown()
             await self._server.stop(grace)
+            if self._probes is not None:
+                await self._probes.stop(None)
 
         try:
             if self._thread.is_alive():
