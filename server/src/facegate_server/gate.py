@@ -221,11 +221,8 @@ class Gate:
                 confidence=0.0,
                 latency=timedelta(seconds=latency),
                 reports=(),
-                **(
-                    {}
-                    if claimed_member_id is None
-                    else {"kind": AccessKind.VERIFY, "claimed_member_id": claimed_member_id}
-                ),
+                kind=AccessKind.IDENTIFY if claimed_member_id is None else AccessKind.VERIFY,
+                claimed_member_id=claimed_member_id or "",
             )
         )
 

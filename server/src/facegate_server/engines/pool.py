@@ -43,6 +43,7 @@ from facegate_server.engines import worker
 from facegate_server.engines.admission import (
     ENROL,
     IDENTIFY,
+    MARGIN,
     Admission,
     Job,
     current_ticket,
@@ -245,8 +246,9 @@ class WorkerPool:
     """The recognition processes and the admission queue in front of them.
 
     `queue`: the most images waiting (default 8 a worker); `per_caller`: the most jobs one
-    caller runs at once (default: all workers but one); `hang_after`: seconds of silence
-    after which a worker is hung; `job_limit`: the longest one image may take.
+    caller runs at once (default: all workers but one); `margin`: the admission's refusal
+    margin; `hang_after`: seconds of silence after which a worker is hung; `job_limit`: the
+    longest one image may take (the FACEGATE_RECOGNITION_* and FACEGATE_WORKER_* settings).
     """
 
     def __init__(
@@ -257,6 +259,7 @@ class WorkerPool:
         max_side: int,
         queue: int | None = None,
         per_caller: int | None = None,
+        margin: float = MARGIN,
         hang_after: float = 2.0,
         job_limit: float = 60.0,
         start_timeout: float = 120.0,
@@ -283,6 +286,7 @@ class WorkerPool:
             limit=queue if queue is not None else 8 * workers,
             per_caller=per_caller if per_caller is not None else max(1, workers - 1),
             live=self.live,
+            margin=margin,
         )
         self._slots = [_Slot(self, i) for i in range(workers)]
         for slot in self._slots:
