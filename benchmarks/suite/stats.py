@@ -277,13 +277,24 @@ def aims(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     if many is not None and one is not None and one["throughput_rps"] > 0:
         ratio = many["throughput_rps"] / one["throughput_rps"]
         workers = many.get("server_workers", "?")
+
+        def beside(run: Mapping[str, Any]) -> str:
+            """The cores the load generator (this process) and others took in the cell."""
+            wall = float(run.get("wall_seconds") or 0.0)
+            if not wall or "benchmark_cpu_seconds" not in run:
+                return ""
+            return (
+                f", load generator {run['benchmark_cpu_seconds'] / wall:.2f} cores, others "
+                f"{run.get('others_cpu_seconds', 0.0) / wall:.2f}"
+            )
+
         found.append(
             _aim(
                 "throughput on 2 cores against 1 worker",
                 ">= 1.8x",
                 f"{ratio:.2f}x ({many['throughput_rps']:.1f}/s with {workers} workers at "
-                f"{many['concurrency']} turnstiles; {one['throughput_rps']:.1f}/s with 1 at "
-                f"{one['concurrency']})",
+                f"{many['concurrency']} turnstiles{beside(many)}; {one['throughput_rps']:.1f}/s "
+                f"with 1 at {one['concurrency']}{beside(one)})",
                 ratio >= 1.8,
             )
         )

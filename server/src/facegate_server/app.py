@@ -149,6 +149,7 @@ def build_local(settings: Settings, store: Store) -> LocalEngine:
         hang_after=settings.worker_hang_s,
         job_limit=settings.worker_job_limit_s,
         start_timeout=settings.worker_start_timeout_s,
+        pin=settings.worker_pin,
     )
     try:
         index = FaceIndex(store.iter_embeddings())

@@ -156,6 +156,8 @@ class Settings(BaseSettings):
     worker_hang_s: float = Field(default=2.0, gt=0)  # silent this long: killed, replaced
     worker_job_limit_s: float = Field(default=60.0, gt=0)  # longest one image may run
     worker_start_timeout_s: float = Field(default=120.0, gt=0)  # to load the models
+    # Pin each worker to a core of its own (when there are no more workers than cores).
+    worker_pin: bool = False
 
     @field_validator("site_time_zone")
     @classmethod
