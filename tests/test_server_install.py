@@ -52,7 +52,7 @@ def test_neither_the_emulator_nor_matplotlib_comes_with_the_server(server_venv: 
 def test_facegate_lists_the_server_commands_but_not_the_emulator(server_venv: Venv) -> None:
     help_text = run(server_venv.script("facegate"), "--help").stdout
     commands = set(re.findall(r"^ {4}([a-z][a-z-]*)", help_text, re.MULTILINE))
-    assert {"serve", "token", "evaluate", "identify"} <= commands
+    assert {"serve", "token", "evaluate", "config", "identify"} <= commands
     assert "azure-emulator" not in commands
     run(server_venv.python, "-c", "import facegate_server.app")  # the whole server loads
     assert run(server_venv.script("facegate"), "serve", "--help").stdout.startswith(

@@ -36,9 +36,11 @@ from facegate_server.engines.local import LocalEngine, WorkerPool
 from facegate_server.engines.policy import decision_policy
 from facegate_server.gate import Clock, Gate, utc_now
 from facegate_server.membership import Site, load_zone
+from facegate_server.permissions import startup_findings, tokens_file
 from facegate_server.routing.breaker import CircuitBreaker, CircuitState
 from facegate_server.routing.router import Agreement, Policy, RoutingEngine
 from facegate_server.rpc import auth, ratelimit, tls
+from facegate_server.rpc.auth import SecurityConfigError
 from facegate_server.rpc.intercept import Refusals
 from facegate_server.rpc.server import RpcServer
 from facegate_server.rpc.servicer import FaceGateServicer
@@ -57,6 +59,10 @@ class FaceGateServer:
     store: Store
     background_sync: bool = True
     """Replay the outbox in a background thread (tests call `gate.replayer.run_once()`)."""
+    # Reload without a restart (SIGHUP): what `reload` re-reads, and what it replaces.
+    settings: Settings | None = None
+    authenticator: auth.Authenticator | None = None
+    certificates: tls.Certificates | None = None
 
     _watch: threading.Thread | None = None
     _stopping: threading.Event = field(default_factory=threading.Event)
@@ -78,6 +84,43 @@ class FaceGateServer:
                 serving = can
                 log.warning("the server %s decide", "can" if can else "cannot")
                 self.rpc.set_serving(can)
+
+    def reload(self) -> bool:
+        """Re-read the callers (the tokens file) and the TLS certificate, key and client CA
+        (SIGHUP). All or nothing: a file that cannot be used is logged and the previous
+        callers and certificate stay. Calls in flight finish as they were admitted; a
+        removed token is refused from the next call; new connections get the new
+        certificate. False when refused."""
+        settings, authenticator = self.settings, self.authenticator
+        if settings is None or authenticator is None:
+            return False
+        try:
+            callers = auth.load_callers(
+                settings.tokens_file, settings.tokens, client_ca=settings.tls_client_ca is not None
+            )
+            if callers.open and not authenticator.callers.open:
+                raise SecurityConfigError(
+                    "no callers are configured any more: that would open the server to everyone"
+                )
+            if self.certificates is not None:
+                self.certificates.reload()  # the last check: after it, nothing can fail
+        except (SecurityConfigError, OSError, UnicodeDecodeError) as error:
+            log.error(
+                "reload refused: the previous callers and certificate stay",
+                extra={"error": str(error)},
+            )
+            return False
+        authenticator.callers = callers  # one reference: each call sees old or new
+        for finding in tokens_file(settings.tokens_file):
+            log.warning(finding.message, extra=finding.log_fields())
+        log.info(
+            "reloaded",
+            extra={
+                "callers": len(callers),
+                "tls": tls.describe(settings.tls_cert, settings.tls_client_ca),
+            },
+        )
+        return True
 
     def stop(self, grace: float) -> None:
         """Report NOT_SERVING, let calls in flight finish for `grace` seconds, release all."""
@@ -252,9 +295,11 @@ def build_server(
         settings.tokens_file, settings.tokens, client_ca=settings.tls_client_ca is not None
     )
     open_warning = auth.check_exposure(settings.listen, callers, insecure=settings.insecure)
-    credentials = tls.server_credentials(
+    certificates = tls.Certificates.load(
         settings.tls_cert, settings.tls_key, settings.tls_client_ca
     )
+    credentials = None if certificates is None else certificates.credentials
+    authenticator = auth.Authenticator(callers)
     store = store if store is not None else SqliteStore(settings.db_path)
     router: RecognitionEngine | None = None
     try:
@@ -286,7 +331,7 @@ def build_server(
                 ("grpc.max_send_message_length", 16 * 1024 * 1024),
             ],
             interceptors=[  # authentication first: rate limits are per admitted caller
-                auth.interceptor(callers, refusals),
+                auth.AuthInterceptor(authenticator, refusals),
                 ratelimit.interceptor(
                     (settings.identify_rate, settings.identify_burst),
                     (settings.enroll_rate, settings.enroll_burst),
@@ -308,6 +353,8 @@ def build_server(
         )
         if open_warning:
             log.warning(open_warning)
+        for finding in startup_findings(settings, callers):
+            log.warning(finding.message, extra=finding.log_fields())
     except BaseException:
         if router is not None:
             router.close()
@@ -318,4 +365,12 @@ def build_server(
         router.close()
         store.close()
         raise OSError(f"could not listen on {settings.listen}")
-    return FaceGateServer(rpc, rpc.port, gate, store)
+    return FaceGateServer(
+        rpc,
+        rpc.port,
+        gate,
+        store,
+        settings=settings,
+        authenticator=authenticator,
+        certificates=certificates,
+    )

@@ -1,9 +1,15 @@
-"""Settings: the only module that reads the environment.
+"""Settings: the only module that reads the environment and the configuration file.
 
 Every setting has a default that runs the embedded service (local engine, SQLite in
-./facegate-data); each can be set by an environment variable, FACEGATE_ and the setting's
-name in capitals (`workers`: FACEGATE_WORKERS), and `facegate serve` flags override the
-environment. `insecure` is the exception: the `serve --insecure` flag only.
+./facegate-data). Each can be set, from lowest to highest precedence:
+1. in a TOML file (`facegate serve --config FILE`, or FACEGATE_CONFIG), a top-level key
+   named as the setting (`workers = 2`); a key that names no setting is an error;
+2. by an environment variable, FACEGATE_ and the setting's name in capitals (`workers`:
+   FACEGATE_WORKERS); a secret (a field with repr=False) also by FACEGATE_<NAME>_FILE, the
+   path of a file holding it (a mounted secret; one trailing newline is dropped);
+3. by a `facegate serve` flag.
+`insecure` is the exception: the `serve --insecure` flag only. `load_with_sources` also
+says where each value came from (`facegate config check` prints it).
 
 The values are typed (pydantic-settings): each arrives as its field's type, whatever the
 annotation (`int | None` included), and the rules are field constraints. `load_settings`
@@ -17,8 +23,10 @@ client (FACEGATE_TARGET, FACEGATE_TOKEN, FACEGATE_CA, ...) and the tests
 
 from __future__ import annotations
 
+import difflib
 import os
 import shlex
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -37,6 +45,8 @@ from facegate_server.zones import UnknownTimeZone, load_zone
 
 MIB = 1024 * 1024
 ENV_PREFIX = "FACEGATE_"
+CONFIG_VARIABLE = "FACEGATE_CONFIG"  # the TOML file's path, when --config is not given
+SECRET_FILE_SUFFIX = "_FILE"
 
 # The values of routing/router.py's Policy and Agreement (test_config keeps them equal);
 # the enums live with the router, which config must not import (the router imports the
@@ -183,15 +193,47 @@ class Settings(BaseSettings):
         return (init_settings,)
 
     @classmethod
-    def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Self:
-        """The environment (`env`; os.environ when None), then `overrides` that are not
-        None. Raises SettingsError (a ValueError), one line naming the variable."""
-        values = _Environment(cls, os.environ if env is None else env)()
-        values.update({k: v for k, v in overrides.items() if v is not None})
+    def load(
+        cls, env: Mapping[str, str] | None = None, *, config: Path | None = None, **overrides: Any
+    ) -> Self:
+        """The TOML file (`config`, else the environment's FACEGATE_CONFIG), then the
+        environment (`env`; os.environ when None), then `overrides` that are not None.
+        Raises SettingsError (a ValueError), one line naming the variable or file and key."""
+        return cls.load_with_sources(env, config=config, **overrides)[0]
+
+    @classmethod
+    def load_with_sources(
+        cls, env: Mapping[str, str] | None = None, *, config: Path | None = None, **overrides: Any
+    ) -> tuple[Self, dict[str, str]]:
+        """`load`, and where each field's value came from: `default`, `file PATH`,
+        `env VARIABLE` or `flag` (an override)."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        names: dict[str, str] = {}  # how an error names a field, when not by its variable
+        if config is None and env.get(CONFIG_VARIABLE):
+            config = Path(env[CONFIG_VARIABLE])
+        if config is not None:
+            for field, value in _read_toml(cls, config).items():
+                values[field], sources[field] = value, f"file {config}"
+                names[field] = f"{config}: {field}"
+        for field, value in _Environment(cls, env)().items():
+            values[field], sources[field] = value, f"env {env_name(field)}"
+            names.pop(field, None)
+        for field, (value, variable) in _secret_files(cls, env).items():
+            if sources.get(field) == f"env {env_name(field)}":
+                raise SettingsError(f"set {env_name(field)} or {variable}, not both")
+            values[field], sources[field] = value, f"env {variable}"
+            names[field] = variable
+        for field, value in overrides.items():
+            if value is not None:
+                values[field], sources[field] = value, "flag"
+                names.pop(field, None)
         try:
-            return cls(**values)
+            settings = cls(**values)
         except ValidationError as error:
-            raise SettingsError(describe(cls, error)) from None
+            raise SettingsError(describe(cls, error, names)) from None
+        return settings, {field: sources.get(field, "default") for field in cls.model_fields}
 
     @model_validator(mode="after")
     def _cloud_needs_both(self) -> Self:
@@ -254,26 +296,90 @@ class _Environment(EnvSettingsSource):
         return super().get_field_value(field, field_name)
 
 
-def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-    """Settings from the environment (`env`; os.environ when None, `{}` for none), then
-    `overrides` (None values are ignored). Raises SettingsError, a ValueError."""
-    return Settings.load(env, **overrides)
+def secret_fields(settings_cls: type[BaseSettings]) -> list[str]:
+    """The fields kept out of repr: never printed, and readable from FACEGATE_<NAME>_FILE
+    (unless `<name>_file` is a setting of its own: `tokens_file` is the callers' file)."""
+    return [name for name, field in settings_cls.model_fields.items() if field.repr is False]
 
 
-def describe(settings_cls: type[BaseSettings], error: ValidationError) -> str:
-    """A ValidationError as one line: `FACEGATE_WORKERS=abc: not a whole number; ...`."""
+def _secret_files(
+    settings_cls: type[BaseSettings], env: Mapping[str, str]
+) -> dict[str, tuple[str, str]]:
+    """{field: (the file's text, its variable)} for the secrets given as files."""
+    lowered = {name.lower(): value for name, value in env.items() if value != ""}
+    found = {}
+    for field in secret_fields(settings_cls):
+        if field + "_file" in settings_cls.model_fields:
+            continue
+        variable = env_name(field) + SECRET_FILE_SUFFIX
+        path = lowered.get(variable.lower())
+        if path is None:
+            continue
+        try:
+            text = Path(path).read_bytes().decode("utf-8")  # as written: no newline translation
+        except (OSError, UnicodeDecodeError) as error:
+            reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+            raise SettingsError(
+                f"{variable}={shlex.quote(path)}: cannot read it: {reason or error}"
+            ) from None
+        text = text.removesuffix("\n").removesuffix("\r")  # one line ending, as editors add
+        found[field] = (text, variable)
+    return found
+
+
+def _read_toml(settings_cls: type[BaseSettings], path: Path) -> dict[str, Any]:
+    """The settings of a TOML file: top-level keys, each a field (others are errors)."""
+    try:
+        with open(path, "rb") as file:
+            document = tomllib.load(file)
+    except OSError as error:
+        raise SettingsError(
+            f"cannot read the configuration file {shlex.quote(str(path))}: "
+            f"{error.strerror or error}"
+        ) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise SettingsError(f"{path}: not valid TOML: {error}") from None
     fields = settings_cls.model_fields
-    return "; ".join(_describe_one(fields, d) for d in error.errors(include_url=False))
+    for key in document:
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SettingsError(f"{path}: {key!r} is not a setting{hint}")
+        if _flag_only(fields[key]):
+            raise SettingsError(f"{path}: {key!r} is set by a `facegate serve` flag only")
+    return document
 
 
-def _describe_one(fields: Mapping[str, FieldInfo], detail: ErrorDetails) -> str:
+def load_settings(
+    env: Mapping[str, str] | None = None, *, config: Path | None = None, **overrides: Any
+) -> Settings:
+    """Settings from the TOML file (`config`, else FACEGATE_CONFIG), the environment
+    (`env`; os.environ when None, `{}` for none), then `overrides` (None values are
+    ignored). Raises SettingsError, a ValueError."""
+    return Settings.load(env, config=config, **overrides)
+
+
+def describe(
+    settings_cls: type[BaseSettings],
+    error: ValidationError,
+    names: Mapping[str, str] | None = None,
+) -> str:
+    """A ValidationError as one line: `FACEGATE_WORKERS=abc: not a whole number; ...`.
+    `names` names fields whose value came from elsewhere (`facegate.toml: workers`)."""
+    fields = settings_cls.model_fields
+    return "; ".join(_describe_one(fields, d, names or {}) for d in error.errors(include_url=False))
+
+
+def _describe_one(
+    fields: Mapping[str, FieldInfo], detail: ErrorDetails, names: Mapping[str, str]
+) -> str:
     problem = _problem(detail)
     if not detail["loc"]:  # a rule across fields: the message names the variables
         return problem
     field = str(detail["loc"][0])
     if field not in fields:
         return f"{field}: not a setting"
-    name = field if _flag_only(fields[field]) else env_name(field)
+    name = names.get(field) or (field if _flag_only(fields[field]) else env_name(field))
     if fields[field].repr is False:  # a secret: never its value
         return f"{name}: {problem}"
     return f"{name}={shlex.quote(str(detail['input']))}: {problem}"

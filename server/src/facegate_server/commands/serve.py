@@ -1,5 +1,9 @@
 """`facegate serve`: plugged into the client's `facegate` command (entry point group
-`facegate.commands`), so a turnstile's client-only install has no server commands."""
+`facegate.commands`), so a turnstile's client-only install has no server commands.
+
+Signals: SIGTERM and SIGINT stop gracefully (health NOT_SERVING, then the grace period);
+SIGHUP re-reads the callers and the TLS files without a restart (`FaceGateServer.reload`).
+"""
 
 from __future__ import annotations
 
@@ -56,6 +60,13 @@ def register_serve(subparsers: Any) -> None:
         default=None,
         help="allow a non-loopback --listen with no callers configured (anyone may call)",
     )
+    # Configuration file (operations): TOML, under the environment and the flags.
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="a TOML file of settings; variables and flags override it (FACEGATE_CONFIG)",
+    )
     parser.set_defaults(func=serve)
 
 
@@ -73,19 +84,26 @@ def serve(args: argparse.Namespace) -> int:
             tls_key=args.tls_key,
             tls_client_ca=args.tls_client_ca,
             insecure=args.insecure,
+            config=args.config,
         )
     except ValueError as error:
         print(f"error: {error}", flush=True)
         return 2
     logs.configure(settings.log_level)
-    stop = threading.Event()
+    stop, reload, wake = threading.Event(), threading.Event(), threading.Event()
 
     def on_signal(number: int, _frame: object) -> None:
         log.info("stopping", extra={"signal": signal.Signals(number).name})
         stop.set()
+        wake.set()
+
+    def on_hangup(_number: int, _frame: object) -> None:
+        reload.set()  # the reload runs in the main loop below, not in a signal handler
+        wake.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     log.info(
         "starting",
         extra={
@@ -112,8 +130,13 @@ def serve(args: argparse.Namespace) -> int:
             "store": str(settings.db_path),
         },
     )
-    while not stop.wait(3600):
-        pass
+    while not stop.is_set():
+        wake.wait(3600)
+        wake.clear()
+        if reload.is_set() and not stop.is_set():
+            reload.clear()
+            log.info("reloading", extra={"signal": "SIGHUP"})
+            server.reload()
     server.stop(settings.grace_period_s)
     log.info("stopped")
     return 0

@@ -304,21 +304,26 @@ def _common_name(auth_context: Mapping[str, Any]) -> str | None:
 
 
 class Authenticator:
-    """Decides whether a call is admitted, and as whom."""
+    """Decides whether a call is admitted, and as whom. `callers` is one reference that a
+    reload (SIGHUP) replaces whole: each call reads it once, so it sees the old table or the
+    new one, never a mix."""
 
     def __init__(self, callers: Callers) -> None:
         self.callers = callers
 
-    def authenticate(self, metadata: Metadata, auth_context: Mapping[str, Any]) -> Caller:
+    def authenticate(
+        self, metadata: Metadata, auth_context: Mapping[str, Any], callers: Callers | None = None
+    ) -> Caller:
+        callers = self.callers if callers is None else callers
         token = _bearer(metadata)
         if token is not None:
-            caller = self.callers.by_token(token)
+            caller = callers.by_token(token)
             if caller is None:
                 raise Unauthenticated("the bearer token is not recognised", reason="TOKEN_INVALID")
             return caller
         common_name = _common_name(auth_context)
         if common_name is not None:
-            caller = self.callers.by_certificate(common_name)
+            caller = callers.by_certificate(common_name)
             if caller is None:
                 raise Unauthenticated(
                     f"the client certificate (CN={common_name[:64]!r}) is not a configured "
@@ -328,7 +333,7 @@ class Authenticator:
             return caller
         raise Unauthenticated(
             "this server needs credentials: metadata 'authorization: Bearer <token>'"
-            + (" or a known client certificate" if self.callers.certificates else ""),
+            + (" or a known client certificate" if callers.certificates else ""),
             reason="CREDENTIALS_MISSING",
         )
 
@@ -336,11 +341,12 @@ class Authenticator:
         self, full_method: str, metadata: Metadata, auth_context: Mapping[str, Any]
     ) -> Caller | None:
         """Who calls: None for a method that needs no credentials; Unauthenticated."""
-        if self.callers.open:
+        callers = self.callers  # read once (see the class)
+        if callers.open:
             return OPEN_CALLER
         if full_method in NO_CREDENTIALS_NEEDED:
             return None
-        return self.authenticate(metadata, auth_context)
+        return self.authenticate(metadata, auth_context, callers)
 
     @staticmethod
     def authorize(caller: Caller | None, full_method: str) -> None:
