@@ -15,7 +15,7 @@ import grpc
 import pytest
 from facegate.v1 import facegate_service_pb2 as pb
 from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
-from facegate_server.domain import Identification
+from facegate_server.domain import Decision, EventFilter, Identification
 from facegate_server.engines.admission import (
     ENROL,
     IDENTIFY,
@@ -219,6 +219,11 @@ class Failing(MemoryEngine):
         threading.Event().wait(timeout)  # an engine that does not finish in time
         raise RecognitionTimeout(f"face recognition did not finish within {timeout * 1000:.0f} ms")
 
+    def verify(
+        self, member_id: str, image: bytes, timeout: float, attempt: Attempt | None = None
+    ) -> Identification:
+        return self.identify(image, timeout, attempt)
+
 
 @pytest.mark.parametrize(
     ("error", "code", "decision"),
@@ -253,3 +258,64 @@ def test_an_identify_without_a_decision_is_in_the_access_log(
         ]
         counted = {c.name: c.count for c in stub.GetStatus(pb.GetStatusRequest()).decisions}
         assert counted == {f"local/{pb.Decision.Name(decision).removeprefix('DECISION_')}": 1}
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "decision"),
+    [
+        (None, grpc.StatusCode.DEADLINE_EXCEEDED, pb.DECISION_NOT_DECIDED_TIMEOUT),
+        (
+            RecognitionBusy("the recognition queue is full", retry_delay=0.2),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            pb.DECISION_NOT_DECIDED_BUSY,
+        ),
+        (
+            RecognitionUnavailable("no recognition worker is running"),
+            grpc.StatusCode.UNAVAILABLE,
+            pb.DECISION_NOT_DECIDED_UNAVAILABLE,
+        ),
+    ],
+)
+def test_a_verify_without_a_decision_is_in_the_access_log(
+    tmp_path: Path, error: FaceGateError | None, code: grpc.StatusCode, decision: int
+) -> None:
+    with (
+        running_server(tmp_path, engine=Failing(error), identify_budget_ms=200) as server,
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        stub = pb_grpc.FaceGateServiceStub(channel)
+        request = pb.VerifyRequest(member_id="m-1", image=b"frame", turnstile_id="gate-7")
+        with pytest.raises(grpc.RpcError) as failed:
+            stub.Verify(request, timeout=30)
+        assert failed.value.code() == code
+        events = stub.ListAccessEvents(pb.ListAccessEventsRequest(), timeout=30).events
+        assert [
+            (e.kind, e.turnstile_id, e.claimed_member_id, e.decision, e.member_id) for e in events
+        ] == [(pb.ACCESS_KIND_VERIFY, "gate-7", "m-1", decision, "")]
+        counted = {c.name: c.count for c in stub.GetStatus(pb.GetStatusRequest()).decisions}
+        assert counted == {f"local/{pb.Decision.Name(decision).removeprefix('DECISION_')}": 1}
+
+
+def test_a_verify_refused_at_the_door_is_in_the_access_log(tmp_path: Path) -> None:
+    """rpc/server.py refuses calls for load before a thread takes them and tells the
+    servicer (`on_busy`): a Verify gets its event as an Identify does; a request whose ids
+    are invalid gets none (nobody could have been let in by that call)."""
+    from facegate_server.errors import RateLimited
+    from facegate_server.rpc.servicer import FaceGateServicer
+
+    busy = RateLimited("the server is full", retry_delay=0.1)
+    with running_server(tmp_path, engine=MemoryEngine()) as server:
+        servicer = FaceGateServicer(server.gate)
+        method = "/facegate.v1.FaceGateService/Verify"
+        servicer.refused_busy(method, pb.VerifyRequest(member_id="m-1", turnstile_id="g-1"), busy)
+        servicer.refused_busy(method, pb.VerifyRequest(member_id="", turnstile_id="g-1"), busy)
+        servicer.refused_busy(
+            "/facegate.v1.FaceGateService/Identify", pb.IdentifyRequest(turnstile_id="g-2"), busy
+        )
+        events = server.store.list_events(EventFilter(), 10)
+    assert sorted(
+        (e.kind.value, e.turnstile_id, e.claimed_member_id, e.decision) for e in events
+    ) == [
+        ("IDENTIFY", "g-2", "", Decision.NOT_DECIDED_BUSY),
+        ("VERIFY", "g-1", "m-1", Decision.NOT_DECIDED_BUSY),
+    ]

@@ -79,6 +79,29 @@ def local_records(base: float, n: int = 100) -> list[dict[str, Any]]:
     return [record(base + i % 10) for i in range(n)]
 
 
+def raw_cell(gallery: int, resolution: str, base: float, n: int = 20) -> dict[str, Any]:
+    """A raw face_recognition cell (suite/raw.py's shape): latencies base .. base + 9."""
+    latencies = [base + i % 10 for i in range(n)]
+    stage = stats.latency_summary([x / 4 for x in latencies])
+    return {
+        "cell": f"face_recognition (raw) @{gallery:,} c1 {resolution}",
+        "scenario": "face_recognition (raw)",
+        "key": f"face_recognition (raw) @{gallery:,}",
+        "gallery": gallery,
+        "resolution": resolution,
+        "method": "face_recognition's own functions",
+        "frames": n,
+        "latency_ms": stats.latency_summary(latencies),
+        "stages_ms": {name: stage for name in ("load", "detect", "encode", "compare")},
+        "correct": n,
+        "latency_samples_ms": latencies,
+        "wall_seconds": 7.0,
+        "load_average_before": [0.5, 0.4, 0.3],
+        "benchmark_cpu_seconds": 7.0,
+        "others_cpu_seconds": 0.1,
+    }
+
+
 def canned() -> dict[str, Any]:
     runs = [
         run("local-only @10 c1 480p", "local-only", 10, 1, local_records(140)),
@@ -159,6 +182,17 @@ def canned() -> dict[str, Any]:
                 "cells": [{"concurrency": r["concurrency"], "resolution": "480p", "seconds": 10.0}],
             }
             for r in runs
+        ]
+        + [
+            {
+                "scenario": "face_recognition (raw)",
+                "key": "face_recognition (raw) @10,000",
+                "policy": "raw",
+                "fault": None,
+                "gallery": 10_000,
+                "workers": None,
+                "cells": [{"concurrency": 1, "resolution": "480p", "seconds": 10.0}],
+            }
         ],
         "people": {"enrolled": ["a", "b"], "unenrolled": ["c"], "probes": []},
         "gallery": {
@@ -192,6 +226,7 @@ def canned() -> dict[str, Any]:
             },
         },
         "runs": runs,
+        "raw_pipeline": [raw_cell(10_000, "480p", 330)],
         "servers": [
             {
                 "scenario": "local-only",
@@ -298,7 +333,33 @@ def test_the_aims_are_judged_from_the_runs() -> None:
 def test_aims_not_run_are_not_measured_rather_than_failed() -> None:
     results = canned()
     results["runs"] = [r for r in results["runs"] if r["gallery"] == 10]
-    assert [a["met"] for a in stats.aims(results)[1:]] == [None] * 5
+    results["raw_pipeline"] = []
+    assert [a["met"] for a in stats.aims(results)[1:]] == [None] * 6
+
+
+def test_local_identify_is_judged_against_the_raw_pipeline_at_the_same_gallery() -> None:
+    results = canned()
+    aim = results["aims"][-1]
+    # FaceGate's p50 145 / raw 335 = 0.43x, p99 150 / raw 339 = 0.44x: both within.
+    assert aim["met"] is True and "p50 0.43x" in aim["measured"] and "p99 0.44x" in aim["measured"]
+    assert aim["note"] == ""
+    results["raw_pipeline"] = [raw_cell(10_000, "480p", 300)]  # p50 145 / 305 = 0.48x
+    assert stats.aims(results)[-1]["met"] is False
+    # Only a raw cell at another gallery than the local cells: nothing to compare.
+    results["raw_pipeline"] = [raw_cell(1_000, "480p", 330)]
+    assert stats.aims(results)[-1]["met"] is None
+    # The quick mode's 1,000 members: judged there, and the note says so.
+    results["raw_pipeline"] = [raw_cell(10, "480p", 400)]
+    assert "not the aim's 10,000" in stats.aims(results)[-1]["note"]
+
+
+def test_check_counts_the_raw_cells_apart_from_the_servers_cells(tmp_path: Path) -> None:
+    results = report.clean(canned())
+    assert check.errors(results) == []
+    results["raw_pipeline"] = []
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    assert check.main([str(path)]) == 1  # the planned raw cell did not run
 
 
 def test_the_report_and_the_json_are_well_formed(tmp_path: Path) -> None:
@@ -312,6 +373,8 @@ def test_the_report_and_the_json_are_well_formed(tmp_path: Path) -> None:
     assert "FAIL (-100 ms)" in text
     assert "**not met**" in text and "**met**" in text
     assert "overhead 3 ms" in text
+    assert "face_recognition (raw) @10,000 c1 480p | 20 | 334 | 339 |" in text
+    assert "**0.43x**" in text
     assert len(report.summary_rows(written)) == len(results["runs"])
 
 
@@ -346,6 +409,10 @@ def test_the_plans_fit_their_time_and_can_be_narrowed() -> None:
     ]
     assert [s.key for s in plan.select(full, ["*@100,000"])] == ["local-only @100,000"]
     assert all(c.seconds == 3 for s in plan.with_seconds(quick, 3) for c in s.cells)
+    # Both modes time face_recognition itself just before the local-only scenario it is
+    # compared to, at the same gallery size.
+    for mode in (quick, full):
+        assert mode[0].raw and mode[1].name == "local-only" and mode[0].gallery == mode[1].gallery
 
 
 def test_the_admission_aims_are_judged_from_their_cells() -> None:

@@ -197,6 +197,20 @@ def test_settings_are_frozen() -> None:
             "FACEGATE_BREAKER_COOLDOWN_S=0: must be greater than 0",
         ),
         ({"FACEGATE_CLOUD_SLOTS": "0"}, "FACEGATE_CLOUD_SLOTS=0: must be at least 1"),
+        ({"FACEGATE_RECOGNITION_QUEUE": "0"}, "FACEGATE_RECOGNITION_QUEUE=0: must be at least 1"),
+        (
+            {"FACEGATE_RECOGNITION_PER_CALLER": "0"},
+            "FACEGATE_RECOGNITION_PER_CALLER=0: must be at least 1",
+        ),
+        (
+            {"FACEGATE_RECOGNITION_MARGIN": "0.9"},
+            "FACEGATE_RECOGNITION_MARGIN=0.9: must be at least 1",
+        ),
+        ({"FACEGATE_WORKER_HANG_S": "0"}, "FACEGATE_WORKER_HANG_S=0: must be greater than 0"),
+        (
+            {"FACEGATE_WORKER_JOB_LIMIT_S": "-1"},
+            "FACEGATE_WORKER_JOB_LIMIT_S=-1: must be greater than 0",
+        ),
         (
             {"FACEGATE_KEEP_PHOTOS": "maybe"},
             "FACEGATE_KEEP_PHOTOS=maybe: not true or false (1/0, yes/no, on/off)",
@@ -278,3 +292,37 @@ def test_importing_config_does_not_import_numpy() -> None:
     code = "import sys, facegate_server.config; print('numpy' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_the_recognition_pipelines_settings_reach_the_workers_and_their_queue() -> None:
+    """FACEGATE_RECOGNITION_* and FACEGATE_WORKER_* configure the pool app.py builds (one
+    real worker); unset, the defaults are the pool's own (8 images a worker, all workers
+    but one a caller, at least one)."""
+    from facegate_server.app import build_local
+    from facegate_server.store.memory import MemoryStore
+
+    settings = load_settings(
+        {
+            "FACEGATE_WORKERS": "1",
+            "FACEGATE_RECOGNITION_QUEUE": "5",
+            "FACEGATE_RECOGNITION_PER_CALLER": "3",
+            "FACEGATE_RECOGNITION_MARGIN": "1.5",
+            "FACEGATE_WORKER_HANG_S": "4.5",
+            "FACEGATE_WORKER_JOB_LIMIT_S": "30",
+            "FACEGATE_WORKER_START_TIMEOUT_S": "90",
+        }
+    )
+    engine = build_local(settings, MemoryStore())
+    try:
+        pool = engine.pool
+        assert (pool.admission.limit, pool.admission.per_caller, pool.admission.margin) == (
+            5,
+            3,
+            1.5,
+        )
+        assert (pool.hang_after, pool.job_limit, pool.start_timeout) == (4.5, 30.0, 90.0)
+    finally:
+        pool.close()
+    defaults = load_settings({})
+    assert (defaults.recognition_queue, defaults.recognition_per_caller) == (None, None)
+    assert (defaults.recognition_margin, defaults.worker_hang_s) == (1.15, 2.0)

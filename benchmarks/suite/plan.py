@@ -15,6 +15,9 @@ from dataclasses import dataclass, replace
 RESOLUTIONS: dict[str, tuple[int, int]] = {"480p": (854, 480), "1080p": (1920, 1080)}
 
 POLICIES = ("local-only", "cloud-first", "local-first")
+RAW = "raw"
+"""The policy of the raw face_recognition pipeline's scenario (suite/raw.py): no server, the
+library's own functions in the benchmark process, the yardstick of the latency aim."""
 FAULTS = ("healthy", "refuse", "hang", "throttle", "flap")
 
 
@@ -53,6 +56,16 @@ class Scenario:
     def cloud(self) -> bool:
         return self.fault is not None
 
+    @property
+    def raw(self) -> bool:
+        return self.policy == RAW
+
+
+def raw_pipeline(gallery: int, cells: tuple[Cell, ...]) -> Scenario:
+    """face_recognition's own pipeline on the same frames (one caller, no server), against a
+    gallery of `gallery` members: run just before the local-only scenario it is compared to."""
+    return Scenario("face_recognition (raw)", RAW, None, gallery, cells)
+
 
 def _cells(
     concurrency: Sequence[int], resolutions: Sequence[str], seconds: float
@@ -71,6 +84,8 @@ def quick_plan() -> list[Scenario]:
         Cell(1, "480p", 8, hostile=6.5),
     )
     return [
+        # At least one pass over the probe frames, whatever the seconds (suite/raw.py).
+        raw_pipeline(1_000, (Cell(1, "480p", 2),)),
         Scenario("local-only", "local-only", None, 1_000, cells),
         Scenario("cloud-first/healthy", "cloud-first", "healthy", 1_000, (Cell(2, "480p", 6),)),
         Scenario("cloud-first/hang", "cloud-first", "hang", 1_000, (Cell(2, "480p", 6),)),
@@ -81,6 +96,8 @@ def full_plan() -> list[Scenario]:
     """About 20 minutes on 2 cores (39 cells of 20 s, 13 server starts, a 100k gallery)."""
     s = 20.0
     plan = [
+        # The yardstick of the latency aim: face_recognition itself, at the aims' gallery.
+        raw_pipeline(10_000, _cells([1], tuple(RESOLUTIONS), s)),
         # The local engine at the gym size of the aims, every concurrency, both frame sizes.
         Scenario(
             "local-only",
@@ -135,7 +152,7 @@ def with_seconds(plan: Sequence[Scenario], seconds: float) -> list[Scenario]:
 
 def estimate_seconds(plan: Sequence[Scenario]) -> float:
     """A rough duration: the cells, plus a server start (and cloud settling) per scenario."""
-    cells = sum(c.seconds + 1.0 for s in plan for c in s.cells)
-    starts = sum(16.0 if s.cloud else 12.0 for s in plan)
+    cells = sum(c.seconds + (0.5 if s.raw else 1.0) for s in plan for c in s.cells)
+    starts = sum(16.0 if s.cloud else 0.0 if s.raw else 12.0 for s in plan)  # raw: no server
     galleries = sum(n / 4_000 for n in {s.gallery for s in plan})  # ~0.25 ms a member
     return cells + starts + galleries + 25.0  # + stage breakdown and the emulator

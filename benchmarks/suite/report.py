@@ -200,6 +200,7 @@ def markdown(results: Mapping[str, Any]) -> str:
         ],
     )
     out.append("")
+    out += _raw_section(results)
     timings = results.get("stages")
     if timings:
         out += ["## The local pipeline, stage by stage", "", timings["method"] + ".", ""]
@@ -297,6 +298,65 @@ def markdown(results: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def _raw_section(results: Mapping[str, Any]) -> list[str]:
+    """The raw face_recognition pipeline per cell, and FaceGate's local Identify against it."""
+    from .stats import raw_ratios
+
+    cells = results.get("raw_pipeline", [])
+    if not cells:
+        return []
+    out = [
+        "## The raw face_recognition pipeline (the latency aim's yardstick)",
+        "",
+        cells[0]["method"] + ". Latency per frame, load to decision (ms, p50 / p95 for the "
+        "stages); `correct`: frames granted to the probe's member (or to nobody for the "
+        "unenrolled person) at face_recognition's tolerance.",
+        "",
+    ]
+
+    def pair(v: Mapping[str, Any]) -> str:
+        return f"{v['p50']:.1f} / {v['p95']:.1f}"
+
+    out += _table(
+        [
+            "cell",
+            "frames",
+            "p50",
+            "p99",
+            "load",
+            "detect",
+            "encode",
+            "compare",
+            "correct",
+            "others' CPU s",
+        ],
+        [
+            [
+                c["cell"],
+                str(c["frames"]),
+                _ms(c["latency_ms"]["p50"]),
+                _ms(c["latency_ms"]["p99"]),
+                *(pair(c["stages_ms"][s]) for s in ("load", "detect", "encode", "compare")),
+                f"{c['correct']}/{c['frames']}",
+                f"{c['others_cpu_seconds']:.1f}",
+            ]
+            for c in cells
+        ],
+    )
+    for resolution in ("480p", "1080p"):
+        r = raw_ratios(results, resolution)
+        if r is not None:
+            out += [
+                "",
+                f"FaceGate ({r['cell']}) against it at {resolution}, {r['gallery']:,} members: "
+                f"p50 {r['facegate_ms']['p50']:.0f} / {r['raw_ms']['p50']:.0f} ms = "
+                f"**{r['ratio']['p50']:.2f}x**, p99 {r['facegate_ms']['p99']:.0f} / "
+                f"{r['raw_ms']['p99']:.0f} ms = **{r['ratio']['p99']:.2f}x**.",
+            ]
+    out.append("")
+    return out
 
 
 def write(results: Mapping[str, Any], out: Path) -> tuple[Path, Path]:

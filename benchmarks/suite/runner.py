@@ -22,7 +22,7 @@ import numpy as np
 from facegate_client import FaceGateClient
 from google.protobuf.json_format import MessageToDict
 
-from . import frames, gallery, load, machine, stages, stats
+from . import frames, gallery, load, machine, raw, stages, stats
 from .plan import RESOLUTIONS, Scenario
 from .processes import EMULATOR_KEY, EmulatorProcess, Sampler, ServerProcess
 
@@ -111,6 +111,7 @@ class Run:
                 "probes": [{"path": p.path, "member_id": p.member_id} for p in self.probes],
             },
             "runs": [],
+            "raw_pipeline": [],
             "servers": [],
             "failures": [],
         }
@@ -162,9 +163,53 @@ class Run:
         synthetic = self.synthetic[: max(0, size - len(self.enrolled))]
         return np.vstack([synthetic, self.enrolled])
 
+    def gallery_ids(self, size: int) -> list[str]:
+        """The member ids of `gallery_vectors(size)`, row by row."""
+        synthetic = max(0, size - len(self.enrolled))
+        return [f"synthetic-{i}" for i in range(synthetic)] + [p.member_id for p, _ in self.people]
+
+    # ---- the raw face_recognition pipeline -------------------------------------------------
+
+    def raw_pipeline(self, scenario: Scenario, done: float) -> None:
+        """face_recognition's own pipeline, each cell in this process (no server runs)."""
+        vectors, ids = self.gallery_vectors(scenario.gallery), self.gallery_ids(scenario.gallery)
+        for cell in scenario.cells:
+            label = _cell_label(scenario, cell.concurrency, cell.resolution)
+            self.progress(label, done)
+            load_before = machine.load_average()
+            own = Sampler.own_cpu_seconds()
+            busy, _ = Sampler.machine_cpu()
+            started = time.monotonic()
+            measured = raw.run(
+                self.probes, cell.resolution, vectors, ids, cell.seconds, len(self.probes)
+            )
+            wall = time.monotonic() - started
+            busy_after, _ = Sampler.machine_cpu()
+            own = Sampler.own_cpu_seconds() - own
+            self.results["raw_pipeline"].append(
+                {
+                    "cell": label,
+                    "scenario": scenario.name,
+                    "key": scenario.key,
+                    "gallery": scenario.gallery,
+                    "resolution": cell.resolution,
+                    "method": raw.METHOD,
+                    **measured,
+                    "wall_seconds": wall,
+                    "load_average_before": load_before,
+                    "benchmark_cpu_seconds": own,
+                    "others_cpu_seconds": max(0.0, busy_after - busy - own),
+                }
+            )
+            done += cell.seconds
+            self.progress(label, done)
+
     # ---- one scenario --------------------------------------------------------------------
 
     def scenario(self, scenario: Scenario, done: float) -> None:
+        if scenario.raw:
+            self.raw_pipeline(scenario, done)
+            return
         synthetic = max(0, scenario.gallery - len(self.people))
         template = None
         record: dict[str, Any] = {

@@ -209,6 +209,13 @@ def build_local(settings: Settings, store: Store) -> LocalEngine:
         max_side=settings.max_image_side,
         encoder=settings.encoder,
         max_photo_bytes=settings.max_photo_bytes,
+        queue=settings.recognition_queue,
+        per_caller=settings.recognition_per_caller,
+        margin=settings.recognition_margin,
+        hang_after=settings.worker_hang_s,
+        job_limit=settings.worker_job_limit_s,
+        start_timeout=settings.worker_start_timeout_s,
+        pin=settings.worker_pin,
     )
     try:
         index = FaceIndex(store.iter_embeddings())

@@ -191,6 +191,21 @@ class Settings(BaseSettings):
     # message from its length prefix alone. With it set, the health service on `listen`
     # needs credentials like every other method. Empty: health on `listen`, open.
     health_listen: str = ""
+    # The recognition pipeline (issue 12; engines/admission.py, engines/pool.py): the queue in
+    # front of the workers and how hung workers are found. An image waits at most its
+    # caller's deadline (the Identify budget, or enroll_timeout_s) counted from arrival.
+    recognition_queue: int | None = Field(default=None, ge=1)  # images waiting; None: 8 a worker
+    # Images one caller (credential, or peer and turnstile) runs at once; None: all workers
+    # but one (at least 1), so one caller can never hold every worker.
+    recognition_per_caller: int | None = Field(default=None, ge=1)
+    # A waiting image is refused at once when its estimated finish times this lies past
+    # its deadline (estimates are averages: an answer late by a little is still late).
+    recognition_margin: float = Field(default=1.15, ge=1)
+    worker_hang_s: float = Field(default=2.0, gt=0)  # silent this long: killed, replaced
+    worker_job_limit_s: float = Field(default=60.0, gt=0)  # longest one image may run
+    worker_start_timeout_s: float = Field(default=120.0, gt=0)  # to load the models
+    # Pin each worker to a core of its own (when there are no more workers than cores).
+    worker_pin: bool = False
 
     @field_validator("site_time_zone")
     @classmethod

@@ -211,12 +211,19 @@ class Gate:
         return stored
 
     def record_undecided(
-        self, turnstile_id: str, error: FaceGateError, latency: float = 0.0
+        self,
+        turnstile_id: str,
+        error: FaceGateError,
+        latency: float = 0.0,
+        claimed_member_id: str | None = None,
     ) -> AccessEvent | None:
-        """Log an Identify that got no decision (timed out, refused for load, no engine),
-        so that the access log counts every attempt; None for an invalid turnstile id."""
+        """Log an Identify, or a Verify of `claimed_member_id`, that got no decision (timed
+        out, refused for load, no engine), so that the access log counts every attempt;
+        None for an invalid turnstile id (or claimed member id)."""
         try:
             validation.turnstile_id(turnstile_id)
+            if claimed_member_id is not None:
+                validation.member_id(claimed_member_id)
         except InvalidArgument:
             return None
         if isinstance(error, RecognitionTimeout):
@@ -236,6 +243,8 @@ class Gate:
                 confidence=0.0,
                 latency=timedelta(seconds=latency),
                 reports=(),
+                kind=AccessKind.IDENTIFY if claimed_member_id is None else AccessKind.VERIFY,
+                claimed_member_id=claimed_member_id or "",
             )
         )
         return self._logged(event)
@@ -279,7 +288,11 @@ class Gate:
         validation.turnstile_id(turnstile_id)
         validation.member_id(member_id)
         budget = self.identify_budget if time_left is None else min(self.identify_budget, time_left)
-        found = self.engine.verify(member_id, image, budget)
+        try:
+            found = self.engine.verify(member_id, image, budget)
+        except (RecognitionTimeout, RateLimited, RecognitionUnavailable) as error:
+            self.record_undecided(turnstile_id, error, time.perf_counter() - started, member_id)
+            raise
         now = self.clock()
         found = self._admit(found, now)
         try:  # one read whatever the answer: the name on a grant, existence on a denial

@@ -50,7 +50,7 @@ Clock = Callable[[], float]
 
 MARGIN = 1.15
 """A job is refused when its estimated finish, times this, lies past its deadline: costs
-are averages, and an answer late by a little is still late."""
+are averages, and an answer late by a little is still late (FACEGATE_RECOGNITION_MARGIN)."""
 
 
 @dataclass(frozen=True)
@@ -125,10 +125,12 @@ class Admission:
         per_caller: int,
         live: Callable[[], int],
         initial_cost: float = 0.2,
+        margin: float = MARGIN,
         clock: Clock = time.monotonic,
     ) -> None:
         self.limit = limit
         self.per_caller = per_caller
+        self.margin = margin
         self._live = live
         self._clock = clock
         self._queues: dict[int, dict[str, deque[Job]]] = {IDENTIFY: {}, ENROL: {}}
@@ -222,7 +224,7 @@ class Admission:
             start, finish = self.estimate(job.caller, job.priority)
             # A job that can start at once is never refused (nothing would serve it sooner,
             # and a caller whose measured cost exceeds its deadline is measured again).
-            if job.deadline is not None and start > 0 and now + finish * MARGIN > job.deadline:
+            if job.deadline is not None and start > 0 and now + finish * self.margin > job.deadline:
                 self.counts["refused_late"] += 1
                 raise RecognitionBusy(
                     f"this image could not be analysed within its deadline (about "

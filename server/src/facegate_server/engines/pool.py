@@ -35,7 +35,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from facegate_server.domain import WorkerStatus
@@ -43,6 +43,7 @@ from facegate_server.engines import worker
 from facegate_server.engines.admission import (
     ENROL,
     IDENTIFY,
+    MARGIN,
     Admission,
     Job,
     current_ticket,
@@ -138,6 +139,10 @@ class _Slot:
         process.start()
         child.close()
         self.process, self._conn, self.pid = process, parent, process.pid or 0
+        if pool.cores and self.pid:
+            core = pool.cores[self.index % len(pool.cores)]
+            with contextlib.suppress(OSError):  # the process may already be gone
+                os.sched_setaffinity(self.pid, {core})
         self.killed_for = ""
         end = time.monotonic() + pool.start_timeout
         while not pool.closing.is_set() and time.monotonic() < end:
@@ -198,9 +203,13 @@ class _Slot:
             self._set("busy")
             try:
                 conn.send(job.args)
-                while not conn.poll(0.05):
-                    if process.exitcode is not None or pool.closing.is_set():
+                # Sleep until the answer comes or the process ends (one wake-up a job, not
+                # one every few ms: this thread shares the cores with the workers).
+                while not wait([conn, process.sentinel], 0.25):
+                    if pool.closing.is_set():
                         raise EOFError
+                if not conn.poll():  # ended without an answer
+                    raise EOFError
                 ok, value = conn.recv()
             except (EOFError, OSError):
                 self._lost(job, "closing" if pool.closing.is_set() else self.killed_for or "died")
@@ -245,8 +254,9 @@ class WorkerPool:
     """The recognition processes and the admission queue in front of them.
 
     `queue`: the most images waiting (default 8 a worker); `per_caller`: the most jobs one
-    caller runs at once (default: all workers but one); `hang_after`: seconds of silence
-    after which a worker is hung; `job_limit`: the longest one image may take.
+    caller runs at once (default: all workers but one); `margin`: the admission's refusal
+    margin; `hang_after`: seconds of silence after which a worker is hung; `job_limit`: the
+    longest one image may take (the FACEGATE_RECOGNITION_* and FACEGATE_WORKER_* settings).
     """
 
     def __init__(
@@ -257,6 +267,7 @@ class WorkerPool:
         max_side: int,
         queue: int | None = None,
         per_caller: int | None = None,
+        margin: float = MARGIN,
         hang_after: float = 2.0,
         job_limit: float = 60.0,
         start_timeout: float = 120.0,
@@ -264,10 +275,16 @@ class WorkerPool:
         initializer: Callable[..., None] = worker.init_worker,
         initargs: Sequence[Any] | None = None,
         max_photo_bytes: int | None = None,
+        pin: bool = False,
     ) -> None:
         """`max_bytes` bounds a frame, `max_photo_bytes` an enrolment photo (default: the
-        same); `max_side` is the longest side decoded (engines/images.py)."""
+        same); `max_side` is the longest side decoded (engines/images.py). `pin`: each worker
+        runs on a core of its own (`os.sched_setaffinity`), when there are no more workers
+        than cores this process may use (else nothing is pinned)."""
         self.workers = workers
+        usable = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.cores: list[int] = usable if pin and 0 < workers <= len(usable) else []
+        """The core each slot's worker is pinned to, by slot index (empty: not pinned)."""
         self._max_bytes = max_bytes
         self._max_photo_bytes = max_bytes if max_photo_bytes is None else max_photo_bytes
         self._max_side = max_side
@@ -283,6 +300,7 @@ class WorkerPool:
             limit=queue if queue is not None else 8 * workers,
             per_caller=per_caller if per_caller is not None else max(1, workers - 1),
             live=self.live,
+            margin=margin,
         )
         self._slots = [_Slot(self, i) for i in range(workers)]
         for slot in self._slots:

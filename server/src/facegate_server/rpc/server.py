@@ -22,7 +22,7 @@ How a call goes:
 4. The call carries a `Ticket` (engines/admission.py) to the recognition queue: its caller
    (the authenticated name; on an open server, the peer and its turnstile id) for fairness, and an
    event set when the call ends, so that images it queued are never started for nobody.
-   An Identify refused here for load still gets its access event (`on_busy`).
+   An Identify or a Verify refused here for load still gets its access event (`on_busy`).
 
 New methods that wait long (the operations issue's live events, the chain's change feeds)
 are written as asyncio handlers (`async def`, async generators): they run on the loop and
@@ -63,7 +63,7 @@ T = TypeVar("T")
 
 OnBusy = Callable[[str, Any, FaceGateError], None]
 """Told (in a thread, with the call's context) of each call refused because the server is
-full: (full method, request, error). The servicer writes refused Identify calls to the
+full: (full method, request, error). The servicer writes refused Identify and Verify calls to the
 access log."""
 
 _arrival: ContextVar[float | None] = ContextVar("facegate_arrival", default=None)

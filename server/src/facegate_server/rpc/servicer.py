@@ -146,12 +146,14 @@ class FaceGateServicer(pb_grpc.FaceGateServiceServicer):
 
     def refused_busy(self, full_method: str, request: Any, error: FaceGateError) -> None:
         """The server refused a call for load before any thread took it (rpc/server.py's
-        OnBusy): an Identify still gets its access event."""
-        if isinstance(request, pb.IdentifyRequest):
-            try:
+        OnBusy): an Identify or a Verify still gets its access event."""
+        try:
+            if isinstance(request, pb.IdentifyRequest):
                 self.gate.record_undecided(request.turnstile_id, error)
-            except Exception:
-                log.exception("could not log a refused Identify")
+            elif isinstance(request, pb.VerifyRequest):
+                self.gate.record_undecided(request.turnstile_id, error, 0.0, request.member_id)
+        except Exception:
+            log.exception("could not log a refused %s", type(request).__name__)
 
     def _time_left(self, arrived: float | None, context: grpc.ServicerContext) -> float:
         """What is left of the recognition budget, which starts when the call arrived (not
