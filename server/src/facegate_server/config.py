@@ -143,6 +143,11 @@ class Settings(BaseSettings):
     # name (not the cloud's store identity), and the IANA zone of access hours.
     site_id: str = Field(default="", pattern=r"^[A-Za-z0-9._:-]{0,64}$")
     site_time_zone: str = "UTC"
+    # One cloud replayer for a chain (cloud/lease.py): several servers sharing an outbox
+    # replay it one at a time under a lease in PostgreSQL (empty: this server alone
+    # replays, as with SQLite). A holder that stops renewing loses it after the ttl.
+    cloud_lease_url: str = Field(default="", repr=False)
+    cloud_lease_ttl_s: float = Field(default=15.0, ge=1)
 
     @field_validator("site_time_zone")
     @classmethod
