@@ -71,11 +71,14 @@ WHERE name = %(name)s AND holder = %(holder)s AND token = %(token)s
 
 
 def ensure_schema(conn: Any) -> None:
-    """Create the lease table if it is not there (idempotent; a psycopg connection). The
-    PostgreSQL store's migrations call it; a `PostgresLease` calls it on first use."""
-    conn.execute(SCHEMA)
-    if not getattr(conn, "autocommit", True):
-        conn.commit()
+    """Create the lease table if it is not there (idempotent; a psycopg 3 connection, in a
+    transaction of its own or, within the caller's, a savepoint). The PostgreSQL store's
+    migrations call it; a `PostgresLease` calls it on first use."""
+    with conn.transaction():
+        # Servers starting together would race CREATE TABLE IF NOT EXISTS (a unique
+        # violation in pg_type): one at a time.
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('facegate_lease'))")
+        conn.execute(SCHEMA)
 
 
 def holder_name() -> str:
