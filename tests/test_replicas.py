@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -148,6 +151,59 @@ def test_tls_replicas_are_checked_against_the_name_their_certificates_carry(
             pytest.raises(FaceGateError),
         ):
             unnamed.list_members()  # 127.0.0.1 is not the name the certificates carry
+
+
+SERVE = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from facegate_server.engines.memory import MemoryEngine
+    from tests.helpers import running_server
+    with running_server(Path(sys.argv[1]), engine=MemoryEngine()) as server:
+        print(server.port, flush=True)
+        time.sleep(600)
+    """
+)
+
+
+def test_a_frozen_server_is_left_out_and_its_call_goes_to_the_other(tmp_path: Path) -> None:
+    """A server process stopped (SIGSTOP: its connections stay open, nothing answers) is
+    found by its unanswered ping; the call it held goes to the other server, and every
+    later call is answered there."""
+    processes, targets = [], []
+    try:
+        for n in range(2):
+            process = subprocess.Popen(
+                [sys.executable, "-c", SERVE, str(tmp_path / f"s{n}")],
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=Path(__file__).resolve().parent.parent,
+            )
+            processes.append(process)
+            assert process.stdout is not None
+            targets.append(f"127.0.0.1:{int(process.stdout.readline())}")
+            with FaceGateClient(targets[-1], timeout=30) as one:
+                one.enroll("m-1", [FRAME])
+        with (
+            FaceGateClient(",".join(targets), identify_timeout=10) as client,
+            Turnstile(client) as turnstile,
+        ):
+            wait_calls(turnstile, 20)
+            processes[0].send_signal(signal.SIGSTOP)
+            stopped = time.monotonic()
+            wait_calls(turnstile, 40)
+        after = [c for c in turnstile.calls if c[0] >= stopped]
+        assert len(after) >= 40
+        assert all(outcome == "DECISION_GRANTED" for _, _, outcome in after), after
+        slowest = max(ended - started for started, ended, _ in after)
+        assert slowest < 10  # the held call was answered, not left to its deadline
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGCONT)
+            process.kill()
+            process.wait(timeout=10)
+            assert process.stdout is not None
+            process.stdout.close()
 
 
 class Refusing(pb_grpc.FaceGateServiceServicer):

@@ -93,11 +93,23 @@ SERVICE_CONFIG: Final = json.dumps(
 """gRPC service config: calls spread over every address the target resolves to
 (`round_robin`); the idempotent reads retried on UNAVAILABLE, Identify and Verify once."""
 
+KEEPALIVE_MS: Final = 500
+"""How often the client pings each server it is connected to, and how long it waits for
+the answer (FaceGate servers accept a ping every 250 ms: rpc/server.py's PING_OPTIONS)."""
+
 CHANNEL_OPTIONS: Final[tuple[tuple[str, int | str], ...]] = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.enable_retries", 1),
     ("grpc.service_config", SERVICE_CONFIG),
+    # A server that stops without closing its connections (frozen, or cut off) is found
+    # by a ping unanswered for KEEPALIVE_MS, then left out: the calls it held fail with
+    # UNAVAILABLE, and Identify and Verify go to another server within their deadline.
+    ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_MS),
 )
 """The options of the channels `FaceGateClient` creates; use them for a channel of your own."""
 
