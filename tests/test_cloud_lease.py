@@ -19,17 +19,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from facegate.v1 import facegate_service_pb2 as pb
 from facegate_azure_emulator import RunningEmulator
 from facegate_azure_emulator.faults import LatencyProfile
 from facegate_server.cloud.azure import AzureFace, AzureSettings, CloudFailure
 from facegate_server.cloud.engine import CloudPeople
-from facegate_server.cloud.lease import PostgresLease
+from facegate_server.cloud.lease import REPLAYER, PostgresLease
 from facegate_server.cloud.ratelimit import CloudRate
 from facegate_server.cloud.sync import CloudSync
 from facegate_server.domain import FaceTemplate
 from facegate_server.store import SqliteStore
 
-from tests.cloud import KEY, emulator, wait_for
+from tests.cloud import KEY, cloud_gate, emulator, wait_for
 from tests.conftest import Faces
 from tests.pglease import own_database
 
@@ -159,7 +160,7 @@ HOLDER = textwrap.dedent(
     from pathlib import Path
     from facegate_server.cloud.azure import AzureFace, AzureSettings, CloudFailure
     from facegate_server.cloud.engine import CloudPeople
-    from facegate_server.cloud.lease import PostgresLease
+    from facegate_server.cloud.lease import REPLAYER, PostgresLease
     from facegate_server.cloud.ratelimit import CloudRate
     from facegate_server.cloud.sync import CloudSync
     from facegate_server.store import SqliteStore
@@ -222,3 +223,33 @@ def test_killing_the_holder_mid_replay_lets_the_other_finish_without_duplicates(
         process.wait(timeout=10)
         b.close()
         emu.stop()
+
+
+def test_a_server_with_a_lease_url_replays_only_while_it_holds_the_lease(
+    tmp_path: Path, db: str, emu: RunningEmulator, faces: Faces
+) -> None:
+    """FACEGATE_CLOUD_LEASE_URL wires the lease in: named after the store (servers sharing
+    a store share one lease), held by another, the server's outbox waits and says why."""
+    with cloud_gate(emu, tmp_path, cloud_lease_url=db, cloud_lease_ttl_s=30) as gate:
+        name = f"{REPLAYER}:{gate.server.store.store_id()}"
+        other = PostgresLease(db, name=name, holder="another server", ttl=30)
+        try:
+            token = other.acquire()
+            assert token == 1
+            gate.stub.Enroll(
+                pb.EnrollRequest(member_id="m-1", photos=[faces.read(faces.of("barack_obama")[0])]),
+                timeout=60,
+            )
+            replayer = gate.server.gate.replayer
+            assert replayer is not None
+            replayer.run_once()
+            answer = gate.stub.GetStatus(pb.GetStatusRequest(), timeout=5)
+            assert answer.outbox_depth == 1
+            assert "another server replays the outbox" in answer.outbox_waiting
+            other.release(token)
+            gate.settle()
+            assert gate.persons() == {"m-1": gate.persons()["m-1"]}
+            assert len(gate.persons()["m-1"]) == 1
+            assert other.acquire() is None  # the server holds it now (token 2)
+        finally:
+            other.close()

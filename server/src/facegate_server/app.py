@@ -26,7 +26,7 @@ from facegate_server.cloud.azure import AzureFace, AzureSettings
 from facegate_server.cloud.cost import PriceModel
 from facegate_server.cloud.engine import AzureEngine, CloudPeople
 from facegate_server.cloud.health import CloudHealth
-from facegate_server.cloud.lease import PostgresLease
+from facegate_server.cloud.lease import REPLAYER, PostgresLease
 from facegate_server.cloud.ratelimit import TIER_RATES, CloudRate
 from facegate_server.cloud.sync import CloudSync
 from facegate_server.config import Settings
@@ -123,6 +123,8 @@ def build_cloud(
     lease = (
         PostgresLease(
             settings.cloud_lease_url,
+            # One lease per outbox: servers sharing a store share its identity.
+            name=f"{REPLAYER}:{store.store_id()}",
             ttl=settings.cloud_lease_ttl_s,
             # A check wants the lease to outlast the write it precedes.
             margin=min(settings.cloud_lease_ttl_s / 2, settings.azure_timeout_s + 1),

@@ -178,8 +178,14 @@ class CloudSync:
         if self._thread is not None:
             self._thread.join(timeout=10)
         if not self._local:
-            with self._lock:  # no write in flight: the next server may take over now
-                self.keeper.stop(release=True)
+            # No write in flight: the next server may take over now. With one still in
+            # flight, the lease is left to lapse (its ttl) instead.
+            idle = self._lock.acquire(timeout=5)
+            try:
+                self.keeper.stop(release=idle)
+            finally:
+                if idle:
+                    self._lock.release()
             self.lease.close()
 
     def wake(self) -> None:
@@ -206,16 +212,18 @@ class CloudSync:
     def run_once(self) -> None:
         """Check readiness when due; replay the outbox; queue or poll training; sweep."""
         with self._lock:
-            if not self._hold_lease():
-                return
             if self._clock() < self._retry_at:
                 return
             try:
                 if self.health.state.readiness is not Readiness.READY:
+                    # Every server checks (its Identify path reads the result); only the
+                    # lease's holder writes.
                     state = self.health.check(self.face)
                     if state.readiness is not Readiness.READY:
                         self._wait(state.describe(), MAX_CHECK)
                         return
+                if not self._hold_lease():
+                    return
                 self._ensure_group()
                 self._start_up()
                 self._replay_all()
