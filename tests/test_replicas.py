@@ -20,7 +20,7 @@ import grpc
 import pytest
 from facegate.v1 import facegate_service_pb2 as pb
 from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
-from facegate_client import FaceGateClient
+from facegate_client import FaceGateClient, cli
 from facegate_client.client import channel_target
 from facegate_client.errors import FaceGateError
 from facegate_server.app import FaceGateServer
@@ -332,3 +332,21 @@ def test_a_killed_server_process_leaves_every_later_call_answered(
         for process in processes:
             process.kill()
             process.wait(timeout=10)
+
+
+def test_the_command_takes_several_servers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with two_servers(tmp_path) as (servers, _):
+        frame = tmp_path / "frame.png"
+        frame.write_bytes(FRAME)
+        target = f"127.0.0.1:{servers[0].port},127.0.0.1:{servers[1].port}"
+        for _ in range(4):
+            code = cli.main(["identify", str(frame), "--turnstile-id", "g", "--target", target])
+            out, err = capsys.readouterr()
+            assert code == 0 and "GRANTED" in out, (out, err)
+        assert events(servers[0]) + events(servers[1]) == 4
+    code = cli.main(["identify", str(frame), "--turnstile-id", "g", "--target", "a:1,b:2"])
+    assert code == 2 and "DNS name" in capsys.readouterr().err
+    code = cli.main(["members", "list", "--target", "127.0.0.1:1", "--server-name", "gate.example"])
+    assert code == 2 and "TLS" in capsys.readouterr().err
