@@ -73,7 +73,13 @@ class Authority:
             .not_valid_after(self._now + datetime.timedelta(days=1))
         )
 
-    def _leaf(self, common_name: str, usage: x509.ObjectIdentifier, server: bool) -> Pem:
+    def _leaf(
+        self,
+        common_name: str,
+        usage: x509.ObjectIdentifier,
+        server: bool,
+        names: list[x509.GeneralName] | None = None,
+    ) -> Pem:
         key = ec.generate_private_key(ec.SECP256R1())
         subject, issuer = _name(common_name), self.certificate.subject
         builder = self._builder(subject, issuer, key.public_key()).add_extension(
@@ -82,7 +88,11 @@ class Authority:
         if server:
             builder = builder.add_extension(
                 x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                    names
+                    or [
+                        x509.DNSName("localhost"),
+                        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    ]
                 ),
                 critical=False,
             )
@@ -99,6 +109,10 @@ class Authority:
     def server(self) -> Pem:
         """A server certificate for localhost and 127.0.0.1."""
         return self._leaf("localhost", ExtendedKeyUsageOID.SERVER_AUTH, server=True)
+
+    def named_server(self, name: str) -> Pem:
+        """A server certificate for the DNS name `name` only (not the address it is at)."""
+        return self._leaf(name, ExtendedKeyUsageOID.SERVER_AUTH, True, [x509.DNSName(name)])
 
     def client(self, common_name: str) -> Pem:
         return self._leaf(common_name, ExtendedKeyUsageOID.CLIENT_AUTH, server=False)

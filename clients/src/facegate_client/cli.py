@@ -14,10 +14,13 @@ access log.
     facegate events --follow --after 1234
 
 Every client command takes --target HOST:PORT (default: $FACEGATE_TARGET, else
-127.0.0.1:50051), --timeout SECONDS and --json (protobuf JSON, with the proto field names).
+127.0.0.1:50051; several servers: `10.0.0.5:50051,10.0.0.6:50051`, `ipv4:...`, `ipv6:...`
+or `dns:///NAME:PORT`), --timeout SECONDS and --json (protobuf JSON, with the proto field
+names).
 A server with callers configured needs a bearer token: $FACEGATE_TOKEN (no flag: other
 users see command lines). TLS: --tls, --ca PEM, and --cert PEM --key PEM for mutual TLS
-(or $FACEGATE_CA, $FACEGATE_CERT, $FACEGATE_KEY).
+(or $FACEGATE_CA, $FACEGATE_CERT, $FACEGATE_KEY); --server-name NAME ($FACEGATE_SERVER_NAME):
+the name the servers' certificates carry, when the target is IP addresses.
 
 Exit codes: 0 on success (a denied frame is a success), 1 when the server answers with an
 error, 2 for a usage error or a local file that cannot be read.
@@ -609,6 +612,8 @@ def _credentials(args: argparse.Namespace) -> dict[str, Any]:
     found: dict[str, Any] = {"token": os.environ.get("FACEGATE_TOKEN") or None}
     if args.tls:
         found["tls"] = True
+    if args.server_name:
+        found["server_name"] = args.server_name
     for name, path in (
         ("root_certificates", args.ca),
         ("certificate_chain", args.cert),
@@ -654,7 +659,10 @@ def _common_options() -> argparse.ArgumentParser:
         "--target",
         metavar="HOST:PORT",
         default=os.environ.get("FACEGATE_TARGET") or DEFAULT_TARGET,
-        help=f"the server (default: $FACEGATE_TARGET, else {DEFAULT_TARGET})",
+        help=(
+            f"the server (default: $FACEGATE_TARGET, else {DEFAULT_TARGET}); several:"
+            " IP:PORT,IP:PORT or dns:///NAME:PORT (a name with several records)"
+        ),
     )
     group.add_argument(
         "--timeout",
@@ -679,6 +687,13 @@ def _common_options() -> argparse.ArgumentParser:
         tls.add_argument(
             flag, metavar="PEM", default=os.environ.get(env) or None, help=f"{what} (${env})"
         )
+    tls.add_argument(
+        "--server-name",
+        metavar="NAME",
+        default=os.environ.get("FACEGATE_SERVER_NAME") or None,
+        help="the name the servers' certificates carry, for a target of IP addresses"
+        " ($FACEGATE_SERVER_NAME)",
+    )
     return common
 
 

@@ -9,14 +9,24 @@ Every call has a deadline (`identify_timeout` for Identify and Verify, `timeout`
 rest) and
 raises a `facegate_client.errors.FaceGateError` subclass when it fails. The idempotent
 reads (GetMember, ListMembers, ListAccessEvents) are retried on UNAVAILABLE by gRPC
-itself, following the channel's service config; nothing else is retried. `follow_events`
-follows the access log live and reconnects, after the last event it yielded, when the
-server goes away.
+itself, following the channel's service config; Identify and Verify are retried once (a
+person is waiting, and with several servers the retry goes to another one); nothing else
+is retried. `follow_events` follows the access log live and reconnects, after the last
+event it yielded, when the server goes away.
+
+Several servers (replicas for one gym): a target may name several, as gRPC's address
+lists (`ipv4:10.0.0.5:50051,10.0.0.6:50051`, `ipv6:[fd00::5]:50051,[fd00::6]:50051`), a
+plain list of IP addresses (`10.0.0.5:50051,10.0.0.6:50051`, made one of those), or a DNS
+name with several records (`dns:///gate.example:50051`). Calls are spread over them
+(`round_robin`); one that stops is left out as soon as its connection breaks, and the
+Identify or Verify that failed with it (UNAVAILABLE) is sent to another. With TLS,
+`server_name` is the name the servers' certificates carry, when the target is addresses.
 """
 
 from __future__ import annotations
 
 import enum
+import ipaddress
 import json
 import random
 import time
@@ -40,6 +50,7 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "SERVICE_CONFIG",
     "FaceGateClient",
+    "channel_target",
 ]
 
 DEFAULT_TARGET: Final = "127.0.0.1:50051"
@@ -49,9 +60,14 @@ MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 
 _SERVICE: Final = pb.DESCRIPTOR.services_by_name["FaceGateService"].full_name
 _RETRIED_METHODS: Final = ("GetMember", "ListMembers", "ListAccessEvents", "ListMemberPhotos")
+_RETRIED_ONCE: Final = ("Identify", "Verify")
+"""A person is waiting: one more attempt, at once (round_robin sends it to the next server).
+A frame may be decided twice (two access events) when the server that had it died before
+answering; it is never answered twice."""
 
 SERVICE_CONFIG: Final = json.dumps(
     {
+        "loadBalancingConfig": [{"round_robin": {}}],
         "methodConfig": [
             {
                 "name": [{"service": _SERVICE, "method": method} for method in _RETRIED_METHODS],
@@ -62,21 +78,76 @@ SERVICE_CONFIG: Final = json.dumps(
                     "backoffMultiplier": 2,
                     "retryableStatusCodes": ["UNAVAILABLE"],
                 },
-            }
-        ]
+            },
+            {
+                "name": [{"service": _SERVICE, "method": method} for method in _RETRIED_ONCE],
+                "retryPolicy": {
+                    "maxAttempts": 2,
+                    "initialBackoff": "0.01s",
+                    "maxBackoff": "0.01s",
+                    "backoffMultiplier": 1,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            },
+        ],
     }
 )
-"""gRPC service config: retry only the idempotent reads, and only on UNAVAILABLE."""
+"""gRPC service config: calls spread over every address the target resolves to
+(`round_robin`); the idempotent reads retried on UNAVAILABLE, Identify and Verify once."""
+
+KEEPALIVE_MS: Final = 500
+"""How often the client pings each server it is connected to, and how long it waits for
+the answer (FaceGate servers accept a ping every 250 ms: rpc/server.py's PING_OPTIONS)."""
 
 CHANNEL_OPTIONS: Final[tuple[tuple[str, int | str], ...]] = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.enable_retries", 1),
     ("grpc.service_config", SERVICE_CONFIG),
+    # A server that stops without closing its connections (frozen, or cut off) is found
+    # by a ping unanswered for KEEPALIVE_MS, then left out: the calls it held fail with
+    # UNAVAILABLE, and Identify and Verify go to another server within their deadline.
+    ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_MS),
 )
 """The options of the channels `FaceGateClient` creates; use them for a channel of your own."""
 
 _R = TypeVar("_R")
+
+_SCHEMES: Final = ("ipv4:", "ipv6:", "dns:", "unix:", "unix-abstract:", "vsock:")
+
+
+def channel_target(target: str) -> str:
+    """The gRPC target for `target`: as it is, except a comma-separated list of IP
+    addresses with ports, which becomes gRPC's `ipv4:` or `ipv6:` address list. ValueError
+    for a list gRPC cannot take (host names, or both families)."""
+    target = target.strip()
+    if "," not in target or target.startswith(_SCHEMES):
+        return target
+    families = set()
+    for item in target.split(","):
+        if ":" not in item:
+            raise ValueError(f"{item.strip()!r} in a list of servers has no port")
+        host, _, port = item.strip().rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        try:
+            families.add(ipaddress.ip_address(host).version)
+        except ValueError:
+            raise ValueError(
+                f"{item.strip()!r} in a list of servers is not IP:PORT; for servers known"
+                " by name, give one DNS name with a record for each (dns:///NAME:PORT)"
+            ) from None
+        if not port.isdigit():
+            raise ValueError(f"{item.strip()!r} in a list of servers has no port")
+    if len(families) > 1:
+        raise ValueError(
+            "a list of servers must be all IPv4 or all IPv6 (or one DNS name with both)"
+        )
+    scheme = "ipv6:" if families == {6} else "ipv4:"
+    return scheme + ",".join(item.strip() for item in target.split(","))
 
 
 class _Keep(enum.Enum):
@@ -114,7 +185,9 @@ class FaceGateClient:
     """A connection to a FaceGate server.
 
     Args:
-        target: the server's HOST:PORT (ignored when `channel` is given).
+        target: the server's HOST:PORT, or several servers (see the module's notes:
+            `ipv4:A:PORT,B:PORT`, `A:PORT,B:PORT`, `dns:///NAME:PORT`); ignored when
+            `channel` is given.
         timeout: the deadline, in seconds, of every call but Identify.
         identify_timeout: the deadline, in seconds, of Identify and Verify (a person is
             waiting).
@@ -128,6 +201,8 @@ class FaceGateClient:
         root_certificates: PEM of the CA(s) that signed the server's certificate.
         certificate_chain, private_key: PEM of this client's certificate and its key, for a
             server that requires client certificates (mutual TLS). Both or neither.
+        server_name: with TLS, the name the servers' certificates carry, checked instead
+            of the target's host (for a target of IP addresses).
 
     Use it as a context manager, or call `close()`.
     """
@@ -146,6 +221,7 @@ class FaceGateClient:
         root_certificates: bytes | None = None,
         certificate_chain: bytes | None = None,
         private_key: bytes | None = None,
+        server_name: str | None = None,
     ) -> None:
         if timeout <= 0 or identify_timeout <= 0:
             raise ValueError("timeouts must be positive")
@@ -166,10 +242,16 @@ class FaceGateClient:
         self._metadata = tuple(metadata) + _authorization(token)
         self._owns_channel = channel is None
         if channel is None:
+            target = channel_target(target)
             if credentials is None:
+                if server_name:
+                    raise ValueError("server_name is for TLS: pass tls or a CA as well")
                 channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
             else:
-                channel = grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+                options = CHANNEL_OPTIONS
+                if server_name:
+                    options += (("grpc.ssl_target_name_override", server_name),)
+                channel = grpc.secure_channel(target, credentials, options=options)
         self._channel = channel
         self._stub = pb_grpc.FaceGateServiceStub(channel)
 

@@ -26,6 +26,7 @@ from facegate_server.cloud.azure import AzureFace, AzureSettings
 from facegate_server.cloud.cost import PriceModel
 from facegate_server.cloud.engine import AzureEngine, CloudPeople
 from facegate_server.cloud.health import CloudHealth
+from facegate_server.cloud.lease import REPLAYER, PostgresLease
 from facegate_server.cloud.ratelimit import TIER_RATES, CloudRate
 from facegate_server.cloud.sync import CloudSync
 from facegate_server.config import Settings
@@ -185,7 +186,27 @@ def build_cloud(
     breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_s, clock)
     people = CloudPeople(store)
     health = CloudHealth()
-    sync = CloudSync(face, store, people, health, interval=settings.sync_interval_s, clock=clock)
+    lease = (
+        PostgresLease(
+            settings.cloud_lease_url,
+            # One lease per outbox: servers sharing a store share its identity.
+            name=f"{REPLAYER}:{store.store_id()}",
+            ttl=settings.cloud_lease_ttl_s,
+            # A check wants the lease to outlast the write it precedes.
+            margin=min(settings.cloud_lease_ttl_s / 2, settings.azure_timeout_s + 1),
+        )
+        if settings.cloud_lease_url
+        else None
+    )
+    sync = CloudSync(
+        face,
+        store,
+        people,
+        health,
+        interval=settings.sync_interval_s,
+        clock=clock,
+        lease=lease,
+    )
     engine = AzureEngine(
         face,
         people,

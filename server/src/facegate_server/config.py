@@ -206,6 +206,11 @@ class Settings(BaseSettings):
     worker_start_timeout_s: float = Field(default=120.0, gt=0)  # to load the models
     # Pin each worker to a core of its own (when there are no more workers than cores).
     worker_pin: bool = False
+    # One cloud replayer for a chain (cloud/lease.py): several servers sharing an outbox
+    # replay it one at a time under a lease in PostgreSQL (empty: this server alone
+    # replays, as with SQLite). A holder that stops renewing loses it after the ttl.
+    cloud_lease_url: str = Field(default="", repr=False)
+    cloud_lease_ttl_s: float = Field(default=15.0, ge=1)
 
     @field_validator("site_time_zone")
     @classmethod

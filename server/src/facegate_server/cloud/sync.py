@@ -31,6 +31,14 @@ for: a new person is created, and a background sweep pages through the group (on
 tick) for persons tagged with this store's identity that FaceGate does not remember, and
 deletes them — never a full listing on the replay path.
 
+Servers sharing one outbox (a chain on PostgreSQL) replay it one at a time: the replayer
+writes to the cloud only while it holds the lease (cloud/lease.py; a single server's lease
+is always held), checks it before every cloud write (create or delete a person, add or
+delete a face, train), and on taking it over reloads the cloud persons from the store and
+reads the training state from the cloud. An uncertain create (the previous holder may have
+been stopped after creating the person) first looks for the member's person in the group,
+so a takeover never gives a member two persons.
+
 A reconciliation (`facegate sync`, SyncCloud) compares the group with the store and repairs
 what differs: members without a person, faces missing from a person, and this store's
 persons and faces that FaceGate does not know (orphans). A person another store made
@@ -55,6 +63,7 @@ from dataclasses import replace
 from facegate_server.cloud.azure import PAGE, AzureFace, CloudFailure
 from facegate_server.cloud.engine import CloudPeople
 from facegate_server.cloud.health import CloudHealth, Readiness
+from facegate_server.cloud.lease import Lease, LeaseKeeper, LocalLease
 from facegate_server.domain import (
     Change,
     ChangeKind,
@@ -98,6 +107,10 @@ def poll_delays(persons: int) -> tuple[float, float]:
     return 1.0 + persons / 10_000, 30.0 + persons / 2_000
 
 
+class LeaseLost(Exception):
+    """The lease's check failed before a cloud write: the write is not made."""
+
+
 class Training(enum.Enum):
     IDLE = "idle"  # nothing to train
     NEEDED = "needed"  # the group changed since the last training was queued
@@ -115,8 +128,14 @@ class CloudSync:
         *,
         interval: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        lease: Lease | None = None,
     ) -> None:
         self.face = face
+        self.lease: Lease = lease or LocalLease()
+        self._local = isinstance(self.lease, LocalLease)
+        self.keeper = LeaseKeeper(self.lease)
+        self._token: int | None = None
+        """The lease's token this replayer writes under; None: not holding it."""
         self.store = store
         self.people = people
         self.health = health or CloudHealth()
@@ -148,6 +167,8 @@ class CloudSync:
 
     # The background thread
     def start(self) -> None:
+        if not self._local:
+            self.keeper.start()
         self._thread = threading.Thread(target=self._run, name="cloud-sync", daemon=True)
         self._thread.start()
 
@@ -156,6 +177,16 @@ class CloudSync:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if not self._local:
+            # No write in flight: the next server may take over now. With one still in
+            # flight, the lease is left to lapse (its ttl) instead.
+            idle = self._lock.acquire(timeout=5)
+            try:
+                self.keeper.stop(release=idle)
+            finally:
+                if idle:
+                    self._lock.release()
+            self.lease.close()
 
     def wake(self) -> None:
         """Something was enrolled or deleted: replay now rather than at the next tick."""
@@ -185,10 +216,14 @@ class CloudSync:
                 return
             try:
                 if self.health.state.readiness is not Readiness.READY:
+                    # Every server checks (its Identify path reads the result); only the
+                    # lease's holder writes.
                     state = self.health.check(self.face)
                     if state.readiness is not Readiness.READY:
                         self._wait(state.describe(), MAX_CHECK)
                         return
+                if not self._hold_lease():
+                    return
                 self._ensure_group()
                 self._start_up()
                 self._replay_all()
@@ -198,8 +233,45 @@ class CloudSync:
             except CloudFailure as failure:
                 self._failed(failure)
                 return
+            except LeaseLost:
+                self._token = None
+                self.waiting = "the cloud replayer's lease passed to another server"
+                log.warning("cloud replayer lease lost: writes stopped", extra=self._lease_log())
+                return
             self._retry_delay = 0.0
             self.waiting = ""
+
+    # The lease: one replayer for the servers sharing this outbox (cloud/lease.py)
+    def _lease_log(self) -> dict[str, object]:
+        return {"lease": self.lease.name, "holder": self.lease.holder, "token": self._token}
+
+    def _hold_lease(self) -> bool:
+        """Take or renew the lease (one statement; the keeper also renews it on a timer).
+        A takeover starts from what the store and the cloud say, not from memory: the
+        last holder may have saved persons, or left a training running."""
+        if self._local:
+            self._token = 1
+            return True
+        token = self.keeper.renew()
+        if token is None:
+            self._token = None
+            self.waiting = "another server replays the outbox (it holds the lease)"
+            return False
+        if token != self._token:
+            self.people.reload()
+            self._started = False  # read the training state from the cloud again
+            self.training, self.training_queued = Training.IDLE, False
+            self._group_checked = False
+            self._token = token
+            log.info("cloud replayer lease held", extra=self._lease_log())
+        return True
+
+    def _fence(self) -> None:
+        """Before every cloud write: the lease is still ours, with our token."""
+        if self._local:
+            return
+        if self._token is None or not self.lease.check(self._token):
+            raise LeaseLost()
 
     def _wait(self, why: str, longest: float, at_least: float | None = None) -> None:
         self._retry_delay = min(longest, max(FIRST_RETRY, self._retry_delay * 2))
@@ -230,6 +302,7 @@ class CloudSync:
 
     def _ensure_group(self) -> None:
         if not self._group_checked:
+            self._fence()
             if self.face.ensure_group():
                 log.info("cloud group created", extra={"group": self.face.settings.group_id})
             self._group_checked = True
@@ -289,6 +362,7 @@ class CloudSync:
                 None,
             )
         if persisted is not None:
+            self._fence()
             self.face.delete_face(person.person_id, persisted)
 
     def _train(self) -> None:
@@ -326,6 +400,7 @@ class CloudSync:
             self.training is Training.FAILED and now >= self._next_poll
         ):
             try:
+                self._fence()
                 self.face.train()
             except CloudFailure as failure:
                 if not failure.training_running:
@@ -393,15 +468,40 @@ class CloudSync:
         return True
 
     def _create_person(self, member_id: str, uncertain: bool) -> str:
-        if uncertain:
-            # An earlier create may have taken effect with its answer lost: the sweep
-            # finds and deletes such a person in the background.
-            self._start_sweep()
-        person_id = self.face.create_person(member_id)
+        person_id = self._find_person(member_id) if uncertain else None
+        if person_id is not None:
+            # An earlier create took effect with its answer lost (a time-out, a crash,
+            # a holder of the lease stopped half-way): that person is the member's.
+            log.info(
+                "cloud person of an earlier attempt found: kept",
+                extra={"member_id": member_id, "person_id": person_id},
+            )
+        else:
+            if uncertain:
+                # A create still in flight when its attempt was given up may yet land:
+                # the sweep finds and deletes such a person in the background.
+                self._start_sweep()
+            self._fence()
+            person_id = self.face.create_person(member_id)
         self.people.save(member_id, person_id)
         if self._reconciling is not None:
             self._reconciling.seen.add(person_id)  # made after its page was read, perhaps
         return person_id
+
+    def _find_person(self, member_id: str) -> str | None:
+        """This store's person for `member_id` that FaceGate does not remember (made by an
+        attempt whose answer was lost), paging through the group as reconciliation does
+        (a call per 1,000 persons, until found): only for an uncertain create, so that no
+        member ever gets two persons."""
+        remembered = {p.person_id for p in self.people.all()}
+        start: str | None = None
+        while True:
+            page, start = self.face.persons_page(start, PAGE)
+            for info in page:
+                if info.person_id not in remembered and self.face.member_of(info) == member_id:
+                    return info.person_id
+            if start is None:
+                return None
 
     def _add_face(self, entry: OutboxEntry, uncertain: bool) -> None:
         assert entry.face_id is not None and entry.photo is not None
@@ -418,6 +518,7 @@ class CloudSync:
                     if self.face.face_tag(person_id, persisted) == tag:
                         self.store.save_cloud_face(entry.face_id, persisted)
                         return
+            self._fence()
             persisted = self.face.add_face(person_id, entry.photo, tag)
         except CloudFailure as failure:
             if not (failure.not_found and "GroupNotFound" not in failure.code):
@@ -430,6 +531,7 @@ class CloudSync:
             )
             self.people.forget(person_id)
             person_id = self._create_person(entry.member_id, uncertain=False)
+            self._fence()
             persisted = self.face.add_face(person_id, entry.photo, tag)
         self.store.save_cloud_face(entry.face_id, persisted)
 
@@ -437,6 +539,7 @@ class CloudSync:
         self.store.outbox_attempt(entry.seq)
         for person in self.people.all():
             if person.member_id == entry.member_id and person.deleted:
+                self._fence()
                 self.face.delete_person(person.person_id)
                 self.people.forget(person.person_id)
         if entry.attempts > 0:  # a create we never heard back from may have left a person
@@ -462,6 +565,7 @@ class CloudSync:
             member_id = self.face.member_of(person)
             if member_id is None or person.person_id in remembered or member_id in busy:
                 continue
+            self._fence()
             self.face.delete_person(person.person_id)
             log.info(
                 "cloud person from a lost create deleted",
@@ -504,6 +608,7 @@ class CloudSync:
         """Add a kept photo to the person: the one photo read, when it is needed."""
         photo = self.store.face_photo(face_id)
         if photo is not None:
+            self._fence()
             persisted = self.face.add_face(person_id, photo, face_tag(face_id))
             self.store.save_cloud_face(face_id, persisted)
 
@@ -603,6 +708,7 @@ class CloudSync:
                 continue  # the outbox is changing it (creating, adding to or deleting it)
             if known is None or known.deleted:  # an orphan: the store does not know it
                 if apply:
+                    self._fence()
                     self.face.delete_person(info.person_id)
                     if known is not None:
                         self.people.forget(info.person_id)
@@ -638,6 +744,7 @@ class CloudSync:
                 )
             for persisted in sorted(in_cloud - known_faces):
                 if apply:
+                    self._fence()
                     self.face.delete_face(info.person_id, persisted)
                 noted.append(
                     Change(

@@ -347,6 +347,15 @@ class _Receiver:
             await refuse(context, self.full_method, error, started, self.refusals)
 
 
+PING_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 250),
+    ("grpc.http2.max_ping_strikes", 0),
+)
+"""Clients may ping every 250 ms, with or without calls: a turnstile pointed at several
+servers finds a frozen one by its unanswered ping (facegate_client's KEEPALIVE_MS)."""
+
+
 class RpcServer:
     """A grpc.aio server with its event loop in its own thread, its thread pool for
     synchronous handlers, health and reflection; bound to `listen` when built."""
@@ -413,7 +422,7 @@ class RpcServer:
         interceptors: Sequence[grpc.aio.ServerInterceptor],
         options: Sequence[tuple[str, Any]],
     ) -> tuple[grpc.aio.Server, int]:
-        server = grpc.aio.server(interceptors=interceptors, options=options)
+        server = grpc.aio.server(interceptors=interceptors, options=[*PING_OPTIONS, *options])
         try:
             register(server)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
