@@ -111,6 +111,11 @@ CHANNEL_OPTIONS: Final[tuple[tuple[str, int | str], ...]] = (
     ("grpc.keepalive_timeout_ms", KEEPALIVE_MS),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # A server restarted (or a second one back) is tried again within 2 s, not after
+    # gRPC's default back-off of up to 120 s; and each client keeps its own connections
+    # (a new client never inherits another's back-off through the shared subchannel pool).
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.use_local_subchannel_pool", 1),
     ("grpc.http2.ping_timeout_ms", KEEPALIVE_MS),
 )
 """The options of the channels `FaceGateClient` creates; use them for a channel of your own."""
