@@ -228,6 +228,15 @@ def build_engine(
     return router, sync, status
 
 
+def build_store(settings: Settings) -> Store:
+    """The store the settings name: SQLite in data_dir, or the shared PostgreSQL."""
+    if not settings.store:
+        return SqliteStore(settings.db_path)
+    from facegate_server.store.postgres import PostgresStore
+
+    return PostgresStore(settings.store)
+
+
 def build_server(
     settings: Settings,
     *,
@@ -248,7 +257,7 @@ def build_server(
     credentials = tls.server_credentials(
         settings.tls_cert, settings.tls_key, settings.tls_client_ca
     )
-    store = store if store is not None else SqliteStore(settings.db_path)
+    store = store if store is not None else build_store(settings)
     router: RecognitionEngine | None = None
     try:
         local = engine if engine is not None else build_local(settings, store)

@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     enroll_rate: float = Field(default=1.0, ge=0)
     enroll_burst: int = Field(default=20, ge=1)
     data_dir: Path = Path("facegate-data")
+    # The chain's shared store (issue 16, store/postgres.py, store/chain.py): empty for the
+    # embedded SQLite file in data_dir; a postgresql:// URL to share one PostgreSQL
+    # database between servers (each keeps its local copy of the gallery in data_dir).
+    store: str = Field(default="", repr=False, pattern=r"^(|postgres(ql)?://.*)$")
     workers: int = Field(default_factory=_default_workers, ge=1)
     # The local engine's encoder: dlib's network on ONNX Runtime, or dlib itself (the
     # reference); the same embeddings (engines/encoder.py, tests/test_encoder.py).
