@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -50,9 +51,8 @@ def _admin(url: str = ADMIN_URL):  # type: ignore[no-untyped-def]
 
 
 def _with_db(url: str, name: str) -> str:
-    import psycopg
-
-    return psycopg.conninfo.make_conninfo(url, dbname=name)
+    """`url` (a postgresql:// URL) naming database `name` instead."""
+    return urlsplit(url)._replace(path=f"/{name}").geturl()
 
 
 def create_database(url: str = ADMIN_URL) -> str:
@@ -73,6 +73,7 @@ def drop_database(db_url: str, url: str = ADMIN_URL) -> None:
     import psycopg
 
     name = psycopg.conninfo.conninfo_to_dict(db_url)["dbname"]
+    assert name and name.startswith("facegate_test_")
     with _admin(url) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

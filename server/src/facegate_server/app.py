@@ -47,6 +47,10 @@ from facegate_server.store import SqliteStore, Store
 log = logging.getLogger(__name__)
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["FaceGateService"].full_name
+STORE_HEALTH = "facegate.v1.Store"
+"""The health service's name for the chain's shared store: SERVING while it is reachable,
+NOT_SERVING while the server decides from its local copy (the server itself stays
+SERVING). Unknown to the health service of a server with its own SQLite file."""
 
 
 @dataclass
@@ -72,7 +76,14 @@ class FaceGateServer:
         """Health NOT_SERVING while the server cannot decide at all (no recognition worker
         and no reachable cloud), SERVING again when it can."""
         serving = True
-        while not self._stopping.wait(0.25):
+        store_up: bool | None = None
+        while True:
+            state = self.store.state()
+            if state.kind != "local" and (state.state == "connected") != store_up:
+                store_up = state.state == "connected"
+                self.rpc.set_health(STORE_HEALTH, store_up)
+            if self._stopping.wait(0.25):
+                break
             can = self.gate.status_engines().can_decide
             if can != serving:
                 serving = can
@@ -228,13 +239,18 @@ def build_engine(
     return router, sync, status
 
 
+COPY_FILE = "gallery-copy.sqlite3"
+"""A chain server's local copy of the shared gallery, in data_dir (store/replica.py)."""
+
+
 def build_store(settings: Settings) -> Store:
-    """The store the settings name: SQLite in data_dir, or the shared PostgreSQL."""
+    """The store the settings name: SQLite in data_dir, or the chain's: the shared
+    PostgreSQL and this server's local copy of the gallery in data_dir."""
     if not settings.store:
         return SqliteStore(settings.db_path)
-    from facegate_server.store.postgres import PostgresStore
+    from facegate_server.store.chain import ChainStore
 
-    return PostgresStore(settings.store)
+    return ChainStore(settings.store, settings.data_dir / COPY_FILE)
 
 
 def build_server(
@@ -262,6 +278,9 @@ def build_server(
     try:
         local = engine if engine is not None else build_local(settings, store)
         router, replayer, engine_status = build_engine(settings, store, local, clock)
+        follow = getattr(store, "follow", None)
+        if follow is not None:  # the chain: the engines follow the shared change log
+            follow(router)
         refusals = Refusals()
         gate = Gate(
             store,

@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     # The chain's shared store (issue 16, store/postgres.py, store/chain.py): empty for the
     # embedded SQLite file in data_dir; a postgresql:// URL to share one PostgreSQL
     # database between servers (each keeps its local copy of the gallery in data_dir).
-    store: str = Field(default="", repr=False, pattern=r"^(|postgres(ql)?://.*)$")
+    store: str = Field(default="", repr=False)
     workers: int = Field(default_factory=_default_workers, ge=1)
     # The local engine's encoder: dlib's network on ONNX Runtime, or dlib itself (the
     # reference); the same embeddings (engines/encoder.py, tests/test_encoder.py).
@@ -147,6 +147,15 @@ class Settings(BaseSettings):
     # name (not the cloud's store identity), and the IANA zone of access hours.
     site_id: str = Field(default="", pattern=r"^[A-Za-z0-9._:-]{0,64}$")
     site_time_zone: str = "UTC"
+
+    @field_validator("store")
+    @classmethod
+    def _store_url(cls, url: str) -> str:
+        if url and not url.startswith(("postgresql://", "postgres://")):
+            raise PydanticCustomError(
+                "store_url", "must be empty (SQLite in data_dir) or a postgresql:// URL"
+            )
+        return url
 
     @field_validator("site_time_zone")
     @classmethod

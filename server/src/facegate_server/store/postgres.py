@@ -606,9 +606,15 @@ class PostgresStore(Store):
         )
 
     def record_event(self, event: NewAccessEvent) -> AccessEvent:
+        return self.record_event_from(event, None)
+
+    def record_event_from(
+        self, event: NewAccessEvent, origin: tuple[str, int] | None
+    ) -> AccessEvent:
+        """Append an event, with its origin (server id, local seq) when it has one."""
         with self._conn() as conn:
             row: Any = conn.execute(
-                self._INSERT_EVENT + " RETURNING event_id", self._event_row(event, None)
+                self._INSERT_EVENT + " RETURNING event_id", self._event_row(event, origin)
             ).fetchone()
         fields = {k: getattr(event, k) for k in NewAccessEvent.__dataclass_fields__}
         return AccessEvent(**fields, event_id=int(row[0]))
