@@ -320,3 +320,35 @@ def test_a_batch_copies_deleted_and_updated_members_first_each_once() -> None:
         MemberChange(7, "d", "enrolled"),
     ]
     assert ordered(changes) == ["b", "d", "a", "c"]
+
+
+def test_facegate_serve_with_a_store_url_and_facegate_status(tmp_path: Path, url: str) -> None:
+    """The real entry point: `--store` (here FACEGATE_STORE) selects PostgreSQL; the log
+    names the database without a password; `facegate status` shows the store."""
+    import json
+    import subprocess
+
+    from tests.helpers import FACEGATE, start_serve
+
+    log = tmp_path / "serve.log"
+    with_password = url.replace("postgres@", "postgres:not-logged@")  # trust: unused
+    settings = {
+        "FACEGATE_DATA_DIR": str(tmp_path / "data"),
+        "FACEGATE_WORKERS": "1",
+        "FACEGATE_STORE": with_password,
+    }
+    process, target = start_serve(settings, log)
+    try:
+        status = subprocess.run(
+            [FACEGATE, "status", "--target", target], capture_output=True, text=True, timeout=60
+        )
+        assert status.returncode == 0, status.stderr
+        assert "store: postgresql://127.0.0.1:5432/facegate_test_" in status.stdout
+        assert " connected, local copy current " in status.stdout
+        serving = [json.loads(line) for line in log.read_text().splitlines() if "serving" in line]
+        assert serving[-1]["store"].startswith("postgresql://127.0.0.1:5432/facegate_test_")
+        assert "not-logged" not in log.read_text()
+        assert (tmp_path / "data" / COPY_FILE).exists()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
