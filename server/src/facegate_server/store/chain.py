@@ -104,6 +104,7 @@ class ChainStore(Store):
         self._state_lock = threading.Lock()
         self._since = time.monotonic()
         self._last_error = ""
+        self._outage = False  # the pool has failed since it was made
         self._origin = (0, 0)
         self._pending = self.local.pending_count()
         self._stop = threading.Event()
@@ -127,6 +128,7 @@ class ChainStore(Store):
         with self._state_lock:
             was, self._connected = self._connected, False
             self._last_error = str(error)
+            self._outage = True
             if was:
                 self._since = time.monotonic()
         if was:
@@ -134,6 +136,10 @@ class ChainStore(Store):
 
     def _reconnected(self) -> None:
         """Migrate if needed, check the copy is of this store, catch up, ship events."""
+        with self._state_lock:
+            outage, self._outage = self._outage, False
+        if outage:
+            self.central.reopen()
         self.central.migrate()
         central_id = self.central.store_id()
         if self.local.meta("central_id") != central_id:
