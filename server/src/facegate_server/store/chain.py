@@ -107,6 +107,8 @@ class ChainStore(Store):
         self._outage = False  # the pool has failed since it was made
         self._origin = (0, 0)
         self._pending = self.local.pending_count()
+        self.server_id = self.local.store_id()
+        """This server's identity, the origin of its events (made with its local copy)."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         try:
@@ -229,7 +231,7 @@ class ChainStore(Store):
             batch = self.local.pending_events(BATCH)
             if not batch:
                 return arrived
-            arrived += self.central.ship_events(self.local.store_id(), batch)
+            arrived += self.central.ship_events(self.server_id, batch)
             self.local.shipped(batch[-1][0])
             with self._event_lock:
                 self._pending = self.local.pending_count()
@@ -328,11 +330,13 @@ class ChainStore(Store):
         kept locally (event id 0) and shipped in order."""
         with self._event_lock:
             origin = self._next_origin()
-            if self._pending == 0 and self.connected:
-                try:
-                    return self.central.record_event_from(event, (self.local.store_id(), origin))
-                except StoreUnavailable as error:
-                    self._lost(error)
+            direct = self._pending == 0 and self.connected
+        if direct:  # concurrent calls insert concurrently: their order is no order
+            try:
+                return self.central.record_event_from(event, (self.server_id, origin))
+            except StoreUnavailable as error:
+                self._lost(error)
+        with self._event_lock:
             self.local.keep_event(origin, event)
             self._pending += 1
         fields = {k: getattr(event, k) for k in NewAccessEvent.__dataclass_fields__}
