@@ -114,10 +114,11 @@ def serve(args: argparse.Namespace) -> int:
         },
     )
     from facegate_server.app import build_server  # numpy, dlib: only for `serve`
+    from facegate_server.errors import StoreUnavailable
 
     try:
         server = build_server(settings)
-    except (OSError, RuntimeError) as error:
+    except (OSError, RuntimeError, StoreUnavailable) as error:
         log.error("could not start", extra={"error": str(error)})
         return 1
     server.start()
