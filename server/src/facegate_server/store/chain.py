@@ -232,7 +232,7 @@ class ChainStore(Store):
             if not batch:
                 return arrived
             arrived += self.central.ship_events(self.server_id, batch)
-            self.local.shipped(batch[-1][0])
+            self.local.shipped([seq for seq, _ in batch])
             with self._event_lock:
                 self._pending = self.local.pending_count()
 

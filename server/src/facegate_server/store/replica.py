@@ -255,6 +255,10 @@ class ReplicaStore(SqliteStore):
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM pending_events").fetchone()[0])
 
-    def shipped(self, through: int) -> None:
-        with self._lock:
-            self._db.execute("DELETE FROM pending_events WHERE origin_seq <= ?", (through,))
+    def shipped(self, origin_seqs: Sequence[int]) -> None:
+        """Forget the events shipped: these, not all below the last (an event whose
+        central insert failed late may be kept after later ones were shipped)."""
+        with self._lock, self._transaction():
+            self._db.executemany(
+                "DELETE FROM pending_events WHERE origin_seq = ?", [(s,) for s in origin_seqs]
+            )
