@@ -60,3 +60,13 @@ def stub(target: str) -> Iterator[pb_grpc.FaceGateServiceStub]:
         target, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
     ) as channel:
         yield pb_grpc.FaceGateServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A database of this test session's own on the shared PostgreSQL (tests/pg.py),
+    dropped at the end; skips (fails under CI) where there is no PostgreSQL."""
+    from tests import pg
+
+    with pg.database() as url:
+        yield url

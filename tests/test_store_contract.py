@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+import psycopg
 import pytest
 from facegate_server.domain import (
     Decision,
@@ -19,6 +20,7 @@ from facegate_server.domain import (
 )
 from facegate_server.errors import MemberAlreadyExists, MemberNotFound
 from facegate_server.store import MemoryStore, SqliteStore, Store
+from facegate_server.store.postgres import PostgresStore
 from facegate_server.store.sqlite import SCHEMA_VERSION
 
 T0 = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
@@ -28,9 +30,21 @@ def template(seed: int, photo: bytes | None = None) -> FaceTemplate:
     return FaceTemplate(np.random.default_rng(seed).normal(size=128), photo)
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+# The shared store's tables, emptied between tests (the schema and identity stay).
+PG_TABLES = "members, faces, access_events, cloud_persons, outbox, member_changes"
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    made: Store = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "db")
+    made: Store
+    if request.param == "memory":
+        made = MemoryStore()
+    elif request.param == "sqlite":
+        made = SqliteStore(tmp_path / "db")
+    else:
+        made = PostgresStore(request.getfixturevalue("postgres_url"))
+        with psycopg.connect(made.url, autocommit=True) as conn:
+            conn.execute(f"TRUNCATE {PG_TABLES} RESTART IDENTITY CASCADE")
     yield made
     made.close()
 

@@ -485,6 +485,22 @@ def _follow_events(client: FaceGateClient, args: argparse.Namespace, out: TextIO
             return
 
 
+def format_store(store: pb.StoreStatus, now: datetime | None = None) -> str:
+    """`store: postgresql://db:5432/gym connected, local copy current 0.4 s ago`."""
+    line = f"store: {store.name} {store.state}"
+    if store.HasField("copy_current_time"):
+        current = store.copy_current_time.ToDatetime(tzinfo=UTC)
+        age = ((now or datetime.now(UTC)) - current).total_seconds()
+        line += f", local copy current {max(0.0, age):.1f} s ago"
+    else:
+        line += ", no local copy yet"
+    if store.pending_events:
+        line += f", {store.pending_events} access events waiting to be shipped"
+    if store.last_error:
+        line += f" ({store.last_error})"
+    return line
+
+
 def format_status(status: pb.GetStatusResponse) -> str:
     """Several `name: value` lines for operators."""
     circuit = _enum_name(pb.CircuitState, status.circuit_state, "CIRCUIT_STATE_").lower()
@@ -506,6 +522,8 @@ def format_status(status: pb.GetStatusResponse) -> str:
             lines.append(f"  {parked.kind} {parked.member_id}{face}: {parked.reason}")
     if status.HasField("reconciliation"):
         lines.append(f"cloud sync: {format_reconciliation(status.reconciliation)}")
+    if status.store.kind == "postgresql":
+        lines.append(format_store(status.store))
     if status.cloud_cost:
         lines.append(f"cloud cost: {status.cloud_cost}")
     if status.last_cloud_error:

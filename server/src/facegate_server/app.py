@@ -53,6 +53,10 @@ from facegate_server.store import SqliteStore, Store
 log = logging.getLogger(__name__)
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["FaceGateService"].full_name
+STORE_HEALTH = "facegate.v1.Store"
+"""The health service's name for the chain's shared store: SERVING while it is reachable,
+NOT_SERVING while the server decides from its local copy (the server itself stays
+SERVING). Unknown to the health service of a server with its own SQLite file."""
 
 
 @dataclass
@@ -92,7 +96,14 @@ class FaceGateServer:
         """Health NOT_SERVING while the server cannot decide at all (no recognition worker
         and no reachable cloud), SERVING again when it can."""
         serving = True
-        while not self._stopping.wait(0.25):
+        store_up: bool | None = None
+        while True:
+            state = self.store.state()
+            if state.kind != "local" and (state.state == "connected") != store_up:
+                store_up = state.state == "connected"
+                self.rpc.set_health(STORE_HEALTH, store_up)
+            if self._stopping.wait(0.25):
+                break
             can = self.gate.status_engines().can_decide
             if can != serving:
                 serving = can
@@ -186,16 +197,19 @@ def build_cloud(
     breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_s, clock)
     people = CloudPeople(store)
     health = CloudHealth()
+    # The chain's servers share the outbox in PostgreSQL: the lease lives there too, unless
+    # FACEGATE_CLOUD_LEASE_URL names another database.
+    lease_url = settings.cloud_lease_url or settings.store
     lease = (
         PostgresLease(
-            settings.cloud_lease_url,
+            lease_url,
             # One lease per outbox: servers sharing a store share its identity.
             name=f"{REPLAYER}:{store.store_id()}",
             ttl=settings.cloud_lease_ttl_s,
             # A check wants the lease to outlast the write it precedes.
             margin=min(settings.cloud_lease_ttl_s / 2, settings.azure_timeout_s + 1),
         )
-        if settings.cloud_lease_url
+        if lease_url
         else None
     )
     sync = CloudSync(
@@ -342,6 +356,20 @@ def frame_limits(max_image_bytes: int) -> dict[str, MessageLimit]:
     return {f"/{service}/{method}": limit for method in FRAME_METHODS}
 
 
+COPY_FILE = "gallery-copy.sqlite3"
+"""A chain server's local copy of the shared gallery, in data_dir (store/replica.py)."""
+
+
+def build_store(settings: Settings) -> Store:
+    """The store the settings name: SQLite in data_dir, or the chain's: the shared
+    PostgreSQL and this server's local copy of the gallery in data_dir."""
+    if not settings.store:
+        return SqliteStore(settings.db_path, purge_interval=settings.purge_interval_s)
+    from facegate_server.store.chain import ChainStore
+
+    return ChainStore(settings.store, settings.data_dir / COPY_FILE)
+
+
 def build_server(
     settings: Settings,
     *,
@@ -369,17 +397,16 @@ def build_server(
         callers, frozenset() if settings.health_listen else auth.NO_CREDENTIALS_NEEDED
     )
     # The store's files are measured for the metrics when the store is the settings' own.
-    store_files = sqlite_files(settings.db_path) if store is None else ()
-    store = (
-        store
-        if store is not None
-        else SqliteStore(settings.db_path, purge_interval=settings.purge_interval_s)
-    )
+    store_files = sqlite_files(settings.db_path) if store is None and not settings.store else ()
+    store = store if store is not None else build_store(settings)
     router: RecognitionEngine | None = None
     metrics_server: MetricsServer | None = None
     try:
         local = engine if engine is not None else build_local(settings, store)
         router, replayer, engine_status = build_engine(settings, store, local, clock)
+        follow = getattr(store, "follow", None)
+        if follow is not None:  # the chain: the engines follow the shared change log
+            follow(router)
         refusals = Refusals()
         metrics = Metrics()
         bell = EventBell()

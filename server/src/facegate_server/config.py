@@ -95,6 +95,10 @@ class Settings(BaseSettings):
     enroll_rate: float = Field(default=1.0, ge=0)
     enroll_burst: int = Field(default=20, ge=1)
     data_dir: Path = Path("facegate-data")
+    # The chain's shared store (issue 16, store/postgres.py, store/chain.py): empty for the
+    # embedded SQLite file in data_dir; a postgresql:// URL to share one PostgreSQL
+    # database between servers (each keeps its local copy of the gallery in data_dir).
+    store: str = Field(default="", repr=False)
     workers: int = Field(default_factory=_default_workers, ge=1)
     # The local engine's encoder: dlib's network on ONNX Runtime, or dlib itself (the
     # reference); the same embeddings (engines/encoder.py, tests/test_encoder.py).
@@ -211,6 +215,15 @@ class Settings(BaseSettings):
     # replays, as with SQLite). A holder that stops renewing loses it after the ttl.
     cloud_lease_url: str = Field(default="", repr=False)
     cloud_lease_ttl_s: float = Field(default=15.0, ge=1)
+
+    @field_validator("store")
+    @classmethod
+    def _store_url(cls, url: str) -> str:
+        if url and not url.startswith(("postgresql://", "postgres://")):
+            raise PydanticCustomError(
+                "store_url", "must be empty (SQLite in data_dir) or a postgresql:// URL"
+            )
+        return url
 
     @field_validator("site_time_zone")
     @classmethod

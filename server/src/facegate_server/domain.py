@@ -377,6 +377,25 @@ class WorkerStatus:
 
 
 @dataclass(frozen=True)
+class StoreState:
+    """The store as GetStatus shows it (the chain's: store/chain.py)."""
+
+    kind: str = "local"
+    """"local" (this server's own SQLite file) or "postgresql" (the chain's shared store)."""
+    name: str = ""
+    """The shared database (host, port, name; never a password)."""
+    state: str = "local"
+    """"local", or the shared store's: "connected" or "disconnected"."""
+    copy_current: datetime | None = None
+    """When the local copy of the gallery was last known equal to the shared store."""
+    pending_events: int = 0
+    """Access events kept locally until the shared store takes them."""
+    applied_change: int = 0
+    """The last change of the shared change log applied to the local copy."""
+    last_error: str = ""
+
+
+@dataclass(frozen=True)
 class Status:
     """GetStatus: how the server, its engines and the cloud are doing."""
 
@@ -395,6 +414,7 @@ class Status:
     """The oldest access event kept; None when the log is empty."""
     event_retention_days: int = 0
     """Access events are kept this many days (0: forever)."""
+    store: StoreState = StoreState()
 
 
 class ChangeKind(enum.Enum):

@@ -11,6 +11,7 @@ gRPC statuses).
     ├── RecognitionUnavailable        -> UNAVAILABLE
     ├── CloudNotConfigured            -> FAILED_PRECONDITION
     ├── CloudUnavailable              -> UNAVAILABLE
+    ├── StoreUnavailable              -> UNAVAILABLE (the shared store cannot be reached)
     ├── Unauthenticated               -> UNAUTHENTICATED (no or unknown credentials)
     ├── PermissionDenied              -> PERMISSION_DENIED (the caller's role may not)
     ├── ServerStopping                -> UNAVAILABLE (a follower of the log: reconnect)
@@ -109,6 +110,22 @@ class CloudUnavailable(FaceGateError):
     """The cloud could not be reached for an operation that needs it (SyncCloud)."""
 
     reason = "CLOUD_UNAVAILABLE"
+
+
+class StoreUnavailable(FaceGateError):
+    """The shared store (PostgreSQL) cannot be reached: changes of membership wait for it
+    (the source of truth is central), while Identify and Verify go on from the local copy."""
+
+    reason = "STORE_UNAVAILABLE"
+
+    def __init__(self, store: str, detail: str = "") -> None:
+        super().__init__(
+            f"the store {store} is unreachable"
+            + (f" ({detail})" if detail else "")
+            + ": members cannot be changed until it is back",
+            metadata={"store": store},
+        )
+        self.store = store
 
 
 class Unauthenticated(FaceGateError):

@@ -45,6 +45,7 @@ from facegate_server.errors import (
     RateLimited,
     RecognitionTimeout,
     RecognitionUnavailable,
+    StoreUnavailable,
 )
 from facegate_server.feed import EventBell
 from facegate_server.membership import Site
@@ -341,13 +342,15 @@ class Gate:
         validation.member_id(member_id)
         validation.display_name(display_name)
         checked = validation.membership(membership or Membership())
+        self.store.check_writable()
         self._check_absent(member_id)
         templates = self._templates(photos)
         with self._membership:
             member = self.store.create_member(
                 member_id, display_name, templates, self.clock(), checked
             )
-            self.engine.enrolled(member_id, templates)
+            if not self.store.applies_changes:
+                self.engine.enrolled(member_id, templates)
         self._wake_cloud()
         return member
 
@@ -360,23 +363,31 @@ class Gate:
         return self._engine_status()
 
     def status(self) -> Status:
+        try:  # the outbox is in the shared store, when there is one
+            depth = self.store.outbox_depth()
+            parked_count = self.store.outbox_parked_count()
+            parked = tuple(self.store.outbox_parked(PARKED_SHOWN))
+        except StoreUnavailable:  # the store's state says so
+            depth, parked_count, parked = 0, 0, ()
         return Status(
             engines=self._engine_status(),
-            outbox_depth=self.store.outbox_depth(),
+            outbox_depth=depth,
             decisions=dict(self._decisions),
             member_count=self.store.count_members(),
-            outbox_parked=self.store.outbox_parked_count(),
-            parked=tuple(self.store.outbox_parked(PARKED_SHOWN)),
+            outbox_parked=parked_count,
+            parked=parked,
             refusals=self._refusals(),
             purge_pending_since=self.store.purge_pending_since(),
             oldest_event_time=self.store.oldest_event_at(),
             event_retention_days=self.event_retention_days,
+            store=self.store.state(),
         )
 
     def retry_parked(self) -> int:
         """Put the parked outbox entries back in line; how many."""
         if self.replayer is None:
             raise CloudNotConfigured("no cloud engine is configured (FACEGATE_AZURE_ENDPOINT)")
+        self.store.check_writable()
         return self.replayer.retry_parked()
 
     def sync_cloud(self, dry_run: bool, *, report_only: bool = False) -> SyncReport:
@@ -396,11 +407,13 @@ class Gate:
 
     def add_member_photos(self, member_id: str, photos: Sequence[bytes]) -> Member:
         validation.member_id(member_id)
+        self.store.check_writable()
         self.store.get_member(member_id)
         templates = self._templates(photos)
         with self._membership:
             member = self.store.add_templates(member_id, templates, self.clock())
-            self.engine.enrolled(member_id, templates)
+            if not self.store.applies_changes:
+                self.engine.enrolled(member_id, templates)
         self._wake_cloud()
         return member
 
@@ -423,6 +436,7 @@ class Gate:
                     f"{path!r} cannot be updated; the fields are {', '.join(UPDATABLE)}",
                     reason="UPDATE_MASK_INVALID",
                 )
+        self.store.check_writable()
         with self._membership:
             current = self.store.get_member(member_id)
             name = current.display_name
@@ -452,11 +466,13 @@ class Gate:
         validation.member_id(member_id)
         if photo_id <= 0:
             raise InvalidArgument("photo_id", "is required", reason="PHOTO_ID_MISSING")
+        self.store.check_writable()
         with self._membership:
             member, removed = self.store.remove_photo(
                 member_id, photo_id, self.clock(), cloud=self.replayer is not None
             )
-            self.engine.template_removed(member_id, removed)
+            if not self.store.applies_changes:
+                self.engine.template_removed(member_id, removed)
         self._wake_cloud()
         log.info("member photo removed", extra={"member_id": member_id, "photo_id": photo_id})
         return member
@@ -477,9 +493,11 @@ class Gate:
 
     def delete_member(self, member_id: str) -> None:
         validation.member_id(member_id)
+        self.store.check_writable()
         with self._membership:
             self.store.delete_member(member_id, cloud=self.replayer is not None)
-            self.engine.removed(member_id)
+            if not self.store.applies_changes:
+                self.engine.removed(member_id)
         self._wake_cloud()
         log.info("member deleted", extra={"member_id": member_id})
 

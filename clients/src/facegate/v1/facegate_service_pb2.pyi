@@ -1561,6 +1561,7 @@ class GetStatusResponse(_message.Message):
     PURGE_PENDING_SINCE_FIELD_NUMBER: _builtins.int
     OLDEST_EVENT_TIME_FIELD_NUMBER: _builtins.int
     EVENT_RETENTION_DAYS_FIELD_NUMBER: _builtins.int
+    STORE_FIELD_NUMBER: _builtins.int
     routing_policy: _builtins.str
     """The routing policy: "cloud-first", "local-first" or "local-only"."""
     circuit_state: Global___CircuitState.ValueType
@@ -1657,6 +1658,12 @@ class GetStatusResponse(_message.Message):
     def oldest_event_time(self) -> _timestamp_pb2.Timestamp:
         """The oldest access event kept; unset when the access log is empty."""
 
+    @_builtins.property
+    def store(self) -> Global___StoreStatus:
+        """The store: this server's own, or the chain's shared PostgreSQL and how
+        current this server's local copy of the gallery is.
+        """
+
     def __init__(
         self,
         *,
@@ -1683,14 +1690,68 @@ class GetStatusResponse(_message.Message):
         purge_pending_since: _timestamp_pb2.Timestamp | None = ...,
         oldest_event_time: _timestamp_pb2.Timestamp | None = ...,
         event_retention_days: _builtins.int = ...,
+        store: Global___StoreStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_cloud_error_time", b"last_cloud_error_time", "oldest_event_time", b"oldest_event_time", "purge_pending_since", b"purge_pending_since", "reconciliation", b"reconciliation"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_cloud_error_time", b"last_cloud_error_time", "oldest_event_time", b"oldest_event_time", "purge_pending_since", b"purge_pending_since", "reconciliation", b"reconciliation", "store", b"store"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "can_decide", b"can_decide", "circuit_state", b"circuit_state", "cloud_cost", b"cloud_cost", "cloud_readiness", b"cloud_readiness", "cloud_training", b"cloud_training", "cloud_transactions", b"cloud_transactions", "decisions", b"decisions", "event_retention_days", b"event_retention_days", "last_cloud_error", b"last_cloud_error", "last_cloud_error_time", b"last_cloud_error_time", "member_count", b"member_count", "oldest_event_time", b"oldest_event_time", "outbox_depth", b"outbox_depth", "outbox_parked", b"outbox_parked", "outbox_waiting", b"outbox_waiting", "parked", b"parked", "purge_pending_since", b"purge_pending_since", "recognition_queue", b"recognition_queue", "reconciliation", b"reconciliation", "refusals", b"refusals", "routing_policy", b"routing_policy", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "can_decide", b"can_decide", "circuit_state", b"circuit_state", "cloud_cost", b"cloud_cost", "cloud_readiness", b"cloud_readiness", "cloud_training", b"cloud_training", "cloud_transactions", b"cloud_transactions", "decisions", b"decisions", "event_retention_days", b"event_retention_days", "last_cloud_error", b"last_cloud_error", "last_cloud_error_time", b"last_cloud_error_time", "member_count", b"member_count", "oldest_event_time", b"oldest_event_time", "outbox_depth", b"outbox_depth", "outbox_parked", b"outbox_parked", "outbox_waiting", b"outbox_waiting", "parked", b"parked", "purge_pending_since", b"purge_pending_since", "recognition_queue", b"recognition_queue", "reconciliation", b"reconciliation", "refusals", b"refusals", "routing_policy", b"routing_policy", "store", b"store", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
+
+@_typing.final
+class StoreStatus(_message.Message):
+    """The store, for GetStatus."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    COPY_CURRENT_TIME_FIELD_NUMBER: _builtins.int
+    PENDING_EVENTS_FIELD_NUMBER: _builtins.int
+    APPLIED_CHANGE_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """"local" (this server's SQLite file) or "postgresql" (shared by a chain)."""
+    name: _builtins.str
+    """The shared database: host, port and name (never a password)."""
+    state: _builtins.str
+    """"local", or the shared store's "connected" or "disconnected". While
+    disconnected, Identify and Verify decide from the local copy and changes
+    of members are refused (UNAVAILABLE, STORE_UNAVAILABLE).
+    """
+    pending_events: _builtins.int
+    """Access events kept locally until the shared store takes them."""
+    applied_change: _builtins.int
+    """The last change of the shared change log applied to the local copy."""
+    last_error: _builtins.str
+    """Why the shared store is unreachable; empty while connected."""
+    @_builtins.property
+    def copy_current_time(self) -> _timestamp_pb2.Timestamp:
+        """When the local copy of the gallery was last known equal to the shared
+        store; unset for a local store.
+        """
+
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        name: _builtins.str = ...,
+        state: _builtins.str = ...,
+        copy_current_time: _timestamp_pb2.Timestamp | None = ...,
+        pending_events: _builtins.int = ...,
+        applied_change: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["copy_current_time", b"copy_current_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_change", b"applied_change", "copy_current_time", b"copy_current_time", "kind", b"kind", "last_error", b"last_error", "name", b"name", "pending_events", b"pending_events", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoreStatus: _TypeAlias = StoreStatus  # noqa: Y015
 
 @_typing.final
 class ParkedChange(_message.Message):

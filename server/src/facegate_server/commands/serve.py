@@ -12,9 +12,12 @@ import logging
 import signal
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from facegate_server import logs
+
+if TYPE_CHECKING:
+    from facegate_server.config import Settings
 
 log = logging.getLogger("facegate.serve")
 
@@ -30,6 +33,12 @@ def register_serve(subparsers: Any) -> None:
         "--data-dir",
         type=Path,
         help="where the database lives (FACEGATE_DATA_DIR; ./facegate-data)",
+    )
+    parser.add_argument(
+        "--store",
+        metavar="URL",
+        help="postgresql://... to share one PostgreSQL between servers (FACEGATE_STORE;"
+        " default: SQLite in the data dir)",
     )
     parser.add_argument(
         "--workers", type=int, help="recognition processes (FACEGATE_WORKERS; default: one a core)"
@@ -75,6 +84,15 @@ def register_serve(subparsers: Any) -> None:
     parser.set_defaults(func=serve)
 
 
+def store_name(settings: Settings) -> str:
+    """The store as the log names it (a PostgreSQL URL without its password)."""
+    if not settings.store:
+        return str(settings.db_path)
+    from facegate_server.store.postgres import describe
+
+    return describe(settings.store)
+
+
 def serve(args: argparse.Namespace) -> int:
     from facegate_server.config import load_settings  # pydantic: not for `facegate --help`
 
@@ -82,6 +100,7 @@ def serve(args: argparse.Namespace) -> int:
         settings = load_settings(
             listen=args.listen,
             data_dir=args.data_dir,
+            store=args.store,
             workers=args.workers,
             log_level=args.log_level,
             metrics_listen=args.metrics_listen,
@@ -119,10 +138,11 @@ def serve(args: argparse.Namespace) -> int:
         },
     )
     from facegate_server.app import build_server  # numpy, dlib: only for `serve`
+    from facegate_server.errors import StoreUnavailable
 
     try:
         server = build_server(settings)
-    except (OSError, RuntimeError) as error:
+    except (OSError, RuntimeError, StoreUnavailable) as error:
         log.error("could not start", extra={"error": str(error)})
         return 1
     server.start()
@@ -134,7 +154,7 @@ def serve(args: argparse.Namespace) -> int:
             **({"health_port": server.rpc.health_port} if settings.health_listen else {}),
             "routing": settings.policy,
             "engines": ["azure", "local"] if settings.cloud_enabled else ["local"],
-            "store": str(settings.db_path),
+            "store": store_name(settings),
             **({"metrics_port": server.metrics.port} if server.metrics is not None else {}),
         },
     )

@@ -49,9 +49,10 @@ class MemoryEngine:
         self._faces = faces
         self._max_bytes, self._max_side = max_bytes, max_side
         self._lock = threading.Lock()
-        self._pending: dict[int, str] = {}  # id(template embedding) -> face, until enrolled
-        self._members: dict[str, Counter[str]] = {}  # member -> faces (one a template)
-        self._by_key: dict[int, str] = {}  # template embedding -> face, once enrolled
+        # member -> the keys of its templates' embeddings (one a template). An embedding
+        # stands for a face's name, so any engine given a stored template (another server
+        # of a chain, one rebuilt from the store) recognises the face it stands for.
+        self._members: dict[str, Counter[int]] = {}
 
     def _face(self, image: bytes, field: str) -> str | None:
         try:
@@ -66,8 +67,9 @@ class MemoryEngine:
         face = self._face(image, "image")
         if face is None:
             return Identification(Decision.DENIED_NO_FACE, self.kind, hint="look at the camera")
+        key = _key_of(face)
         with self._lock:
-            owners = sorted(m for m, faces in self._members.items() if face in faces)
+            owners = sorted(m for m, faces in self._members.items() if key in faces)
         if len(owners) == 1:
             return Identification(Decision.GRANTED, self.kind, member_id=owners[0], confidence=1.0)
         if owners:
@@ -81,7 +83,7 @@ class MemoryEngine:
         if face is None:
             return Identification(Decision.DENIED_NO_FACE, self.kind, hint="look at the camera")
         with self._lock:
-            theirs = face in self._members.get(member_id, ())
+            theirs = _key_of(face) in self._members.get(member_id, ())
         if theirs:
             return Identification(Decision.GRANTED, self.kind, member_id=member_id, confidence=1.0)
         return Identification(Decision.DENIED_NOT_THIS_MEMBER, self.kind)
@@ -89,8 +91,9 @@ class MemoryEngine:
     def search(self, image: bytes, timeout: float, max_candidates: int) -> SearchResult:
         found = self.identify(image, timeout)
         face = self._face(image, "image")
+        key = None if face is None else _key_of(face)
         with self._lock:
-            owners = sorted(m for m, faces in self._members.items() if face in faces)
+            owners = sorted(m for m, faces in self._members.items() if key in faces)
         candidates = [Candidate(m, 0.0, 1.0) for m in owners[:max_candidates]]
         return SearchResult(found, candidates, None)
 
@@ -105,20 +108,13 @@ class MemoryEngine:
                     f"photos[{i}]", "no face was found in this photo", reason="PHOTO_NO_FACE"
                 )
             # A stored template needs an embedding; this one stands for the face's name.
-            embedding = np.frombuffer(hashlib.sha256(face.encode()).digest() * 32, np.uint8)
-            enrolled.append(replace(template, embedding=embedding[:128].astype(np.float64)))
-            with self._lock:
-                self._pending[_key(enrolled[-1])] = face
+            enrolled.append(replace(template, embedding=_embedding_of(face)))
         return enrolled
 
     def enrolled(self, member_id: str, templates: Sequence[FaceTemplate]) -> None:
         with self._lock:
             for t in templates:
-                # The same photo twice has one key: the second finds it already enrolled.
-                face = self._pending.pop(_key(t), None) or self._by_key.get(_key(t))
-                if face is not None:
-                    self._by_key[_key(t)] = face
-                    self._members.setdefault(member_id, Counter())[face] += 1
+                self._members.setdefault(member_id, Counter())[_key(t)] += 1
 
     def removed(self, member_id: str) -> None:
         with self._lock:
@@ -126,9 +122,9 @@ class MemoryEngine:
 
     def template_removed(self, member_id: str, template: FaceTemplate) -> None:
         with self._lock:
-            face = self._by_key.get(_key(template))
+            face = _key(template)
             faces = self._members.get(member_id)
-            if face is None or faces is None or faces[face] == 0:
+            if faces is None or faces[face] == 0:
                 return
             faces[face] -= 1
             if faces[face] == 0:
@@ -144,6 +140,15 @@ class MemoryEngine:
         pass
 
 
+def _embedding_of(face: str) -> np.ndarray:
+    embedding = np.frombuffer(hashlib.sha256(face.encode()).digest() * 32, np.uint8)
+    return embedding[:128].astype(np.float64)
+
+
 def _key(template: FaceTemplate) -> int:
     assert template.embedding is not None
-    return hash(template.embedding.tobytes())
+    return hash(np.asarray(template.embedding, np.float64).tobytes())
+
+
+def _key_of(face: str) -> int:
+    return hash(_embedding_of(face).tobytes())

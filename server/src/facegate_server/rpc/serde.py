@@ -326,6 +326,19 @@ def status(s: Status) -> pb.GetStatusResponse:
         message.last_cloud_error_time.CopyFrom(timestamp(e.last_cloud_error_time))
     if e.reconciliation is not None:
         message.reconciliation.CopyFrom(reconciliation(e.reconciliation))
+    store = s.store
+    message.store.CopyFrom(
+        pb.StoreStatus(
+            kind=store.kind,
+            name=store.name,
+            state=store.state,
+            pending_events=store.pending_events,
+            applied_change=store.applied_change,
+            last_error=store.last_error,
+        )
+    )
+    if store.copy_current is not None:
+        message.store.copy_current_time.CopyFrom(timestamp(store.copy_current))
     return message
 
 

@@ -480,6 +480,17 @@ class RpcServer:
         if self._thread.is_alive():
             self._run(change())
 
+    def set_health(self, service: str, serving: bool) -> None:
+        """Health SERVING or NOT_SERVING for one more `service` name (from any thread):
+        a part of the server that the overall status does not follow (the shared store)."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        if self._thread.is_alive():
+            self._run(self.health.set(service, status))
+
     def stop(self, grace: float) -> None:
         """Health NOT_SERVING, no new calls; calls in flight have `grace` seconds; release all."""
 

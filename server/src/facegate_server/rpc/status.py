@@ -29,6 +29,7 @@ CODES: dict[type[errors.FaceGateError], grpc.StatusCode] = {
     errors.CloudNotConfigured: grpc.StatusCode.FAILED_PRECONDITION,
     errors.CloudUnavailable: grpc.StatusCode.UNAVAILABLE,
     errors.ServerStopping: grpc.StatusCode.UNAVAILABLE,
+    errors.StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,

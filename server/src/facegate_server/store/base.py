@@ -25,6 +25,7 @@ from facegate_server.domain import (
     NewAccessEvent,
     OutboxEntry,
     StoredFace,
+    StoreState,
 )
 
 
@@ -36,6 +37,19 @@ def embedding_of(template: FaceTemplate) -> Embedding:
 
 
 class Store(abc.ABC):
+    applies_changes: bool = False
+    """True when the store itself tells the engines of every change of members (the
+    chain, store/chain.py: each server's index follows the shared change log, whichever
+    server made the change); the gate then does not."""
+
+    def check_writable(self) -> None:  # noqa: B027 - only the chain's store can refuse
+        """Raise StoreUnavailable when members cannot be changed now (the chain's store,
+        cut off from PostgreSQL)."""
+
+    def state(self) -> StoreState:
+        """The store's state for GetStatus."""
+        return StoreState()
+
     @abc.abstractmethod
     def create_member(
         self,

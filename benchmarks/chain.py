@@ -1,0 +1,247 @@
+"""The chain (README: A chain of gyms): what PostgreSQL costs a decision, how soon a change
+made at one server is seen at another, and how long a server cut off from PostgreSQL
+takes to catch up.
+
+    uv run python benchmarks/chain.py [--quick] [--postgres postgresql://postgres@127.0.0.1:5432/postgres]
+
+Real servers in this process (the in-memory engine: recognition is not measured here,
+only what the store adds), on a database of the benchmark's own on that PostgreSQL
+(created and dropped).
+
+1. Identify latency through gRPC, one caller: SQLite in the data dir against the chain
+   (PostgreSQL + local copy), the same frames, in the same run.
+2. Enrolment at server A to the first grant at server B (B polled back to back), p50/p99.
+3. Catch-up: B is cut off from PostgreSQL (a TCP relay between them is closed) for 60 s
+   (`--quick`: 5 s) while A makes 1,000 changes (enrolments, updates, deletions); then
+   the relay opens and the time to B's copy being current is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+from facegate.v1 import facegate_service_pb2 as pb
+from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
+from facegate_server.engines.memory import MemoryEngine
+from google.protobuf.field_mask_pb2 import FieldMask
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests import pg  # noqa: E402
+from tests.helpers import image_bytes, running_server  # noqa: E402
+
+
+def face(n: int) -> bytes:
+    return image_bytes(40 + n % 400, 40 + n // 400, "PNG")
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def ms(values: list[float]) -> str:
+    return (
+        f"p50 {pct(values, 50) * 1000:.2f} ms, p99 {pct(values, 99) * 1000:.2f} ms,"
+        f" mean {statistics.fmean(values) * 1000:.2f} ms (n={len(values)})"
+    )
+
+
+class Relay:
+    """A TCP relay to PostgreSQL that can be cut (every connection closed, new ones
+    refused) and restored on the same port: a branch's WAN link."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = pg.free_port()
+        self._open = threading.Event()
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self.restore()
+
+    def restore(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            with self._lock:
+                self._conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        assert self._listener is not None
+        self._listener.close()
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+
+def identify_latency(tmp: Path, url: str, calls: int) -> None:
+    """Both servers at once, calls alternating between them: the machine's noise falls on
+    both alike."""
+    relaxed = url + ("&" if "?" in url else "?") + "options=-c%20synchronous_commit%3Doff"
+    with (
+        running_server(tmp / "lat-sqlite", engine=MemoryEngine()) as lite,
+        running_server(tmp / "lat-pg", engine=MemoryEngine(), store=url) as chained,
+        running_server(tmp / "lat-pg-async", engine=MemoryEngine(), store=relaxed) as fast,
+        grpc.insecure_channel(f"127.0.0.1:{lite.port}") as c1,
+        grpc.insecure_channel(f"127.0.0.1:{chained.port}") as c2,
+        grpc.insecure_channel(f"127.0.0.1:{fast.port}") as c3,
+    ):
+        stubs = {
+            "sqlite": pb_grpc.FaceGateServiceStub(c1),
+            "postgresql": pb_grpc.FaceGateServiceStub(c2),
+            "postgresql, synchronous_commit=off": pb_grpc.FaceGateServiceStub(c3),
+        }
+        for name, stub in stubs.items():
+            for n in range(20):
+                member = f"lat-{n}" + ("-async" if "off" in name else "")
+                stub.Enroll(pb.EnrollRequest(member_id=member, photos=[face(n)]), timeout=10)
+        frames = [face(n % 40) for n in range(calls)]  # half members, half strangers
+        took: dict[str, list[float]] = {name: [] for name in stubs}
+        for i, f in enumerate(frames + frames[:50]):
+            for name, stub in stubs.items():
+                started = time.perf_counter()
+                stub.Identify(pb.IdentifyRequest(image=f, turnstile_id="t"), timeout=10)
+                if i >= 50:  # the first 50: warm-up
+                    took[name].append(time.perf_counter() - started)
+    for name, values in took.items():
+        print(f"Identify, store {name}: {ms(values)}", flush=True)
+    for name in list(took)[1:]:
+        ratio = pct(took[name], 50) / pct(took["sqlite"], 50)
+        print(f"  {name} / sqlite, p50: {ratio:.2f}")
+
+
+def propagation(tmp: Path, url: str, trials: int) -> None:
+    with (
+        running_server(tmp / "prop-a", engine=MemoryEngine(), store=url) as a,
+        running_server(tmp / "prop-b", engine=MemoryEngine(), store=url) as b,
+        grpc.insecure_channel(f"127.0.0.1:{a.port}") as ca,
+        grpc.insecure_channel(f"127.0.0.1:{b.port}") as cb,
+    ):
+        sa, sb = pb_grpc.FaceGateServiceStub(ca), pb_grpc.FaceGateServiceStub(cb)
+        enrol, delete = [], []
+        for n in range(trials):
+            member, photo = f"p-{n}", face(1000 + n)
+            sa.Enroll(pb.EnrollRequest(member_id=member, photos=[photo]), timeout=10)
+            answered = time.perf_counter()
+            ask = pb.IdentifyRequest(image=photo, turnstile_id="t")
+            while sb.Identify(ask, timeout=10).decision != pb.Decision.DECISION_GRANTED:
+                pass
+            enrol.append(time.perf_counter() - answered)
+            sb.DeleteMember(pb.DeleteMemberRequest(member_id=member), timeout=10)
+            answered = time.perf_counter()
+            ask = pb.IdentifyRequest(image=photo, turnstile_id="t")
+            while sa.Identify(ask, timeout=10).decision == pb.Decision.DECISION_GRANTED:
+                pass
+            delete.append(time.perf_counter() - answered)
+        print(f"Enrolled at A -> first grant at B: {ms(enrol)}")
+        print(f"Deleted at B -> first refusal at A: {ms(delete)}")
+
+
+def catch_up(tmp: Path, url: str, away: float, changes: int) -> None:
+    parts = __import__("psycopg").conninfo.conninfo_to_dict(url)
+    relay = Relay((parts.get("host") or "127.0.0.1", int(parts.get("port") or 5432)))
+    relayed = url.replace(f":{parts.get('port') or 5432}/", f":{relay.port}/")
+    with (
+        running_server(tmp / "cu-a", engine=MemoryEngine(), store=url) as a,
+        running_server(tmp / "cu-b", engine=MemoryEngine(), store=relayed) as b,
+        grpc.insecure_channel(f"127.0.0.1:{a.port}") as ca,
+    ):
+        sa = pb_grpc.FaceGateServiceStub(ca)
+        relay.cut()
+        cut_at = time.monotonic()
+        while b.store.state().state != "disconnected":
+            time.sleep(0.05)
+        made = 0
+        n = 0
+        while made < changes:  # enrol, suspend, delete: three changes a member
+            member = f"c-{n}"
+            sa.Enroll(pb.EnrollRequest(member_id=member, photos=[face(2000 + n)]), timeout=10)
+            made += 1
+            if made < changes and n % 2 == 0:
+                update = pb.UpdateMemberRequest(
+                    member=pb.Member(member_id=member, membership=pb.Membership(suspended=True)),
+                    update_mask=FieldMask(paths=["membership.suspended"]),
+                )
+                sa.UpdateMember(update, timeout=10)
+                made += 1
+            if made < changes and n % 3 == 0:
+                sa.DeleteMember(pb.DeleteMemberRequest(member_id=member), timeout=10)
+                made += 1
+            n += 1
+        left = away - (time.monotonic() - cut_at)
+        print(f"  {changes} changes made at A while B was cut off; waiting {max(0, left):.0f} s")
+        time.sleep(max(0.0, left))
+        target = a.store.central.last_change()  # type: ignore[attr-defined]
+        relay.restore()
+        restored = time.perf_counter()
+        while b.store.state().applied_change < target:
+            time.sleep(0.005)
+        took = time.perf_counter() - restored
+        assert b.store.count_members() == a.store.count_members()
+        print(
+            f"Catch-up after {away:.0f} s cut off, {changes} changes: {took:.2f} s from the"
+            f" link's return to B's copy current ({b.store.count_members()} members)"
+        )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer calls, a 5 s disconnect")
+    parser.add_argument("--postgres", default=pg.ADMIN_URL)
+    parser.add_argument("--only", choices=["latency", "propagation", "catch-up"])
+    args = parser.parse_args()
+    url = pg.create_database(args.postgres)
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            tmp = Path(folder)
+            if args.only in (None, "latency"):
+                identify_latency(tmp, url, 200 if args.quick else 2000)
+            if args.only in (None, "propagation"):
+                propagation(tmp, url, 10 if args.quick else 100)
+            if args.only in (None, "catch-up"):
+                catch_up(tmp, url, 5.0 if args.quick else 60.0, 1000)
+    finally:
+        pg.drop_database(url, args.postgres)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

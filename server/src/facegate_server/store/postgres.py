@@ -1,0 +1,907 @@
+"""The shared store: one PostgreSQL database for every server of a chain (psycopg 3 and a
+connection pool), schema versioned by the `schema_version` table and upgraded by the
+migrations below, each in its own transaction, under an advisory lock so that servers
+starting together migrate once.
+
+Beside the Store interface it keeps the chain's change log (`member_changes`): every change
+of a member (enrolled, photos added or removed, membership updated, deleted) appends a row
+in the same transaction, and NOTIFYs `facegate_member_changes`, so that every server's
+follower (store/chain.py) copies the change into its local copy of the gallery. Change log
+rows are written under one transaction-level advisory lock: their sequence numbers are
+committed in order, so a reader that has applied up to n never finds n - 1 committed later.
+
+Embeddings are stored as the 128 float64 values' little-endian bytes, as in SQLite; times
+as timestamptz; membership, face quality and engine reports as jsonb.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import psycopg
+import psycopg_pool
+from psycopg import sql
+
+from facegate_server.domain import (
+    AccessEvent,
+    AccessKind,
+    CloudPerson,
+    Decision,
+    Embedding,
+    EngineKind,
+    EventFilter,
+    FaceTemplate,
+    Member,
+    MemberPhoto,
+    Membership,
+    MembershipRule,
+    NewAccessEvent,
+    OutboxEntry,
+    StoredFace,
+)
+from facegate_server.errors import (
+    LastPhoto,
+    MemberAlreadyExists,
+    MemberNotFound,
+    PhotoNotFound,
+    StoreUnavailable,
+)
+from facegate_server.store.base import Store, embedding_of
+from facegate_server.store.codec import (
+    membership_from_json,
+    membership_json,
+    quality_from_json,
+    quality_json,
+)
+from facegate_server.store.reports import reports_from_json, reports_json
+
+EMBEDDING_DTYPE = np.dtype("<f8")
+CHANNEL = "facegate_member_changes"
+"""The NOTIFY channel of the change log (the payload is the change's seq)."""
+_MIGRATION_LOCK = 0x46470001  # pg_advisory_xact_lock keys ("FG" 1, 2 and 3)
+_CHANGE_LOCK = 0x46470002
+_EVENT_LOCK = 0x46470003  # access events: ids committed in id order
+
+# Each migration takes the schema from version i to i + 1, in one transaction. Append;
+# never edit.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE store_meta (
+            key   text PRIMARY KEY,
+            value text NOT NULL
+        )""",
+        "INSERT INTO store_meta VALUES ('store_id', replace(gen_random_uuid()::text, '-', ''))",
+        """CREATE TABLE members (
+            member_id    text COLLATE "C" PRIMARY KEY,
+            display_name text NOT NULL,
+            create_time  timestamptz NOT NULL,
+            update_time  timestamptz NOT NULL,
+            membership   jsonb NOT NULL DEFAULT '{}'
+        )""",
+        """CREATE TABLE faces (
+            face_id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            member_id         text NOT NULL REFERENCES members(member_id) ON DELETE CASCADE,
+            embedding         bytea NOT NULL,
+            photo             bytea,
+            create_time       timestamptz NOT NULL,
+            persisted_face_id text,
+            quality           jsonb
+        )""",
+        "CREATE INDEX faces_by_member ON faces(member_id, face_id)",
+        """CREATE TABLE access_events (
+            event_id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            time              timestamptz NOT NULL,
+            turnstile_id      text NOT NULL,
+            member_id         text NOT NULL,
+            decision          text NOT NULL,
+            engine            text NOT NULL,
+            confidence        double precision NOT NULL,
+            latency_us        bigint NOT NULL,
+            reports           jsonb NOT NULL DEFAULT '[]',
+            kind              text NOT NULL DEFAULT 'IDENTIFY',
+            claimed_member_id text NOT NULL DEFAULT '',
+            detail            text NOT NULL DEFAULT '',
+            rule              text NOT NULL DEFAULT ''
+        )""",
+        "CREATE INDEX events_by_member ON access_events(member_id, event_id)",
+        "CREATE INDEX events_by_claimed ON access_events(claimed_member_id, event_id)",
+        "CREATE INDEX events_by_time ON access_events(time)",
+        "CREATE INDEX events_by_decision ON access_events(decision, event_id)",
+        """CREATE TABLE cloud_persons (
+            person_id   text PRIMARY KEY,
+            member_id   text COLLATE "C" NOT NULL,
+            deleted     boolean NOT NULL DEFAULT false,
+            ready       boolean NOT NULL DEFAULT false,
+            pending     boolean NOT NULL DEFAULT false,
+            in_training boolean NOT NULL DEFAULT false
+        )""",
+        "CREATE INDEX cloud_persons_by_member ON cloud_persons(member_id)",
+        """CREATE TABLE outbox (
+            seq               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            kind              text NOT NULL
+                              CHECK (kind IN ('add_face', 'delete_member', 'delete_face')),
+            member_id         text NOT NULL,
+            face_id           bigint,
+            photo             bytea,
+            attempts          integer NOT NULL DEFAULT 0,
+            last_error        text NOT NULL DEFAULT '',
+            parked            text NOT NULL DEFAULT '',
+            persisted_face_id text
+        )""",
+        "CREATE INDEX outbox_by_member ON outbox(member_id)",
+    ),
+    (
+        # The chain (store/chain.py): the ordered log of member changes every server
+        # copies into its local gallery, and the origin of events decided offline (the
+        # server's id and its own sequence), which makes shipping them idempotent.
+        """CREATE TABLE member_changes (
+            seq       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            member_id text NOT NULL,
+            kind      text NOT NULL CHECK (kind IN
+                      ('enrolled', 'photos_added', 'photo_removed', 'updated', 'deleted')),
+            time      timestamptz NOT NULL DEFAULT now()
+        )""",
+        "ALTER TABLE access_events ADD COLUMN origin_server text",
+        "ALTER TABLE access_events ADD COLUMN origin_seq bigint",
+        "CREATE UNIQUE INDEX events_by_origin ON access_events(origin_server, origin_seq)",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+CONNECTION_DEFAULTS = {
+    # A branch's link can die without a reset: notice within seconds, not TCP's minutes.
+    "connect_timeout": "3",
+    "keepalives": "1",
+    "keepalives_idle": "5",
+    "keepalives_interval": "2",
+    "keepalives_count": "2",
+    "tcp_user_timeout": "6000",
+}
+
+
+def conninfo_with_defaults(url: str) -> str:
+    """`url` with the connection parameters above where it does not set them."""
+    given = psycopg.conninfo.conninfo_to_dict(url)
+    return psycopg.conninfo.make_conninfo(
+        url, **{k: v for k, v in CONNECTION_DEFAULTS.items() if k not in given}
+    )
+
+
+def describe(url: str) -> str:
+    """The database as logs and errors may name it: host, port and name, no password."""
+    try:
+        parts = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "postgresql"
+    host = parts.get("host") or "localhost"
+    port = parts.get("port") or "5432"
+    return f"postgresql://{host}:{port}/{parts.get('dbname') or ''}"
+
+
+@dataclass(frozen=True)
+class MemberChange:
+    """One row of the change log."""
+
+    seq: int
+    member_id: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class StoredMember:
+    """A member as the chain copies it: the row and every face, embeddings included."""
+
+    member: Member
+    faces: tuple[tuple[int, bytes, bytes | None, datetime, str | None], ...]
+    """(face_id, embedding bytes, photo, create_time, quality JSON) in face order."""
+
+
+def _scalar(cursor: psycopg.Cursor[Any]) -> Any:
+    """The first column of the one row a query returns (an aggregate, RETURNING)."""
+    row = cursor.fetchone()
+    assert row is not None
+    return row[0]
+
+
+def _embedding(blob: bytes) -> Embedding:
+    return np.frombuffer(blob, EMBEDDING_DTYPE).astype(np.float64)
+
+
+class PostgresStore(Store):
+    """The Store on PostgreSQL. `url` is a libpq URL or conninfo string; `pool_size` the
+    most connections this server holds; `timeout` how long a call waits for one (then
+    StoreUnavailable). With `migrate` false, call `migrate()` before any other method."""
+
+    def __init__(
+        self, url: str, *, pool_size: int = 8, timeout: float = 5.0, migrate: bool = True
+    ) -> None:
+        self.url = conninfo_with_defaults(url)
+        self.name = describe(url)
+        self._timeout, self._pool_size = timeout, pool_size
+        self._pool = self._new_pool()
+        self._store_id = ""
+        self._migrated = threading.Event()
+        if migrate:
+            try:
+                self.migrate()
+            except BaseException:
+                self._pool.close()
+                raise
+
+    def _new_pool(self) -> psycopg_pool.ConnectionPool[Any]:
+        # No check of a connection when it is taken (a round trip on every call, 4 ms
+        # measured on a loaded machine): a connection the database dropped fails its call
+        # once (StoreUnavailable) and is discarded; the chain reopens the pool after an
+        # outage (reopen).
+        pool: psycopg_pool.ConnectionPool[Any] = psycopg_pool.ConnectionPool(
+            self.url,
+            min_size=1,
+            max_size=self._pool_size,
+            kwargs={"autocommit": True},
+            configure=self._configure,
+            timeout=self._timeout,
+            open=False,
+            name="facegate",
+        )
+        pool.open(wait=False)
+        return pool
+
+    def reopen(self) -> None:
+        """Start a fresh pool: after an outage the old one may be backing off its
+        reconnections (for many seconds), though the database is back."""
+        old, self._pool = self._pool, self._new_pool()
+        old.close(timeout=0)
+
+    @staticmethod
+    def _configure(conn: psycopg.Connection[Any]) -> None:
+        conn.execute("SET TIME ZONE 'UTC'")
+
+    @contextmanager
+    def _conn(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection; a lost or unreachable database is StoreUnavailable."""
+        try:
+            with self._pool.connection(timeout=self._timeout) as conn:
+                yield conn
+        except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as error:
+            raise StoreUnavailable(self.name, str(error).strip().splitlines()[0]) from error
+
+    @contextmanager
+    def _transaction(self) -> Iterator[psycopg.Connection[Any]]:
+        with self._conn() as conn, conn.transaction():
+            yield conn
+
+    def migrate(self) -> None:
+        """Bring the schema up to this FaceGate's version (idempotent, safe to race)."""
+        with self._conn() as conn:
+            for number in range(self._version(conn), SCHEMA_VERSION):
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+                    if self._version(conn) != number:  # another server did it meanwhile
+                        continue
+                    for statement in MIGRATIONS[number]:
+                        conn.execute(statement.encode())
+                    conn.execute("UPDATE schema_version SET version = %s", (number + 1,))
+            version = self._version(conn)
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"the database's schema version {version} is newer than this FaceGate's "
+                    f"({SCHEMA_VERSION}): upgrade FaceGate"
+                )
+            self._store_id = str(
+                _scalar(conn.execute("SELECT value FROM store_meta WHERE key = 'store_id'"))
+            )
+        self._migrated.set()
+
+    @staticmethod
+    def _version(conn: psycopg.Connection[Any]) -> int:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
+            row = conn.execute("SELECT version FROM schema_version").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO schema_version VALUES (0)")
+                return 0
+            return int(row[0])
+
+    def schema_version(self) -> int:
+        with self._conn() as conn:
+            row: Any = conn.execute("SELECT version FROM schema_version").fetchone()
+        return int(row[0])
+
+    # The change log.
+    @staticmethod
+    def _changed(conn: psycopg.Connection[Any], member_id: str, kind: str) -> None:
+        """Log a member change in the caller's transaction, and wake the followers at its
+        commit. The advisory lock (held to the commit) keeps seqs committed in order."""
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_CHANGE_LOCK,))
+        row: Any = conn.execute(
+            "INSERT INTO member_changes (member_id, kind) VALUES (%s, %s) RETURNING seq",
+            (member_id, kind),
+        ).fetchone()
+        conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(row[0])))
+
+    def changes_after(self, seq: int, limit: int) -> list[MemberChange]:
+        """Up to `limit` changes after `seq`, oldest first."""
+        with self._conn() as conn:
+            rows = conn.execute(
+                "SELECT seq, member_id, kind FROM member_changes WHERE seq > %s"
+                " ORDER BY seq LIMIT %s",
+                (seq, limit),
+            ).fetchall()
+        return [MemberChange(int(r[0]), str(r[1]), str(r[2])) for r in rows]
+
+    def last_change(self) -> int:
+        with self._conn() as conn:
+            row: Any = conn.execute("SELECT coalesce(max(seq), 0) FROM member_changes").fetchone()
+        return int(row[0])
+
+    def stored_members(self, member_ids: Sequence[str] | None) -> dict[str, StoredMember]:
+        """The members named (every member, with None) as they are now, faces included."""
+        where, params = (
+            ("", ())
+            if member_ids is None
+            else (
+                " WHERE m.member_id = ANY(%s)",
+                (list(member_ids),),
+            )
+        )
+        with self._conn() as conn, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            members = conn.execute(self._MEMBER_SQL + where, params).fetchall()
+            faces = conn.execute(
+                "SELECT f.member_id, f.face_id, f.embedding, f.photo, f.create_time,"
+                " f.quality::text FROM faces f"
+                + where.replace("m.member_id", "f.member_id")
+                + " ORDER BY f.face_id",
+                params,
+            ).fetchall()
+        by_member: dict[str, list[Any]] = {}
+        for r in faces:
+            by_member.setdefault(r[0], []).append(
+                (int(r[1]), bytes(r[2]), None if r[3] is None else bytes(r[3]), r[4], r[5])
+            )
+        return {
+            r[0]: StoredMember(self._member(r), tuple(by_member.get(r[0], ()))) for r in members
+        }
+
+    def snapshot(self) -> tuple[int, dict[str, StoredMember]]:
+        """The last change's seq and every member, read at one instant."""
+        with self._conn() as conn, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (_CHANGE_LOCK,))
+            seq = _scalar(conn.execute("SELECT coalesce(max(seq), 0) FROM member_changes"))
+        # The shared lock waited out writers in flight; a later change is logged after seq
+        # and applied on top (applying is idempotent: it copies the member as it is then).
+        return int(seq), self.stored_members(None)
+
+    # Members.
+    def _insert_faces(
+        self,
+        conn: psycopg.Connection[Any],
+        member_id: str,
+        templates: Sequence[FaceTemplate],
+        now: datetime,
+    ) -> None:
+        for t in templates:
+            row: Any = conn.execute(
+                "INSERT INTO faces (member_id, embedding, photo, create_time, quality)"
+                " VALUES (%s, %s, %s, %s, %s::jsonb) RETURNING face_id",
+                (
+                    member_id,
+                    np.asarray(embedding_of(t), EMBEDDING_DTYPE).tobytes(),
+                    t.photo,
+                    now,
+                    quality_json(t.quality),
+                ),
+            ).fetchone()
+            if t.cloud_photo is not None:
+                conn.execute(
+                    "INSERT INTO outbox (kind, member_id, face_id, photo)"
+                    " VALUES ('add_face', %s, %s, %s)",
+                    (member_id, row[0], t.cloud_photo),
+                )
+
+    def create_member(
+        self,
+        member_id: str,
+        display_name: str,
+        templates: Sequence[FaceTemplate],
+        now: datetime,
+        membership: Membership | None = None,
+    ) -> Member:
+        with self._transaction() as conn:
+            try:
+                with conn.transaction():
+                    conn.execute(
+                        "INSERT INTO members (member_id, display_name, create_time,"
+                        " update_time, membership) VALUES (%s, %s, %s, %s, %s::jsonb)",
+                        (
+                            member_id,
+                            display_name,
+                            now,
+                            now,
+                            membership_json(membership or Membership()),
+                        ),
+                    )
+            except psycopg.errors.UniqueViolation:
+                raise MemberAlreadyExists(member_id) from None
+            self._insert_faces(conn, member_id, templates, now)
+            self._changed(conn, member_id, "enrolled")
+            return self._get(conn, member_id)
+
+    def add_templates(
+        self, member_id: str, templates: Sequence[FaceTemplate], now: datetime
+    ) -> Member:
+        with self._transaction() as conn:
+            updated = conn.execute(
+                "UPDATE members SET update_time = %s WHERE member_id = %s", (now, member_id)
+            )
+            if updated.rowcount == 0:
+                raise MemberNotFound(member_id)
+            self._insert_faces(conn, member_id, templates, now)
+            self._changed(conn, member_id, "photos_added")
+            return self._get(conn, member_id)
+
+    def update_member(
+        self, member_id: str, display_name: str, membership: Membership, now: datetime
+    ) -> Member:
+        with self._transaction() as conn:
+            updated = conn.execute(
+                "UPDATE members SET display_name = %s, membership = %s::jsonb,"
+                " update_time = %s WHERE member_id = %s",
+                (display_name, membership_json(membership), now, member_id),
+            )
+            if updated.rowcount == 0:
+                raise MemberNotFound(member_id)
+            self._changed(conn, member_id, "updated")
+            return self._get(conn, member_id)
+
+    def photos(self, member_id: str, *, with_bytes: bool = False) -> list[MemberPhoto]:
+        photo = "photo" if with_bytes else "NULL::bytea"
+        with self._conn() as conn:
+            self._get(conn, member_id)
+            rows = conn.execute(
+                f"SELECT face_id, create_time, quality::text, {photo} FROM faces"
+                " WHERE member_id = %s ORDER BY face_id",
+                (member_id,),
+            ).fetchall()
+        return [
+            MemberPhoto(
+                int(r[0]), r[1], quality_from_json(r[2]), None if r[3] is None else bytes(r[3])
+            )
+            for r in rows
+        ]
+
+    def remove_photo(
+        self, member_id: str, photo_id: int, now: datetime, *, cloud: bool = False
+    ) -> tuple[Member, FaceTemplate]:
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT 1 FROM members WHERE member_id = %s FOR UPDATE", (member_id,)
+            ).fetchone()
+            if row is None:
+                raise MemberNotFound(member_id)
+            row = conn.execute(
+                "SELECT embedding, photo, quality::text, persisted_face_id FROM faces"
+                " WHERE face_id = %s AND member_id = %s",
+                (photo_id, member_id),
+            ).fetchone()
+            if row is None:
+                raise PhotoNotFound(member_id, photo_id)
+            count = _scalar(
+                conn.execute("SELECT COUNT(*) FROM faces WHERE member_id = %s", (member_id,))
+            )
+            if count == 1:
+                raise LastPhoto(member_id)
+            tried = _scalar(
+                conn.execute(
+                    "SELECT COUNT(*) FROM outbox WHERE kind = 'add_face' AND face_id = %s"
+                    " AND attempts > 0",
+                    (photo_id,),
+                )
+            )
+            conn.execute("DELETE FROM outbox WHERE kind = 'add_face' AND face_id = %s", (photo_id,))
+            conn.execute("DELETE FROM faces WHERE face_id = %s", (photo_id,))
+            if cloud and (row[3] is not None or tried):
+                conn.execute(
+                    "INSERT INTO outbox (kind, member_id, face_id, persisted_face_id)"
+                    " VALUES ('delete_face', %s, %s, %s)",
+                    (member_id, photo_id, row[3]),
+                )
+            conn.execute(
+                "UPDATE members SET update_time = %s WHERE member_id = %s", (now, member_id)
+            )
+            self._changed(conn, member_id, "photo_removed")
+            member = self._get(conn, member_id)
+        removed = FaceTemplate(
+            _embedding(bytes(row[0])),
+            photo=None if row[1] is None else bytes(row[1]),
+            quality=quality_from_json(row[2]),
+        )
+        return member, removed
+
+    _MEMBER_SQL = """SELECT m.member_id, m.display_name,
+        (SELECT COUNT(*) FROM faces f WHERE f.member_id = m.member_id), m.create_time,
+        m.update_time, m.membership::text
+        FROM members m"""
+
+    @staticmethod
+    def _member(row: Any) -> Member:
+        return Member(
+            row[0],
+            row[1],
+            int(row[2]),
+            row[3],
+            row[4],
+            membership=membership_from_json(row[5]),
+        )
+
+    def _get(self, conn: psycopg.Connection[Any], member_id: str) -> Member:
+        row = conn.execute(self._MEMBER_SQL + " WHERE m.member_id = %s", (member_id,)).fetchone()
+        if row is None:
+            raise MemberNotFound(member_id)
+        return self._member(row)
+
+    def get_member(self, member_id: str) -> Member:
+        with self._conn() as conn:
+            return self._get(conn, member_id)
+
+    def list_members(self, limit: int, after: str = "") -> list[Member]:
+        with self._conn() as conn:
+            rows = conn.execute(
+                self._MEMBER_SQL + " WHERE m.member_id > %s ORDER BY m.member_id LIMIT %s",
+                (after, limit),
+            ).fetchall()
+        return [self._member(r) for r in rows]
+
+    def count_members(self) -> int:
+        with self._conn() as conn:
+            count = _scalar(conn.execute("SELECT COUNT(*) FROM members"))
+        return int(count)
+
+    def delete_member(self, member_id: str, *, cloud: bool = False) -> None:
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM faces WHERE member_id = %s", (member_id,))
+            deleted = conn.execute("DELETE FROM members WHERE member_id = %s", (member_id,))
+            if deleted.rowcount == 0:
+                raise MemberNotFound(member_id)
+            conn.execute(
+                "DELETE FROM outbox WHERE member_id = %s AND kind = 'add_face'", (member_id,)
+            )
+            if cloud:
+                conn.execute(
+                    "UPDATE cloud_persons SET deleted = true WHERE member_id = %s", (member_id,)
+                )
+                conn.execute(
+                    "INSERT INTO outbox (kind, member_id) VALUES ('delete_member', %s)",
+                    (member_id,),
+                )
+            self._changed(conn, member_id, "deleted")
+
+    def iter_embeddings(self) -> Iterator[tuple[str, Embedding]]:
+        with self._conn() as conn:
+            rows = conn.execute(
+                "SELECT member_id, embedding FROM faces ORDER BY face_id"
+            ).fetchall()
+        for member_id, blob in rows:
+            yield member_id, _embedding(bytes(blob))
+
+    # The access log.
+    _INSERT_EVENT = (
+        "INSERT INTO access_events (time, turnstile_id, member_id, decision, engine,"
+        " confidence, latency_us, reports, kind, claimed_member_id, detail, rule,"
+        " origin_server, origin_seq)"
+        " SELECT %s::timestamptz, %s::text, %s::text, %s::text, %s::text, %s::float8,"
+        " %s::bigint, %s::jsonb, %s::text, %s::text, %s::text, %s::text, %s::text, %s::bigint"
+        # Ids become visible in their order (WatchAccessEvents resumes after the last id a
+        # follower saw): the id is drawn under a lock held to the commit, so an event can
+        # never commit after one with a higher id. One statement: no extra round trip.
+        f" FROM (SELECT pg_advisory_xact_lock({_EVENT_LOCK})) AS in_id_order"
+    )
+
+    @staticmethod
+    def _event_row(event: NewAccessEvent, origin: tuple[str, int] | None) -> tuple[Any, ...]:
+        return (
+            event.time,
+            event.turnstile_id,
+            event.member_id,
+            event.decision.value,
+            event.engine.value,
+            event.confidence,
+            round(event.latency / timedelta(microseconds=1)),
+            reports_json(event.reports),
+            event.kind.value,
+            event.claimed_member_id,
+            event.detail,
+            event.rule.value if event.rule is not None else "",
+            None if origin is None else origin[0],
+            None if origin is None else origin[1],
+        )
+
+    def record_event(self, event: NewAccessEvent) -> AccessEvent:
+        return self.record_event_from(event, None)
+
+    def record_event_from(
+        self, event: NewAccessEvent, origin: tuple[str, int] | None
+    ) -> AccessEvent:
+        """Append an event, with its origin (server id, local seq) when it has one."""
+        with self._conn() as conn:
+            row: Any = conn.execute(
+                self._INSERT_EVENT + " RETURNING event_id", self._event_row(event, origin)
+            ).fetchone()
+        fields = {k: getattr(event, k) for k in NewAccessEvent.__dataclass_fields__}
+        return AccessEvent(**fields, event_id=int(row[0]))
+
+    def ship_events(self, origin: str, events: Sequence[tuple[int, NewAccessEvent]]) -> int:
+        """Insert events decided at server `origin`, each with its local seq, in order and
+        in one transaction; one already there (same origin and seq) is not inserted again.
+        How many were new."""
+        new = 0
+        with self._transaction() as conn:
+            for seq, event in events:
+                cursor = conn.execute(
+                    self._INSERT_EVENT + " ON CONFLICT (origin_server, origin_seq) DO NOTHING",
+                    self._event_row(event, (origin, seq)),
+                )
+                new += cursor.rowcount
+        return new
+
+    def shipped_through(self, origin: str) -> int:
+        """The highest local seq of `origin`'s events already in the log (0: none)."""
+        with self._conn() as conn:
+            row: Any = conn.execute(
+                "SELECT coalesce(max(origin_seq), 0) FROM access_events WHERE origin_server = %s",
+                (origin,),
+            ).fetchone()
+        return int(row[0])
+
+    _EVENT_SQL = (
+        "SELECT event_id, time, turnstile_id, member_id, decision, engine, confidence,"
+        " latency_us, reports::text, kind, claimed_member_id, detail, rule FROM access_events"
+    )
+
+    @staticmethod
+    def _where(where: EventFilter) -> tuple[list[sql.Composable], list[Any]]:
+        clauses: list[sql.Composable] = []
+        params: list[Any] = []
+        if where.member_id:
+            clauses.append(sql.SQL("(member_id = %s OR claimed_member_id = %s)"))
+            params.extend([where.member_id, where.member_id])
+        if where.turnstile_id:
+            clauses.append(sql.SQL("turnstile_id = %s"))
+            params.append(where.turnstile_id)
+        if where.start_time is not None:
+            clauses.append(sql.SQL("time >= %s"))
+            params.append(where.start_time)
+        if where.end_time is not None:
+            clauses.append(sql.SQL("time < %s"))
+            params.append(where.end_time)
+        if where.decisions:
+            clauses.append(sql.SQL("decision = ANY(%s)"))
+            params.append([d.value for d in where.decisions])
+        if where.rule is not None:
+            clauses.append(sql.SQL("rule = %s"))
+            params.append(where.rule.value)
+        return clauses, params
+
+    def _events(
+        self, clauses: list[sql.Composable], params: list[Any], order: str, limit: int
+    ) -> list[AccessEvent]:
+        query: sql.Composable = sql.SQL(self._EVENT_SQL)
+        if clauses:
+            query = query + sql.SQL(" WHERE ") + sql.SQL(" AND ").join(clauses)
+        query = query + sql.SQL(f" ORDER BY event_id {order} LIMIT %s")
+        with self._conn() as conn:
+            rows = conn.execute(query, (*params, limit)).fetchall()
+        return [
+            AccessEvent(
+                event_id=int(r[0]),
+                time=r[1],
+                turnstile_id=r[2],
+                member_id=r[3],
+                decision=Decision(r[4]),
+                engine=EngineKind(r[5]),
+                confidence=r[6],
+                latency=timedelta(microseconds=r[7]),
+                reports=reports_from_json(r[8]),
+                kind=AccessKind(r[9]),
+                claimed_member_id=r[10],
+                detail=r[11],
+                rule=MembershipRule(r[12]) if r[12] else None,
+            )
+            for r in rows
+        ]
+
+    def list_events(
+        self, where: EventFilter, limit: int, before_id: int | None = None
+    ) -> list[AccessEvent]:
+        clauses, params = self._where(where)
+        if before_id is not None:
+            clauses.insert(0, sql.SQL("event_id < %s"))
+            params.insert(0, before_id)
+        return self._events(clauses, params, "DESC", limit)
+
+    def events_after(self, after_id: int, where: EventFilter, limit: int) -> list[AccessEvent]:
+        """Up to `limit` events matching `where` with ids above `after_id`, oldest first."""
+        clauses, params = self._where(where)
+        clauses.insert(0, sql.SQL("event_id > %s"))
+        params.insert(0, after_id)
+        return self._events(clauses, params, "ASC", limit)
+
+    def delete_events_before(self, cutoff: datetime) -> int:
+        """Delete the events older than `cutoff`; how many."""
+        with self._conn() as conn:
+            return conn.execute("DELETE FROM access_events WHERE time < %s", (cutoff,)).rowcount
+
+    def oldest_event_at(self) -> datetime | None:
+        with self._conn() as conn:
+            row: Any = conn.execute("SELECT min(time) FROM access_events").fetchone()
+        return None if row[0] is None else row[0].astimezone(UTC)
+
+    def store_id(self) -> str:
+        self._migrated.wait()
+        return self._store_id
+
+    # The outbox.
+    _OUTBOX_SQL = (
+        "SELECT seq, kind, member_id, face_id, photo, attempts, last_error, parked,"
+        " persisted_face_id FROM outbox"
+    )
+
+    @staticmethod
+    def _entry(row: Any) -> OutboxEntry:
+        values = list(row)
+        if values[4] is not None:
+            values[4] = bytes(values[4])
+        return OutboxEntry(*values)
+
+    def outbox(self, limit: int) -> list[OutboxEntry]:
+        with self._conn() as conn:
+            rows = conn.execute(
+                self._OUTBOX_SQL + " WHERE parked = '' ORDER BY seq LIMIT %s", (limit,)
+            ).fetchall()
+        return [self._entry(r) for r in rows]
+
+    def outbox_depth(self) -> int:
+        with self._conn() as conn:
+            return int(_scalar(conn.execute("SELECT COUNT(*) FROM outbox WHERE parked = ''")))
+
+    def outbox_members(self) -> set[str]:
+        with self._conn() as conn:
+            rows = conn.execute("SELECT DISTINCT member_id FROM outbox").fetchall()
+        return {str(r[0]) for r in rows}
+
+    def outbox_park(self, seq: int, reason: str) -> None:
+        with self._conn() as conn:
+            conn.execute(
+                "UPDATE outbox SET parked = %s, last_error = %s WHERE seq = %s",
+                (reason or "refused", reason, seq),
+            )
+
+    _ENTRY_SQL = (
+        "SELECT seq, kind, member_id, face_id, NULL::bytea, attempts, last_error, parked"
+        " FROM outbox"
+    )
+
+    def outbox_parked(self, limit: int) -> list[OutboxEntry]:
+        with self._conn() as conn:
+            rows = conn.execute(
+                self._ENTRY_SQL + " WHERE parked != '' ORDER BY seq LIMIT %s", (limit,)
+            ).fetchall()
+        return [self._entry(r) for r in rows]
+
+    def outbox_of(self, member_id: str) -> list[OutboxEntry]:
+        with self._conn() as conn:
+            rows = conn.execute(
+                self._ENTRY_SQL + " WHERE member_id = %s ORDER BY seq", (member_id,)
+            ).fetchall()
+        return [self._entry(r) for r in rows]
+
+    def outbox_parked_count(self) -> int:
+        with self._conn() as conn:
+            return int(_scalar(conn.execute("SELECT COUNT(*) FROM outbox WHERE parked != ''")))
+
+    def outbox_unpark(self) -> int:
+        with self._conn() as conn:
+            return conn.execute(
+                "UPDATE outbox SET parked = '', attempts = 0 WHERE parked != ''"
+            ).rowcount
+
+    def outbox_attempt(self, seq: int, error: str = "") -> None:
+        with self._conn() as conn:
+            if error:
+                conn.execute("UPDATE outbox SET last_error = %s WHERE seq = %s", (error, seq))
+            else:
+                conn.execute("UPDATE outbox SET attempts = attempts + 1 WHERE seq = %s", (seq,))
+
+    def outbox_done(self, seq: int) -> None:
+        with self._conn() as conn:
+            conn.execute("DELETE FROM outbox WHERE seq = %s", (seq,))
+
+    # What FaceGate knows of the cloud.
+    _PERSON_SQL = "SELECT member_id, person_id, ready, deleted FROM cloud_persons"
+
+    def cloud_person(self, member_id: str) -> CloudPerson | None:
+        with self._conn() as conn:
+            row = conn.execute(
+                self._PERSON_SQL + " WHERE member_id = %s AND NOT deleted", (member_id,)
+            ).fetchone()
+        return None if row is None else CloudPerson(*row)
+
+    def cloud_people(self) -> list[CloudPerson]:
+        with self._conn() as conn:
+            rows = conn.execute(self._PERSON_SQL + " ORDER BY member_id").fetchall()
+        return [CloudPerson(*r) for r in rows]
+
+    def member_of_person(self, person_id: str) -> str | None:
+        with self._conn() as conn:
+            row = conn.execute(
+                "SELECT c.member_id FROM cloud_persons c JOIN members m USING (member_id)"
+                " WHERE c.person_id = %s AND NOT c.deleted",
+                (person_id,),
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def save_cloud_person(self, member_id: str, person_id: str) -> None:
+        with self._conn() as conn:
+            conn.execute(
+                "INSERT INTO cloud_persons (person_id, member_id) VALUES (%s, %s)"
+                " ON CONFLICT (person_id) DO UPDATE SET member_id = excluded.member_id,"
+                " deleted = false, ready = false, pending = false, in_training = false",
+                (person_id, member_id),
+            )
+
+    def forget_cloud_person(self, person_id: str) -> None:
+        with self._conn() as conn:
+            conn.execute("DELETE FROM cloud_persons WHERE person_id = %s", (person_id,))
+
+    def save_cloud_face(self, face_id: int, persisted_face_id: str) -> None:
+        with self._transaction() as conn:
+            conn.execute(
+                "UPDATE faces SET persisted_face_id = %s WHERE face_id = %s",
+                (persisted_face_id, face_id),
+            )
+            conn.execute(
+                "UPDATE cloud_persons SET pending = true WHERE NOT deleted AND member_id ="
+                " (SELECT member_id FROM faces WHERE face_id = %s)",
+                (face_id,),
+            )
+
+    def faces(self, member_id: str, *, photos: bool = True) -> list[StoredFace]:
+        photo = "photo" if photos else "NULL::bytea"
+        with self._conn() as conn:
+            rows = conn.execute(
+                f"SELECT face_id, member_id, {photo}, persisted_face_id, photo IS NOT NULL"
+                " FROM faces WHERE member_id = %s ORDER BY face_id",
+                (member_id,),
+            ).fetchall()
+        return [
+            StoredFace(int(r[0]), r[1], None if r[2] is None else bytes(r[2]), r[3], bool(r[4]))
+            for r in rows
+        ]
+
+    def face_photo(self, face_id: int) -> bytes | None:
+        with self._conn() as conn:
+            row = conn.execute("SELECT photo FROM faces WHERE face_id = %s", (face_id,)).fetchone()
+        return None if row is None or row[0] is None else bytes(row[0])
+
+    def training_queued(self) -> None:
+        with self._conn() as conn:
+            conn.execute(
+                "UPDATE cloud_persons SET in_training = true, pending = false WHERE pending"
+            )
+
+    def training_succeeded(self) -> None:
+        with self._conn() as conn:
+            conn.execute(
+                "UPDATE cloud_persons SET ready = true, in_training = false WHERE in_training"
+            )
+
+    def close(self) -> None:
+        self._pool.close()
