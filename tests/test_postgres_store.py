@@ -4,6 +4,7 @@ chain's change log, idempotent shipping of events decided offline, and the event
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -116,3 +117,31 @@ def test_an_unreachable_database_is_named_not_a_crash() -> None:
         PostgresStore(f"postgresql://postgres@127.0.0.1:{port}/x?connect_timeout=1", timeout=1)
     assert f"127.0.0.1:{port}" in refused.value.message
     assert refused.value.reason == "STORE_UNAVAILABLE"
+
+
+def test_an_event_id_is_never_visible_before_a_lower_one(url: str) -> None:
+    """A follower resumes after the last id it saw (WatchAccessEvents), so an event must
+    not commit while one with a lower id is still uncommitted: the second insert waits."""
+    store = PostgresStore(url)
+    try:
+        with psycopg.connect(url) as slow:  # a transaction: its insert is not committed yet
+            first = slow.execute(
+                store._INSERT_EVENT + " RETURNING event_id",
+                PostgresStore._event_row(event(T0), None),
+            ).fetchone()
+            assert first is not None
+            done: list[int] = []
+            writer = threading.Thread(
+                target=lambda: done.append(store.record_event(event(T0, "m-2")).event_id)
+            )
+            writer.start()
+            writer.join(0.5)
+            assert done == []  # waits for the lower id's commit
+            assert store.events_after(0, EventFilter(), 10) == []
+            slow.commit()
+        writer.join(30)
+        assert done == [first[0] + 1]
+        seen = store.events_after(0, EventFilter(), 10)
+        assert [e.event_id for e in seen] == [first[0], first[0] + 1]
+    finally:
+        store.close()

@@ -126,6 +126,7 @@ class StoreUnavailable(FaceGateError):
             metadata={"store": store},
         )
         self.store = store
+        self.detail = detail
 
 
 class Unauthenticated(FaceGateError):

@@ -363,12 +363,13 @@ class Gate:
         return self._engine_status()
 
     def status(self) -> Status:
-        try:  # the outbox is in the shared store, when there is one
+        try:  # the outbox and the access log are in the shared store, when there is one
             depth = self.store.outbox_depth()
             parked_count = self.store.outbox_parked_count()
             parked = tuple(self.store.outbox_parked(PARKED_SHOWN))
+            oldest_event = self.store.oldest_event_at()
         except StoreUnavailable:  # the store's state says so
-            depth, parked_count, parked = 0, 0, ()
+            depth, parked_count, parked, oldest_event = 0, 0, (), None
         return Status(
             engines=self._engine_status(),
             outbox_depth=depth,
@@ -378,7 +379,7 @@ class Gate:
             parked=parked,
             refusals=self._refusals(),
             purge_pending_since=self.store.purge_pending_since(),
-            oldest_event_time=self.store.oldest_event_at(),
+            oldest_event_time=oldest_event,
             event_retention_days=self.event_retention_days,
             store=self.store.state(),
         )

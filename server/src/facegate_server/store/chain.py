@@ -129,7 +129,8 @@ class ChainStore(Store):
     def _lost(self, error: Exception) -> None:
         with self._state_lock:
             was, self._connected = self._connected, False
-            self._last_error = str(error)
+            # Why, once: a StoreUnavailable's own message already names the store.
+            self._last_error = error.detail if isinstance(error, StoreUnavailable) else str(error)
             self._outage = True
             if was:
                 self._since = time.monotonic()
