@@ -242,7 +242,13 @@ def test_a_server_with_a_lease_url_replays_only_while_it_holds_the_lease(
             )
             replayer = gate.server.gate.replayer
             assert replayer is not None
+            # What the holder saves in the shared store, this server follows while waiting:
+            # its cloud answers then name the member.
+            gate.server.store.save_cloud_person("m-1", "person-made-by-the-holder")
+            assert replayer.people.member_of("person-made-by-the-holder") is None
             replayer.run_once()
+            assert replayer.people.member_of("person-made-by-the-holder") == "m-1"
+            replayer.people.forget("person-made-by-the-holder")  # (it is not in the cloud)
             answer = gate.stub.GetStatus(pb.GetStatusRequest(), timeout=5)
             assert answer.outbox_depth == 1
             assert "another server replays the outbox" in answer.outbox_waiting

@@ -7,6 +7,7 @@ cloud/sync.py) and read from memory, so that a decision never reads the store.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -28,7 +29,10 @@ from facegate_server.domain import (
 )
 from facegate_server.engines.base import Attempt
 from facegate_server.engines.policy import choose_face
+from facegate_server.errors import StoreUnavailable
 from facegate_server.store import Store
+
+log = logging.getLogger(__name__)
 
 MIN_BYTES = 1024
 """The Face API refuses smaller images (400 InvalidImageSize): they are not sent."""
@@ -66,7 +70,12 @@ class CloudPeople:
         self._store = store
         self._lock = threading.Lock()
         self._by_person: dict[str, CloudPerson] = {}
-        self.reload()
+        try:
+            self.reload()
+        except StoreUnavailable:
+            # A chain's server starting while PostgreSQL is down: no cloud person is known
+            # (the cloud's answers fall to the local engine) until a reload succeeds.
+            log.warning("cloud persons not loaded: the shared store is unreachable")
 
     def reload(self) -> None:
         people = self._store.cloud_people()

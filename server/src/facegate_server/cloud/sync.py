@@ -53,6 +53,7 @@ re-adds.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import threading
@@ -72,6 +73,7 @@ from facegate_server.domain import (
     Reconciliation,
     SyncReport,
 )
+from facegate_server.errors import StoreUnavailable
 from facegate_server.store import Store
 
 log = logging.getLogger(__name__)
@@ -256,6 +258,11 @@ class CloudSync:
         if token is None:
             self._token = None
             self.waiting = "another server replays the outbox (it holds the lease)"
+            # The holder saves the persons it makes, and their training, in the shared
+            # store: follow them, so that this server's cloud answers name its members.
+            # (Unreachable: the store's state says so; the local copy decides meanwhile.)
+            with contextlib.suppress(StoreUnavailable):
+                self.people.reload()
             return False
         if token != self._token:
             self.people.reload()
