@@ -330,3 +330,11 @@ def test_a_store_does_not_open_while_a_restore_holds_its_lock(tmp_path: Path) ->
         os.close(held)
     SqliteStore(path).close()
     assert stat.S_IMODE(path.with_name("facegate.sqlite3.lock").stat().st_mode) == 0o600
+
+
+def test_a_chain_servers_data_dir_points_to_postgresqls_tools(tmp_path: Path) -> None:
+    """A chain server keeps only its local copy in the data dir: `facegate backup` there
+    says where the members are instead of only that no database is found."""
+    (tmp_path / "gallery-copy.sqlite3").write_bytes(b"")
+    with pytest.raises(BackupError, match="store is PostgreSQL.*pg_dump"):
+        backup(tmp_path / "facegate.sqlite3", tmp_path / "copy.sqlite3")

@@ -356,18 +356,15 @@ def frame_limits(max_image_bytes: int) -> dict[str, MessageLimit]:
     return {f"/{service}/{method}": limit for method in FRAME_METHODS}
 
 
-COPY_FILE = "gallery-copy.sqlite3"
-"""A chain server's local copy of the shared gallery, in data_dir (store/replica.py)."""
-
-
 def build_store(settings: Settings) -> Store:
     """The store the settings name: SQLite in data_dir, or the chain's: the shared
     PostgreSQL and this server's local copy of the gallery in data_dir."""
     if not settings.store:
         return SqliteStore(settings.db_path, purge_interval=settings.purge_interval_s)
+    from facegate_server.store import replica
     from facegate_server.store.chain import ChainStore
 
-    return ChainStore(settings.store, settings.data_dir / COPY_FILE)
+    return ChainStore(settings.store, settings.data_dir / replica.COPY_FILE)
 
 
 def build_server(

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from facegate_server.store.replica import COPY_FILE
 from facegate_server.store.sqlite import SCHEMA_VERSION, open_lock
 
 
@@ -108,6 +109,12 @@ def _check(db: sqlite3.Connection, path: Path, version: int, tables: set[str]) -
 def backup(db_path: Path, dest: Path) -> BackupInfo:
     """Copy the live database at `db_path` to the new file `dest` (never overwritten)."""
     if not db_path.is_file():
+        if (db_path.parent / COPY_FILE).is_file():  # a chain server's: PostgreSQL holds it
+            raise BackupError(
+                f"no FaceGate database at {db_path}: this server's store is PostgreSQL "
+                "(its data dir holds only the local copy); back that up with PostgreSQL's "
+                "tools, pg_dump or pg_basebackup (README: Backups)"
+            )
         raise BackupError(f"no FaceGate database at {db_path}")
     if dest.exists():
         raise BackupError(f"{dest} exists: name a new file (backups are never overwritten)")

@@ -45,6 +45,10 @@ REPLICA_TABLES = (
 )
 
 
+COPY_FILE = "gallery-copy.sqlite3"
+"""A chain server's local copy of the shared gallery, in its data_dir."""
+
+
 @dataclass(frozen=True)
 class EngineChange:
     """What the engines must be told after a change is applied to the copy."""
