@@ -336,5 +336,5 @@ def test_a_chain_servers_data_dir_points_to_postgresqls_tools(tmp_path: Path) ->
     """A chain server keeps only its local copy in the data dir: `facegate backup` there
     says where the members are instead of only that no database is found."""
     (tmp_path / "gallery-copy.sqlite3").write_bytes(b"")
-    with pytest.raises(BackupError, match="store is PostgreSQL.*pg_dump"):
+    with pytest.raises(BackupError, match=r"store is PostgreSQL.*pg_dump"):
         backup(tmp_path / "facegate.sqlite3", tmp_path / "copy.sqlite3")

@@ -32,7 +32,7 @@ from facegate_server.store import SqliteStore
 
 from tests.cloud import KEY, cloud_gate, emulator, wait_for
 from tests.conftest import Faces
-from tests.pglease import own_database
+from tests.pg import database
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
 
@@ -104,7 +104,7 @@ def finish(r: Replayer, timeout: float = 120) -> None:
 
 @pytest.fixture
 def db() -> Iterator[str]:
-    with own_database() as url:
+    with database() as url:
         yield url
 
 

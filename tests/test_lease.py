@@ -17,12 +17,12 @@ import pytest
 from facegate_server.cloud.lease import LeaseKeeper, LocalLease, PostgresLease, ensure_schema
 
 from tests.cloud import wait_for
-from tests.pglease import own_database
+from tests.pg import database
 
 
 @pytest.fixture
 def db() -> Iterator[str]:
-    with own_database() as url:
+    with database() as url:
         yield url
 
 
