@@ -20,10 +20,10 @@ import psycopg
 import pytest
 from facegate.v1 import facegate_service_pb2 as pb
 from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
-from facegate_server.app import COPY_FILE, FaceGateServer
+from facegate_server.app import FaceGateServer
 from facegate_server.domain import FaceTemplate
 from facegate_server.engines.memory import MemoryEngine
-from facegate_server.store.replica import ReplicaStore
+from facegate_server.store.replica import COPY_FILE, ReplicaStore
 from google.protobuf.field_mask_pb2 import FieldMask
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
