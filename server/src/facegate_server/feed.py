@@ -89,10 +89,20 @@ class EventBell:
 
 
 def _wake(waiting: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]) -> None:
+    # One hand-over a loop, not one a follower: each costs the writer (Identify's thread)
+    # a write to the loop's wake-up socket, and all followers wait on the server's loop.
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Event]] = {}
     for loop, event in waiting:
+        by_loop.setdefault(loop, []).append(event)
+    for loop, events in by_loop.items():
         # A closed loop raises RuntimeError: nobody is waiting there any more.
         with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(event.set)
+            loop.call_soon_threadsafe(_set_all, events)
+
+
+def _set_all(events: list[asyncio.Event]) -> None:
+    for event in events:
+        event.set()
 
 
 EVERYTHING: Final = EventFilter()
