@@ -12,6 +12,7 @@ take them, each with its origin sequence, until they are shipped.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -44,6 +45,9 @@ REPLICA_TABLES = (
     )""",
 )
 
+
+CURRENT_SAVE_S = 60.0
+"""How often the time the copy was last current is saved while nothing changes."""
 
 COPY_FILE = "gallery-copy.sqlite3"
 """A chain server's local copy of the shared gallery, in its data_dir."""
@@ -111,6 +115,11 @@ class ReplicaStore(SqliteStore):
         with self._lock:
             for statement in REPLICA_TABLES:
                 self._db.execute(statement)
+        # When the copy was last known current: kept in memory, saved at most every
+        # CURRENT_SAVE_S (a durable write under the store lock Identify reads through
+        # was once a poll, a second); after a restart the copy looks older, never newer.
+        self._current: datetime | None = None
+        self._current_saved = float("-inf")
 
     def meta(self, key: str, default: str = "") -> str:
         with self._lock:
@@ -133,11 +142,16 @@ class ReplicaStore(SqliteStore):
 
     def current_at(self) -> datetime | None:
         """When the copy was last known equal to the central store."""
+        if self._current is not None:
+            return self._current
         value = self.meta("current_us")
         return _time(int(value)) if value else None
 
     def mark_current(self, now: datetime) -> None:
-        self.set_meta("current_us", str(_us(now)))
+        self._current = now
+        if time.monotonic() - self._current_saved >= CURRENT_SAVE_S:
+            self.set_meta("current_us", str(_us(now)))
+            self._current_saved = time.monotonic()
 
     def reset(self, central_id: str) -> None:
         """Forget every member: the copy is of another central store (or none yet)."""
@@ -170,6 +184,7 @@ class ReplicaStore(SqliteStore):
                 told.extend(self._copy(member_id, members.get(member_id)))
             self._set("applied_seq", str(seq))
             self._set("current_us", str(_us(now)))
+        self._current = now
         if any(t.kind != "enrolled" for t in told):
             self._purge_wal()
         return told
