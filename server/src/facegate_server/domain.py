@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -234,6 +235,11 @@ class NewAccessEvent:
     """Why, when the decision alone does not say (Verify: "no member with this id")."""
     rule: MembershipRule | None = None
     """The membership rule that refused a recognised member, if one did."""
+
+    def stored(self, event_id: int, **changed: Any) -> AccessEvent:
+        """This event as a store returns it: with its id (and `changed` fields)."""
+        fields = {name: getattr(self, name) for name in NewAccessEvent.__dataclass_fields__}
+        return AccessEvent(**(fields | changed), event_id=event_id)
 
 
 @dataclass(frozen=True)

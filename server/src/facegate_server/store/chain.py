@@ -340,8 +340,7 @@ class ChainStore(Store):
         with self._event_lock:
             self.local.keep_event(origin, event)
             self._pending += 1
-        fields = {k: getattr(event, k) for k in NewAccessEvent.__dataclass_fields__}
-        return AccessEvent(**fields, event_id=0)
+        return event.stored(0)
 
     def list_events(
         self, where: EventFilter, limit: int, before_id: int | None = None

@@ -212,9 +212,10 @@ class MemoryStore(Store):
 
     def record_event(self, event: NewAccessEvent) -> AccessEvent:
         with self._lock:
-            fields = {k: getattr(event, k) for k in NewAccessEvent.__dataclass_fields__}
-            fields["latency"] = timedelta(microseconds=round(event.latency.total_seconds() * 1e6))
-            stored = AccessEvent(**fields, event_id=self._next_event)
+            stored = event.stored(
+                self._next_event,
+                latency=timedelta(microseconds=round(event.latency.total_seconds() * 1e6)),
+            )
             self._next_event += 1
             self._events.append(stored)
             return stored

@@ -635,8 +635,7 @@ class PostgresStore(Store):
             row: Any = conn.execute(
                 self._INSERT_EVENT + " RETURNING event_id", self._event_row(event, origin)
             ).fetchone()
-        fields = {k: getattr(event, k) for k in NewAccessEvent.__dataclass_fields__}
-        return AccessEvent(**fields, event_id=int(row[0]))
+        return event.stored(int(row[0]))
 
     def ship_events(self, origin: str, events: Sequence[tuple[int, NewAccessEvent]]) -> int:
         """Insert events decided at server `origin`, each with its local seq, in order and

@@ -550,8 +550,7 @@ class SqliteStore(Store):
             )
             event_id = cursor.lastrowid
         assert event_id is not None
-        fields = {k: getattr(event, k) for k in NewAccessEvent.__dataclass_fields__}
-        return AccessEvent(**fields, event_id=event_id)
+        return event.stored(event_id)
 
     def list_events(
         self, where: EventFilter, limit: int, before_id: int | None = None
