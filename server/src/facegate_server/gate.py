@@ -162,15 +162,11 @@ class Gate:
             self.record_undecided(turnstile_id, error, time.perf_counter() - started)
             raise
         now = self.clock()
-        identification = self._admit(identification, now)
-        display_name = ""
-        if identification.decision is Decision.GRANTED:
-            try:
-                display_name = self.store.get_member(identification.member_id).display_name
-            except Exception:  # deleted a moment ago: the name is only for display
-                display_name = ""
+        identification, member = self._admit(identification, now)
+        granted = identification.decision is Decision.GRANTED
+        name = member.display_name if granted and member is not None else ""
         event = self._log(identification, turnstile_id, now, started)
-        return IdentifyResult(identification, display_name, event)
+        return IdentifyResult(identification, name, event)
 
     def _log(
         self,
@@ -250,7 +246,9 @@ class Gate:
         )
         return self._logged(event)
 
-    def _admit(self, identification: Identification, now: datetime | None = None) -> Identification:
+    def _admit(
+        self, identification: Identification, now: datetime | None = None
+    ) -> tuple[Identification, Member | None]:
         """The membership rules, after recognition: a grant stands only if the member may
         come in here and now (membership.py), on the store's copy of the member, whichever
         engine recognised them. A refusal keeps the member's id (the gym needs to know who
@@ -258,22 +256,25 @@ class Gate:
 
         Every other decision (unknown face, no face, several, poor quality, ambiguous)
         stands as it is: the rules never reveal whom a stranger resembles. Identify and
-        Verify call this; so must any other use case that grants.
+        Verify call this; so must any other use case that grants. With the decision, the
+        member read for it (None when none was: no grant, or deleted meanwhile).
         """
         if identification.decision is not Decision.GRANTED or not identification.member_id:
-            return identification
+            return identification, None
         try:
             member = self.store.get_member(identification.member_id)
         except MemberNotFound:  # deleted while the engine decided: nobody to let in
-            return replace(
+            denied = replace(
                 identification, decision=Decision.DENIED_UNKNOWN_FACE, member_id="", hint=""
             )
+            return denied, None
         rule = rules.refusal(member.membership, self.clock() if now is None else now, self.site)
         if rule is None:
-            return identification
-        return replace(
+            return identification, member
+        refused = replace(
             identification, decision=rules.DECISIONS[rule], rule=rule, hint=rules.HINTS[rule]
         )
+        return refused, member
 
     def verify(
         self, member_id: str, image: bytes, turnstile_id: str, time_left: float | None = None
@@ -295,11 +296,13 @@ class Gate:
             self.record_undecided(turnstile_id, error, time.perf_counter() - started, member_id)
             raise
         now = self.clock()
-        found = self._admit(found, now)
-        try:  # one read whatever the answer: the name on a grant, existence on a denial
-            display_name, enrolled = self.store.get_member(member_id).display_name, True
-        except MemberNotFound:
-            display_name, enrolled = "", False
+        found, member = self._admit(found, now)
+        if member is None:  # no grant read it: existence, for the log's detail
+            try:
+                member = self.store.get_member(member_id)
+            except MemberNotFound:
+                member = None
+        display_name, enrolled = (member.display_name, True) if member else ("", False)
         granted = found.decision is Decision.GRANTED
         detail = NO_SUCH_MEMBER if not (enrolled or granted) else ""
         event = self._log(
