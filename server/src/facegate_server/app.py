@@ -38,7 +38,7 @@ from facegate_server.engines.policy import decision_policy
 from facegate_server.feed import EventBell, EventFeed
 from facegate_server.gate import Clock, Gate, utc_now
 from facegate_server.membership import Site, load_zone
-from facegate_server.metrics import Metrics, MetricsServer, sqlite_files
+from facegate_server.metrics import Metrics, MetricsServer
 from facegate_server.permissions import startup_findings, tokens_file
 from facegate_server.retention import Retention
 from facegate_server.routing.breaker import CircuitBreaker, CircuitState
@@ -49,6 +49,7 @@ from facegate_server.rpc.intercept import Refusals
 from facegate_server.rpc.server import MessageLimit, RpcServer
 from facegate_server.rpc.servicer import FaceGateServicer
 from facegate_server.store import SqliteStore, Store
+from facegate_server.store.sqlite import sqlite_files
 
 log = logging.getLogger(__name__)
 

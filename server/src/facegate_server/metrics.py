@@ -184,11 +184,6 @@ def _size(path: Path) -> int:
         return 0
 
 
-def sqlite_files(database: Path) -> tuple[Path, ...]:
-    """A SQLite database in WAL mode: the file, its write-ahead log and shared memory."""
-    return (database, Path(f"{database}-wal"), Path(f"{database}-shm"))
-
-
 class CallCounter(grpc.aio.ServerInterceptor):
     """Counts every call to a known method by its status code, when it ends. Put first (the
     outermost interceptor), it counts the calls the others refuse as well."""

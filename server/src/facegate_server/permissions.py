@@ -22,6 +22,7 @@ from pathlib import Path
 
 from facegate_server.config import Settings
 from facegate_server.rpc.auth import Callers, is_loopback
+from facegate_server.store.sqlite import sqlite_files
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def data_files(data_dir: Path, db_path: Path) -> Iterator[Finding]:
         yield Finding(
             "the data directory is open to other users", str(data_dir), f"chmod 700 {data_dir}"
         )
-    for path in (db_path, Path(f"{db_path}-wal"), Path(f"{db_path}-shm")):
+    for path in sqlite_files(db_path):
         mode = _mode(path)
         if mode is not None and mode & 0o077:
             yield Finding(

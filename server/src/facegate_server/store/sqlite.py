@@ -221,6 +221,11 @@ def _event_clauses(where: EventFilter) -> tuple[list[str], list[str | int]]:
     return clauses, params
 
 
+def sqlite_files(database: Path) -> tuple[Path, Path, Path]:
+    """A SQLite database in WAL mode: the file, its write-ahead log and shared memory."""
+    return (database, Path(f"{database}-wal"), Path(f"{database}-shm"))
+
+
 class SqliteStore(Store):
     def __init__(self, path: Path, *, purge_interval: float = PURGE_INTERVAL_S) -> None:
         path = Path(path)
@@ -255,7 +260,7 @@ class SqliteStore(Store):
         except BaseException:
             self.close()
             raise
-        wal = path.with_name(path.name + "-wal")
+        _, wal, _ = sqlite_files(path)
         if wal.exists() and wal.stat().st_size > 0:  # left by a crash, maybe after a deletion
             self._purge_wal()
 
