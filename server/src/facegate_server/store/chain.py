@@ -17,10 +17,19 @@ its origin (this server's id and a local sequence), and shipped in order when Po
 is back; the origin is unique there, so an event arrives once even if shipping is cut off
 half-way. An event kept locally has no event id yet (0 in the response): it gets the
 chain's id when it arrives, and appears in the access log from then on.
+
+The WAN never holds a door: a decision's event waits for PostgreSQL at most `event_wait`
+(and never past the call's deadline, store/base.py ANSWER_BY), on a thread of its own;
+past that it is kept locally like an event decided offline, and later ones queue behind
+it. Should the slow insert commit after all, shipping the kept copy finds its origin
+there and inserts nothing: exactly once either way, and in order (the kept copy is
+shipped before the later events, in one transaction, and the late insert, which takes
+the same lock, either commits first or finds the shipped copy).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import time
@@ -46,7 +55,7 @@ from facegate_server.domain import (
     StoreState,
 )
 from facegate_server.errors import StoreUnavailable
-from facegate_server.store.base import Store
+from facegate_server.store.base import ANSWER_BY, Store
 from facegate_server.store.postgres import CHANNEL, MemberChange, PostgresStore
 from facegate_server.store.replica import EngineChange, ReplicaStore
 
@@ -56,6 +65,8 @@ BATCH = 1000
 """Changes applied in one local transaction; events shipped in one central one."""
 ORIGIN_BLOCK = 1000
 """Origin sequence numbers reserved (one local write) at a time."""
+EVENT_WAIT_S = 0.3
+"""How long a decision's access event may wait for PostgreSQL before it is kept locally."""
 PRIORITY = ("deleted", "updated")
 """Changes applied before the rest of a batch: who must no longer come in."""
 
@@ -91,12 +102,15 @@ class ChainStore(Store):
         poll: float = 1.0,
         retry: float = 0.5,
         timeout: float = 3.0,
+        event_wait: float = EVENT_WAIT_S,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self.local = ReplicaStore(copy_path)
         self.central = PostgresStore(url, migrate=False, timeout=timeout)
         self.name = self.central.name
         self.poll, self.retry, self.clock = poll, retry, clock
+        self.event_wait = event_wait
+        self._inserts = concurrent.futures.ThreadPoolExecutor(8, "event-insert")
         self._apply_lock = threading.RLock()
         self._event_lock = threading.Lock()
         self._listener: Listener | None = None
@@ -285,6 +299,17 @@ class ChainStore(Store):
         member: Member = self._changed("update_member", member_id, display_name, membership, now)
         return member
 
+    def update_member_with(
+        self,
+        member_id: str,
+        change: Callable[[Member], tuple[str, Membership]],
+        now: datetime,
+    ) -> Member:
+        """Read-modify-write on the central row, locked (not the local copy, which may be
+        a second behind another server's change)."""
+        member: Member = self._changed("update_member_with", member_id, change, now)
+        return member
+
     def add_templates(
         self, member_id: str, templates: Sequence[FaceTemplate], now: datetime
     ) -> Member:
@@ -332,15 +357,32 @@ class ChainStore(Store):
         with self._event_lock:
             origin = self._next_origin()
             direct = self._pending == 0 and self.connected
-        if direct:  # concurrent calls insert concurrently: their order is no order
+        wait = self.event_wait
+        if (answer_by := ANSWER_BY.get()) is not None:
+            wait = min(wait, answer_by - time.monotonic())
+        if direct and wait > 0:  # concurrent calls insert concurrently: no order among them
+            insert = self._inserts.submit(self._insert, event, origin)
             try:
-                return self.central.record_event_from(event, (self.server_id, origin))
-            except StoreUnavailable as error:
-                self._lost(error)
+                return insert.result(timeout=wait)
+            except concurrent.futures.TimeoutError:
+                if not insert.cancel():  # under way: it may yet commit (shipping skips it)
+                    log.warning(
+                        "PostgreSQL took too long for an access event: kept locally",
+                        extra={"store": self.name, "waited_s": round(wait, 3)},
+                    )
+            except StoreUnavailable:
+                pass  # _insert said the store is lost
         with self._event_lock:
             self.local.keep_event(origin, event)
             self._pending += 1
         return event.stored(0)
+
+    def _insert(self, event: NewAccessEvent, origin: int) -> AccessEvent:
+        try:
+            return self.central.record_event_from(event, (self.server_id, origin))
+        except StoreUnavailable as error:
+            self._lost(error)
+            raise
 
     def list_events(
         self, where: EventFilter, limit: int, before_id: int | None = None
@@ -439,5 +481,6 @@ class ChainStore(Store):
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self._inserts.shutdown(wait=False, cancel_futures=True)
         self.central.close()
         self.local.close()

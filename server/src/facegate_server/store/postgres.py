@@ -16,8 +16,11 @@ as timestamptz; membership, face quality and engine reports as jsonb.
 
 from __future__ import annotations
 
+import itertools
+import logging
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -60,6 +63,8 @@ from facegate_server.store.codec import (
     quality_json,
 )
 from facegate_server.store.reports import reports_from_json, reports_json
+
+log = logging.getLogger(__name__)
 
 EMBEDDING_DTYPE = np.dtype("<f8")
 CHANNEL = "facegate_member_changes"
@@ -163,6 +168,11 @@ CONNECTION_DEFAULTS = {
     "keepalives_count": "2",
     "tcp_user_timeout": "6000",
 }
+IDLE_IN_TRANSACTION_S = 10
+"""A FaceGate session idle inside a transaction this long is ended by PostgreSQL: a branch
+cut off mid-transaction must not hold the change log's or the event log's lock (every
+server's writes wait on it) until the server's TCP keepalive notices, hours later."""
+_POOL_NAMES = itertools.count(1)
 
 
 def conninfo_with_defaults(url: str) -> str:
@@ -202,6 +212,29 @@ class StoredMember:
     """(face_id, embedding bytes, photo, create_time, quality JSON) in face order."""
 
 
+class _QuietPool(logging.Filter):
+    """On psycopg_pool's logger: its warning at every failed connection attempt of this
+    store's pools becomes the store's one warning for the outage (PostgresStore
+    _unreachable); the next connection made says it is over (_reachable)."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        super().__init__()
+        self.store = store
+        self.names: set[str] = set()
+        logging.getLogger("psycopg.pool").addFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if record.levelno < logging.WARNING or not args or args[0] not in self.names:
+            return True
+        if str(record.msg).startswith("error connecting"):
+            self.store._unreachable(str(args[-1]).strip().splitlines()[0] if args else "")
+        return False
+
+    def close(self) -> None:
+        logging.getLogger("psycopg.pool").removeFilter(self)
+
+
 def _scalar(cursor: psycopg.Cursor[Any]) -> Any:
     """The first column of the one row a query returns (an aggregate, RETURNING)."""
     row = cursor.fetchone()
@@ -224,6 +257,9 @@ class PostgresStore(Store):
         self.url = conninfo_with_defaults(url)
         self.name = describe(url)
         self._timeout, self._pool_size = timeout, pool_size
+        self._reach_lock = threading.Lock()
+        self._out_since: float | None = None  # when connecting first failed, in an outage
+        self._quiet = _QuietPool(self)
         self._pool = self._new_pool()
         self._store_id = ""
         self._migrated = threading.Event()
@@ -231,7 +267,7 @@ class PostgresStore(Store):
             try:
                 self.migrate()
             except BaseException:
-                self._pool.close()
+                self.close()
                 raise
 
     def _new_pool(self) -> psycopg_pool.ConnectionPool[Any]:
@@ -247,8 +283,9 @@ class PostgresStore(Store):
             configure=self._configure,
             timeout=self._timeout,
             open=False,
-            name="facegate",
+            name=f"facegate-{next(_POOL_NAMES)}",
         )
+        self._quiet.names.add(pool.name)
         pool.open(wait=False)
         return pool
 
@@ -257,10 +294,36 @@ class PostgresStore(Store):
         reconnections (for many seconds), though the database is back."""
         old, self._pool = self._pool, self._new_pool()
         old.close(timeout=0)
+        self._quiet.names.discard(old.name)
 
-    @staticmethod
-    def _configure(conn: psycopg.Connection[Any]) -> None:
-        conn.execute("SET TIME ZONE 'UTC'")
+    def _configure(self, conn: psycopg.Connection[Any]) -> None:
+        conn.execute(
+            "SET TIME ZONE 'UTC';"
+            f" SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION_S}s'"
+        )
+        self._reachable()
+
+    # Reachability, said once each way: the pool retries a lost database with backoff and
+    # would warn at every attempt (_QuietPool drops those).
+    def _unreachable(self, error: str) -> None:
+        with self._reach_lock:
+            if self._out_since is not None:
+                return
+            self._out_since = time.monotonic()
+        log.warning(
+            "PostgreSQL unreachable; reconnecting quietly",
+            extra={"store": self.name, "error": error},
+        )
+
+    def _reachable(self) -> None:
+        with self._reach_lock:
+            since, self._out_since = self._out_since, None
+        if since is not None:
+            out = time.monotonic() - since
+            log.info(
+                f"PostgreSQL reachable again after {out:.1f} s",
+                extra={"store": self.name, "out_s": round(out, 1)},
+            )
 
     @contextmanager
     def _conn(self) -> Iterator[psycopg.Connection[Any]]:
@@ -462,6 +525,30 @@ class PostgresStore(Store):
             self._changed(conn, member_id, "updated")
             return self._get(conn, member_id)
 
+    def update_member_with(
+        self,
+        member_id: str,
+        change: Callable[[Member], tuple[str, Membership]],
+        now: datetime,
+    ) -> Member:
+        """Read the member, `change` it (its new display name and membership), write it
+        back: in one transaction, the row locked from the read to the commit, so that two
+        servers changing different fields of one member at once both have their way."""
+        with self._transaction() as conn:
+            row = conn.execute(
+                self._MEMBER_SQL + " WHERE m.member_id = %s FOR UPDATE OF m", (member_id,)
+            ).fetchone()
+            if row is None:
+                raise MemberNotFound(member_id)
+            display_name, membership = change(self._member(row))
+            conn.execute(
+                "UPDATE members SET display_name = %s, membership = %s::jsonb,"
+                " update_time = %s WHERE member_id = %s",
+                (display_name, membership_json(membership), now, member_id),
+            )
+            self._changed(conn, member_id, "updated")
+            return self._get(conn, member_id)
+
     def photos(self, member_id: str, *, with_bytes: bool = False) -> list[MemberPhoto]:
         photo = "photo" if with_bytes else "NULL::bytea"
         with self._conn() as conn:
@@ -633,7 +720,9 @@ class PostgresStore(Store):
         """Append an event, with its origin (server id, local seq) when it has one."""
         with self._conn() as conn:
             row: Any = conn.execute(
-                self._INSERT_EVENT + " RETURNING event_id", self._event_row(event, origin)
+                self._INSERT_EVENT + " RETURNING event_id",
+                self._event_row(event, origin),
+                prepare=True,  # from the first event on each connection, not the sixth
             ).fetchone()
         return event.stored(int(row[0]))
 
@@ -904,3 +993,4 @@ class PostgresStore(Store):
 
     def close(self) -> None:
         self._pool.close()
+        self._quiet.close()
