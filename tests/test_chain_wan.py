@@ -225,3 +225,17 @@ def test_the_wait_never_outlasts_the_call(store: ChainStore, link: Link, url: st
     assert late.event_id == 0
     pg.wait_for(lambda: store.state().pending_events == 0, EVENTUALLY)
     assert_once_in_order(url, ["held", "late"])
+
+
+def test_a_call_that_failed_while_the_link_works_is_no_lasting_outage(store: ChainStore) -> None:
+    """A call's failure (an insert cut off late, the pool's timeout) marks the store lost;
+    the follower, whose own connection still works, finds it reachable and says so."""
+    from facegate_server.errors import StoreUnavailable
+
+    for _ in range(2):  # the follower's rounds: past its own first connection
+        seen = store.local.current_at()
+        pg.wait_for(lambda seen=seen: store.local.current_at() != seen, EVENTUALLY)
+    store._lost(StoreUnavailable(store.name, "an insert gave up"))
+    assert not store.connected
+    pg.wait_for(lambda: store.connected, EVENTUALLY)
+    assert store.record_event(event("after")).event_id > 0

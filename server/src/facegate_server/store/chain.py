@@ -260,6 +260,8 @@ class ChainStore(Store):
                     while not self._stop.is_set():
                         for _ in conn.notifies(timeout=self.poll, stop_after=1):
                             pass
+                        if not self.connected:  # a call failed, yet this connection works
+                            self._reconnected()
                         self.catch_up()
                         if self._pending:
                             self.ship()
