@@ -730,15 +730,31 @@ class PostgresStore(Store):
         """Insert events decided at server `origin`, each with its local seq, in order and
         in one transaction; one already there (same origin and seq) is not inserted again.
         How many were new."""
-        new = 0
-        with self._transaction() as conn:
-            for seq, event in events:
-                cursor = conn.execute(
-                    self._INSERT_EVENT + " ON CONFLICT (origin_server, origin_seq) DO NOTHING",
-                    self._event_row(event, (origin, seq)),
-                )
-                new += cursor.rowcount
-        return new
+        if not events:
+            return 0
+        rows = [self._event_row(event, (origin, seq)) for seq, event in events]
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        with self._conn() as conn:
+            # One statement: the event lock is never held across a round trip (a branch
+            # shipping over a slow link would hold every other server's events).
+            return conn.execute(self._SHIP_EVENTS, columns).rowcount
+
+    _SHIP_EVENTS = (
+        "INSERT INTO access_events (time, turnstile_id, member_id, decision, engine,"
+        " confidence, latency_us, reports, kind, claimed_member_id, detail, rule,"
+        " origin_server, origin_seq)"
+        " SELECT e.time, e.turnstile_id, e.member_id, e.decision, e.engine, e.confidence,"
+        " e.latency_us, e.reports::jsonb, e.kind, e.claimed_member_id, e.detail, e.rule,"
+        " e.origin_server, e.origin_seq"
+        f" FROM (SELECT pg_advisory_xact_lock({_EVENT_LOCK})) AS in_id_order,"
+        " unnest(%s::timestamptz[], %s::text[], %s::text[], %s::text[], %s::text[],"
+        " %s::float8[], %s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[],"
+        " %s::text[], %s::text[], %s::bigint[]) WITH ORDINALITY AS e(time, turnstile_id,"
+        " member_id, decision, engine, confidence, latency_us, reports, kind,"
+        " claimed_member_id, detail, rule, origin_server, origin_seq, n)"
+        " ORDER BY e.n"  # ids in the order the events were decided
+        " ON CONFLICT (origin_server, origin_seq) DO NOTHING"
+    )
 
     def shipped_through(self, origin: str) -> int:
         """The highest local seq of `origin`'s events already in the log (0: none)."""
