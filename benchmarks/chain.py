@@ -9,7 +9,9 @@ only what the store adds), on a database of the benchmark's own on that PostgreS
 (created and dropped).
 
 1. Identify latency through gRPC, one caller: SQLite in the data dir against the chain
-   (PostgreSQL + local copy), the same frames, in the same run.
+   (PostgreSQL + local copy; also with FACEGATE_STORE_EVENTS_LOCAL_FIRST, and with
+   PostgreSQL's synchronous_commit=off), the same frames, in the same run, each round in
+   a random order.
    `--only event`: where an Identify's extra time on the chain goes, in this process (no
    gRPC): the access event written to SQLite, to PostgreSQL (PostgresStore), through the
    chain (ChainStore: origin, bounded wait on a thread), and the parts of PostgreSQL's
@@ -127,24 +129,31 @@ def identify_latency(tmp: Path, url: str, calls: int) -> None:
     with (
         running_server(tmp / "lat-sqlite", engine=MemoryEngine()) as lite,
         running_server(tmp / "lat-pg", engine=MemoryEngine(), store=url) as chained,
+        running_server(
+            tmp / "lat-pg-local", engine=MemoryEngine(), store=url, store_events_local_first=True
+        ) as local_first,
         running_server(tmp / "lat-pg-async", engine=MemoryEngine(), store=relaxed) as fast,
         grpc.insecure_channel(f"127.0.0.1:{lite.port}") as c1,
         grpc.insecure_channel(f"127.0.0.1:{chained.port}") as c2,
-        grpc.insecure_channel(f"127.0.0.1:{fast.port}") as c3,
+        grpc.insecure_channel(f"127.0.0.1:{local_first.port}") as c3,
+        grpc.insecure_channel(f"127.0.0.1:{fast.port}") as c4,
     ):
         stubs = {
             "sqlite": pb_grpc.FaceGateServiceStub(c1),
             "postgresql": pb_grpc.FaceGateServiceStub(c2),
-            "postgresql, synchronous_commit=off": pb_grpc.FaceGateServiceStub(c3),
+            "postgresql, events local first": pb_grpc.FaceGateServiceStub(c3),
+            "postgresql, synchronous_commit=off": pb_grpc.FaceGateServiceStub(c4),
         }
-        for name, stub in stubs.items():
+        for i, (name, stub) in enumerate(stubs.items()):
             for n in range(20):
-                member = f"lat-{n}" + ("-async" if "off" in name else "")
+                member = f"lat-{n}" + ("" if name == "postgresql" else f"-{i}")
                 stub.Enroll(pb.EnrollRequest(member_id=member, photos=[face(n)]), timeout=10)
         frames = [face(n % 40) for n in range(calls)]  # half members, half strangers
         took: dict[str, list[float]] = {name: [] for name in stubs}
         for i, f in enumerate(frames + frames[:50]):
-            for name, stub in stubs.items():
+            order = list(stubs.items())
+            random.shuffle(order)  # no server always right after another's disk flush
+            for name, stub in order:
                 started = time.perf_counter()
                 stub.Identify(pb.IdentifyRequest(image=f, turnstile_id="t"), timeout=10)
                 if i >= 50:  # the first 50: warm-up
@@ -178,6 +187,8 @@ def event_write(tmp: Path, url: str, rounds: int) -> None:
     lite = SqliteStore(tmp / "event-sqlite" / "facegate.sqlite3")
     central = PostgresStore(url)
     chained = ChainStore(url, tmp / "event-copy.sqlite3")
+    local_first = ChainStore(url, tmp / "event-copy-2.sqlite3", events_local_first=True)
+    local_first.follow(MemoryEngine())  # ships, and so forgets the local copies
     insert = PostgresStore._INSERT_EVENT + " RETURNING event_id"
     row = PostgresStore._event_row
     with (
@@ -203,6 +214,9 @@ def event_write(tmp: Path, url: str, rounds: int) -> None:
             "ChainStore.record_event (bounded, on a thread)": lambda n: chained.record_event(
                 event(n)
             ),
+            "ChainStore.record_event, events local first": lambda n: local_first.record_event(
+                event(n)
+            ),
             "  pool checkout": checkout,
             "  pool checkout + SELECT 1": round_trip,
             "  the insert, one connection": lambda n: durable.execute(
@@ -224,6 +238,7 @@ def event_write(tmp: Path, url: str, rounds: int) -> None:
     for name, values in took.items():
         print(f"event write, {name}: {ms(values)}", flush=True)
     chained.close()
+    local_first.close()
     central.close()
     lite.close()
 

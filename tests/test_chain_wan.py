@@ -118,17 +118,22 @@ def link(url: str) -> Iterator[Link]:
     made.close()
 
 
-@pytest.fixture
-def store(tmp_path: Path, url: str, link: Link) -> Iterator[ChainStore]:
-    """A chain server's store whose PostgreSQL is across `link`."""
+def across(link: Link, url: str, copy: Path) -> ChainStore:
+    """A chain server's store whose PostgreSQL is across `link` (not yet following)."""
     from facegate_server.store.postgres import PostgresStore
 
     PostgresStore(url).close()  # the schema, made directly
     parts = psycopg.conninfo.conninfo_to_dict(url)
     relayed = f"postgresql://postgres@127.0.0.1:{link.port}/{parts['dbname']}"
-    made = ChainStore(relayed, tmp_path / "copy.sqlite3", poll=0.2, retry=0.2, event_wait=0.3)
-    made.follow(MemoryEngine())
+    made = ChainStore(relayed, copy, poll=0.2, retry=0.2, event_wait=0.3)
     assert made.connected
+    return made
+
+
+@pytest.fixture
+def store(tmp_path: Path, url: str, link: Link) -> Iterator[ChainStore]:
+    made = across(link, url, tmp_path / "copy.sqlite3")
+    made.follow(MemoryEngine())
     yield made
     link.release()
     made.close()
@@ -194,18 +199,27 @@ def test_a_silently_dropped_link_does_not_hold_identify_and_the_event_arrives_on
 
 
 def test_an_insert_that_commits_after_the_wait_is_not_shipped_twice(
-    store: ChainStore, link: Link, url: str
+    tmp_path: Path, link: Link, url: str
 ) -> None:
-    link.hold(Link.DOWN)  # the insert arrives and commits; its answer never comes back
-    held, took = timed(store, "held")
-    assert took < 3.0 and held.event_id == 0
-    pg.wait_for(lambda: [m for m, _ in logged(url)] == ["held"], EVENTUALLY)  # committed
-    queued, _ = timed(store, "queued")
-    assert queued.event_id == 0
+    # No follower: the insert takes the connection "before" used (one already open: a
+    # new one could not even be opened while answers are held), and shipping is called.
+    store = across(link, url, tmp_path / "copy.sqlite3")
+    try:
+        assert store.record_event(event("before")).event_id > 0
+        link.hold(Link.DOWN)  # the insert arrives and commits; its answer never comes back
+        held, took = timed(store, "held")
+        assert took < 3.0 and held.event_id == 0
+        pg.wait_for(lambda: [m for m, _ in logged(url)] == ["before", "held"], EVENTUALLY)
+        queued, _ = timed(store, "queued")
+        assert queued.event_id == 0
 
-    link.release()
-    pg.wait_for(lambda: store.state().pending_events == 0, EVENTUALLY)
-    assert_once_in_order(url, ["held", "queued"])  # "held" shipped again: found, not added
+        link.release()
+        store.ship()
+        assert store.state().pending_events == 0
+        assert_once_in_order(url, ["before", "held", "queued"])  # "held": found, not added
+    finally:
+        link.release()
+        store.close()
 
 
 def test_the_wait_never_outlasts_the_call(store: ChainStore, link: Link, url: str) -> None:
@@ -213,6 +227,7 @@ def test_the_wait_never_outlasts_the_call(store: ChainStore, link: Link, url: st
     the event waits only until then; with none left, it is kept locally at once."""
     from facegate_server.store.base import answer_within
 
+    assert store.record_event(event("before")).event_id > 0
     store.event_wait = 30.0  # would hold the call: the deadline bounds it
     link.hold()
     with answer_within(0.5):
@@ -224,7 +239,7 @@ def test_the_wait_never_outlasts_the_call(store: ChainStore, link: Link, url: st
         late, _ = timed(store, "late")
     assert late.event_id == 0
     pg.wait_for(lambda: store.state().pending_events == 0, EVENTUALLY)
-    assert_once_in_order(url, ["held", "late"])
+    assert_once_in_order(url, ["before", "held", "late"])
 
 
 def test_a_call_that_failed_while_the_link_works_is_no_lasting_outage(store: ChainStore) -> None:
@@ -239,3 +254,30 @@ def test_a_call_that_failed_while_the_link_works_is_no_lasting_outage(store: Cha
     assert not store.connected
     pg.wait_for(lambda: store.connected, EVENTUALLY)
     assert store.record_event(event("after")).event_id > 0
+
+
+def test_events_written_locally_first_survive_a_crash_of_postgresql(tmp_path: Path) -> None:
+    """With events_local_first, PostgreSQL commits an event without waiting for its WAL
+    flush, and the local copy keeps it until shipping's durable commit covers it: killed
+    at once after the events (some commits not yet flushed), PostgreSQL ends up with every
+    event, once."""
+    private = pg.PrivateServer()
+    try:
+        url = pg.create_database(private.url)
+        store = ChainStore(
+            url, tmp_path / "copy.sqlite3", poll=0.2, retry=0.2, timeout=1.0,
+            events_local_first=True,
+        )  # fmt: skip
+        store.follow(MemoryEngine())
+        try:
+            names = [f"e-{n}" for n in range(30)]
+            assert all(store.record_event(event(name)).event_id > 0 for name in names)
+            private.stop("immediate")  # killed: what was not flushed is lost there
+            pg.wait_for(lambda: not store.connected, EVENTUALLY)
+            private.start()
+            pg.wait_for(lambda: store.connected and store.local.pending_count() == 0, EVENTUALLY)
+        finally:
+            store.close()
+        assert_once_in_order(url, names)
+    finally:
+        private.close()
