@@ -9,7 +9,14 @@ only what the store adds), on a database of the benchmark's own on that PostgreS
 (created and dropped).
 
 1. Identify latency through gRPC, one caller: SQLite in the data dir against the chain
-   (PostgreSQL + local copy), the same frames, in the same run.
+   (PostgreSQL + local copy; also with FACEGATE_STORE_EVENTS_LOCAL_FIRST, and with
+   PostgreSQL's synchronous_commit=off), the same frames, in the same run, each round in
+   a random order.
+   `--only event`: where an Identify's extra time on the chain goes, in this process (no
+   gRPC): the access event written to SQLite, to PostgreSQL (PostgresStore), through the
+   chain (ChainStore: origin, bounded wait on a thread), and the parts of PostgreSQL's
+   (pool checkout, a round trip, the insert with and without the commit's WAL flush),
+   each round in a random order.
 2. Enrolment at server A to the first grant at server B (B polled back to back), p50/p99.
 3. Catch-up: B is cut off from PostgreSQL (a TCP relay between them is closed) for 60 s
    (`--quick`: 5 s) while A makes 1,000 changes (enrolments, updates, deletions); then
@@ -20,12 +27,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import random
 import socket
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -119,24 +129,31 @@ def identify_latency(tmp: Path, url: str, calls: int) -> None:
     with (
         running_server(tmp / "lat-sqlite", engine=MemoryEngine()) as lite,
         running_server(tmp / "lat-pg", engine=MemoryEngine(), store=url) as chained,
+        running_server(
+            tmp / "lat-pg-local", engine=MemoryEngine(), store=url, store_events_local_first=True
+        ) as local_first,
         running_server(tmp / "lat-pg-async", engine=MemoryEngine(), store=relaxed) as fast,
         grpc.insecure_channel(f"127.0.0.1:{lite.port}") as c1,
         grpc.insecure_channel(f"127.0.0.1:{chained.port}") as c2,
-        grpc.insecure_channel(f"127.0.0.1:{fast.port}") as c3,
+        grpc.insecure_channel(f"127.0.0.1:{local_first.port}") as c3,
+        grpc.insecure_channel(f"127.0.0.1:{fast.port}") as c4,
     ):
         stubs = {
             "sqlite": pb_grpc.FaceGateServiceStub(c1),
             "postgresql": pb_grpc.FaceGateServiceStub(c2),
-            "postgresql, synchronous_commit=off": pb_grpc.FaceGateServiceStub(c3),
+            "postgresql, events local first": pb_grpc.FaceGateServiceStub(c3),
+            "postgresql, synchronous_commit=off": pb_grpc.FaceGateServiceStub(c4),
         }
-        for name, stub in stubs.items():
+        for i, (name, stub) in enumerate(stubs.items()):
             for n in range(20):
-                member = f"lat-{n}" + ("-async" if "off" in name else "")
+                member = f"lat-{n}" + ("" if name == "postgresql" else f"-{i}")
                 stub.Enroll(pb.EnrollRequest(member_id=member, photos=[face(n)]), timeout=10)
         frames = [face(n % 40) for n in range(calls)]  # half members, half strangers
         took: dict[str, list[float]] = {name: [] for name in stubs}
         for i, f in enumerate(frames + frames[:50]):
-            for name, stub in stubs.items():
+            order = list(stubs.items())
+            random.shuffle(order)  # no server always right after another's disk flush
+            for name, stub in order:
                 started = time.perf_counter()
                 stub.Identify(pb.IdentifyRequest(image=f, turnstile_id="t"), timeout=10)
                 if i >= 50:  # the first 50: warm-up
@@ -146,6 +163,84 @@ def identify_latency(tmp: Path, url: str, calls: int) -> None:
     for name in list(took)[1:]:
         ratio = pct(took[name], 50) / pct(took["sqlite"], 50)
         print(f"  {name} / sqlite, p50: {ratio:.2f}")
+
+
+def event_write(tmp: Path, url: str, rounds: int) -> None:
+    """The access event's write alone, and its parts, interleaved at random each round."""
+    import psycopg
+    from facegate_server.domain import Decision, EngineKind, NewAccessEvent
+    from facegate_server.store.chain import ChainStore
+    from facegate_server.store.postgres import PostgresStore
+    from facegate_server.store.sqlite import SqliteStore
+
+    def event(n: int) -> NewAccessEvent:
+        return NewAccessEvent(
+            time=datetime.now(UTC),
+            turnstile_id="t",
+            member_id=f"m-{n % 40}",
+            decision=Decision.GRANTED,
+            engine=EngineKind.LOCAL,
+            confidence=0.9,
+            latency=timedelta(milliseconds=1),
+        )
+
+    lite = SqliteStore(tmp / "event-sqlite" / "facegate.sqlite3")
+    central = PostgresStore(url)
+    chained = ChainStore(url, tmp / "event-copy.sqlite3")
+    local_first = ChainStore(url, tmp / "event-copy-2.sqlite3", events_local_first=True)
+    local_first.follow(MemoryEngine())  # ships, and so forgets the local copies
+    insert = PostgresStore._INSERT_EVENT + " RETURNING event_id"
+    row = PostgresStore._event_row
+    with (
+        psycopg.connect(central.url, autocommit=True) as durable,
+        psycopg.connect(
+            central.url, autocommit=True, options="-c synchronous_commit=off"
+        ) as relaxed,
+    ):
+
+        def checkout(n: int) -> None:
+            with central._conn():
+                pass
+
+        def round_trip(n: int) -> None:
+            with central._conn() as conn:
+                conn.execute("SELECT 1").fetchone()
+
+        cases: dict[str, Callable[[int], object]] = {
+            "SQLite store": lambda n: lite.record_event(event(n)),
+            "PostgresStore.record_event_from": lambda n: central.record_event_from(
+                event(n), ("bench-pg", n)
+            ),
+            "ChainStore.record_event (bounded, on a thread)": lambda n: chained.record_event(
+                event(n)
+            ),
+            "ChainStore.record_event, events local first": lambda n: local_first.record_event(
+                event(n)
+            ),
+            "  pool checkout": checkout,
+            "  pool checkout + SELECT 1": round_trip,
+            "  the insert, one connection": lambda n: durable.execute(
+                insert, row(event(n), ("bench-raw", n)), prepare=True
+            ).fetchone(),
+            "  the insert, synchronous_commit=off": lambda n: relaxed.execute(
+                insert, row(event(n), ("bench-async", n)), prepare=True
+            ).fetchone(),
+        }
+        took: dict[str, list[float]] = {name: [] for name in cases}
+        for n in range(rounds + 30):
+            order = list(cases.items())
+            random.shuffle(order)
+            for name, case in order:
+                started = time.perf_counter()
+                case(n)
+                if n >= 30:  # warm-up
+                    took[name].append(time.perf_counter() - started)
+    for name, values in took.items():
+        print(f"event write, {name}: {ms(values)}", flush=True)
+    chained.close()
+    local_first.close()
+    central.close()
+    lite.close()
 
 
 def propagation(tmp: Path, url: str, trials: int) -> None:
@@ -226,7 +321,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer calls, a 5 s disconnect")
     parser.add_argument("--postgres", default=pg.ADMIN_URL)
-    parser.add_argument("--only", choices=["latency", "propagation", "catch-up"])
+    parser.add_argument("--only", choices=["latency", "event", "propagation", "catch-up"])
     args = parser.parse_args()
     url = pg.create_database(args.postgres)
     try:
@@ -234,6 +329,8 @@ def main() -> int:
             tmp = Path(folder)
             if args.only in (None, "latency"):
                 identify_latency(tmp, url, 200 if args.quick else 2000)
+            if args.only == "event":
+                event_write(tmp, url, 300 if args.quick else 2000)
             if args.only in (None, "propagation"):
                 propagation(tmp, url, 10 if args.quick else 100)
             if args.only in (None, "catch-up"):

@@ -421,3 +421,89 @@ def test_events_recorded_from_many_threads_across_an_outage_arrive_exactly_once(
         per_turnstile.setdefault(n, []).append(int(i))
     for sequence in per_turnstile.values():  # each turnstile's events in its order
         assert sequence == sorted(sequence)
+
+
+def test_two_servers_changing_different_fields_of_one_member_at_once_keep_both(
+    tmp_path: Path, url: str
+) -> None:
+    """UpdateMember reads the member and writes it back in one PostgreSQL transaction,
+    the row locked (not from the local copy, a moment behind): server B's change, made
+    while A's is under way, waits for it and keeps it."""
+    from dataclasses import replace
+    from datetime import UTC, datetime
+
+    import numpy as np
+    from facegate_server.domain import Member, Membership
+    from facegate_server.store.chain import ChainStore
+
+    now = datetime.now(UTC)
+    a = ChainStore(url, tmp_path / "a.sqlite3")
+    b = ChainStore(url, tmp_path / "b.sqlite3")
+    a.create_member("m-1", "Ann", [FaceTemplate(np.ones(128))], now)
+    b.catch_up()
+    assert b.get_member("m-1").display_name == "Ann"
+    done: list[Member] = []
+
+    def suspend(member: Member) -> tuple[str, Membership]:
+        return member.display_name, replace(member.membership, suspended=True)
+
+    def b_suspends() -> None:
+        done.append(b.update_member_with("m-1", suspend, now))
+
+    def waiting_on_a_lock() -> bool:
+        with psycopg.connect(url) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock'"
+            ).fetchone()
+        return bool(row and row[0])
+
+    other = threading.Thread(target=b_suspends)
+
+    def rename(member: Member) -> tuple[str, Membership]:
+        other.start()  # B's update, while A holds the member
+        pg.wait_for(waiting_on_a_lock, EVENTUALLY)  # B waits for A's commit
+        return "Ann B.", member.membership
+
+    try:
+        a.update_member_with("m-1", rename, now)
+        other.join(timeout=EVENTUALLY)
+        assert done
+        for member in (done[0], a.central.get_member("m-1")):
+            assert member.display_name == "Ann B." and member.membership.suspended
+        b.catch_up()
+        assert b.get_member("m-1").membership.suspended
+    finally:
+        other.join(timeout=EVENTUALLY)
+        a.close()
+        b.close()
+
+
+def test_an_outage_is_logged_once_when_it_starts_and_once_when_it_ends(
+    private: pg.PrivateServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The pool retries a lost database with backoff; it used to warn at every attempt."""
+    import logging
+
+    from facegate_server.errors import StoreUnavailable
+    from facegate_server.store.postgres import PostgresStore
+
+    url = pg.create_database(private.url)
+    store = PostgresStore(url, timeout=1.0)
+    try:
+        caplog.set_level(logging.INFO)
+        private.stop("immediate")
+        for _ in range(2):  # the connection it held is found dead; new ones are refused
+            with pytest.raises(StoreUnavailable):
+                store.count_members()
+        pg.wait_for(lambda: store._pool.get_stats().get("connections_errors", 0) >= 2, 60)
+        private.start()
+        store.reopen()  # as the chain does once PostgreSQL answers again
+        assert store.count_members() == 0
+    finally:
+        store.close()
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert not [m for m in said if m.startswith("error connecting")]
+    assert len([m for m in said if m.startswith("PostgreSQL unreachable")]) == 1
+    back = [m for m in said if m.startswith("PostgreSQL reachable again after")]
+    assert len(back) == 1, said

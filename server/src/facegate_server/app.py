@@ -365,7 +365,12 @@ def build_store(settings: Settings) -> Store:
     from facegate_server.store import replica
     from facegate_server.store.chain import ChainStore
 
-    return ChainStore(settings.store, settings.data_dir / replica.COPY_FILE)
+    return ChainStore(
+        settings.store,
+        settings.data_dir / replica.COPY_FILE,
+        event_wait=settings.store_event_wait_s,
+        events_local_first=settings.store_events_local_first,
+    )
 
 
 def build_server(

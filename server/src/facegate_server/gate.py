@@ -50,6 +50,7 @@ from facegate_server.errors import (
 from facegate_server.feed import EventBell
 from facegate_server.membership import Site
 from facegate_server.store import Store
+from facegate_server.store.base import answer_within
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,10 @@ class Gate:
     def identify(
         self, image: bytes, turnstile_id: str, time_left: float | None = None
     ) -> IdentifyResult:
+        with answer_within(time_left):  # the access event's write too
+            return self._identify(image, turnstile_id, time_left)
+
+    def _identify(self, image: bytes, turnstile_id: str, time_left: float | None) -> IdentifyResult:
         started = time.perf_counter()
         validation.turnstile_id(turnstile_id)
         budget = self.identify_budget if time_left is None else min(self.identify_budget, time_left)
@@ -286,6 +291,12 @@ class Gate:
         the access log says why. A denial tells the turnstile nothing measured about the
         member (`told`): the log keeps the confidences.
         """
+        with answer_within(time_left):  # the access event's write too
+            return self._verify(member_id, image, turnstile_id, time_left)
+
+    def _verify(
+        self, member_id: str, image: bytes, turnstile_id: str, time_left: float | None
+    ) -> IdentifyResult:
         started = time.perf_counter()
         validation.turnstile_id(turnstile_id)
         validation.member_id(member_id)
@@ -441,8 +452,8 @@ class Gate:
                     reason="UPDATE_MASK_INVALID",
                 )
         self.store.check_writable()
-        with self._membership:
-            current = self.store.get_member(member_id)
+
+        def change(current: Member) -> tuple[str, Membership]:
             name = current.display_name
             if "display_name" in paths:
                 name = validation.display_name(display_name)
@@ -455,8 +466,10 @@ class Gate:
             if "membership.suspended" in paths and "membership.suspension_reason" not in paths:
                 # Suspending or resuming replaces the reason: an old one never outlives it.
                 fields["suspension_reason"] = membership.suspension_reason
-            changed = validation.membership(replace(changed, **fields), "member.membership")
-            member = self.store.update_member(member_id, name, changed, self.clock())
+            return name, validation.membership(replace(changed, **fields), "member.membership")
+
+        with self._membership:  # the store reads and writes back in one go (a chain's: locked)
+            member = self.store.update_member_with(member_id, change, self.clock())
         log.info("member updated", extra={"member_id": member_id, "fields": list(paths)})
         return member
 

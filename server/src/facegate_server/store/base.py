@@ -10,7 +10,10 @@ entries that will copy them to the cloud, or not at all.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime
 
 from facegate_server.domain import (
@@ -27,6 +30,21 @@ from facegate_server.domain import (
     StoredFace,
     StoreState,
 )
+
+ANSWER_BY: ContextVar[float | None] = ContextVar("facegate_answer_by", default=None)
+"""When the call being served must be answered (time.monotonic()), while a decision's
+access event is written: a store whose log is across a network waits for it no longer
+(store/chain.py), and keeps the event to send later instead."""
+
+
+@contextmanager
+def answer_within(time_left: float | None) -> Iterator[None]:
+    """Set ANSWER_BY for what runs inside: `time_left` seconds from now (None: no bound)."""
+    token = ANSWER_BY.set(None if time_left is None else time.monotonic() + time_left)
+    try:
+        yield
+    finally:
+        ANSWER_BY.reset(token)
 
 
 def embedding_of(template: FaceTemplate) -> Embedding:
@@ -71,6 +89,19 @@ class Store(abc.ABC):
     ) -> Member:
         """Replace a member's display name and membership; MemberNotFound if there is none.
         (The gate merges a field mask into the member it read, under its lock.)"""
+
+    def update_member_with(
+        self,
+        member_id: str,
+        change: Callable[[Member], tuple[str, Membership]],
+        now: datetime,
+    ) -> Member:
+        """Read the member, `change` it (its new display name and membership) and write it
+        back; MemberNotFound if there is none. Here the caller's lock (the gate's) keeps
+        the read and the write together; a store shared by several servers does both in
+        one transaction (store/postgres.py)."""
+        display_name, membership = change(self.get_member(member_id))
+        return self.update_member(member_id, display_name, membership, now)
 
     @abc.abstractmethod
     def add_templates(

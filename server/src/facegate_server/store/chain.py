@@ -17,10 +17,22 @@ its origin (this server's id and a local sequence), and shipped in order when Po
 is back; the origin is unique there, so an event arrives once even if shipping is cut off
 half-way. An event kept locally has no event id yet (0 in the response): it gets the
 chain's id when it arrives, and appears in the access log from then on.
+
+The WAN never holds a door: a decision's event waits for PostgreSQL at most `event_wait`
+(and never past the call's deadline, store/base.py ANSWER_BY), on a thread of its own;
+past that it is kept locally like an event decided offline, and later ones queue behind
+it. Should the slow insert commit after all, shipping the kept copy finds its origin
+there and inserts nothing: exactly once either way, and in order (the kept copy is
+shipped before the later events, in one transaction, and the late insert, which takes
+the same lock, either commits first or finds the shipped copy).
+
+With `events_local_first` (FACEGATE_STORE_EVENTS_LOCAL_FIRST), an Identify costs what it
+costs on SQLite: see record_event.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import time
@@ -46,7 +58,7 @@ from facegate_server.domain import (
     StoreState,
 )
 from facegate_server.errors import StoreUnavailable
-from facegate_server.store.base import Store
+from facegate_server.store.base import ANSWER_BY, Store
 from facegate_server.store.postgres import CHANNEL, MemberChange, PostgresStore
 from facegate_server.store.replica import EngineChange, ReplicaStore
 
@@ -56,6 +68,8 @@ BATCH = 1000
 """Changes applied in one local transaction; events shipped in one central one."""
 ORIGIN_BLOCK = 1000
 """Origin sequence numbers reserved (one local write) at a time."""
+EVENT_WAIT_S = 0.3
+"""How long a decision's access event may wait for PostgreSQL before it is kept locally."""
 PRIORITY = ("deleted", "updated")
 """Changes applied before the rest of a batch: who must no longer come in."""
 
@@ -91,12 +105,17 @@ class ChainStore(Store):
         poll: float = 1.0,
         retry: float = 0.5,
         timeout: float = 3.0,
+        event_wait: float = EVENT_WAIT_S,
+        events_local_first: bool = False,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self.local = ReplicaStore(copy_path)
         self.central = PostgresStore(url, migrate=False, timeout=timeout)
         self.name = self.central.name
         self.poll, self.retry, self.clock = poll, retry, clock
+        self.event_wait = event_wait
+        self.local_first = events_local_first
+        self._inserts = concurrent.futures.ThreadPoolExecutor(8, "event-insert")
         self._apply_lock = threading.RLock()
         self._event_lock = threading.Lock()
         self._listener: Listener | None = None
@@ -107,6 +126,9 @@ class ChainStore(Store):
         self._outage = False  # the pool has failed since it was made
         self._origin = (0, 0)
         self._pending = self.local.pending_count()
+        """Events kept locally that are in no central log yet, as far as this server knows."""
+        self._inflight: set[int] = set()  # origins being inserted centrally
+        self._unconfirmed: set[int] = set()  # inserted; kept locally until shipping's flush
         self.server_id = self.local.store_id()
         """This server's identity, the origin of its events (made with its local copy)."""
         self._stop = threading.Event()
@@ -226,16 +248,28 @@ class ChainStore(Store):
                 done += len(changes)
 
     def ship(self) -> int:
-        """Send the events kept locally, oldest first; how many arrived new."""
+        """Send the events kept locally, oldest first, and forget them; how many arrived
+        new. That includes the copies of events already inserted without waiting for
+        PostgreSQL's flush (`_unconfirmed`): found there, they are not inserted again, and
+        shipping commits durably, which flushes them too (the WAL is one sequence); lost
+        in a crash of PostgreSQL, they are inserted now, in their order."""
         arrived = 0
         while True:
+            # From the oldest every time: an event is kept once its insert has failed or
+            # waited too long, possibly after later ones were read.
             batch = self.local.pending_events(BATCH)
+            with self._event_lock:  # not those whose insert is under way
+                batch = [(seq, event) for seq, event in batch if seq not in self._inflight]
             if not batch:
                 return arrived
             arrived += self.central.ship_events(self.server_id, batch)
             self.local.shipped([seq for seq, _ in batch])
             with self._event_lock:
-                self._pending = self.local.pending_count()
+                for seq, _ in batch:
+                    if seq in self._unconfirmed:
+                        self._unconfirmed.discard(seq)
+                    else:
+                        self._pending -= 1
 
     def _follow(self) -> None:
         while not self._stop.is_set():
@@ -246,8 +280,10 @@ class ChainStore(Store):
                     while not self._stop.is_set():
                         for _ in conn.notifies(timeout=self.poll, stop_after=1):
                             pass
+                        if not self.connected:  # a call failed, yet this connection works
+                            self._reconnected()
                         self.catch_up()
-                        if self._pending:
+                        if self._pending or self._unconfirmed:
                             self.ship()
                         conn.execute("SELECT 1")  # the LISTEN connection is alive
             except (psycopg.Error, StoreUnavailable) as error:
@@ -283,6 +319,17 @@ class ChainStore(Store):
         self, member_id: str, display_name: str, membership: Membership, now: datetime
     ) -> Member:
         member: Member = self._changed("update_member", member_id, display_name, membership, now)
+        return member
+
+    def update_member_with(
+        self,
+        member_id: str,
+        change: Callable[[Member], tuple[str, Membership]],
+        now: datetime,
+    ) -> Member:
+        """Read-modify-write on the central row, locked (not the local copy, which may be
+        a second behind another server's change)."""
+        member: Member = self._changed("update_member_with", member_id, change, now)
         return member
 
     def add_templates(
@@ -328,19 +375,65 @@ class ChainStore(Store):
 
     def record_event(self, event: NewAccessEvent) -> AccessEvent:
         """Into the central log when it is reachable and nothing waits before it; else
-        kept locally (event id 0) and shipped in order."""
+        kept locally (event id 0) and shipped in order.
+
+        With `local_first`, durable before the answer at SQLite's cost: the event is
+        written to the local copy (synced) while PostgreSQL inserts it without waiting
+        for its WAL flush (which, on a database a chain shares, queues behind every
+        other writer's); the local copy is forgotten once shipping has made it durable
+        centrally. The price: should PostgreSQL itself crash within that moment, an
+        event a reader saw there is inserted again, under a new id."""
+        started = time.monotonic()
         with self._event_lock:
             origin = self._next_origin()
             direct = self._pending == 0 and self.connected
-        if direct:  # concurrent calls insert concurrently: their order is no order
+            if direct:
+                self._inflight.add(origin)
+        wait = self.event_wait
+        if (answer_by := ANSWER_BY.get()) is not None:
+            wait = min(wait, answer_by - started)
+        kept = False
+        if direct and wait > 0:
+            # Concurrent calls insert concurrently: there is no order among them.
+            insert = self._inserts.submit(self._insert, event, origin)
             try:
-                return self.central.record_event_from(event, (self.server_id, origin))
-            except StoreUnavailable as error:
-                self._lost(error)
+                if self.local_first:
+                    self.local.keep_event(origin, event)
+                    kept = True
+                stored = insert.result(timeout=max(0.0, started + wait - time.monotonic()))
+            except concurrent.futures.TimeoutError:
+                if not insert.cancel():  # under way: it may yet commit (shipping finds it)
+                    log.warning(
+                        "PostgreSQL took too long for an access event: kept locally",
+                        extra={"store": self.name, "waited_s": round(wait, 3)},
+                    )
+            except StoreUnavailable:
+                pass  # _insert said the store is lost
+            except BaseException:
+                with self._event_lock:
+                    self._inflight.discard(origin)
+                raise
+            else:
+                with self._event_lock:
+                    self._inflight.discard(origin)
+                    if self.local_first:
+                        self._unconfirmed.add(origin)
+                return stored
         with self._event_lock:
-            self.local.keep_event(origin, event)
+            if not kept:
+                self.local.keep_event(origin, event)
+            self._inflight.discard(origin)
             self._pending += 1
         return event.stored(0)
+
+    def _insert(self, event: NewAccessEvent, origin: int) -> AccessEvent:
+        try:
+            return self.central.record_event_from(
+                event, (self.server_id, origin), flush=not self.local_first
+            )
+        except StoreUnavailable as error:
+            self._lost(error)
+            raise
 
     def list_events(
         self, where: EventFilter, limit: int, before_id: int | None = None
@@ -439,5 +532,6 @@ class ChainStore(Store):
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self._inserts.shutdown(wait=False, cancel_futures=True)
         self.central.close()
         self.local.close()

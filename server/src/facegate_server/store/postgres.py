@@ -16,8 +16,11 @@ as timestamptz; membership, face quality and engine reports as jsonb.
 
 from __future__ import annotations
 
+import itertools
+import logging
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -60,6 +63,8 @@ from facegate_server.store.codec import (
     quality_json,
 )
 from facegate_server.store.reports import reports_from_json, reports_json
+
+log = logging.getLogger(__name__)
 
 EMBEDDING_DTYPE = np.dtype("<f8")
 CHANNEL = "facegate_member_changes"
@@ -163,6 +168,11 @@ CONNECTION_DEFAULTS = {
     "keepalives_count": "2",
     "tcp_user_timeout": "6000",
 }
+IDLE_IN_TRANSACTION_S = 10
+"""A FaceGate session idle inside a transaction this long is ended by PostgreSQL: a branch
+cut off mid-transaction must not hold the change log's or the event log's lock (every
+server's writes wait on it) until the server's TCP keepalive notices, hours later."""
+_POOL_NAMES = itertools.count(1)
 
 
 def conninfo_with_defaults(url: str) -> str:
@@ -202,6 +212,29 @@ class StoredMember:
     """(face_id, embedding bytes, photo, create_time, quality JSON) in face order."""
 
 
+class _QuietPool(logging.Filter):
+    """On psycopg_pool's logger: its warning at every failed connection attempt of this
+    store's pools becomes the store's one warning for the outage (PostgresStore
+    _unreachable); the next connection made says it is over (_reachable)."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        super().__init__()
+        self.store = store
+        self.names: set[str] = set()
+        logging.getLogger("psycopg.pool").addFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if record.levelno < logging.WARNING or not args or args[0] not in self.names:
+            return True
+        if str(record.msg).startswith("error connecting"):
+            self.store._unreachable(str(args[-1]).strip().splitlines()[0] if args else "")
+        return False
+
+    def close(self) -> None:
+        logging.getLogger("psycopg.pool").removeFilter(self)
+
+
 def _scalar(cursor: psycopg.Cursor[Any]) -> Any:
     """The first column of the one row a query returns (an aggregate, RETURNING)."""
     row = cursor.fetchone()
@@ -224,17 +257,21 @@ class PostgresStore(Store):
         self.url = conninfo_with_defaults(url)
         self.name = describe(url)
         self._timeout, self._pool_size = timeout, pool_size
+        self._reach_lock = threading.Lock()
+        self._out_since: float | None = None  # when connecting first failed, in an outage
+        self._quiet = _QuietPool(self)
         self._pool = self._new_pool()
+        self._relaxed_pool = self._new_pool(relaxed=True)  # commits not waiting for a flush
         self._store_id = ""
         self._migrated = threading.Event()
         if migrate:
             try:
                 self.migrate()
             except BaseException:
-                self._pool.close()
+                self.close()
                 raise
 
-    def _new_pool(self) -> psycopg_pool.ConnectionPool[Any]:
+    def _new_pool(self, *, relaxed: bool = False) -> psycopg_pool.ConnectionPool[Any]:
         # No check of a connection when it is taken (a round trip on every call, 4 ms
         # measured on a loaded machine): a connection the database dropped fails its call
         # once (StoreUnavailable) and is discarded; the chain reopens the pool after an
@@ -244,11 +281,12 @@ class PostgresStore(Store):
             min_size=1,
             max_size=self._pool_size,
             kwargs={"autocommit": True},
-            configure=self._configure,
+            configure=self._configure_relaxed if relaxed else self._configure,
             timeout=self._timeout,
             open=False,
-            name="facegate",
+            name=f"facegate-{next(_POOL_NAMES)}",
         )
+        self._quiet.names.add(pool.name)
         pool.open(wait=False)
         return pool
 
@@ -256,17 +294,51 @@ class PostgresStore(Store):
         """Start a fresh pool: after an outage the old one may be backing off its
         reconnections (for many seconds), though the database is back."""
         old, self._pool = self._pool, self._new_pool()
-        old.close(timeout=0)
+        relaxed, self._relaxed_pool = self._relaxed_pool, self._new_pool(relaxed=True)
+        for pool in (old, relaxed):
+            pool.close(timeout=0)
+            self._quiet.names.discard(pool.name)
 
-    @staticmethod
-    def _configure(conn: psycopg.Connection[Any]) -> None:
-        conn.execute("SET TIME ZONE 'UTC'")
+    def _configure_relaxed(self, conn: psycopg.Connection[Any]) -> None:
+        self._configure(conn)
+        conn.execute("SET synchronous_commit = off")
+
+    def _configure(self, conn: psycopg.Connection[Any]) -> None:
+        conn.execute(
+            "SET TIME ZONE 'UTC';"
+            f" SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION_S}s'"
+        )
+        self._reachable()
+
+    # Reachability, said once each way: the pool retries a lost database with backoff and
+    # would warn at every attempt (_QuietPool drops those).
+    def _unreachable(self, error: str) -> None:
+        with self._reach_lock:
+            if self._out_since is not None:
+                return
+            self._out_since = time.monotonic()
+        log.warning(
+            "PostgreSQL unreachable; reconnecting quietly",
+            extra={"store": self.name, "error": error},
+        )
+
+    def _reachable(self) -> None:
+        with self._reach_lock:
+            since, self._out_since = self._out_since, None
+        if since is not None:
+            out = time.monotonic() - since
+            log.info(
+                f"PostgreSQL reachable again after {out:.1f} s",
+                extra={"store": self.name, "out_s": round(out, 1)},
+            )
 
     @contextmanager
-    def _conn(self) -> Iterator[psycopg.Connection[Any]]:
+    def _conn(
+        self, pool: psycopg_pool.ConnectionPool[Any] | None = None
+    ) -> Iterator[psycopg.Connection[Any]]:
         """A pooled connection; a lost or unreachable database is StoreUnavailable."""
         try:
-            with self._pool.connection(timeout=self._timeout) as conn:
+            with (pool or self._pool).connection(timeout=self._timeout) as conn:
                 yield conn
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as error:
             raise StoreUnavailable(self.name, str(error).strip().splitlines()[0]) from error
@@ -462,6 +534,30 @@ class PostgresStore(Store):
             self._changed(conn, member_id, "updated")
             return self._get(conn, member_id)
 
+    def update_member_with(
+        self,
+        member_id: str,
+        change: Callable[[Member], tuple[str, Membership]],
+        now: datetime,
+    ) -> Member:
+        """Read the member, `change` it (its new display name and membership), write it
+        back: in one transaction, the row locked from the read to the commit, so that two
+        servers changing different fields of one member at once both have their way."""
+        with self._transaction() as conn:
+            row = conn.execute(
+                self._MEMBER_SQL + " WHERE m.member_id = %s FOR UPDATE OF m", (member_id,)
+            ).fetchone()
+            if row is None:
+                raise MemberNotFound(member_id)
+            display_name, membership = change(self._member(row))
+            conn.execute(
+                "UPDATE members SET display_name = %s, membership = %s::jsonb,"
+                " update_time = %s WHERE member_id = %s",
+                (display_name, membership_json(membership), now, member_id),
+            )
+            self._changed(conn, member_id, "updated")
+            return self._get(conn, member_id)
+
     def photos(self, member_id: str, *, with_bytes: bool = False) -> list[MemberPhoto]:
         photo = "photo" if with_bytes else "NULL::bytea"
         with self._conn() as conn:
@@ -628,12 +724,19 @@ class PostgresStore(Store):
         return self.record_event_from(event, None)
 
     def record_event_from(
-        self, event: NewAccessEvent, origin: tuple[str, int] | None
+        self, event: NewAccessEvent, origin: tuple[str, int] | None, *, flush: bool = True
     ) -> AccessEvent:
-        """Append an event, with its origin (server id, local seq) when it has one."""
-        with self._conn() as conn:
+        """Append an event, with its origin (server id, local seq) when it has one. With
+        `flush` false the commit does not wait for the WAL flush: the caller keeps the
+        event durable elsewhere until a later durable commit (ship_events) has flushed
+        it (store/chain.py)."""
+        with self._conn(self._pool if flush else self._relaxed_pool) as conn:
             row: Any = conn.execute(
-                self._INSERT_EVENT + " RETURNING event_id", self._event_row(event, origin)
+                self._INSERT_EVENT + " RETURNING event_id",
+                self._event_row(event, origin),
+                # Never prepared: preparing is a round trip of its own (on a connection's
+                # fifth event, by default), one more that a slow link could hold.
+                prepare=False,
             ).fetchone()
         return event.stored(int(row[0]))
 
@@ -641,15 +744,37 @@ class PostgresStore(Store):
         """Insert events decided at server `origin`, each with its local seq, in order and
         in one transaction; one already there (same origin and seq) is not inserted again.
         How many were new."""
-        new = 0
-        with self._transaction() as conn:
-            for seq, event in events:
-                cursor = conn.execute(
-                    self._INSERT_EVENT + " ON CONFLICT (origin_server, origin_seq) DO NOTHING",
-                    self._event_row(event, (origin, seq)),
-                )
-                new += cursor.rowcount
-        return new
+        if not events:
+            return 0
+        rows = [self._event_row(event, (origin, seq)) for seq, event in events]
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        with self._conn() as conn:
+            # One statement: the event lock is never held across a round trip (a branch
+            # shipping over a slow link would hold every other server's events).
+            return conn.execute(self._SHIP_EVENTS, [origin, *columns]).rowcount
+
+    _SHIP_EVENTS = (
+        # A write even when every event is there already (a transaction that wrote no
+        # WAL commits without flushing it): the commit then flushes the WAL, and with it
+        # events inserted with `flush` false. The lock comes first, as below: no deadlock.
+        "WITH flushed AS (INSERT INTO store_meta SELECT 'events_shipped_by:' || %s,"
+        f" now()::text FROM (SELECT pg_advisory_xact_lock({_EVENT_LOCK})) AS first"
+        " ON CONFLICT (key) DO UPDATE SET value = excluded.value)"
+        " INSERT INTO access_events (time, turnstile_id, member_id, decision, engine,"
+        " confidence, latency_us, reports, kind, claimed_member_id, detail, rule,"
+        " origin_server, origin_seq)"
+        " SELECT e.time, e.turnstile_id, e.member_id, e.decision, e.engine, e.confidence,"
+        " e.latency_us, e.reports::jsonb, e.kind, e.claimed_member_id, e.detail, e.rule,"
+        " e.origin_server, e.origin_seq"
+        f" FROM (SELECT pg_advisory_xact_lock({_EVENT_LOCK})) AS in_id_order,"
+        " unnest(%s::timestamptz[], %s::text[], %s::text[], %s::text[], %s::text[],"
+        " %s::float8[], %s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[],"
+        " %s::text[], %s::text[], %s::bigint[]) WITH ORDINALITY AS e(time, turnstile_id,"
+        " member_id, decision, engine, confidence, latency_us, reports, kind,"
+        " claimed_member_id, detail, rule, origin_server, origin_seq, n)"
+        " ORDER BY e.n"  # ids in the order the events were decided
+        " ON CONFLICT (origin_server, origin_seq) DO NOTHING"
+    )
 
     def shipped_through(self, origin: str) -> int:
         """The highest local seq of `origin`'s events already in the log (0: none)."""
@@ -904,3 +1029,5 @@ class PostgresStore(Store):
 
     def close(self) -> None:
         self._pool.close()
+        self._relaxed_pool.close()
+        self._quiet.close()
