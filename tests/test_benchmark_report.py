@@ -380,6 +380,13 @@ def test_the_throughput_aim_is_the_median_of_the_rounds_ratios() -> None:
     assert "not the aims' 10,000" in aim["note"]
     assert stats.throughput_aim({"runs": runs})["met"] is False  # median of 1.9x and 1.7x
     assert stats.throughput_aim({"runs": []})["met"] is None
+    # Other processes taking a core: said beside the figure.
+    for r in runs:
+        r["cpu_seconds"]["others"] = 10.0
+    assert (
+        "other processes took up to 1.00 of the 2 cores"
+        in stats.throughput_aim({"runs": runs})["note"]
+    )
 
 
 def test_aims_not_run_are_not_measured_rather_than_failed() -> None:
