@@ -179,10 +179,10 @@ def with_seconds(plan: Sequence[Scenario], seconds: float) -> list[Scenario]:
 
 
 def estimate_seconds(plan: Sequence[Scenario]) -> float:
-    """A rough duration on an idle machine: the cells, plus a server start, enrolment and
-    warm-up (and cloud settling) per server. Fitted to the quick mode's 95 s measured on an
-    idle machine before the worker-scaling scenario (a loaded one takes up to twice as
-    long: servers started in 11-16 s at load 10 against about 5 idle)."""
+    """A rough duration on an idle machine: the cells, plus a server's start, enrolment and
+    warm-up (and the cloud's settling) per server, and the stage breakdown and the
+    emulator's start. A loaded machine takes up to twice as long (at load 10 servers
+    started in 11-16 s, against 4-5 s on a quieter one; the stage breakdown took 30 s)."""
     cells = sum(c.seconds + (0.5 if s.raw else 1.0) for s in plan for c in s.cells)
     starts = sum(
         # Side by side, the servers start at once: the others cost their enrolment.
