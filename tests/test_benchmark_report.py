@@ -480,7 +480,7 @@ def test_the_plans_fit_their_time_and_can_be_narrowed() -> None:
         assert scaling.side_by_side == (1, 2) and {c.workers for c in scaling.cells} == {1, 2}
     (scaling,) = plan.select(full, ["worker scaling @10,000"])
     order = [c.workers for c in scaling.cells if c.round in (1, 2)]
-    assert order == [1, 1, 2, 2, 2, 2, 1, 1]
+    assert order == [1, 1, 2, 2, 1, 1]
     assert not plan.select(full, ["local-only, 1 worker"])  # the scaling scenario replaced it
 
 
