@@ -314,8 +314,8 @@ def _scaling_section(results: Mapping[str, Any]) -> list[str]:
         f"A 1-worker and a 2-worker local-only server up at once, {w['gallery']:,} members, "
         "480p; each round one closed-loop cell a concurrency on each, the servers' order "
         "alternating from round to round. Per round the best cell of each server; `cores`: "
-        "CPU seconds a second of the wall clock during the round's cells (the larger of the "
-        "two), 2 cores in all.",
+        "CPU seconds a second of the wall clock during the two cells the round's ratio "
+        "divides (the larger of the two), 2 cores in all.",
         "",
     ]
     out += _table(

@@ -437,7 +437,7 @@ def throughput_aim(results: Mapping[str, Any]) -> dict[str, Any]:
         f"{w['two_rps_median']:.1f}/s with 2 workers at {concurrency[1]} against "
         f"{w['one_rps_median']:.1f}/s with 1 at {concurrency[0]} (medians); load generator "
         f"{max(r['load_generator_cores'] for r in rounds):.2f} cores, others "
-        f"{max(r['others_cores'] for r in rounds):.2f} (the most in any cell)",
+        f"{max(r['others_cores'] for r in rounds):.2f} (the most in a counted cell)",
         w["ratio_median"] >= SCALING_AIM,
         note,
     )
