@@ -107,7 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.list:
         for s in chosen:
-            cells = ", ".join(f"c{c.concurrency} {c.resolution} {c.seconds:g}s" for c in s.cells)
+            cells = ", ".join(
+                (f"r{c.round} {c.workers}w " if c.workers is not None else "")
+                + f"c{c.concurrency} {c.resolution} {c.seconds:g}s"
+                for c in s.cells
+            )
             print(f"{s.key:42} {cells}")
         print(f"about {plans.estimate_seconds(chosen) / 60:.0f} min")
         return 0

@@ -49,6 +49,7 @@ class Process:
         self.env = env
         self.log_path = log_path
         self.popen: subprocess.Popen[bytes] | None = None
+        self.launched = 0.0
         self._log: IO[bytes] | None = None
         self.lines: list[dict[str, Any]] = []
 
@@ -60,11 +61,21 @@ class Process:
     def start(self, timeout: float = 180.0) -> dict[str, Any]:
         """Start, and return the log line saying it is ready; RuntimeError if it exits or
         does not say so within `timeout`."""
+        self.launch()
+        return self.ready(timeout)
+
+    def launch(self) -> None:
+        """Start the process without waiting for it (`ready` waits): several start at once."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("wb")
+        self.launched = time.monotonic()
         self.popen = subprocess.Popen(
             self.args, env=self.env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log
         )
+
+    def ready(self, timeout: float = 180.0) -> dict[str, Any]:
+        """Wait for the log line saying the launched process is ready, and return it."""
+        assert self.popen is not None
         deadline = time.monotonic() + timeout
         offset = 0
         while time.monotonic() < deadline:
@@ -124,10 +135,9 @@ class ServerProcess(Process):
         self.workers = 0
         self.startup_seconds = 0.0
 
-    def start(self, timeout: float = 180.0) -> dict[str, Any]:
-        started = time.monotonic()
-        line = super().start(timeout)
-        self.startup_seconds = time.monotonic() - started
+    def ready(self, timeout: float = 180.0) -> dict[str, Any]:
+        line = super().ready(timeout)
+        self.startup_seconds = time.monotonic() - self.launched
         self.port = int(line["port"])
         self.workers = next(
             (int(x["workers"]) for x in self.lines if x.get("msg") == "starting"), 0
@@ -175,8 +185,8 @@ class EmulatorProcess(Process):
         self.endpoint = ""
         self.admin_endpoint = ""
 
-    def start(self, timeout: float = 120.0) -> dict[str, Any]:
-        line = super().start(timeout)
+    def ready(self, timeout: float = 120.0) -> dict[str, Any]:
+        line = super().ready(timeout)
         self.endpoint = str(line["endpoint"])
         self.admin_endpoint = str(line["admin_endpoint"])
         return line
@@ -290,6 +300,16 @@ class Sampler:
     def own_cpu_seconds() -> float:
         """This process's CPU seconds (the turnstiles and the sampler), children excluded."""
         times = psutil.Process().cpu_times()
+        return times.user + times.system
+
+    @staticmethod
+    def process_cpu_seconds(pid: int) -> float:
+        """User + system CPU seconds of the process itself so far (its children excluded:
+        the server's own process, without its recognition workers)."""
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            return 0.0
         return times.user + times.system
 
     @classmethod

@@ -200,6 +200,7 @@ def markdown(results: Mapping[str, Any]) -> str:
         ],
     )
     out.append("")
+    out += _scaling_section(results)
     out += _raw_section(results)
     timings = results.get("stages")
     if timings:
@@ -298,6 +299,63 @@ def markdown(results: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def _scaling_section(results: Mapping[str, Any]) -> list[str]:
+    """The worker-scaling scenario round by round, and where the CPU went."""
+    from .stats import CPU_PARTS, worker_scaling
+
+    w = worker_scaling(results)
+    if w is None:
+        return []
+    out = [
+        "## Two workers against one, side by side (the throughput aim)",
+        "",
+        f"A 1-worker and a 2-worker local-only server up at once, {w['gallery']:,} members, "
+        "480p; each round one closed-loop cell a concurrency on each, the servers' order "
+        "alternating from round to round. Per round the best cell of each server; `cores`: "
+        "CPU seconds a second of the wall clock during the two cells the round's ratio "
+        "divides (the larger of the two), 2 cores in all.",
+        "",
+    ]
+    out += _table(
+        [
+            "round",
+            "1 worker answers/s",
+            "2 workers answers/s",
+            "ratio",
+            "load generator cores",
+            "others' cores",
+        ],
+        [
+            [
+                str(r["round"]),
+                f"{r['one']['throughput_rps']:.1f} (c{r['one']['concurrency']})",
+                f"{r['two']['throughput_rps']:.1f} (c{r['two']['concurrency']})",
+                f"{r['ratio']:.2f}x",
+                f"{r['load_generator_cores']:.2f}",
+                f"{r['others_cores']:.2f}",
+            ]
+            for r in w["rounds"]
+        ],
+    )
+    out += [
+        "",
+        f"Median of the rounds' ratios **{w['ratio_median']:.2f}x** (the aim's figure); ratio "
+        f"of the medians {w['ratio_of_medians']:.2f}x ({w['two_rps_median']:.1f} / "
+        f"{w['one_rps_median']:.1f} answers/s). CPU ms an answer (median of the rounds' best "
+        "cells; `idle server`: the other server, up but not called, meanwhile):",
+        "",
+    ]
+    out += _table(
+        ["server", "server process", "workers", "load generator", "others", "idle server"],
+        [
+            [f"{n} worker{'s' if n == '2' else ''}"] + [f"{c[part]:.1f}" for part in CPU_PARTS]
+            for n, c in w["cpu_ms_per_answer"].items()
+        ],
+    )
+    out.append("")
+    return out
 
 
 def _raw_section(results: Mapping[str, Any]) -> list[str]:

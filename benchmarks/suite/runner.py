@@ -12,7 +12,7 @@ from __future__ import annotations
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,7 +23,7 @@ from facegate_client import FaceGateClient
 from google.protobuf.json_format import MessageToDict
 
 from . import frames, gallery, load, machine, raw, stages, stats
-from .plan import RESOLUTIONS, Scenario
+from .plan import RESOLUTIONS, Cell, Scenario
 from .processes import EMULATOR_KEY, EmulatorProcess, Sampler, ServerProcess
 
 SCHEMA_VERSION = 1
@@ -55,9 +55,12 @@ Progress = Callable[[str, float], None]
 """progress(description, work done): the terminal's progress bar (work in cell-seconds)."""
 
 
-def _cell_label(scenario: Scenario, concurrency: int, resolution: str, hostile: float = 0) -> str:
-    beside = f" +hostile {hostile:g}/s" if hostile else ""
-    return f"{scenario.key} c{concurrency} {resolution}{beside}"
+def _cell_label(scenario: Scenario, cell: Cell) -> str:
+    beside = f" +hostile {cell.hostile:g}/s" if cell.hostile else ""
+    which = ""
+    if cell.workers is not None:
+        which = f" r{cell.round} {cell.workers}w"
+    return f"{scenario.key}{which} c{cell.concurrency} {cell.resolution}{beside}"
 
 
 class Run:
@@ -174,7 +177,7 @@ class Run:
         """face_recognition's own pipeline, each cell in this process (no server runs)."""
         vectors, ids = self.gallery_vectors(scenario.gallery), self.gallery_ids(scenario.gallery)
         for cell in scenario.cells:
-            label = _cell_label(scenario, cell.concurrency, cell.resolution)
+            label = _cell_label(scenario, cell)
             self.progress(label, done)
             load_before = machine.load_average()
             own = Sampler.own_cpu_seconds()
@@ -223,8 +226,6 @@ class Run:
             template = gallery.cached_store(self.o.cache, self.synthetic[:synthetic])
             record["gallery_seconds"] = time.monotonic() - started
         settings = {"FACEGATE_IDENTIFY_RATE": "0"}
-        if scenario.workers is not None:
-            settings["FACEGATE_WORKERS"] = str(scenario.workers)
         emulator = self.emulator
         if scenario.cloud:
             assert emulator is not None
@@ -239,48 +240,67 @@ class Run:
             emulator.set_latency("none")
             emulator.clear_state()
             emulator.reset_counts()
-        slug = scenario.key.replace("/", "-").replace(" ", "").replace(",", "").replace("@", "-")
+        # One server, or (a worker-scaling scenario) one per worker count, all up at once.
+        counts: tuple[int | None, ...] = scenario.side_by_side or (scenario.workers,)
+        servers: dict[int | None, ServerProcess] = {}
+        records: dict[int | None, dict[str, Any]] = {}
         with tempfile.TemporaryDirectory(prefix="facegate-bench-") as tmp:
-            data = gallery.data_dir_from(template, Path(tmp) / "data")
-            server = ServerProcess(data, settings, self.logs / f"{slug}.server.log")
-            self.progress(f"{scenario.key}: starting facegate serve", done)
             try:
-                server.start()
-                self.sampler.watch(server.pid)
-                record |= {"startup_seconds": server.startup_seconds, "workers": server.workers}
-                with FaceGateClient(server.target, timeout=120) as client:
-                    self._prepare(scenario, client, record, done)
-                    for cell in scenario.cells:
-                        label = _cell_label(
-                            scenario, cell.concurrency, cell.resolution, cell.hostile
-                        )
-                        self.progress(label, done)
-                        run = self._cell(
-                            scenario,
-                            server,
-                            cell.concurrency,
-                            cell.resolution,
-                            cell.seconds,
-                            cell.hostile,
-                        )
-                        run["server_workers"] = server.workers
-                        self.results["runs"].append(run)
-                        done += cell.seconds
-                        self.progress(label, done)
-                    status = client.get_status(timeout=10)
-                    record["status"] = MessageToDict(status, preserving_proto_field_name=True)
+                for workers in counts:
+                    key = scenario.key
+                    if scenario.side_by_side:
+                        key += f", {workers} worker{'s' if workers != 1 else ''}"
+                    records[workers] = {**record, "key": key}
+                    env = dict(settings)
+                    if workers is not None:
+                        env["FACEGATE_WORKERS"] = str(workers)
+                    slug = key.replace("/", "-").replace(" ", "").replace(",", "")
+                    server = ServerProcess(
+                        gallery.data_dir_from(template, Path(tmp) / f"data-{workers}"),
+                        env,
+                        self.logs / f"{slug.replace('@', '-')}.server.log",
+                    )
+                    self.progress(f"{key}: starting facegate serve", done)
+                    servers[workers] = server
+                    server.launch()  # side by side: both start at once
+                for workers, server in servers.items():
+                    server.ready()
+                    self.sampler.watch(server.pid)
+                    records[workers] |= {
+                        "startup_seconds": server.startup_seconds,
+                        "workers": server.workers,
+                    }
+                    with FaceGateClient(server.target, timeout=120) as client:
+                        self._prepare(scenario, client, records[workers], done)
+                for cell in scenario.cells:
+                    server = servers[cell.workers]
+                    label = _cell_label(scenario, cell)
+                    self.progress(label, done)
+                    idle = [s for s in servers.values() if s is not server]
+                    run = self._cell(scenario, server, cell, idle)
+                    run["server_workers"] = server.workers
+                    self.results["runs"].append(run)
+                    done += cell.seconds
+                    self.progress(label, done)
+                for workers, server in servers.items():
+                    with FaceGateClient(server.target, timeout=30) as client:
+                        status = client.get_status(timeout=10)
+                    records[workers]["status"] = MessageToDict(
+                        status, preserving_proto_field_name=True
+                    )
             finally:
                 if emulator is not None:
                     emulator.set_fault("healthy")  # hung requests end, the server stops fast
-                stopping = time.monotonic()
-                server.stop()
-                record["stop_seconds"] = time.monotonic() - stopping
-                record["peak_rss_mib"] = (
-                    self.sampler.peak_mib(server.popen.pid) if server.popen else 0
-                )
-                if server.popen is not None:
-                    self.sampler.forget(server.popen.pid)
-                self.results["servers"].append(record)
+                for workers, server in servers.items():
+                    stopping = time.monotonic()
+                    server.stop()
+                    records[workers]["stop_seconds"] = time.monotonic() - stopping
+                    records[workers]["peak_rss_mib"] = (
+                        self.sampler.peak_mib(server.popen.pid) if server.popen else 0
+                    )
+                    if server.popen is not None:
+                        self.sampler.forget(server.popen.pid)
+                    self.results["servers"].append(records[workers])
 
     def _prepare(
         self, scenario: Scenario, client: FaceGateClient, record: dict[str, Any], done: float
@@ -314,11 +334,13 @@ class Run:
         self,
         scenario: Scenario,
         server: ServerProcess,
-        concurrency: int,
-        resolution: str,
-        seconds: float,
-        hostile_rate: float = 0.0,
+        cell: Cell,
+        idle: Sequence[ServerProcess] = (),
     ) -> dict[str, Any]:
+        """One cell against `server`; `idle`: the scenario's other servers, up meanwhile
+        (their CPU is kept apart from the others')."""
+        concurrency, resolution, seconds = cell.concurrency, cell.resolution, cell.seconds
+        hostile_rate = cell.hostile
         self.sampler.window(server.pid)
         hostile = None
         if hostile_rate:
@@ -331,6 +353,8 @@ class Run:
         server_cpu = Sampler.cpu_seconds(server.pid)
         emulator_cpu = Sampler.cpu_seconds(self.emulator.pid) if self.emulator else 0.0
         counts_before = self.emulator.counts() if scenario.cloud and self.emulator else {}
+        server_alone = Sampler.process_cpu_seconds(server.pid)
+        idle_cpu = sum(Sampler.cpu_seconds(s.pid) for s in idle)
         own = Sampler.own_cpu_seconds()
         busy, steal = Sampler.machine_cpu()
         records, wall = load.run_cell(
@@ -342,14 +366,18 @@ class Run:
             Sampler.cpu_seconds(self.emulator.pid) - emulator_cpu if self.emulator else 0.0
         )
         own = Sampler.own_cpu_seconds() - own
+        server_alone = Sampler.process_cpu_seconds(server.pid) - server_alone
+        idle_cpu = sum(Sampler.cpu_seconds(s.pid) for s in idle) - idle_cpu
+        others = max(0.0, busy_after - busy - server_cpu - emulator_cpu - own - idle_cpu)
         run: dict[str, Any] = {
-            "cell": _cell_label(scenario, concurrency, resolution, hostile_rate),
+            "cell": _cell_label(scenario, cell),
             "scenario": scenario.name,
             "policy": scenario.policy,
             "fault": scenario.fault,
             "latency_profile": scenario.latency_profile if scenario.cloud else None,
             "gallery": scenario.gallery,
-            "workers_setting": scenario.workers,
+            "workers_setting": scenario.workers if cell.workers is None else cell.workers,
+            "round": cell.round,
             "concurrency": concurrency,
             "resolution": resolution,
             **stats.summarize_cell(records, wall),
@@ -363,8 +391,17 @@ class Run:
             "benchmark_cpu_seconds": own,
             # What else ran on the machine meanwhile (other users' processes): figures
             # measured while others took CPU are slower than the server alone would be.
-            "others_cpu_seconds": max(0.0, busy_after - busy - server_cpu - emulator_cpu - own),
+            "others_cpu_seconds": others,
             "steal_cpu_seconds": steal_after - steal,
+            # Where the CPU went, process by process (the throughput aim's ceiling is the
+            # server's and the load generator's share of the 2 cores beside the workers').
+            "cpu_seconds": {
+                "server": server_alone,
+                "workers": server_cpu - server_alone,
+                "load_generator": own,
+                "others": others,
+                "idle_servers": idle_cpu,
+            },
         }
         if scenario.cloud and self.emulator is not None:
             after = self.emulator.counts()

@@ -265,45 +265,14 @@ def aims(results: Mapping[str, Any]) -> list[dict[str, Any]]:
             )
         )
 
-    def best(scenario: str) -> Mapping[str, Any] | None:
-        candidates = [
+    found.append(throughput_aim(results))
+    crowd = max(
+        # Not the worker-scaling scenario's cells (`round`): a server of its own per side.
+        (
             r
             for r in runs
-            if r["scenario"] == scenario and r["gallery"] == 10_000 and r["resolution"] == "480p"
-        ]
-        return max(candidates, key=lambda r: r["throughput_rps"]) if candidates else None
-
-    many, one = best("local-only"), best("local-only, 1 worker")
-    if many is not None and one is not None and one["throughput_rps"] > 0:
-        ratio = many["throughput_rps"] / one["throughput_rps"]
-        workers = many.get("server_workers", "?")
-
-        def beside(run: Mapping[str, Any]) -> str:
-            """The cores the load generator (this process) and others took in the cell."""
-            wall = float(run.get("wall_seconds") or 0.0)
-            if not wall or "benchmark_cpu_seconds" not in run:
-                return ""
-            return (
-                f", load generator {run['benchmark_cpu_seconds'] / wall:.2f} cores, others "
-                f"{run.get('others_cpu_seconds', 0.0) / wall:.2f}"
-            )
-
-        found.append(
-            _aim(
-                "throughput on 2 cores against 1 worker",
-                ">= 1.8x",
-                f"{ratio:.2f}x ({many['throughput_rps']:.1f}/s with {workers} workers at "
-                f"{many['concurrency']} turnstiles{beside(many)}; {one['throughput_rps']:.1f}/s "
-                f"with 1 at {one['concurrency']}{beside(one)})",
-                ratio >= 1.8,
-            )
-        )
-    else:
-        found.append(
-            _aim("throughput on 2 cores against 1 worker", ">= 1.8x", "not run in this mode", None)
-        )
-    crowd = max(
-        (r for r in runs if r["concurrency"] >= 8 and not r.get("hostile_rate")),
+            if r["concurrency"] >= 8 and not r.get("hostile_rate") and r.get("round") is None
+        ),
         key=lambda r: r["concurrency"],
         default=None,
     )
@@ -351,6 +320,127 @@ def aims(results: Mapping[str, Any]) -> list[dict[str, Any]]:
 
     found.append(raw_ratio(results))
     return found
+
+
+SCALING_AIM = 1.8
+"""Issue 12: two workers at least this many times the throughput of one (2 cores)."""
+CPU_PARTS = ("server", "workers", "load_generator", "others", "idle_servers")
+BUSY_CORES = 0.25
+"""Others' cores in a worker-scaling cell beyond which the aim's note says the machine was
+too busy to judge it (two workers need both cores)."""
+
+
+def _cores(run: Mapping[str, Any], part: str) -> float:
+    wall = float(run.get("wall_seconds") or 0.0)
+    return float(run["cpu_seconds"][part]) / wall if wall else math.nan
+
+
+def worker_scaling(results: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The worker-scaling scenario's rounds (plan.worker_scaling): per round the best
+    throughput of the 1-worker server's cells and of the 2-worker server's, and their ratio;
+    then the median of the rounds' ratios (the aim's figure: each ratio comes from two
+    servers measured side by side within one round, so a change in the machine's load
+    between rounds cancels out of it, and the median drops one disturbed round), and beside
+    it the ratio of the two medians. CPU per answer of each process (ms: CPU seconds over
+    the cell's answers), median over the rounds' best cells. At the aims' gallery (10,000)
+    when it ran there, else the largest it ran at; None when it did not run."""
+    cells = [r for r in _runs(results) if r.get("round") is not None and r.get("cpu_seconds")]
+    if not cells:
+        return None
+    galleries = {r["gallery"] for r in cells}
+    chosen = 10_000 if 10_000 in galleries else max(galleries)
+    cells = [r for r in cells if r["gallery"] == chosen]
+    rounds = []
+    for n in sorted({r["round"] for r in cells}):
+        best = {}
+        for workers in (1, 2):
+            side = [r for r in cells if r["round"] == n and r["workers_setting"] == workers]
+            if side:
+                best[workers] = max(side, key=lambda r: r["throughput_rps"])
+        if len(best) < 2 or best[1]["throughput_rps"] <= 0:
+            continue
+        pair = (best[1], best[2])
+        rounds.append(
+            {
+                "round": n,
+                "one": {k: best[1][k] for k in ("cell", "concurrency", "throughput_rps")},
+                "two": {k: best[2][k] for k in ("cell", "concurrency", "throughput_rps")},
+                "ratio": best[2]["throughput_rps"] / best[1]["throughput_rps"],
+                # The cores the load generator and other users' processes took, the larger
+                # of the round's two cells.
+                "load_generator_cores": max(_cores(r, "load_generator") for r in pair),
+                "others_cores": max(_cores(r, "others") for r in pair),
+                "best": pair,
+            }
+        )
+    if not rounds:
+        return None
+
+    def per_answer(workers: int) -> dict[str, float]:
+        best = [r["best"][workers - 1] for r in rounds]
+        return {
+            part: statistics.median(
+                1000.0 * r["cpu_seconds"][part] / max(1.0, r["throughput_rps"] * r["wall_seconds"])
+                for r in best
+            )
+            for part in CPU_PARTS
+        }
+
+    one = statistics.median(r["one"]["throughput_rps"] for r in rounds)
+    two = statistics.median(r["two"]["throughput_rps"] for r in rounds)
+    return {
+        "gallery": chosen,
+        "rounds": [{k: v for k, v in r.items() if k != "best"} for r in rounds],
+        "ratio_median": statistics.median(r["ratio"] for r in rounds),
+        "ratio_of_medians": two / one if one else math.nan,
+        "one_rps_median": one,
+        "two_rps_median": two,
+        "cpu_ms_per_answer": {"1": per_answer(1), "2": per_answer(2)},
+    }
+
+
+def throughput_aim(results: Mapping[str, Any]) -> dict[str, Any]:
+    name = "throughput on 2 cores against 1 worker"
+    target = f">= {SCALING_AIM}x (median of the rounds' ratios, side by side)"
+    w = worker_scaling(results)
+    if w is None:
+        return _aim(name, target, "not run (the worker-scaling scenario)", None)
+    rounds = w["rounds"]
+    ratios = [r["ratio"] for r in rounds]
+    spread = f" ({min(ratios):.2f}-{max(ratios):.2f}x)" if len(ratios) > 1 else ""
+    concurrency = (
+        "/".join(sorted({f"c{r['one']['concurrency']}" for r in rounds})),
+        "/".join(sorted({f"c{r['two']['concurrency']}" for r in rounds})),
+    )
+    cpu = w["cpu_ms_per_answer"]
+
+    def ms(workers: str) -> str:
+        c = cpu[workers]
+        return f"{c['server']:.1f}/{c['workers']:.1f}/{c['load_generator']:.1f}"
+
+    note = (
+        f"ratio of the medians {w['ratio_of_medians']:.2f}x; CPU ms an answer, server/workers/"
+        f"load generator: 1 worker {ms('1')}, 2 workers {ms('2')}"
+    )
+    if w["gallery"] != 10_000:
+        note += f"; at {w['gallery']:,} members, not the aims' 10,000"
+    busiest = max(r["others_cores"] for r in rounds)
+    if busiest > BUSY_CORES:
+        note = (
+            f"other processes took up to {busiest:.2f} of the 2 cores: the ratio measures "
+            "what they left, not the server; judge it on an idle machine; " + note
+        )
+    return _aim(
+        name,
+        target,
+        f"{w['ratio_median']:.2f}x, median of {len(rounds)} round(s){spread}: "
+        f"{w['two_rps_median']:.1f}/s with 2 workers at {concurrency[1]} against "
+        f"{w['one_rps_median']:.1f}/s with 1 at {concurrency[0]} (medians); load generator "
+        f"{max(r['load_generator_cores'] for r in rounds):.2f} cores, others "
+        f"{max(r['others_cores'] for r in rounds):.2f} (the most in a counted cell)",
+        w["ratio_median"] >= SCALING_AIM,
+        note,
+    )
 
 
 RAW_P50_RATIO, RAW_P99_RATIO = 0.45, 0.6
