@@ -129,20 +129,15 @@ def identify_latency(tmp: Path, url: str, calls: int) -> None:
     with (
         running_server(tmp / "lat-sqlite", engine=MemoryEngine()) as lite,
         running_server(tmp / "lat-pg", engine=MemoryEngine(), store=url) as chained,
-        running_server(
-            tmp / "lat-pg-local", engine=MemoryEngine(), store=url, store_events_local_first=True
-        ) as local_first,
         running_server(tmp / "lat-pg-async", engine=MemoryEngine(), store=relaxed) as fast,
         grpc.insecure_channel(f"127.0.0.1:{lite.port}") as c1,
         grpc.insecure_channel(f"127.0.0.1:{chained.port}") as c2,
-        grpc.insecure_channel(f"127.0.0.1:{local_first.port}") as c3,
-        grpc.insecure_channel(f"127.0.0.1:{fast.port}") as c4,
+        grpc.insecure_channel(f"127.0.0.1:{fast.port}") as c3,
     ):
         stubs = {
             "sqlite": pb_grpc.FaceGateServiceStub(c1),
             "postgresql": pb_grpc.FaceGateServiceStub(c2),
-            "postgresql, events local first": pb_grpc.FaceGateServiceStub(c3),
-            "postgresql, synchronous_commit=off": pb_grpc.FaceGateServiceStub(c4),
+            "postgresql, synchronous_commit=off": pb_grpc.FaceGateServiceStub(c3),
         }
         for i, (name, stub) in enumerate(stubs.items()):
             for n in range(20):
@@ -187,8 +182,6 @@ def event_write(tmp: Path, url: str, rounds: int) -> None:
     lite = SqliteStore(tmp / "event-sqlite" / "facegate.sqlite3")
     central = PostgresStore(url)
     chained = ChainStore(url, tmp / "event-copy.sqlite3")
-    local_first = ChainStore(url, tmp / "event-copy-2.sqlite3", events_local_first=True)
-    local_first.follow(MemoryEngine())  # ships, and so forgets the local copies
     insert = PostgresStore._INSERT_EVENT + " RETURNING event_id"
     row = PostgresStore._event_row
     with (
@@ -214,9 +207,6 @@ def event_write(tmp: Path, url: str, rounds: int) -> None:
             "ChainStore.record_event (bounded, on a thread)": lambda n: chained.record_event(
                 event(n)
             ),
-            "ChainStore.record_event, events local first": lambda n: local_first.record_event(
-                event(n)
-            ),
             "  pool checkout": checkout,
             "  pool checkout + SELECT 1": round_trip,
             "  the insert, one connection": lambda n: durable.execute(
@@ -238,7 +228,6 @@ def event_write(tmp: Path, url: str, rounds: int) -> None:
     for name, values in took.items():
         print(f"event write, {name}: {ms(values)}", flush=True)
     chained.close()
-    local_first.close()
     central.close()
     lite.close()
 

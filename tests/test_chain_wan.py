@@ -254,30 +254,3 @@ def test_a_call_that_failed_while_the_link_works_is_no_lasting_outage(store: Cha
     assert not store.connected
     pg.wait_for(lambda: store.connected, EVENTUALLY)
     assert store.record_event(event("after")).event_id > 0
-
-
-def test_events_written_locally_first_survive_a_crash_of_postgresql(tmp_path: Path) -> None:
-    """With events_local_first, PostgreSQL commits an event without waiting for its WAL
-    flush, and the local copy keeps it until shipping's durable commit covers it: killed
-    at once after the events (some commits not yet flushed), PostgreSQL ends up with every
-    event, once."""
-    private = pg.PrivateServer()
-    try:
-        url = pg.create_database(private.url)
-        store = ChainStore(
-            url, tmp_path / "copy.sqlite3", poll=0.2, retry=0.2, timeout=1.0,
-            events_local_first=True,
-        )  # fmt: skip
-        store.follow(MemoryEngine())
-        try:
-            names = [f"e-{n}" for n in range(30)]
-            assert all(store.record_event(event(name)).event_id > 0 for name in names)
-            private.stop("immediate")  # killed: what was not flushed is lost there
-            pg.wait_for(lambda: not store.connected, EVENTUALLY)
-            private.start()
-            pg.wait_for(lambda: store.connected and store.local.pending_count() == 0, EVENTUALLY)
-        finally:
-            store.close()
-        assert_once_in_order(url, names)
-    finally:
-        private.close()

@@ -369,7 +369,6 @@ def build_store(settings: Settings) -> Store:
         settings.store,
         settings.data_dir / replica.COPY_FILE,
         event_wait=settings.store_event_wait_s,
-        events_local_first=settings.store_events_local_first,
     )
 
 

@@ -100,10 +100,8 @@ class Settings(BaseSettings):
     # database between servers (each keeps its local copy of the gallery in data_dir).
     store: str = Field(default="", repr=False)
     # How long a decision's access event may wait for PostgreSQL before it is kept locally
-    # and shipped later (the WAN never holds a door); and whether it is written to the
-    # local copy first, PostgreSQL's commit then not waiting for its flush (store/chain.py).
+    # and shipped later (the WAN never holds a door; store/chain.py).
     store_event_wait_s: float = Field(default=0.3, gt=0)
-    store_events_local_first: bool = False
     workers: int = Field(default_factory=_default_workers, ge=1)
     # The local engine's encoder: dlib's network on ONNX Runtime, or dlib itself (the
     # reference); the same embeddings (engines/encoder.py, tests/test_encoder.py).

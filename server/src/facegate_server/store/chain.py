@@ -25,9 +25,6 @@ it. Should the slow insert commit after all, shipping the kept copy finds its or
 there and inserts nothing: exactly once either way, and in order (the kept copy is
 shipped before the later events, in one transaction, and the late insert, which takes
 the same lock, either commits first or finds the shipped copy).
-
-With `events_local_first` (FACEGATE_STORE_EVENTS_LOCAL_FIRST), an Identify costs what it
-costs on SQLite: see record_event.
 """
 
 from __future__ import annotations
@@ -106,7 +103,6 @@ class ChainStore(Store):
         retry: float = 0.5,
         timeout: float = 3.0,
         event_wait: float = EVENT_WAIT_S,
-        events_local_first: bool = False,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self.local = ReplicaStore(copy_path)
@@ -114,7 +110,6 @@ class ChainStore(Store):
         self.name = self.central.name
         self.poll, self.retry, self.clock = poll, retry, clock
         self.event_wait = event_wait
-        self.local_first = events_local_first
         self._inserts = concurrent.futures.ThreadPoolExecutor(8, "event-insert")
         self._apply_lock = threading.RLock()
         self._event_lock = threading.Lock()
@@ -127,8 +122,6 @@ class ChainStore(Store):
         self._origin = (0, 0)
         self._pending = self.local.pending_count()
         """Events kept locally that are in no central log yet, as far as this server knows."""
-        self._inflight: set[int] = set()  # origins being inserted centrally
-        self._unconfirmed: set[int] = set()  # inserted; kept locally until shipping's flush
         self.server_id = self.local.store_id()
         """This server's identity, the origin of its events (made with its local copy)."""
         self._stop = threading.Event()
@@ -249,27 +242,17 @@ class ChainStore(Store):
 
     def ship(self) -> int:
         """Send the events kept locally, oldest first, and forget them; how many arrived
-        new. That includes the copies of events already inserted without waiting for
-        PostgreSQL's flush (`_unconfirmed`): found there, they are not inserted again, and
-        shipping commits durably, which flushes them too (the WAL is one sequence); lost
-        in a crash of PostgreSQL, they are inserted now, in their order."""
+        new (one already there, from an insert that committed after its wait, is not
+        inserted again)."""
         arrived = 0
         while True:
-            # From the oldest every time: an event is kept once its insert has failed or
-            # waited too long, possibly after later ones were read.
             batch = self.local.pending_events(BATCH)
-            with self._event_lock:  # not those whose insert is under way
-                batch = [(seq, event) for seq, event in batch if seq not in self._inflight]
             if not batch:
                 return arrived
             arrived += self.central.ship_events(self.server_id, batch)
             self.local.shipped([seq for seq, _ in batch])
             with self._event_lock:
-                for seq, _ in batch:
-                    if seq in self._unconfirmed:
-                        self._unconfirmed.discard(seq)
-                    else:
-                        self._pending -= 1
+                self._pending = self.local.pending_count()
 
     def _follow(self) -> None:
         while not self._stop.is_set():
@@ -283,7 +266,7 @@ class ChainStore(Store):
                         if not self.connected:  # a call failed, yet this connection works
                             self._reconnected()
                         self.catch_up()
-                        if self._pending or self._unconfirmed:
+                        if self._pending:
                             self.ship()
                         conn.execute("SELECT 1")  # the LISTEN connection is alive
             except (psycopg.Error, StoreUnavailable) as error:
@@ -375,32 +358,20 @@ class ChainStore(Store):
 
     def record_event(self, event: NewAccessEvent) -> AccessEvent:
         """Into the central log when it is reachable and nothing waits before it; else
-        kept locally (event id 0) and shipped in order.
-
-        With `local_first`, durable before the answer at SQLite's cost: the event is
-        written to the local copy (synced) while PostgreSQL inserts it without waiting
-        for its WAL flush (which, on a database a chain shares, queues behind every
-        other writer's); the local copy is forgotten once shipping has made it durable
-        centrally. The price: should PostgreSQL itself crash within that moment, an
-        event a reader saw there is inserted again, under a new id."""
+        kept locally (event id 0) and shipped in order; see the module's docstring for the
+        bound on the wait."""
         started = time.monotonic()
         with self._event_lock:
             origin = self._next_origin()
             direct = self._pending == 0 and self.connected
-            if direct:
-                self._inflight.add(origin)
         wait = self.event_wait
         if (answer_by := ANSWER_BY.get()) is not None:
             wait = min(wait, answer_by - started)
-        kept = False
         if direct and wait > 0:
             # Concurrent calls insert concurrently: there is no order among them.
             insert = self._inserts.submit(self._insert, event, origin)
             try:
-                if self.local_first:
-                    self.local.keep_event(origin, event)
-                    kept = True
-                stored = insert.result(timeout=max(0.0, started + wait - time.monotonic()))
+                return insert.result(timeout=wait)
             except concurrent.futures.TimeoutError:
                 if not insert.cancel():  # under way: it may yet commit (shipping finds it)
                     log.warning(
@@ -409,28 +380,14 @@ class ChainStore(Store):
                     )
             except StoreUnavailable:
                 pass  # _insert said the store is lost
-            except BaseException:
-                with self._event_lock:
-                    self._inflight.discard(origin)
-                raise
-            else:
-                with self._event_lock:
-                    self._inflight.discard(origin)
-                    if self.local_first:
-                        self._unconfirmed.add(origin)
-                return stored
         with self._event_lock:
-            if not kept:
-                self.local.keep_event(origin, event)
-            self._inflight.discard(origin)
+            self.local.keep_event(origin, event)
             self._pending += 1
         return event.stored(0)
 
     def _insert(self, event: NewAccessEvent, origin: int) -> AccessEvent:
         try:
-            return self.central.record_event_from(
-                event, (self.server_id, origin), flush=not self.local_first
-            )
+            return self.central.record_event_from(event, (self.server_id, origin))
         except StoreUnavailable as error:
             self._lost(error)
             raise

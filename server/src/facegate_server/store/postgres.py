@@ -261,7 +261,6 @@ class PostgresStore(Store):
         self._out_since: float | None = None  # when connecting first failed, in an outage
         self._quiet = _QuietPool(self)
         self._pool = self._new_pool()
-        self._relaxed_pool = self._new_pool(relaxed=True)  # commits not waiting for a flush
         self._store_id = ""
         self._migrated = threading.Event()
         if migrate:
@@ -271,7 +270,7 @@ class PostgresStore(Store):
                 self.close()
                 raise
 
-    def _new_pool(self, *, relaxed: bool = False) -> psycopg_pool.ConnectionPool[Any]:
+    def _new_pool(self) -> psycopg_pool.ConnectionPool[Any]:
         # No check of a connection when it is taken (a round trip on every call, 4 ms
         # measured on a loaded machine): a connection the database dropped fails its call
         # once (StoreUnavailable) and is discarded; the chain reopens the pool after an
@@ -281,7 +280,7 @@ class PostgresStore(Store):
             min_size=1,
             max_size=self._pool_size,
             kwargs={"autocommit": True},
-            configure=self._configure_relaxed if relaxed else self._configure,
+            configure=self._configure,
             timeout=self._timeout,
             open=False,
             name=f"facegate-{next(_POOL_NAMES)}",
@@ -294,14 +293,8 @@ class PostgresStore(Store):
         """Start a fresh pool: after an outage the old one may be backing off its
         reconnections (for many seconds), though the database is back."""
         old, self._pool = self._pool, self._new_pool()
-        relaxed, self._relaxed_pool = self._relaxed_pool, self._new_pool(relaxed=True)
-        for pool in (old, relaxed):
-            pool.close(timeout=0)
-            self._quiet.names.discard(pool.name)
-
-    def _configure_relaxed(self, conn: psycopg.Connection[Any]) -> None:
-        self._configure(conn)
-        conn.execute("SET synchronous_commit = off")
+        old.close(timeout=0)
+        self._quiet.names.discard(old.name)
 
     def _configure(self, conn: psycopg.Connection[Any]) -> None:
         conn.execute(
@@ -333,12 +326,10 @@ class PostgresStore(Store):
             )
 
     @contextmanager
-    def _conn(
-        self, pool: psycopg_pool.ConnectionPool[Any] | None = None
-    ) -> Iterator[psycopg.Connection[Any]]:
+    def _conn(self) -> Iterator[psycopg.Connection[Any]]:
         """A pooled connection; a lost or unreachable database is StoreUnavailable."""
         try:
-            with (pool or self._pool).connection(timeout=self._timeout) as conn:
+            with self._pool.connection(timeout=self._timeout) as conn:
                 yield conn
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as error:
             raise StoreUnavailable(self.name, str(error).strip().splitlines()[0]) from error
@@ -724,13 +715,10 @@ class PostgresStore(Store):
         return self.record_event_from(event, None)
 
     def record_event_from(
-        self, event: NewAccessEvent, origin: tuple[str, int] | None, *, flush: bool = True
+        self, event: NewAccessEvent, origin: tuple[str, int] | None
     ) -> AccessEvent:
-        """Append an event, with its origin (server id, local seq) when it has one. With
-        `flush` false the commit does not wait for the WAL flush: the caller keeps the
-        event durable elsewhere until a later durable commit (ship_events) has flushed
-        it (store/chain.py)."""
-        with self._conn(self._pool if flush else self._relaxed_pool) as conn:
+        """Append an event, with its origin (server id, local seq) when it has one."""
+        with self._conn() as conn:
             row: Any = conn.execute(
                 self._INSERT_EVENT + " RETURNING event_id",
                 self._event_row(event, origin),
@@ -751,16 +739,10 @@ class PostgresStore(Store):
         with self._conn() as conn:
             # One statement: the event lock is never held across a round trip (a branch
             # shipping over a slow link would hold every other server's events).
-            return conn.execute(self._SHIP_EVENTS, [origin, *columns]).rowcount
+            return conn.execute(self._SHIP_EVENTS, columns).rowcount
 
     _SHIP_EVENTS = (
-        # A write even when every event is there already (a transaction that wrote no
-        # WAL commits without flushing it): the commit then flushes the WAL, and with it
-        # events inserted with `flush` false. The lock comes first, as below: no deadlock.
-        "WITH flushed AS (INSERT INTO store_meta SELECT 'events_shipped_by:' || %s,"
-        f" now()::text FROM (SELECT pg_advisory_xact_lock({_EVENT_LOCK})) AS first"
-        " ON CONFLICT (key) DO UPDATE SET value = excluded.value)"
-        " INSERT INTO access_events (time, turnstile_id, member_id, decision, engine,"
+        "INSERT INTO access_events (time, turnstile_id, member_id, decision, engine,"
         " confidence, latency_us, reports, kind, claimed_member_id, detail, rule,"
         " origin_server, origin_seq)"
         " SELECT e.time, e.turnstile_id, e.member_id, e.decision, e.engine, e.confidence,"
@@ -1029,5 +1011,4 @@ class PostgresStore(Store):
 
     def close(self) -> None:
         self._pool.close()
-        self._relaxed_pool.close()
         self._quiet.close()
