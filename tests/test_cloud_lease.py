@@ -259,3 +259,55 @@ def test_a_server_with_a_lease_url_replays_only_while_it_holds_the_lease(
             assert other.acquire() is None  # the server holds it now (token 2)
         finally:
             other.close()
+
+
+def test_a_holder_whose_create_lands_after_a_takeover_does_not_record_its_person(
+    tmp_path: Path, db: str, emu: RunningEmulator, faces: Faces
+) -> None:
+    """The holder passed its check before creating the member's person, then froze before
+    the request reached the cloud (SIGSTOP, a paused VM) for longer than its lease: the
+    next holder replayed the entry meanwhile (its own person, with the face). When the
+    frozen create lands at last, its person is not recorded in the shared store (a second
+    person for the member there, which the store could then pick): the holder checks its
+    lease again before the store write, finds it lost, and stops. The late person is an
+    orphan in the cloud, which `facegate sync` deletes."""
+    path = tmp_path / "shared.sqlite3"
+    a = replayer(path, emu, db, "a", ttl=1.0, keep=False)
+    b = replayer(path, emu, db, "b", ttl=1.0, keep=False)
+    try:
+        enrol(a.store, "m-1", faces.read(faces.of("barack_obama")[0]))
+        create = a.face.create_person
+        late: list[str] = []
+
+        def frozen_then_create(member_id: str) -> str:
+            # a's lease lapses while it is frozen; b takes over and replays the entry.
+            wait_for(lambda: b.sync.lease.acquire() is not None, timeout=20)
+            finish(b)
+            late.append(create(member_id))  # the request reaches the cloud now
+            return late[-1]
+
+        a.face.create_person = frozen_then_create  # type: ignore[method-assign]
+        a.sync.run_once()
+        assert late, "a did not reach its create"
+        assert "passed to another server" in a.sync.waiting
+
+        kept = b.store.cloud_person("m-1")
+        assert kept is not None and kept.person_id != late[0]
+        # The shared store knows b's person only; a's late one is not recorded.
+        assert [p.person_id for p in b.store.cloud_people()] == [kept.person_id]
+        found = persons(b.face)
+        assert len(found["m-1"]) == 2  # b's (with the face) and a's late, faceless one
+
+        # `facegate sync` (a reconciliation) deletes the orphan.
+        b.sync.request_reconcile(dry_run=False)
+
+        def reconciled() -> bool:
+            b.sync.run_once()
+            return not b.sync.reconciling
+
+        wait_for(reconciled, timeout=60)
+        (person,) = b.face.persons()
+        assert person.person_id == kept.person_id and len(person.persisted_face_ids) == 1
+    finally:
+        a.close()
+        b.close()

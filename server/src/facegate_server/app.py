@@ -40,7 +40,7 @@ from facegate_server.gate import Clock, Gate, utc_now
 from facegate_server.membership import Site, load_zone
 from facegate_server.metrics import Metrics, MetricsServer
 from facegate_server.permissions import startup_findings, tokens_file
-from facegate_server.retention import Retention
+from facegate_server.retention import Retention, chain_lease
 from facegate_server.routing.breaker import CircuitBreaker, CircuitState
 from facegate_server.routing.router import Agreement, Policy, RoutingEngine
 from facegate_server.rpc import auth, ratelimit, tls
@@ -510,6 +510,10 @@ def build_server(
             settings.event_retention_days,
             clock=wall_clock,
             interval=settings.retention_interval_s,
+            # A chain: one server deletes for all (the holder of a lease in its database).
+            lease=chain_lease(
+                settings.store, settings.event_retention_days, settings.retention_interval_s
+            ),
         ),
         metrics=metrics_server,
         feed=feed,

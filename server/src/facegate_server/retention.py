@@ -1,7 +1,15 @@
 """Retention of the access log: events older than `event_retention_days` are deleted, once
 when the server starts and then every `retention_interval_s` (an hour), in a background
 thread. The cutoff is read from the gate's wall clock, so tests move time by hand and call
-`run_once`."""
+`run_once`.
+
+A chain's servers share one access log in PostgreSQL: one of them deletes, the holder of
+the `event-retention` lease there (cloud/lease.py), so that the log is not swept by every
+server each hour. The holder renews it at each run, well inside its ttl (two intervals);
+the others try at theirs, and one takes over when the holder stops (at once after a clean
+stop, which releases it; within its ttl after a crash). A server alone holds a LocalLease:
+always.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +18,21 @@ import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
+from facegate_server.cloud.lease import Lease, LocalLease, PostgresLease
 from facegate_server.store.base import Store
 
 log = logging.getLogger(__name__)
+
+LEASE = "event-retention"
+"""The lease's name in facegate_lease (the chain's database: one access log, one lease)."""
+
+
+def chain_lease(store_url: str, days: int, interval: float) -> Lease | None:
+    """The lease that picks the one server of a chain (`store_url`: its PostgreSQL) that
+    deletes old events; None for a server alone (no store URL) or with no retention."""
+    if not store_url or days <= 0:
+        return None
+    return PostgresLease(store_url, name=LEASE, ttl=2 * interval)
 
 
 class Retention:
@@ -23,10 +43,16 @@ class Retention:
         *,
         clock: Callable[[], datetime],
         interval: float = 3600.0,
+        lease: Lease | None = None,
     ) -> None:
         self.store, self.days, self.clock, self.interval = store, days, clock, interval
+        self.lease: Lease = lease or LocalLease(LEASE)
         self.last_run: datetime | None = None
         self.last_deleted = 0
+        self.held: bool | None = None
+        """Whether this server deleted at its last try (None: not tried yet); False when
+        another server of the chain holds the lease (or the database did not answer)."""
+        self._token: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -39,9 +65,21 @@ class Retention:
         return self.clock() - timedelta(days=self.days) if self.enabled else None
 
     def run_once(self) -> int:
-        """Delete the events older than the retention period; how many."""
+        """Delete the events older than the retention period; how many. On a chain, only
+        while this server holds the lease (0 otherwise: another server deletes)."""
         cutoff = self.cutoff()
         if cutoff is None:
+            return 0
+        token = self.lease.acquire()
+        if (token is not None) != self.held:
+            log.info(
+                "deleting access events past retention here"
+                if token is not None
+                else "another server of the chain deletes access events past retention",
+                extra={"lease": self.lease.name, "holder": self.lease.holder},
+            )
+        self._token, self.held = token, token is not None
+        if token is None:
             return 0
         deleted = self.store.delete_events_before(cutoff)
         self.last_run, self.last_deleted = self.clock(), deleted
@@ -67,7 +105,12 @@ class Retention:
                 return
 
     def stop(self) -> None:
+        """Stop, and let another server of the chain take the deleting over at its next try."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        if self._token is not None:
+            self.lease.release(self._token)
+            self._token, self.held = None, None
+        self.lease.close()

@@ -179,7 +179,8 @@ class PostgresLease:
         self._schema = False
 
     def _run(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]] | None:
-        """The statement's rows; None when the database could not answer."""
+        """The statement's rows (none for a statement that returns none, as release's
+        UPDATE); None when the database could not answer."""
         import psycopg
         import psycopg_pool
 
@@ -188,7 +189,10 @@ class PostgresLease:
                 if not self._schema:
                     ensure_schema(conn)
                     self._schema = True
-                return conn.execute(sql, params).fetchall()
+                cursor = conn.execute(sql, params)
+                # fetchall() raises on a statement without a result (release's UPDATE):
+                # that is no failure of the database.
+                return cursor.fetchall() if cursor.description is not None else []
         except (psycopg.Error, psycopg_pool.PoolTimeout) as error:
             log.warning(
                 "lease: the database did not answer",

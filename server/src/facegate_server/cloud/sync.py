@@ -37,7 +37,9 @@ is always held), checks it before every cloud write (create or delete a person, 
 delete a face, train), and on taking it over reloads the cloud persons from the store and
 reads the training state from the cloud. An uncertain create (the previous holder may have
 been stopped after creating the person) first looks for the member's person in the group,
-so a takeover never gives a member two persons.
+so a takeover never gives a member two persons; and a person made is recorded in the store
+only after the lease is checked again, so a holder frozen past its lease during the create
+does not record a second person beside the next holder's (its late person is an orphan).
 
 A reconciliation (`facegate sync`, SyncCloud) compares the group with the store and repairs
 what differs: members without a person, faces missing from a person, and this store's
@@ -490,6 +492,12 @@ class CloudSync:
                 self._start_sweep()
             self._fence()
             person_id = self.face.create_person(member_id)
+            # Checked again before the store learns of it: a holder frozen during the
+            # create (past its lease) must not record a second person for the member
+            # beside the one the next holder made meanwhile. Lost, the person is left
+            # unrecorded: an orphan that the next holder's lookup (an uncertain create)
+            # adopts, or its sweep or `facegate sync` deletes.
+            self._fence()
         self.people.save(member_id, person_id)
         if self._reconciling is not None:
             self._reconciling.seen.add(person_id)  # made after its page was read, perhaps
