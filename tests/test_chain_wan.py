@@ -42,6 +42,7 @@ class Link:
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
         self._flowing = (threading.Event(), threading.Event())
+        self._lost = threading.Event()  # read, then dropped: swallow()
         for direction in self._flowing:
             direction.set()
         self._sockets: list[socket.socket] = []
@@ -71,6 +72,8 @@ class Link:
                 data = source.recv(65536)
                 if not data:
                     break
+                if self._lost.is_set():
+                    continue  # swallowed: never arrives
                 flowing.wait()  # read just as the link was held: keep it until released
                 sink.sendall(data)
         except OSError:
@@ -87,9 +90,19 @@ class Link:
         self._release_timer.daemon = True
         self._release_timer.start()
 
+    def swallow(self) -> None:
+        """Read everything and deliver nothing, both ways: a peer that acknowledges and
+        never answers (a frozen database, a proxy whose upstream died); what was sent
+        meanwhile is lost for good. Released after HELD_S at the latest."""
+        self._lost.set()
+        self._release_timer = threading.Timer(HELD_S, self.release)
+        self._release_timer.daemon = True
+        self._release_timer.start()
+
     def release(self) -> None:
         if self._release_timer is not None:
             self._release_timer.cancel()
+        self._lost.clear()
         for direction in self._flowing:
             direction.set()
 
@@ -118,14 +131,14 @@ def link(url: str) -> Iterator[Link]:
     made.close()
 
 
-def across(link: Link, url: str, copy: Path) -> ChainStore:
+def across(link: Link, url: str, copy: Path, **settings: float) -> ChainStore:
     """A chain server's store whose PostgreSQL is across `link` (not yet following)."""
     from facegate_server.store.postgres import PostgresStore
 
     PostgresStore(url).close()  # the schema, made directly
     parts = psycopg.conninfo.conninfo_to_dict(url)
     relayed = f"postgresql://postgres@127.0.0.1:{link.port}/{parts['dbname']}"
-    made = ChainStore(relayed, copy, poll=0.2, retry=0.2, event_wait=0.3)
+    made = ChainStore(relayed, copy, poll=0.2, retry=0.2, event_wait=0.3, **settings)
     assert made.connected
     return made
 
@@ -254,3 +267,27 @@ def test_a_call_that_failed_while_the_link_works_is_no_lasting_outage(store: Cha
     assert not store.connected
     pg.wait_for(lambda: store.connected, EVENTUALLY)
     assert store.record_event(event("after")).event_id > 0
+
+
+def test_a_database_that_never_answers_is_cut_off_and_the_store_comes_back(
+    tmp_path: Path, link: Link, url: str
+) -> None:
+    """Behind a peer that acknowledges everything and answers nothing, no TCP timeout
+    fires: without the watchdog (store/postgres.py) the follower and the insert waited
+    for ever, and the store stayed disconnected after the database was back."""
+    store = across(link, url, tmp_path / "copy.sqlite3", call_timeout=1.5)
+    store.follow(MemoryEngine())
+    try:
+        assert store.record_event(event("before")).event_id > 0
+        link.swallow()
+        kept, took = timed(store, "swallowed")
+        assert kept.event_id == 0 and took < 3.0  # the door was not held
+        pg.wait_for(lambda: not store.connected, EVENTUALLY)  # the call was cut
+        link.release()  # new connections work; the old ones' answers are gone for good
+        pg.wait_for(lambda: store.connected, EVENTUALLY)
+        pg.wait_for(lambda: store.state().pending_events == 0, EVENTUALLY)
+        assert store.record_event(event("after")).event_id > 0
+        assert_once_in_order(url, ["before", "swallowed", "after"])
+    finally:
+        link.release()
+        store.close()

@@ -156,6 +156,7 @@ class PostgresLease:
         self.ttl = ttl
         self.margin = margin
         timeout_ms = max(1000, int(connect_timeout * 1000))
+        self._call_timeout = 2 * timeout_ms / 1000
         self._pool = ConnectionPool(
             url,
             min_size=1,
@@ -184,8 +185,11 @@ class PostgresLease:
         import psycopg
         import psycopg_pool
 
+        from facegate_server.store.postgres import WATCHDOG
+
         try:
-            with self._pool.connection() as conn:
+            # A peer that acknowledges and never answers (a frozen database) fails it too.
+            with self._pool.connection() as conn, WATCHDOG.guard(conn, self._call_timeout):
                 if not self._schema:
                     ensure_schema(conn)
                     self._schema = True

@@ -56,7 +56,13 @@ from facegate_server.domain import (
 )
 from facegate_server.errors import StoreUnavailable
 from facegate_server.store.base import ANSWER_BY, Store
-from facegate_server.store.postgres import CHANNEL, MemberChange, PostgresStore
+from facegate_server.store.postgres import (
+    CALL_TIMEOUT_S,
+    CHANNEL,
+    WATCHDOG,
+    MemberChange,
+    PostgresStore,
+)
 from facegate_server.store.replica import EngineChange, ReplicaStore
 
 log = logging.getLogger(__name__)
@@ -103,10 +109,11 @@ class ChainStore(Store):
         retry: float = 0.5,
         timeout: float = 3.0,
         event_wait: float = EVENT_WAIT_S,
+        call_timeout: float = CALL_TIMEOUT_S,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self.local = ReplicaStore(copy_path)
-        self.central = PostgresStore(url, migrate=False, timeout=timeout)
+        self.central = PostgresStore(url, migrate=False, timeout=timeout, call_timeout=call_timeout)
         self.name = self.central.name
         self.poll, self.retry, self.clock = poll, retry, clock
         self.event_wait = event_wait
@@ -258,7 +265,8 @@ class ChainStore(Store):
         while not self._stop.is_set():
             try:
                 with psycopg.connect(self.central.url, autocommit=True) as conn:
-                    conn.execute(f"LISTEN {CHANNEL}")
+                    with WATCHDOG.guard(conn, self.central.call_timeout):
+                        conn.execute(f"LISTEN {CHANNEL}")
                     self._reconnected()
                     while not self._stop.is_set():
                         for _ in conn.notifies(timeout=self.poll, stop_after=1):
@@ -268,7 +276,8 @@ class ChainStore(Store):
                         self.catch_up()
                         if self._pending:
                             self.ship()
-                        conn.execute("SELECT 1")  # the LISTEN connection is alive
+                        with WATCHDOG.guard(conn, self.central.call_timeout):
+                            conn.execute("SELECT 1")  # the LISTEN connection is alive
             except (psycopg.Error, StoreUnavailable) as error:
                 self._lost(error)
             except Exception:  # never let the follower die: the next round retries

@@ -16,8 +16,11 @@ as timestamptz; membership, face quality and engine reports as jsonb.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -173,6 +176,74 @@ IDLE_IN_TRANSACTION_S = 10
 cut off mid-transaction must not hold the change log's or the event log's lock (every
 server's writes wait on it) until the server's TCP keepalive notices, hours later."""
 _POOL_NAMES = itertools.count(1)
+CALL_TIMEOUT_S = 60.0
+"""The longest one call may take before its connection is cut (`Watchdog`): TCP's own
+timeouts catch a link that stops acknowledging, not a peer that acknowledges and never
+answers (a frozen database, a proxy whose upstream died). Generous: a call moving an
+enrolment's photos over a slow WAN must finish."""
+
+
+class Watchdog:
+    """Cuts a connection whose call has outlasted its time: its socket is shut down, so the
+    call waiting on it fails at once (psycopg's OperationalError: StoreUnavailable) and the
+    pool discards it. One thread for every guarded call, started on first use."""
+
+    def __init__(self) -> None:
+        self._due: list[tuple[float, int, list[Any]]] = []  # (deadline, n, [conn or None])
+        self._n = itertools.count()
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def guard(self, conn: psycopg.Connection[Any], seconds: float) -> Iterator[None]:
+        watched: list[Any] = [conn]
+        with self._lock:
+            heapq.heappush(self._due, (time.monotonic() + seconds, next(self._n), watched))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="store-watchdog", daemon=True
+                )
+                self._thread.start()
+            self._lock.notify()
+        try:
+            yield
+        finally:
+            with self._lock:  # after this, never cut: the connection may serve another call
+                watched[0] = None
+
+    def _run(self) -> None:
+        with self._lock:
+            while True:
+                while self._due and self._due[0][2][0] is None:
+                    heapq.heappop(self._due)
+                if not self._due:
+                    self._lock.wait()
+                    continue
+                deadline, _, watched = self._due[0]
+                left = deadline - time.monotonic()
+                if left > 0:
+                    self._lock.wait(left)
+                    continue
+                heapq.heappop(self._due)
+                conn, watched[0] = watched[0], None
+                _cut(conn)
+
+
+def _cut(conn: psycopg.Connection[Any]) -> None:
+    try:
+        duplicate = socket.socket(fileno=os.dup(conn.pgconn.socket))
+    except (OSError, psycopg.Error):  # closed already
+        return
+    log.warning("a PostgreSQL call outlasted its time: its connection is cut")
+    try:
+        duplicate.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        duplicate.close()
+
+
+WATCHDOG = Watchdog()
 
 
 def conninfo_with_defaults(url: str) -> str:
@@ -252,11 +323,18 @@ class PostgresStore(Store):
     StoreUnavailable). With `migrate` false, call `migrate()` before any other method."""
 
     def __init__(
-        self, url: str, *, pool_size: int = 8, timeout: float = 5.0, migrate: bool = True
+        self,
+        url: str,
+        *,
+        pool_size: int = 8,
+        timeout: float = 5.0,
+        migrate: bool = True,
+        call_timeout: float = CALL_TIMEOUT_S,
     ) -> None:
         self.url = conninfo_with_defaults(url)
         self.name = describe(url)
         self._timeout, self._pool_size = timeout, pool_size
+        self.call_timeout = call_timeout
         self._reach_lock = threading.Lock()
         self._out_since: float | None = None  # when connecting first failed, in an outage
         self._quiet = _QuietPool(self)
@@ -329,7 +407,10 @@ class PostgresStore(Store):
     def _conn(self) -> Iterator[psycopg.Connection[Any]]:
         """A pooled connection; a lost or unreachable database is StoreUnavailable."""
         try:
-            with self._pool.connection(timeout=self._timeout) as conn:
+            with (
+                self._pool.connection(timeout=self._timeout) as conn,
+                WATCHDOG.guard(conn, self.call_timeout),
+            ):
                 yield conn
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as error:
             raise StoreUnavailable(self.name, str(error).strip().splitlines()[0]) from error
