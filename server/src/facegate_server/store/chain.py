@@ -57,8 +57,10 @@ from facegate_server.domain import (
 from facegate_server.errors import StoreUnavailable
 from facegate_server.store.base import ANSWER_BY, Store
 from facegate_server.store.postgres import (
+    CALL_TIMEOUT,
     CALL_TIMEOUT_S,
     CHANNEL,
+    FOLLOWER_CALL_TIMEOUT_S,
     WATCHDOG,
     MemberChange,
     PostgresStore,
@@ -262,10 +264,12 @@ class ChainStore(Store):
                 self._pending = self.local.pending_count()
 
     def _follow(self) -> None:
+        limit = min(self.central.call_timeout, FOLLOWER_CALL_TIMEOUT_S)
+        CALL_TIMEOUT.set(limit)  # this thread's calls: small ones
         while not self._stop.is_set():
             try:
                 with psycopg.connect(self.central.url, autocommit=True) as conn:
-                    with WATCHDOG.guard(conn, self.central.call_timeout):
+                    with WATCHDOG.guard(conn, limit):
                         conn.execute(f"LISTEN {CHANNEL}")
                     self._reconnected()
                     while not self._stop.is_set():
@@ -276,7 +280,7 @@ class ChainStore(Store):
                         self.catch_up()
                         if self._pending:
                             self.ship()
-                        with WATCHDOG.guard(conn, self.central.call_timeout):
+                        with WATCHDOG.guard(conn, limit):
                             conn.execute("SELECT 1")  # the LISTEN connection is alive
             except (psycopg.Error, StoreUnavailable) as error:
                 self._lost(error)

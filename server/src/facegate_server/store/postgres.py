@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -181,6 +182,11 @@ CALL_TIMEOUT_S = 60.0
 timeouts catch a link that stops acknowledging, not a peer that acknowledges and never
 answers (a frozen database, a proxy whose upstream died). Generous: a call moving an
 enrolment's photos over a slow WAN must finish."""
+FOLLOWER_CALL_TIMEOUT_S = 10.0
+"""The same for the chain's follower (store/chain.py), whose calls are small (the change
+log, members' embeddings, a batch of events): a frozen database is noticed within it."""
+CALL_TIMEOUT: ContextVar[float | None] = ContextVar("facegate_call_timeout", default=None)
+"""This thread's own call timeout, when set (the follower's); else the store's."""
 
 
 class Watchdog:
@@ -409,7 +415,7 @@ class PostgresStore(Store):
         try:
             with (
                 self._pool.connection(timeout=self._timeout) as conn,
-                WATCHDOG.guard(conn, self.call_timeout),
+                WATCHDOG.guard(conn, CALL_TIMEOUT.get() or self.call_timeout),
             ):
                 yield conn
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as error:
