@@ -111,3 +111,39 @@ def test_two_chain_servers_delete_old_events_once(tmp_path: Path, url: str) -> N
         servers[0].store.record_event(event(OLD))
         holder.stop()  # its server stops (releasing the lease): the other deletes now
         assert other.run_once() == 1 and other.held
+
+
+def test_a_store_away_postpones_retention_by_a_minute_not_an_hour(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A chain server started while its database is away: the run is tried again soon (one
+    warning line, no traceback), not at the next hourly run."""
+    import threading
+
+    from facegate_server import retention as module
+    from facegate_server.errors import StoreUnavailable
+
+    class Away(MemoryStore):
+        calls = 0
+        done = threading.Event()
+
+        def delete_events_before(self, cutoff: datetime) -> int:
+            Away.calls += 1
+            if Away.calls == 1:
+                raise StoreUnavailable("postgresql://db:5432/gym", "connection refused")
+            Away.done.set()
+            return 0
+
+    monkeypatch.setattr(module, "RETRY_S", 0.05)
+    running = Retention(Away(), 30, clock=lambda: NOW, interval=3600.0)
+    running.start()
+    try:
+        assert Away.done.wait(10), "not tried again"
+    finally:
+        running.stop()
+    assert Away.calls == 2
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(
+        m.startswith("retention postponed: the store postgresql://db:5432/gym") for m in messages
+    )
+    assert not any(r.exc_info for r in caplog.records)

@@ -19,10 +19,13 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from facegate_server.cloud.lease import Lease, LocalLease, PostgresLease
+from facegate_server.errors import StoreUnavailable
 from facegate_server.store.base import Store
 
 log = logging.getLogger(__name__)
 
+RETRY_S = 60.0
+"""How soon a run the store could not serve (a chain's database unreachable) is tried again."""
 LEASE = "event-retention"
 """The lease's name in facegate_lease (the chain's database: one access log, one lease)."""
 
@@ -97,11 +100,15 @@ class Retention:
 
     def _run(self) -> None:
         while True:
+            wait = self.interval
             try:
                 self.run_once()
+            except StoreUnavailable as error:  # a chain's database away: soon again
+                log.warning("retention postponed: %s", error.message)
+                wait = min(wait, RETRY_S)
             except Exception:  # the store closing under it, a full disk: try next time
                 log.exception("retention failed")
-            if self._stop.wait(self.interval):
+            if self._stop.wait(wait):
                 return
 
     def stop(self) -> None:
