@@ -1,6 +1,10 @@
 """`facegate serve`: plugged into the client's `facegate` command (entry point group
 `facegate.commands`), so a turnstile's client-only install has no server commands.
 
+Start-up refusals are one line (`error: ...`) and exit status 2: a setting that does not
+fit, a data dir another server holds or made for the other kind of server (datadir.py), a
+shared store FaceGate cannot use (app.py StoreRefused, store/postgres.py StoreSchemaError).
+
 Signals: SIGTERM and SIGINT stop gracefully (health NOT_SERVING, then the grace period);
 SIGHUP re-reads the callers and the TLS files without a restart (`FaceGateServer.reload`).
 """
