@@ -158,6 +158,18 @@ def test_another_applications_tables_are_refused_and_nothing_is_left(url: str) -
     assert tables(url) == {"members"}
 
 
+def test_an_extensions_relations_are_not_another_applications(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        try:
+            conn.execute("CREATE EXTENSION pg_stat_statements")  # views in public
+        except psycopg.errors.UndefinedFile:
+            pytest.skip("pg_stat_statements is not installed (PostgreSQL's contrib)")
+        views = conn.execute("SELECT count(*) FROM pg_views WHERE schemaname = 'public'")
+        assert views.fetchone() != (0,)
+    PostgresStore(url).close()
+    assert {"schema_version", "members"} <= tables(url)
+
+
 def test_a_clash_half_way_through_leaves_nothing_behind(url: str) -> None:
     """FaceGate's database at version 1 where another application made an index of a name
     migration 2 creates last: refused, and migration 2's first statements are undone."""

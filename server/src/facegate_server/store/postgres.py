@@ -518,6 +518,9 @@ class PostgresStore(Store):
             for row in conn.execute(
                 "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
                 " WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p', 'v', 'm', 'f')"
+                # an extension's (pg_stat_statements' views, PostGIS' table) are nobody's data
+                " AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass"
+                " AND d.objid = c.oid AND d.deptype = 'e')"
             )
         }
         theirs = sorted(
