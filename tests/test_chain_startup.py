@@ -373,7 +373,7 @@ def test_the_stores_errors_are_one_line_and_say_what_waits() -> None:
     )
     assert "\n" not in error.message and "\t" not in error.message
     assert "members cannot be changed" not in error.message
-    assert "this request needs it" in error.message
+    assert "this cannot be done until it is back" in error.message
 
     from facegate_client.cli import format_store
 

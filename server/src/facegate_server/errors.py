@@ -123,10 +123,10 @@ class StoreUnavailable(FaceGateError):
     def __init__(self, store: str, detail: str = "") -> None:
         detail = " ".join(detail.split())  # libpq's hints come on lines of their own
         super().__init__(
-            f"the shared store {store} is unreachable"
+            f"the store {store} is unreachable"
             + (f" ({detail})" if detail else "")
-            + ": this request needs it, try again once it is back (Identify and Verify go"
-            " on from this server's local copy of the gallery)",
+            + ": this cannot be done until it is back (Identify and Verify go on from this"
+            " server's local copy of the gallery)",
             metadata={"store": store},
         )
         self.store = store
