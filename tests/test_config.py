@@ -262,7 +262,7 @@ def test_secrets_stay_out_of_repr_and_errors() -> None:
     [
         ({"FACEGATE_WORKERS": "abc"}, [], "error: FACEGATE_WORKERS=abc: not a whole number"),
         ({"FACEGATE_WORKERS": "0"}, [], "error: FACEGATE_WORKERS=0: must be at least 1"),
-        ({}, ["--workers", "0"], "error: FACEGATE_WORKERS=0: must be at least 1"),
+        ({}, ["--workers", "0"], "error: --workers=0: must be at least 1"),  # where it came from
         (
             {"FACEGATE_ROUTING_POLICY": "nope"},
             [],

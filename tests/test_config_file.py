@@ -179,7 +179,7 @@ def test_config_check_prints_values_and_sources_with_secrets_masked(
     ("files", "argv", "line"),
     [
         ({"f.toml": "wrokers = 2\n"}, ["--config", "f.toml"], "error: f.toml: 'wrokers' is not"),
-        ({}, ["--workers", "0"], "error: FACEGATE_WORKERS=0: must be at least 1"),
+        ({}, ["--workers", "0"], "error: --workers=0: must be at least 1"),
         (
             {"callers": "turnstile gate-1 fg_raw-token\n"},
             ["--tokens-file", "callers"],

@@ -496,8 +496,8 @@ def format_store(store: pb.StoreStatus, now: datetime | None = None) -> str:
         line += ", no local copy yet"
     if store.pending_events:
         line += f", {store.pending_events} access events waiting to be shipped"
-    if store.last_error:
-        line += f" ({store.last_error})"
+    if store.last_error:  # libpq's hints come on lines of their own: one line here
+        line += f" ({' '.join(store.last_error.split())})"
     return line
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -30,11 +30,19 @@ from facegate_server.cloud.lease import REPLAYER, PostgresLease
 from facegate_server.cloud.ratelimit import TIER_RATES, CloudRate
 from facegate_server.cloud.sync import CloudSync
 from facegate_server.config import Settings
-from facegate_server.domain import EngineStatus
-from facegate_server.engines.base import RecognitionEngine
+from facegate_server.domain import (
+    EngineKind,
+    EngineStatus,
+    FaceTemplate,
+    Identification,
+    SearchResult,
+    StoreState,
+)
+from facegate_server.engines.base import Attempt, RecognitionEngine
 from facegate_server.engines.index import FaceIndex
 from facegate_server.engines.local import LocalEngine, WorkerPool
 from facegate_server.engines.policy import decision_policy
+from facegate_server.errors import RecognitionUnavailable
 from facegate_server.feed import EventBell, EventFeed
 from facegate_server.gate import Clock, Gate, utc_now
 from facegate_server.membership import Site, load_zone
@@ -82,12 +90,18 @@ class FaceGateServer:
     _watch: threading.Thread | None = None
     _stopping: threading.Event = field(default_factory=threading.Event)
 
+    def cannot_decide(self) -> str:
+        """Why the server cannot decide at all for want of a gallery ("" when it can)."""
+        return cannot_decide(self.store.state())
+
     def start(self) -> None:
         if self.metrics is not None:
             self.metrics.start()
         if self.gate.replayer is not None and self.background_sync:
             self.gate.replayer.start()
         self.rpc.start()
+        if self.cannot_decide():
+            self.rpc.set_serving(False)  # at once; the watch says SERVING once it can
         if self.retention is not None:
             self.retention.start()
         self._watch = threading.Thread(target=self._watch_health, name="health", daemon=True)
@@ -95,8 +109,10 @@ class FaceGateServer:
 
     def _watch_health(self) -> None:
         """Health NOT_SERVING while the server cannot decide at all (no recognition worker
-        and no reachable cloud), SERVING again when it can."""
-        serving = True
+        and no reachable cloud; a chain server with no local copy of the gallery yet),
+        SERVING again when it can."""
+        uncopied = cannot_decide(self.store.state())
+        serving = not uncopied
         store_up: bool | None = None
         while True:
             state = self.store.state()
@@ -105,7 +121,9 @@ class FaceGateServer:
                 self.rpc.set_health(STORE_HEALTH, store_up)
             if self._stopping.wait(0.25):
                 break
-            can = self.gate.status_engines().can_decide
+            if uncopied:  # a copy once made is never unmade: no need to look again after
+                uncopied = cannot_decide(self.store.state())
+            can = self.gate.status_engines().can_decide and not uncopied
             if can != serving:
                 serving = can
                 log.warning("the server %s decide", "can" if can else "cannot")
@@ -357,19 +375,162 @@ def frame_limits(max_image_bytes: int) -> dict[str, MessageLimit]:
     return {f"/{service}/{method}": limit for method in FRAME_METHODS}
 
 
+class StoreRefused(RuntimeError):
+    """The shared store cannot be used, and waiting will not mend it (no such database,
+    authentication failed, invalid connection parameters), while this server has no local
+    copy to decide from: the start stops (one line, exit 2)."""
+
+
+# libpq's words (its messages carry no SQLSTATE at connection time) for failures that
+# waiting will not mend; anything else (refused, timed out, no route, no name resolution:
+# a branch's link down) is taken as an outage.
+_PERMANENT = (
+    (
+        ("database", "does not exist"),
+        "create it, owned by FaceGate's role: createdb -O ROLE DATABASE",
+    ),
+    (("role", "does not exist"), "create the role (createuser), or name another in the URL"),
+    (("authentication failed",), "check the user and password (or the password file)"),
+    (("no password supplied",), "give the password (in a password file: PGPASSFILE)"),
+    (("pg_hba.conf",), "allow this host and role in the PostgreSQL server's pg_hba.conf"),
+    (("permission denied",), "GRANT CONNECT ON DATABASE to the role"),
+    (("connection is bad",), "fix the connection parameters in the store's URL"),
+    (("invalid",), "fix the connection parameters in the store's URL"),
+    (("SSL was required",), "fix sslmode in the store's URL, or enable SSL on the server"),
+)
+
+
+def reach_store(url: str) -> tuple[str, str]:
+    """Reach the shared store once, directly (the pool hides why it cannot connect), and
+    bring its schema up to this FaceGate's (store/postgres.py: StoreSchemaError for a
+    database that is not FaceGate's, a newer schema, a role without the rights). ("", "")
+    when it is ready; else why not, in one line without the password, and, for a failure
+    waiting will not mend, what to do ("" for an outage)."""
+    import psycopg
+
+    from facegate_server.errors import StoreUnavailable
+    from facegate_server.store.postgres import PostgresStore, conninfo_with_defaults
+
+    try:
+        psycopg.connect(conninfo_with_defaults(url), autocommit=True).close()
+    except psycopg.Error as error:
+        password = psycopg.conninfo.conninfo_to_dict(url).get("password") or ""
+        why = " ".join(str(error).split()).removeprefix("connection failed: ")
+        why = why.partition("FATAL: ")[2] or why  # the server's reason, without where
+        if password:
+            why = why.replace(str(password), "********")
+        fix = next((fix for words, fix in _PERMANENT if all(w in why for w in words)), "")
+        return why, fix
+    try:
+        PostgresStore(url, pool_size=1).close()  # migrates
+    except StoreUnavailable as error:  # lost since: an outage
+        return error.detail, ""
+    return "", ""
+
+
 def build_store(settings: Settings) -> Store:
     """The store the settings name: SQLite in data_dir, or the chain's: the shared
-    PostgreSQL and this server's local copy of the gallery in data_dir."""
+    PostgreSQL and this server's local copy of the gallery in data_dir. The chain's store
+    is reached first: StoreSchemaError for a database FaceGate cannot use, StoreRefused
+    when it cannot be reached for good and there is no local copy to decide from."""
     if not settings.store:
         return SqliteStore(settings.db_path, purge_interval=settings.purge_interval_s)
+    from facegate_server.datadir import copy_made
     from facegate_server.store import replica
     from facegate_server.store.chain import ChainStore
+    from facegate_server.store.postgres import describe
 
+    why, fix = reach_store(settings.store)
+    if fix and not copy_made(settings.data_dir):
+        raise StoreRefused(
+            f"the store {describe(settings.store)} cannot be used: {why}: {fix}; this server"
+            " has no local copy of the gallery yet, so it cannot start without it"
+        )
     return ChainStore(
         settings.store,
         settings.data_dir / replica.COPY_FILE,
         event_wait=settings.store_event_wait_s,
     )
+
+
+def cannot_decide(state: StoreState) -> str:
+    """Why a chain server cannot decide at all: it has never reached its store, so it has
+    no local copy of the gallery (every face would be a stranger); "" when it has one, or
+    when the store is the server's own."""
+    if state.kind == "local" or state.copy_current is not None:
+        return ""
+    why = " ".join(state.last_error.split())
+    return (
+        f"this server has never reached its store {state.name} and has no local copy of"
+        " the gallery: it cannot decide until it does" + (f" ({why})" if why else "")
+    )
+
+
+class UntilCopied:
+    """The engine of a chain server started with no local copy of the gallery: Identify,
+    Verify and SearchFaces are refused (UNAVAILABLE, NO_GALLERY_COPY) until the first copy
+    is made, rather than denying every member as a stranger. Everything else is the
+    wrapped engine's (the router)."""
+
+    def __init__(self, engine: RecognitionEngine, store: Store) -> None:
+        self.engine = engine
+        self._store = store
+        self._copied = False  # once made, a copy is never unmade
+
+    def _check(self) -> None:
+        if self._copied:
+            return
+        why = cannot_decide(self._store.state())
+        if why:
+            raise RecognitionUnavailable(why, reason="NO_GALLERY_COPY")
+        self._copied = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    @property
+    def kind(self) -> EngineKind:
+        return self.engine.kind
+
+    @property
+    def name(self) -> str:
+        return self.engine.name
+
+    def identify(
+        self, image: bytes, timeout: float, attempt: Attempt | None = None
+    ) -> Identification:
+        self._check()
+        return self.engine.identify(image, timeout, attempt)
+
+    def verify(
+        self, member_id: str, image: bytes, timeout: float, attempt: Attempt | None = None
+    ) -> Identification:
+        self._check()
+        return self.engine.verify(member_id, image, timeout, attempt)
+
+    def search(self, image: bytes, timeout: float, max_candidates: int) -> SearchResult:
+        self._check()
+        return self.engine.search(image, timeout, max_candidates)
+
+    def enrol(
+        self, photos: Sequence[bytes], timeout: float, templates: Sequence[FaceTemplate]
+    ) -> list[FaceTemplate]:
+        return self.engine.enrol(photos, timeout, templates)
+
+    def enrolled(self, member_id: str, templates: Sequence[FaceTemplate]) -> None:
+        self.engine.enrolled(member_id, templates)
+
+    def removed(self, member_id: str) -> None:
+        self.engine.removed(member_id)
+
+    def template_removed(self, member_id: str, template: FaceTemplate) -> None:
+        self.engine.template_removed(member_id, template)
+
+    def knows(self, member_id: str) -> bool:
+        return self.engine.knows(member_id)
+
+    def close(self) -> None:
+        self.engine.close()
 
 
 def build_server(
@@ -409,6 +570,8 @@ def build_server(
         follow = getattr(store, "follow", None)
         if follow is not None:  # the chain: the engines follow the shared change log
             follow(router)
+        if cannot_decide(store.state()):  # a chain server that never reached its store
+            router = UntilCopied(router, store)
         refusals = Refusals()
         metrics = Metrics()
         bell = EventBell()

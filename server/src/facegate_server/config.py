@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import shlex
 import tomllib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
@@ -56,6 +58,10 @@ Disagreement = Literal["deny-on-conflict", "require-agreement"]
 # engines/worker.py's Encoder (tests/test_encoder.py keeps them equal; config imports no
 # engine).
 Encoder = Literal["onnx", "dlib"]
+
+
+URL_SCHEMES = ("postgresql://", "postgres://")
+MASK = "********"
 
 
 class SettingsError(ValueError):
@@ -219,13 +225,16 @@ class Settings(BaseSettings):
     cloud_lease_url: str = Field(default="", repr=False)
     cloud_lease_ttl_s: float = Field(default=15.0, ge=1)
 
-    @field_validator("store")
+    @field_validator("store", "cloud_lease_url")
     @classmethod
     def _store_url(cls, url: str) -> str:
-        if url and not url.startswith(("postgresql://", "postgres://")):
+        if url and not url.startswith(URL_SCHEMES):
             raise PydanticCustomError(
                 "store_url", "must be empty (SQLite in data_dir) or a postgresql:// URL"
             )
+        problem = postgres_url_problem(url) if url else ""
+        if problem:
+            raise PydanticCustomError("store_url", problem)
         return url
 
     @field_validator("site_time_zone")
@@ -253,16 +262,27 @@ class Settings(BaseSettings):
 
     @classmethod
     def load(
-        cls, env: Mapping[str, str] | None = None, *, config: Path | None = None, **overrides: Any
+        cls,
+        env: Mapping[str, str] | None = None,
+        *,
+        config: Path | None = None,
+        flags: bool = False,
+        **overrides: Any,
     ) -> Self:
         """The TOML file (`config`, else the environment's FACEGATE_CONFIG), then the
         environment (`env`; os.environ when None), then `overrides` that are not None.
-        Raises SettingsError (a ValueError), one line naming the variable or file and key."""
-        return cls.load_with_sources(env, config=config, **overrides)[0]
+        Raises SettingsError (a ValueError), one line naming the variable or file and key
+        (an override by its variable; with `flags`, by its flag: `--workers`)."""
+        return cls.load_with_sources(env, config=config, flags=flags, **overrides)[0]
 
     @classmethod
     def load_with_sources(
-        cls, env: Mapping[str, str] | None = None, *, config: Path | None = None, **overrides: Any
+        cls,
+        env: Mapping[str, str] | None = None,
+        *,
+        config: Path | None = None,
+        flags: bool = False,
+        **overrides: Any,
     ) -> tuple[Self, dict[str, str]]:
         """`load`, and where each field's value came from: `default`, `file PATH`,
         `env VARIABLE` or `flag` (an override)."""
@@ -288,6 +308,8 @@ class Settings(BaseSettings):
             if value is not None:
                 values[field], sources[field] = value, "flag"
                 names.pop(field, None)
+                if flags:  # `facegate serve`'s (and `config check`'s) flags: named as typed
+                    names[field] = flag_name(field)
         try:
             settings = cls(**values)
         except ValidationError as error:
@@ -322,6 +344,11 @@ class Settings(BaseSettings):
         """gRPC's receive limit: an Enroll with the most photos of the largest size fits
         (and a frame of the largest size, should frames be allowed more than photos)."""
         return max(self.max_photos * self.max_photo_bytes, self.max_image_bytes) + MIB
+
+
+def flag_name(field: str) -> str:
+    """The `facegate serve` flag that sets `field` (--data-dir for `data_dir`)."""
+    return "--" + field.replace("_", "-")
 
 
 def env_name(field: str) -> str:
@@ -410,12 +437,130 @@ def _read_toml(settings_cls: type[BaseSettings], path: Path) -> dict[str, Any]:
 
 
 def load_settings(
-    env: Mapping[str, str] | None = None, *, config: Path | None = None, **overrides: Any
+    env: Mapping[str, str] | None = None,
+    *,
+    config: Path | None = None,
+    flags: bool = False,
+    **overrides: Any,
 ) -> Settings:
     """Settings from the TOML file (`config`, else FACEGATE_CONFIG), the environment
     (`env`; os.environ when None, `{}` for none), then `overrides` (None values are
-    ignored). Raises SettingsError, a ValueError."""
-    return Settings.load(env, config=config, **overrides)
+    ignored; with `flags`, errors name them as `facegate serve`'s flags). Raises
+    SettingsError, a ValueError."""
+    return Settings.load(env, config=config, flags=flags, **overrides)
+
+
+# PostgreSQL URLs (the `store` and `cloud_lease_url` settings). libpq's own parser
+# (psycopg.conninfo) decides what a URL means; these only find the password's place in
+# the text as typed, so that no message and no listing ever shows it.
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_PERCENT_HINT = (
+    "percent-encode it ('%' is %25, '@' %40, ':' %3A, '/' %2F, '?' %3F, '#' %23, ' ' %20),"
+    " or leave the password out of the URL and keep it in a password file (PGPASSFILE, or"
+    " ?passfile=PATH)"
+)
+
+
+@dataclass(frozen=True)
+class _UrlParts:
+    """A postgresql:// URL cut as libpq cuts it (conninfo_uri_parse_options), undecoded:
+    each part's text and where it starts in the URL."""
+
+    user: tuple[int, str]
+    password: tuple[int, str]
+    hosts: str
+    dbname: str
+    query: tuple[int, str]
+
+
+def _url_parts(url: str) -> _UrlParts:
+    start = len(next(scheme for scheme in URL_SCHEMES if url.startswith(scheme)))
+    end = len(url)
+    stop = min((i for i in (url.find("@", start), url.find("/", start)) if i >= 0), default=end)
+    user, password = (start, ""), (start, "")
+    at = start
+    if stop < end and url[stop] == "@":
+        info = url[start:stop]
+        name, colon, secret = info.partition(":")
+        user = (start, name)
+        if colon:
+            password = (start + len(name) + 1, secret)
+        at = stop + 1
+    host_end = min((i for i in (url.find("/", at), url.find("?", at)) if i >= 0), default=end)
+    hosts = url[at:host_end]
+    query_at = url.find("?", host_end)
+    db_end = end if query_at < 0 else query_at
+    dbname = url[host_end + 1 : db_end] if url[host_end : host_end + 1] == "/" else ""
+    query = (db_end + 1, url[db_end + 1 :]) if query_at >= 0 else (end, "")
+    return _UrlParts(user, password, hosts, dbname, query)
+
+
+def _password_spans(url: str) -> list[tuple[int, int]]:
+    """Where passwords are in `url`: the user info's, and any `password=` in its query."""
+    parts = _url_parts(url)
+    spans = []
+    if parts.password[1]:
+        spans.append((parts.password[0], parts.password[0] + len(parts.password[1])))
+    at, query = parts.query
+    for pair in query.split("&"):
+        key, equals, value = pair.partition("=")
+        if equals and key == "password" and value:
+            spans.append((at + len(key) + 1, at + len(pair)))
+        at += len(pair) + 1
+    return spans
+
+
+def mask_url(url: str) -> str:
+    """`url` with its password (if any) masked, all else as given: what `facegate config
+    check` shows. Not a postgresql:// URL: masked whole."""
+    if not url.startswith(URL_SCHEMES):
+        return MASK if url else ""
+    masked = url
+    for start, end in sorted(_password_spans(url), reverse=True):
+        masked = masked[:start] + MASK + masked[end:]
+    return masked
+
+
+def postgres_url_problem(url: str) -> str:
+    """What is wrong with a postgresql:// URL ("" when nothing), in words that never
+    quote its password: it must parse (libpq's rules: psycopg.conninfo) and name a host
+    (or a Unix socket directory) and a database."""
+    import psycopg  # only when a URL is set
+
+    parts = _url_parts(url)
+    for what, text in (
+        ("the user name", parts.user[1]),
+        ("the password", parts.password[1]),
+        ("the host", parts.hosts),
+        ("the database name", parts.dbname),
+        ("the query (after '?')", parts.query[1]),
+    ):
+        if _BAD_PERCENT.search(text):
+            hint = _PERCENT_HINT if what == "the password" else "percent-encode it ('%' is %25)"
+            return f"{what} has a '%' not followed by two hex digits: {hint}"
+    try:
+        given = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.Error as error:
+        message = " ".join(str(error).split())
+        secrets = [url[a:b] for a, b in _password_spans(url)]
+        for quoted in re.findall(r'"([^"]*)"', message):
+            if any(quoted and (quoted in secret or secret in quoted) for secret in secrets):
+                message = message.replace(f'"{quoted}"', '"..."')
+        return f"not a valid PostgreSQL URL: {message}"
+    if not (given.get("host") or given.get("hostaddr")):
+        return (
+            "names no host: postgresql://USER@HOST:5432/DATABASE"
+            " (a Unix socket: postgresql://USER@/DATABASE?host=/var/run/postgresql)"
+        )
+    if not given.get("dbname"):
+        return (
+            "names no database: postgresql://USER@HOST:5432/DATABASE, a database made for"
+            " FaceGate (createdb -O USER DATABASE)"
+        )
+    for port in str(given.get("port") or "").split(","):
+        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            return f"port {port!r} is not a port number (1 to 65535)"
+    return ""
 
 
 def describe(
@@ -438,7 +583,7 @@ def _describe_one(
     field = str(detail["loc"][0])
     if field not in fields:
         return f"{field}: not a setting"
-    name = names.get(field) or (field if _flag_only(fields[field]) else env_name(field))
+    name = names.get(field) or (flag_name(field) if _flag_only(fields[field]) else env_name(field))
     if fields[field].repr is False:  # a secret: never its value
         return f"{name}: {problem}"
     return f"{name}={shlex.quote(str(detail['input']))}: {problem}"

@@ -113,16 +113,20 @@ class CloudUnavailable(FaceGateError):
 
 
 class StoreUnavailable(FaceGateError):
-    """The shared store (PostgreSQL) cannot be reached: changes of membership wait for it
-    (the source of truth is central), while Identify and Verify go on from the local copy."""
+    """The shared store (PostgreSQL) cannot be reached: what needs it (changes of members,
+    the access log, the cloud's outbox) waits for it (the source of truth is central),
+    while Identify and Verify go on from the local copy. The message says so for any
+    request (the store cannot tell which asked), on one line."""
 
     reason = "STORE_UNAVAILABLE"
 
     def __init__(self, store: str, detail: str = "") -> None:
+        detail = " ".join(detail.split())  # libpq's hints come on lines of their own
         super().__init__(
             f"the store {store} is unreachable"
             + (f" ({detail})" if detail else "")
-            + ": members cannot be changed until it is back",
+            + ": this cannot be done until it is back (Identify and Verify go on from this"
+            " server's local copy of the gallery)",
             metadata={"store": store},
         )
         self.store = store

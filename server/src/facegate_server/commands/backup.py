@@ -57,10 +57,19 @@ def _db_path(args: argparse.Namespace) -> Path | None:
 
 
 def run_backup(args: argparse.Namespace) -> int:
+    from facegate_server.datadir import COPY_FILE, member_count
     from facegate_server.store.backup import BackupError, backup
 
     db_path = _db_path(args)
     if db_path is None:
+        return 2
+    if (db_path.parent / COPY_FILE).exists() and not member_count(db_path):
+        print(
+            f"error: {db_path.parent} is a chain server's data dir: its members are in the"
+            " shared PostgreSQL (--store), which PostgreSQL's tools back up (pg_dump); the"
+            f" local copy ({COPY_FILE}) is made again from it",
+            flush=True,
+        )
         return 2
     try:
         info = backup(db_path, args.path)

@@ -14,8 +14,6 @@ from typing import Any
 
 from facegate_server.commands.serve import register_serve
 
-MASK = "********"
-
 
 def register(subparsers: Any) -> None:
     parser: argparse.ArgumentParser = subparsers.add_parser(
@@ -52,8 +50,12 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def show(value: Any, secret: bool) -> str:
+    from facegate_server.config import MASK, URL_SCHEMES, mask_url
+
     if value is None:
         return "(unset)"
+    if secret and isinstance(value, str) and value.startswith(URL_SCHEMES):
+        return mask_url(value)  # a PostgreSQL URL: only its password masked
     if secret:
         return MASK if value else '""'
     if isinstance(value, bool):
@@ -69,7 +71,9 @@ def run_check(args: argparse.Namespace) -> int:
     from facegate_server.rpc import auth, tls
 
     try:
-        settings, sources = Settings.load_with_sources(config=args.config, **overrides(args))
+        settings, sources = Settings.load_with_sources(
+            config=args.config, flags=True, **overrides(args)
+        )
         callers = auth.load_callers(
             settings.tokens_file, settings.tokens, client_ca=settings.tls_client_ca is not None
         )

@@ -1,6 +1,10 @@
 """`facegate serve`: plugged into the client's `facegate` command (entry point group
 `facegate.commands`), so a turnstile's client-only install has no server commands.
 
+Start-up refusals are one line (`error: ...`) and exit status 2: a setting that does not
+fit, a data dir another server holds or made for the other kind of server (datadir.py), a
+shared store FaceGate cannot use (app.py StoreRefused, store/postgres.py StoreSchemaError).
+
 Signals: SIGTERM and SIGINT stop gracefully (health NOT_SERVING, then the grace period);
 SIGHUP re-reads the callers and the TLS files without a restart (`FaceGateServer.reload`).
 """
@@ -110,11 +114,36 @@ def serve(args: argparse.Namespace) -> int:
             tls_client_ca=args.tls_client_ca,
             insecure=args.insecure,
             config=args.config,
+            flags=True,
         )
     except ValueError as error:
         print(f"error: {error}", flush=True)
         return 2
+    from facegate_server.datadir import DataDirLock, DataDirRefused
+
+    try:
+        held = DataDirLock(settings.data_dir)  # one server a data dir: its identity is there
+    except (DataDirRefused, OSError) as error:
+        print(f"error: {error}", flush=True)
+        return 2
+    try:
+        return _serve(settings)
+    finally:
+        held.release()
+
+
+def _serve(settings: Settings) -> int:
+    """Serve, the data dir held."""
+    from facegate_server.datadir import DataDirRefused, check_kind
+
+    try:
+        mixed = check_kind(settings.data_dir, chain=bool(settings.store))
+    except DataDirRefused as error:
+        print(f"error: {error}", flush=True)
+        return 2
     logs.configure(settings.log_level)
+    if mixed:
+        log.warning(mixed)
     stop, reload, wake = threading.Event(), threading.Event(), threading.Event()
 
     def on_signal(number: int, _frame: object) -> None:
@@ -137,11 +166,15 @@ def serve(args: argparse.Namespace) -> int:
             "workers": settings.workers,
         },
     )
-    from facegate_server.app import build_server  # numpy, dlib: only for `serve`
+    from facegate_server.app import StoreRefused, build_server  # numpy, dlib: only for `serve`
     from facegate_server.errors import StoreUnavailable
+    from facegate_server.store.postgres import StoreSchemaError
 
     try:
         server = build_server(settings)
+    except (StoreRefused, StoreSchemaError) as error:  # waiting will not mend it
+        print(f"error: {error}", flush=True)
+        return 2
     except (OSError, RuntimeError, StoreUnavailable) as error:
         log.error("could not start", extra={"error": str(error)})
         return 1
@@ -158,6 +191,9 @@ def serve(args: argparse.Namespace) -> int:
             **({"metrics_port": server.metrics.port} if server.metrics is not None else {}),
         },
     )
+    waiting = server.cannot_decide()
+    if waiting:  # health NOT_SERVING, Identify refused until the first copy is made
+        log.warning(waiting, extra={"store": store_name(settings)})
     while not stop.is_set():
         wake.wait(3600)
         wake.clear()

@@ -162,6 +162,46 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+VERSION_MARK = "FaceGate schema version"
+"""The comment on FaceGate's `schema_version` table: another application's is not it."""
+VERSION_TABLE = (
+    "CREATE TABLE schema_version (version integer NOT NULL)",
+    f"COMMENT ON TABLE schema_version IS '{VERSION_MARK}'",
+    "INSERT INTO schema_version VALUES (0)",
+)
+NOT_FACEGATES = (
+    "it is not FaceGate's database; give FaceGate a database of its own"
+    " (createdb -O ROLE DATABASE) and name it in --store (FACEGATE_STORE)"
+)
+
+
+class StoreSchemaError(RuntimeError):
+    """The database cannot hold FaceGate's schema: another application's, a newer
+    FaceGate's, or out of the role's rights. Waiting will not mend it (one line)."""
+
+
+def _first_line(error: BaseException) -> str:
+    return " ".join(str(error).strip().splitlines()[0].split()) if str(error).strip() else ""
+
+
+def _name(conn: psycopg.Connection[Any]) -> str:
+    info = conn.info
+    return f"postgresql://{info.host}:{info.port}/{info.dbname}"
+
+
+def _some(names: Sequence[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def _legacy_id(conn: psycopg.Connection[Any]) -> str | None:
+    """The store_id of a FaceGate database made before the mark, else None."""
+    try:
+        with conn.transaction():  # a savepoint
+            row = conn.execute("SELECT value FROM store_meta WHERE key = 'store_id'").fetchone()
+    except (psycopg.ProgrammingError, psycopg.DataError):
+        return None
+    return None if row is None else str(row[0])
+
 
 CONNECTION_DEFAULTS = {
     # A branch's link can die without a reset: notice within seconds, not TCP's minutes.
@@ -427,37 +467,95 @@ class PostgresStore(Store):
             yield conn
 
     def migrate(self) -> None:
-        """Bring the schema up to this FaceGate's version (idempotent, safe to race)."""
+        """Bring the schema up to this FaceGate's version (idempotent, safe to race): every
+        migration due in one transaction, so a refusal or a failure leaves nothing behind.
+        Raises StoreSchemaError for a database that is not FaceGate's, a schema newer than
+        this FaceGate's, or a role that may not create FaceGate's tables."""
         with self._conn() as conn:
-            for number in range(self._version(conn), SCHEMA_VERSION):
+            try:
                 with conn.transaction():
                     conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-                    if self._version(conn) != number:  # another server did it meanwhile
-                        continue
-                    for statement in MIGRATIONS[number]:
-                        conn.execute(statement.encode())
-                    conn.execute("UPDATE schema_version SET version = %s", (number + 1,))
-            version = self._version(conn)
-            if version > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"the database's schema version {version} is newer than this FaceGate's "
-                    f"({SCHEMA_VERSION}): upgrade FaceGate"
-                )
-            self._store_id = str(
-                _scalar(conn.execute("SELECT value FROM store_meta WHERE key = 'store_id'"))
-            )
+                    version = self._version(conn)
+                    if version > SCHEMA_VERSION:
+                        raise StoreSchemaError(
+                            f"{self.name}: the database's schema version {version} is newer"
+                            f" than this FaceGate's ({SCHEMA_VERSION}): upgrade FaceGate"
+                        )
+                    if version == 0:
+                        conn.execute("DROP TABLE IF EXISTS schema_version")  # FaceGate's, empty
+                        for statement in VERSION_TABLE:
+                            conn.execute(statement.encode())
+                    for number in range(version, SCHEMA_VERSION):
+                        for statement in MIGRATIONS[number]:
+                            conn.execute(statement.encode())
+                    if version < SCHEMA_VERSION:
+                        conn.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION,))
+                    self._store_id = str(
+                        _scalar(conn.execute("SELECT value FROM store_meta WHERE key = 'store_id'"))
+                    )
+            except psycopg.errors.InsufficientPrivilege as error:
+                raise StoreSchemaError(
+                    f"{self.name}: {_first_line(error)}: FaceGate's role needs a database it"
+                    " may create tables in: create one owned by it (createdb -O ROLE DATABASE),"
+                    " or GRANT CREATE ON SCHEMA public TO ROLE"
+                ) from None
+            except (psycopg.errors.DuplicateTable, psycopg.errors.DuplicateObject) as error:
+                raise StoreSchemaError(
+                    f"{self.name}: {_first_line(error)}: {NOT_FACEGATES}"
+                ) from None
+            except psycopg.errors.InvalidSchemaName as error:  # no schema to create in
+                raise StoreSchemaError(f"{self.name}: {_first_line(error)}") from None
         self._migrated.set()
 
     @staticmethod
     def _version(conn: psycopg.Connection[Any]) -> int:
-        with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
-            row = conn.execute("SELECT version FROM schema_version").fetchone()
-            if row is None:
-                conn.execute("INSERT INTO schema_version VALUES (0)")
-                return 0
-            return int(row[0])
+        """The schema version of the database FaceGate is connected to, in the migration's
+        transaction: 0 when it holds nothing of FaceGate's yet. StoreSchemaError when it
+        holds another application's tables: a `schema_version` table without FaceGate's
+        mark, or tables and no FaceGate version at all."""
+        tables = {
+            str(row[0])
+            for row in conn.execute(
+                "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p', 'v', 'm', 'f')"
+                # an extension's (pg_stat_statements' views, PostGIS' table) are nobody's data
+                " AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass"
+                " AND d.objid = c.oid AND d.deptype = 'e')"
+            )
+        }
+        theirs = sorted(
+            t for t in tables if t != "schema_version" and not t.startswith("facegate_")
+        )
+        if "schema_version" not in tables:
+            if theirs:
+                raise StoreSchemaError(
+                    f"the database {_name(conn)} holds tables ({_some(theirs)}) but no FaceGate"
+                    f" schema version: {NOT_FACEGATES}"
+                )
+            return 0
+        marked = _scalar(
+            conn.execute("SELECT obj_description('schema_version'::regclass, 'pg_class')")
+        )
+        try:
+            with conn.transaction():  # a savepoint: another application's table may differ
+                rows = conn.execute("SELECT version FROM schema_version").fetchall()
+        except (psycopg.ProgrammingError, psycopg.DataError):
+            rows = []
+        version = rows[0][0] if len(rows) == 1 else None
+        if not isinstance(version, int):
+            version = None
+        if version is not None and marked != VERSION_MARK and version > 0:
+            # FaceGate's before the mark: recognised by its identity row.
+            if "store_meta" not in tables or _legacy_id(conn) is None:
+                version = None
+        elif version is not None and marked != VERSION_MARK and theirs:
+            version = None  # a 0 left by an older FaceGate's failed start, among others' tables
+        if version is None:
+            raise StoreSchemaError(
+                f"the database {_name(conn)} has a schema_version table that is not FaceGate's"
+                f" (tables: {_some(theirs)}): {NOT_FACEGATES}"
+            )
+        return version
 
     def schema_version(self) -> int:
         with self._conn() as conn:
