@@ -98,3 +98,30 @@ def test_distance_to_one_member_is_to_their_closest_template_only() -> None:
     index.remove("b")
     assert index.distance("b", probe) == float("inf")
     assert FaceIndex().distance("a", probe) == float("inf")
+
+
+def test_one_by_one_additions_leave_earlier_snapshots_alone_and_match_a_fresh_build() -> None:
+    """Additions write into spare room past the current rows: a snapshot a reader holds
+    keeps exactly its rows, through growth and after removals, and the result equals an
+    index built at once from the same templates."""
+    rng = np.random.default_rng(3)
+    index = FaceIndex()
+    added: list[tuple[str, np.ndarray]] = []
+    held = []
+    for n in range(300):
+        rows = [rng.normal(size=128) for _ in range(1 + n % 3)]
+        index.add(f"m-{n}", rows)
+        added += [(f"m-{n}", r) for r in rows]
+        if n % 50 == 0:
+            held.append((index._snapshot, len(added)))
+        if n == 150:
+            index.remove("m-7")
+            added = [(m, r) for m, r in added if m != "m-7"]
+    for snapshot, length in held:
+        assert len(snapshot.owners) == length  # the reader's view never grew or changed
+    fresh = FaceIndex(added)
+    assert np.array_equal(index._snapshot.vectors, fresh._snapshot.vectors)
+    assert [index._ids[c] for c in index._snapshot.owners] == [m for m, _ in added]
+    for member_id, row in added[::37]:
+        match = index.match(row)
+        assert match is not None and match.member_id == member_id and match.distance < 0.05
