@@ -323,6 +323,57 @@ def test_a_batch_copies_deleted_and_updated_members_first_each_once() -> None:
     assert ordered(changes) == ["b", "d", "a", "c"]
 
 
+def test_a_suspension_logged_after_many_enrolments_is_applied_first(
+    tmp_path: Path, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The members suspended or deleted anywhere in what is pending are copied before the
+    log is applied batch by batch (issue 16): a branch back from an outage refuses them
+    from its first moment, not once it has copied every enrolment logged before them."""
+    from facegate_server.store import chain
+
+    monkeypatch.setattr(chain, "BATCH", 3)
+    data = tmp_path / "away"
+    with branch(tmp_path / "a", url) as first:
+        first.enroll("leaver", face(0))
+        with branch(data, url):
+            pass
+        for n in range(1, 10):
+            first.enroll(f"new-{n}", face(n))
+        first.stub.UpdateMember(
+            pb.UpdateMemberRequest(
+                member=pb.Member(
+                    member_id="leaver",
+                    membership=pb.Membership(suspended=True, suspension_reason="left"),
+                ),
+                update_mask=FieldMask(
+                    paths=["membership.suspended", "membership.suspension_reason"]
+                ),
+            ),
+            timeout=10,
+        )
+        applied: list[list[str]] = []
+        apply = ReplicaStore.apply
+
+        def recorded(self: ReplicaStore, seq: int, order: list[str], *args, **kwargs):  # type: ignore[no-untyped-def]
+            applied.append(list(order))
+            return apply(self, seq, order, *args, **kwargs)
+
+        monkeypatch.setattr(ReplicaStore, "apply", recorded)
+        engine = MemoryEngine()  # filled from the copy, as app.build_local fills the index
+        copy = ReplicaStore(data / COPY_FILE)
+        for member_id, embedding in copy.iter_embeddings():
+            engine.enrolled(member_id, [FaceTemplate(embedding)])
+        copy.close()
+        with branch(data, url, engine) as back:
+            answer = back.identify(face(0))
+            assert (answer.decision, answer.member_id) == (
+                pb.Decision.DECISION_DENIED_MEMBERSHIP_INACTIVE,
+                "leaver",
+            ), answer
+        assert applied[0] == ["leaver"]  # first, alone: before any of the 4 batches
+        assert len(applied) >= 5
+
+
 def test_facegate_serve_with_a_store_url_and_facegate_status(tmp_path: Path, url: str) -> None:
     """The real entry point: `--store` (here FACEGATE_STORE) selects PostgreSQL; the log
     names the database without a password; `facegate status` shows the store."""

@@ -76,7 +76,7 @@ ORIGIN_BLOCK = 1000
 EVENT_WAIT_S = 0.3
 """How long a decision's access event may wait for PostgreSQL before it is kept locally."""
 PRIORITY = ("deleted", "updated")
-"""Changes applied before the rest of a batch: who must no longer come in."""
+"""Changes applied before the rest: who must no longer come in."""
 
 
 class Listener(Protocol):
@@ -173,10 +173,10 @@ class ChainStore(Store):
             if self.local.meta("central_id"):
                 log.warning("the local copy is of another store: copying again")
             self._notify(self._reset(central_id))
+        self.catch_up()  # before it says connected: its copy is current only then
         with self._state_lock:
             was, self._connected = self._connected, True
             self._last_error = ""
-        self.catch_up()
         self.ship()
         if not was:
             log.info("shared store connected", extra={"store": self.name})
@@ -236,9 +236,19 @@ class ChainStore(Store):
                     self._listener.template_removed(change.member_id, template)
 
     def catch_up(self) -> int:
-        """Apply every change logged after the last one applied; how many."""
+        """Apply every change logged after the last one applied; how many. The members
+        deleted or updated (suspended, expired) anywhere in what is pending are copied
+        first, as they are now, before the log is applied in order: after an outage with
+        thousands of enrolments logged, a suspension logged last still takes effect first.
+        The copy is stamped current only once nothing is pending."""
         done = 0
         with self._apply_lock:
+            applied = self.local.applied_seq()
+            first = self.central.members_changed_as(applied, PRIORITY)
+            if first:
+                members = self.central.stored_members(first)
+                told = self.local.apply(applied, first, members, self.clock(), current=False)
+                self._notify(told)
             while True:
                 changes = self.central.changes_after(self.local.applied_seq(), BATCH)
                 if not changes:
@@ -246,7 +256,10 @@ class ChainStore(Store):
                     return done
                 names = ordered(changes)
                 members = self.central.stored_members(names)
-                self._notify(self.local.apply(changes[-1].seq, names, members, self.clock()))
+                told = self.local.apply(
+                    changes[-1].seq, names, members, self.clock(), current=False
+                )
+                self._notify(told)
                 done += len(changes)
 
     def ship(self) -> int:

@@ -584,6 +584,15 @@ class PostgresStore(Store):
             ).fetchall()
         return [MemberChange(int(r[0]), str(r[1]), str(r[2])) for r in rows]
 
+    def members_changed_as(self, seq: int, kinds: Sequence[str]) -> list[str]:
+        """The members with a change of one of `kinds` logged after `seq`."""
+        with self._conn() as conn:
+            rows = conn.execute(
+                "SELECT DISTINCT member_id FROM member_changes WHERE seq > %s AND kind = ANY(%s)",
+                (seq, list(kinds)),
+            ).fetchall()
+        return [str(r[0]) for r in rows]
+
     def last_change(self) -> int:
         with self._conn() as conn:
             row: Any = conn.execute("SELECT coalesce(max(seq), 0) FROM member_changes").fetchone()

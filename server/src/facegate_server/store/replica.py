@@ -170,10 +170,12 @@ class ReplicaStore(SqliteStore):
         now: datetime,
         *,
         everyone: bool = False,
+        current: bool = True,
     ) -> list[EngineChange]:
         """Make the copy of each member in `order` equal to `members` (absent: deleted),
         record `seq` as applied, in one transaction; what the engines must be told, in
-        order. With `everyone`, members of the copy not in `members` are deleted too."""
+        order. With `everyone`, members of the copy not in `members` are deleted too.
+        With `current` false the copy is not stamped current at `now` (more is to come)."""
         told: list[EngineChange] = []
         with self._lock, self._transaction():
             names = list(order)
@@ -183,8 +185,10 @@ class ReplicaStore(SqliteStore):
             for member_id in names:
                 told.extend(self._copy(member_id, members.get(member_id)))
             self._set("applied_seq", str(seq))
-            self._set("current_us", str(_us(now)))
-        self._current = now
+            if current:
+                self._set("current_us", str(_us(now)))
+        if current:
+            self._current = now
         if any(t.kind != "enrolled" for t in told):
             self._purge_wal()
         return told
