@@ -412,6 +412,9 @@ class ChainStore(Store):
         return event.stored(0)
 
     def _insert(self, event: NewAccessEvent, origin: int) -> AccessEvent:
+        # A small call, on a thread of its own: cut after the follower's limit, not the
+        # store's 60 s (a stopping server waits for these threads; review: 60 s to stop).
+        CALL_TIMEOUT.set(min(self.central.call_timeout, FOLLOWER_CALL_TIMEOUT_S))
         try:
             return self.central.record_event_from(event, (self.server_id, origin))
         except StoreUnavailable as error:
