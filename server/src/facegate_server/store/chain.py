@@ -236,24 +236,25 @@ class ChainStore(Store):
                     self._listener.template_removed(change.member_id, template)
 
     def catch_up(self) -> int:
-        """Apply every change logged after the last one applied; how many. The members
-        deleted or updated (suspended, expired) anywhere in what is pending are copied
-        first, as they are now, before the log is applied in order: after an outage with
-        thousands of enrolments logged, a suspension logged last still takes effect first.
-        The copy is stamped current only once nothing is pending."""
+        """Apply every change logged after the last one applied; how many. A batch copies
+        its deleted and updated members first (`ordered`); when more than one batch is
+        pending, those anywhere in it are copied first of all, as they are now: after an
+        outage with thousands of enrolments logged, a suspension logged last still takes
+        effect first. The copy is stamped current only once nothing is pending."""
         done = 0
         with self._apply_lock:
-            applied = self.local.applied_seq()
-            first = self.central.members_changed_as(applied, PRIORITY)
-            if first:
-                members = self.central.stored_members(first)
-                told = self.local.apply(applied, first, members, self.clock(), current=False)
-                self._notify(told)
             while True:
-                changes = self.central.changes_after(self.local.applied_seq(), BATCH)
+                applied = self.local.applied_seq()
+                changes = self.central.changes_after(applied, BATCH)
                 if not changes:
                     self.local.mark_current(self.clock())
                     return done
+                if done == 0 and len(changes) == BATCH:  # more than a batch is pending
+                    first = self.central.members_changed_as(applied, PRIORITY)
+                    members = self.central.stored_members(first)
+                    self._notify(
+                        self.local.apply(applied, first, members, self.clock(), current=False)
+                    )
                 names = ordered(changes)
                 members = self.central.stored_members(names)
                 told = self.local.apply(
