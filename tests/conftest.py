@@ -13,6 +13,7 @@ import pytest
 from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
 
 from tests.helpers import running_server
+from tests.pg import private  # noqa: F401  (the fixture: a PostgreSQL server of the test's own)
 
 ROOT = Path(__file__).resolve().parent.parent
 # The photographs live beside the checkout; FACEGATE_TEST_FACES points elsewhere (or at

@@ -158,3 +158,13 @@ def wait_for(check, timeout: float = 20.0, interval: float = 0.02) -> float:  # 
         if time.monotonic() - started > timeout:
             raise AssertionError(f"not true after {timeout} s")
         time.sleep(interval)
+
+
+@pytest.fixture
+def private() -> Iterator[PrivateServer]:
+    """A PostgreSQL server of the test's own, for tests that stop or kill it."""
+    server = PrivateServer()
+    try:
+        yield server
+    finally:
+        server.close()

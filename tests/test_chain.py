@@ -168,15 +168,6 @@ def test_a_server_that_starts_late_copies_the_gallery_and_events_go_to_the_one_l
             assert second.store_health() == health_pb2.HealthCheckResponse.SERVING
 
 
-@pytest.fixture
-def private() -> Iterator[pg.PrivateServer]:
-    server = pg.PrivateServer()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
 def test_with_the_database_down_branches_decide_from_their_copies_and_lose_nothing(
     tmp_path: Path, private: pg.PrivateServer
 ) -> None:

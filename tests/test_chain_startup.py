@@ -260,15 +260,6 @@ def test_a_database_that_does_not_exist_stops_the_first_start(tmp_path: Path) ->
     assert not (tmp_path / "data" / COPY_FILE).exists()
 
 
-@pytest.fixture
-def private() -> Iterator[pg.PrivateServer]:
-    server = pg.PrivateServer()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
 def test_a_server_that_never_reached_its_store_does_not_decide_until_it_has(
     tmp_path: Path, private: pg.PrivateServer
 ) -> None:

@@ -18,16 +18,17 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
 import pytest
-from facegate_server.domain import AccessEvent, Decision, EngineKind, NewAccessEvent
+from facegate_server.domain import AccessEvent, NewAccessEvent
 from facegate_server.engines.memory import MemoryEngine
 from facegate_server.store.chain import ChainStore
 
 from tests import pg
+from tests.test_store_contract import event as contract_event
 
 EVENTUALLY = 20.0
 HELD_S = 10.0  # the link comes back by itself after this: a test never hangs
@@ -153,15 +154,7 @@ def store(tmp_path: Path, url: str, link: Link) -> Iterator[ChainStore]:
 
 
 def event(member_id: str) -> NewAccessEvent:
-    return NewAccessEvent(
-        time=datetime.now(UTC),
-        turnstile_id="gate-1",
-        member_id=member_id,
-        decision=Decision.GRANTED,
-        engine=EngineKind.LOCAL,
-        confidence=1.0,
-        latency=timedelta(milliseconds=1),
-    )
+    return contract_event(datetime.now(UTC), member_id)
 
 
 def timed(store: ChainStore, member_id: str) -> tuple[AccessEvent, float]:
