@@ -56,6 +56,19 @@ def value(samples: Samples, name: str, **labels: str) -> float | None:
     return samples.get((name, frozenset(labels.items())))
 
 
+def scrape_once_counted(port: int, code: str) -> Samples:
+    """A scrape taken once the aborted Identify is counted. gRPC sends an abort's status to
+    the caller before the abort returns into the counting interceptor, so the caller can
+    see its error a moment before the count moves; a count that never moves still fails."""
+    deadline = time.monotonic() + 10
+    while True:
+        samples = scrape(port)
+        counted = value(samples, "facegate_grpc_calls_total", method="Identify", code=code)
+        if counted is not None or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.02)
+
+
 def metrics_port(server: object) -> int:
     metrics = server.metrics  # type: ignore[attr-defined]
     assert metrics is not None
@@ -99,7 +112,7 @@ def test_identify_and_verify_are_timed_by_engine_and_decision(tmp_path: Path) ->
             stub.Identify(pb.IdentifyRequest(image=MEMBER_FACE, turnstile_id=""), timeout=30)
         assert bad.value.code() is grpc.StatusCode.INVALID_ARGUMENT
 
-        samples = scrape(metrics_port(server))
+        samples = scrape_once_counted(metrics_port(server), "INVALID_ARGUMENT")
 
     name = "facegate_identify_duration_seconds"
     assert value(samples, f"{name}_count", engine="local", decision="GRANTED") == 3
@@ -145,7 +158,7 @@ def test_refused_calls_are_counted_by_their_code(tmp_path: Path) -> None:
             timeout=30,
         )
         assert answer.decision == pb.DECISION_DENIED_UNKNOWN_FACE
-        samples = scrape(metrics_port(server))
+        samples = scrape_once_counted(metrics_port(server), "UNAUTHENTICATED")
     calls = "facegate_grpc_calls_total"
     assert value(samples, calls, method="Identify", code="UNAUTHENTICATED") == 1
     assert value(samples, calls, method="Identify", code="OK") == 1
