@@ -37,6 +37,7 @@ class Scripted(pb_grpc.FaceGateServiceServicer):
     scripts: list[tuple[int, grpc.Status | None]]
     requests: list[pb.WatchAccessEventsRequest] = field(default_factory=list)
     release: threading.Event = field(default_factory=threading.Event)
+    list_failures: list[grpc.Status] = field(default_factory=list)
 
     def WatchAccessEvents(
         self, request: pb.WatchAccessEventsRequest, context: grpc.ServicerContext
@@ -54,6 +55,8 @@ class Scripted(pb_grpc.FaceGateServiceServicer):
     def ListAccessEvents(
         self, request: pb.ListAccessEventsRequest, context: grpc.ServicerContext
     ) -> pb.ListAccessEventsResponse:
+        if self.list_failures:
+            context.abort_with_status(self.list_failures.pop(0))
         newest = sorted(self.log, reverse=True)[: request.page_size]
         return pb.ListAccessEventsResponse(events=[pb.AccessEvent(event_id=i) for i in newest])
 
@@ -152,6 +155,22 @@ def test_cli_follow_starts_before_the_last_ten_and_prints_json_lines(
     assert code == 0, err
     assert servicer.requests[0].after_event_id == 20  # the last 10: 21..30
     assert [int(json.loads(line)["event_id"]) for line in out.splitlines()] == list(range(21, 31))
+
+
+def test_cli_follow_started_while_the_store_is_away_waits_for_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Where to start (the last ten) is asked of the log; while the chain's store does not
+    answer (past the channel's own three attempts), the follower says so and asks again,
+    as it reconnects a stream."""
+    away = rich_status(code_pb2.UNAVAILABLE, "the shared store is unreachable", "STORE_UNAVAILABLE")
+    servicer = Scripted(log=list(range(1, 13)), scripts=[(2, None)], list_failures=[away] * 3)
+    with serving(servicer) as target:
+        code, out, err = run(capsys, "events", "--follow", "--limit", "2", "--target", target)
+    assert code == 0, err
+    assert "STORE_UNAVAILABLE" in err and "asking again in 0.5 s" in err
+    assert servicer.requests[0].after_event_id == 2  # the last 10: 3..12
+    assert len(out.splitlines()) == 2
 
 
 def test_cli_follow_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:

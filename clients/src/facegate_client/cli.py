@@ -39,6 +39,7 @@ import itertools
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,7 +52,12 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from facegate_client.client import DEFAULT_TARGET, KEEP, FaceGateClient
-from facegate_client.errors import FaceGateError
+from facegate_client.errors import (
+    DeadlineExceeded,
+    FaceGateError,
+    ResourceExhausted,
+    Unavailable,
+)
 from facegate_client.membership import format_membership, parse_hours
 
 __all__ = ["PLUGIN_GROUP", "build_parser", "main"]
@@ -438,17 +444,30 @@ def _cmd_events(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -
 _TAIL = 10
 
 
-def _tail_start(client: FaceGateClient, args: argparse.Namespace) -> int:
+def _tail_start(
+    client: FaceGateClient, args: argparse.Namespace, sleep: Callable[[float], None] = time.sleep
+) -> int:
     """Where `events --follow` without --after starts: before the last 10 matching events,
-    as `tail -f` does (0 when there are none)."""
-    newest = client.list_access_events(
-        member_id=args.member_id,
-        turnstile_id=args.turnstile_id,
-        page_size=_TAIL,
-        decisions=args.decision or (),
-        membership_rule=args.rule or pb.MEMBERSHIP_RULE_UNSPECIFIED,
-    ).events
-    return newest[-1].event_id - 1 if newest else 0
+    as `tail -f` does (0 when there are none). Asked again, as the follower reconnects,
+    while the server or its store cannot answer: a follower started during an outage
+    waits for it to end."""
+    delay = 0.5
+    while True:
+        try:
+            newest = client.list_access_events(
+                member_id=args.member_id,
+                turnstile_id=args.turnstile_id,
+                page_size=_TAIL,
+                decisions=args.decision or (),
+                membership_rule=args.rule or pb.MEMBERSHIP_RULE_UNSPECIFIED,
+            ).events
+        except (Unavailable, DeadlineExceeded, ResourceExhausted) as error:
+            wait = max(delay, getattr(error, "retry_delay", None) or 0.0)
+            print(f"facegate: {error}; asking again in {wait:.1f} s", file=sys.stderr, flush=True)
+            sleep(wait)
+            delay = min(10.0, delay * 2)
+            continue
+        return newest[-1].event_id - 1 if newest else 0
 
 
 def _follow_events(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -> None:
