@@ -28,7 +28,7 @@ from facegate_server.engines.base import Attempt
 from facegate_server.engines.memory import MemoryEngine
 from facegate_server.errors import FaceGateError, RecognitionTimeout, RecognitionUnavailable
 
-from tests.helpers import FakeClock, running_server
+from tests.helpers import FakeClock, image_bytes, running_server
 
 
 @pytest.fixture
@@ -298,7 +298,7 @@ def test_a_verify_without_a_decision_is_in_the_access_log(
 
 def test_a_verify_refused_at_the_door_is_in_the_access_log(tmp_path: Path) -> None:
     """rpc/server.py refuses calls for load before a thread takes them and tells the
-    servicer (`on_busy`): a Verify gets its event as an Identify does; a request whose ids
+    servicer (`on_unserved`): a Verify gets its event as an Identify does; a request whose ids
     are invalid gets none (nobody could have been let in by that call)."""
     from facegate_server.errors import RateLimited
     from facegate_server.rpc.servicer import FaceGateServicer
@@ -307,10 +307,14 @@ def test_a_verify_refused_at_the_door_is_in_the_access_log(tmp_path: Path) -> No
     with running_server(tmp_path, engine=MemoryEngine()) as server:
         servicer = FaceGateServicer(server.gate)
         method = "/facegate.v1.FaceGateService/Verify"
-        servicer.refused_busy(method, pb.VerifyRequest(member_id="m-1", turnstile_id="g-1"), busy)
-        servicer.refused_busy(method, pb.VerifyRequest(member_id="", turnstile_id="g-1"), busy)
-        servicer.refused_busy(
-            "/facegate.v1.FaceGateService/Identify", pb.IdentifyRequest(turnstile_id="g-2"), busy
+        verify = pb.VerifyRequest(member_id="m-1", turnstile_id="g-1")
+        servicer.unserved(method, verify, busy, 0.0)
+        servicer.unserved(method, pb.VerifyRequest(member_id="", turnstile_id="g-1"), busy, 0.0)
+        servicer.unserved(
+            "/facegate.v1.FaceGateService/Identify",
+            pb.IdentifyRequest(turnstile_id="g-2"),
+            busy,
+            0.0,
         )
         events = server.store.list_events(EventFilter(), 10)
     assert sorted(
@@ -319,3 +323,104 @@ def test_a_verify_refused_at_the_door_is_in_the_access_log(tmp_path: Path) -> No
         ("IDENTIFY", "g-2", "", Decision.NOT_DECIDED_BUSY),
         ("VERIFY", "g-1", "m-1", Decision.NOT_DECIDED_BUSY),
     ]
+
+
+FRAME = image_bytes(64, 64, color="blue")  # nobody enrolled: DENIED_UNKNOWN_FACE
+
+
+class Held(MemoryEngine):
+    """Identify waits until released (a slow recognition holding the door's threads)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def identify(
+        self, image: bytes, timeout: float, attempt: Attempt | None = None
+    ) -> Identification:
+        if not self.release.wait(30):
+            raise AssertionError("never released")
+        return super().identify(image, timeout, attempt)
+
+
+def test_an_identify_whose_caller_left_while_it_waited_for_a_thread_is_logged(
+    tmp_path: Path,
+) -> None:
+    """Every door thread is held; a turnstile whose deadline passes while its Identify waits
+    for one gets DEADLINE_EXCEEDED, and the access log still counts the attempt."""
+    engine = Held()
+    with (
+        running_server(tmp_path, engine=engine, identify_budget_ms=30_000) as server,
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        stub = pb_grpc.FaceGateServiceStub(channel)
+        door = server.rpc.lanes["door"]
+        try:
+            held = [
+                stub.Identify.future(
+                    pb.IdentifyRequest(image=FRAME, turnstile_id="gate-1"), timeout=60
+                )
+                for _ in range(door.threads)
+            ]
+            assert door.slots.wait_for(door.threads, timeout=30)
+            with pytest.raises(grpc.RpcError) as late:
+                stub.Identify(pb.IdentifyRequest(image=FRAME, turnstile_id="late"), timeout=1)
+            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            events: list[Any] = []
+            for _ in range(300):  # written off the loop, a moment after the caller left
+                events = server.store.list_events(EventFilter(turnstile_id="late"), 10)
+                if events:
+                    break
+                threading.Event().wait(0.05)
+            assert [(e.decision, e.member_id) for e in events] == [
+                (Decision.NOT_DECIDED_TIMEOUT, "")
+            ]
+            assert events[0].latency.total_seconds() >= 0.9  # it waited for its deadline
+        finally:
+            engine.release.set()
+        assert {f.result().decision for f in held} == {pb.DECISION_DENIED_UNKNOWN_FACE}
+
+
+def test_administration_cannot_hold_the_doors_threads(tmp_path: Path) -> None:
+    """Slow administrative calls (GetStatus while the shared store does not answer) fill
+    their own threads and queue and are then refused SERVER_BUSY; turnstiles are still
+    answered on the door's threads (app.py's lanes)."""
+    release = threading.Event()
+    with (
+        running_server(tmp_path, engine=MemoryEngine()) as server,
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        stub = pb_grpc.FaceGateServiceStub(channel)
+        status = server.gate.status
+
+        def slow_status() -> Any:
+            release.wait(30)
+            return status()
+
+        server.gate.status = slow_status  # type: ignore[method-assign]
+        try:
+            admin = server.rpc.slots.limit
+            waiting = [
+                stub.GetStatus.future(pb.GetStatusRequest(), timeout=60) for _ in range(admin)
+            ]
+            assert server.rpc.slots.wait_for(admin, timeout=30)
+            with pytest.raises(grpc.RpcError) as busy:
+                stub.GetStatus(pb.GetStatusRequest(), timeout=30)
+            assert busy.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "SERVER_BUSY" in str(busy.value.trailing_metadata())
+
+            door = server.rpc.lanes["door"].threads
+            with cf.ThreadPoolExecutor(door + 2) as turnstiles:
+                answers = list(
+                    turnstiles.map(
+                        lambda n: stub.Identify(
+                            pb.IdentifyRequest(image=FRAME, turnstile_id=f"gate-{n}"),
+                            timeout=30,
+                        ),
+                        range(door + 2),
+                    )
+                )
+            assert {a.decision for a in answers} == {pb.DECISION_DENIED_UNKNOWN_FACE}
+        finally:
+            release.set()
+        assert len([f.result() for f in waiting]) == admin

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 import grpc
 import pytest
-from facegate_server.rpc.server import RpcServer, arrival
+from facegate_server.errors import FaceGateError
+from facegate_server.rpc.server import Lane, RpcServer, arrival
 from facegate_server.rpc.servicer import FaceGateServicer
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -35,13 +36,11 @@ class Blocking:
         return request
 
     def register(self, server: grpc.aio.Server) -> None:
-        server.add_generic_rpc_handlers(
-            (
-                grpc.method_handlers_generic_handler(
-                    SERVICE, {"Hold": grpc.unary_unary_rpc_method_handler(self.hold)}
-                ),
-            )
-        )
+        handlers = {
+            "Hold": grpc.unary_unary_rpc_method_handler(self.hold),
+            "Door": grpc.unary_unary_rpc_method_handler(self.hold),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
 
 @pytest.fixture
@@ -158,8 +157,8 @@ def test_the_identify_budget_starts_when_the_call_arrived() -> None:
     assert servicer._time_left(None, _Deadline(None)) == 1.2
 
 
-def test_a_call_refused_for_load_is_told_to_on_busy() -> None:
-    """The servicer writes an Identify refused for load to the access log (`on_busy`)."""
+def test_a_call_refused_for_load_is_told_to_on_unserved() -> None:
+    """The servicer writes an Identify refused for load to the access log (`on_unserved`)."""
     service = Blocking()
     told: cf.Future[tuple[str, bytes, str]] = cf.Future()
     server = RpcServer(
@@ -169,7 +168,9 @@ def test_a_call_refused_for_load_is_told_to_on_busy() -> None:
         service_names=(SERVICE,),
         threads=1,
         queue=0,
-        on_busy=lambda method, request, error: told.set_result((method, request, error.reason)),
+        on_unserved=lambda method, request, error, waited: told.set_result(
+            (method, request, error.reason)
+        ),
     )
     server.start()
     try:
@@ -184,6 +185,87 @@ def test_a_call_refused_for_load_is_told_to_on_busy() -> None:
             assert counted == {"Hold/RESOURCE_EXHAUSTED/SERVER_BUSY": 1}
             service.release.set()
             assert first.result() == b"first"
+    finally:
+        service.release.set()
+        server.stop(grace=1)
+
+
+def test_a_lanes_methods_are_served_while_every_other_thread_is_held() -> None:
+    """A `Lane` (app.py's door: Identify, Verify) has threads and a bound of its own: calls
+    to other methods that fill the server do not delay or refuse it, nor it them."""
+    service = Blocking()
+    door = f"/{SERVICE}/Door"
+    server = RpcServer(
+        listen="127.0.0.1:0",
+        credentials=None,
+        register=service.register,
+        service_names=(SERVICE,),
+        threads=1,
+        queue=1,
+        lanes=[Lane("door", frozenset({door}), threads=1, queue=0)],
+    )
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            hold, enter = channel.unary_unary(f"/{SERVICE}/Hold"), channel.unary_unary(door)
+            held = [hold.future(b"held", timeout=30), hold.future(b"queued", timeout=30)]
+            assert server.slots.wait_for(2, timeout=10)  # every other thread and queue: full
+            with pytest.raises(grpc.RpcError) as refused:
+                hold(b"refused", timeout=30)
+            assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "2 other calls are already in it" in (refused.value.details() or "")
+
+            entered = enter.future(b"entered", timeout=30)
+            assert server.lanes["door"].slots.wait_for(1, timeout=10)
+            deadline = time.monotonic() + 10
+            while len(service.started) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            started = [r for r, _, _ in service.started]
+            assert started[1] == b"entered"  # started at once, beside the held one: not queued
+            with pytest.raises(grpc.RpcError) as full:  # its own bound: one thread, no queue
+                enter(b"refused", timeout=30)
+            assert "1 door calls are already in it" in (full.value.details() or "")
+            service.release.set()
+            assert entered.result() == b"entered"
+            assert [f.result() for f in held] == [b"held", b"queued"]
+            assert sorted(r for r, _, _ in service.started) == [b"entered", b"held", b"queued"]
+    finally:
+        service.release.set()
+        server.stop(grace=1)
+
+
+def test_a_call_whose_caller_left_before_a_thread_took_it_is_told_to_on_unserved() -> None:
+    """An Identify whose deadline passed while it waited for a thread still gets its access
+    event: the servicer is told, with how long the call waited."""
+    service = Blocking()
+    told: cf.Future[tuple[bytes, FaceGateError, float]] = cf.Future()
+    server = RpcServer(
+        listen="127.0.0.1:0",
+        credentials=None,
+        register=service.register,
+        service_names=(SERVICE,),
+        threads=1,
+        queue=1,
+        on_unserved=lambda method, request, error, waited: told.set_result(
+            (request, error, waited)
+        ),
+    )
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            hold = channel.unary_unary(f"/{SERVICE}/Hold")
+            first = hold.future(b"first", timeout=30)
+            assert server.slots.wait_for(1, timeout=10)
+            with pytest.raises(grpc.RpcError) as late:
+                hold(b"late", timeout=0.5)
+            assert late.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            request, error, waited = told.result(timeout=10)
+            assert (request, error.reason) == (b"late", "CALL_ABANDONED")
+            assert waited >= 0.4
+            assert "waited for one of the 1 threads for calls" in error.message
+            service.release.set()
+            assert first.result() == b"first"
+            assert [r for r, _, _ in service.started] == [b"first"]  # never started
     finally:
         service.release.set()
         server.stop(grace=1)

@@ -155,8 +155,9 @@ def test_bad_requests_are_refused_precisely(tmp_path: Path) -> None:
 
 def test_turnstiles_are_served_with_more_followers_than_threads(tmp_path: Path) -> None:
     with running_server(tmp_path, engine=MemoryEngine()) as server:
-        threads = server.rpc.threads
-        slots = server.rpc.slots.limit  # threads + queue: every call the pool would take
+        door = server.rpc.lanes["door"]  # Identify's threads
+        threads = door.threads
+        slots = door.slots.limit  # threads + queue: every call the pool would take
         enrol_kim(server)
         followers = [Follower(target(server)) for _ in range(slots + 6)]
         try:
@@ -171,7 +172,7 @@ def test_turnstiles_are_served_with_more_followers_than_threads(tmp_path: Path) 
             with FaceGateClient(target(server)) as client:
                 ids = sorted(e.event_id for e in client.list_access_events(page_size=100).events)
             assert len(ids) == threads + 4
-            assert server.rpc.slots.used == 0  # followers take no slot, no thread
+            assert door.slots.used == server.rpc.slots.used == 0  # followers take no slot
             for follower in followers:
                 got = [e.event_id for e in follower.take(len(ids))]  # in id order
                 assert got == ids

@@ -54,7 +54,7 @@ from facegate_server.routing.router import Agreement, Policy, RoutingEngine
 from facegate_server.rpc import auth, ratelimit, tls
 from facegate_server.rpc.auth import SecurityConfigError
 from facegate_server.rpc.intercept import Refusals
-from facegate_server.rpc.server import MessageLimit, RpcServer
+from facegate_server.rpc.server import Lane, MessageLimit, RpcServer
 from facegate_server.rpc.servicer import FaceGateServicer
 from facegate_server.store import SqliteStore, Store
 from facegate_server.store.sqlite import sqlite_files
@@ -62,6 +62,8 @@ from facegate_server.store.sqlite import sqlite_files
 log = logging.getLogger(__name__)
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["FaceGateService"].full_name
+DOOR_METHODS = frozenset(f"/{SERVICE_NAME}/{method}" for method in ("Identify", "Verify"))
+"""The turnstiles' methods: served by threads of their own (the "door" lane)."""
 STORE_HEALTH = "facegate.v1.Store"
 """The health service's name for the chain's shared store: SERVING while it is reachable,
 NOT_SERVING while the server decides from its local copy (the server itself stays
@@ -598,7 +600,7 @@ def build_server(
             store, bell, max_followers=settings.max_followers, poll=settings.follow_poll_s
         )
         servicer = FaceGateServicer(gate, feed)
-        threads = max(8, 4 * settings.workers)
+        door = max(8, 4 * settings.workers)  # Identify and Verify's own threads
         rpc = RpcServer(
             listen=settings.listen,
             credentials=credentials,
@@ -620,10 +622,11 @@ def build_server(
                     follow=(settings.follow_rate, settings.follow_burst),
                 ),
             ],
-            threads=threads,
-            queue=2 * threads,
+            lanes=[Lane("door", DOOR_METHODS, threads=door, queue=2 * door)],
+            threads=4,  # every other method: administration waits on the store, not the door
+            queue=12,
             refusals=refusals,
-            on_busy=servicer.refused_busy,
+            on_unserved=servicer.unserved,
             message_limits=frame_limits(settings.max_image_bytes),
             health_listen=settings.health_listen,
         )

@@ -80,7 +80,8 @@ class _DecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decision.Val
     status named): they are how the access log records an Identify that got no
     decision, so that it counts every attempt. The gate stays closed.
     No engine decided within the budget or the caller's deadline
-    (DEADLINE_EXCEEDED).
+    (DEADLINE_EXCEEDED), or the caller's deadline passed (or it cancelled)
+    while the call waited for one of the server's threads.
     """
     DECISION_NOT_DECIDED_BUSY: _Decision.ValueType  # 9
     """Refused for load before any work, at once (RESOURCE_EXHAUSTED with a
@@ -136,7 +137,8 @@ DECISION_NOT_DECIDED_TIMEOUT: Decision.ValueType  # 8
 status named): they are how the access log records an Identify that got no
 decision, so that it counts every attempt. The gate stays closed.
 No engine decided within the budget or the caller's deadline
-(DEADLINE_EXCEEDED).
+(DEADLINE_EXCEEDED), or the caller's deadline passed (or it cancelled)
+while the call waited for one of the server's threads.
 """
 DECISION_NOT_DECIDED_BUSY: Decision.ValueType  # 9
 """Refused for load before any work, at once (RESOURCE_EXHAUSTED with a

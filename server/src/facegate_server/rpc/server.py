@@ -16,18 +16,24 @@ How a call goes:
    the cloud), so each of its calls runs on a pool of `threads` threads. At most
    `threads + queue` such calls are in the server, running or waiting for a thread; the
    next one is refused at once with RESOURCE_EXHAUSTED, reason SERVER_BUSY, and a RetryInfo.
+   A `Lane` sets methods apart with threads and a bound of their own: app.py gives the
+   door's (Identify, Verify) one, so that no number of slow administrative calls (a
+   burst of GetStatus while the shared store does not answer, Enrolls of large photos)
+   holds a thread a turnstile needs.
    A call whose caller has gone (deadline, cancel) before a thread took it never starts.
 3. In the thread, `arrival()` is when the call arrived: the Identify budget starts there,
    not when a thread became free.
 4. The call carries a `Ticket` (engines/admission.py) to the recognition queue: its caller
    (the authenticated name; on an open server, the peer and its turnstile id) for fairness, and an
    event set when the call ends, so that images it queued are never started for nobody.
-   An Identify or a Verify refused here for load still gets its access event (`on_busy`).
+   An Identify or a Verify refused here for load, or whose caller left before a thread
+   took it, still gets its access event (`on_unserved`).
 
 New methods that wait long (the operations issue's live events, the chain's change feeds)
 are written as asyncio handlers (`async def`, async generators): they run on the loop and
 hold no thread. Nothing on the loop may block: blocking work goes to a thread pool.
-With 2 recognition workers app.py makes 8 threads and a queue of 16 (24 calls at most).
+With 2 recognition workers app.py gives the door 8 threads and a queue of 16 (24 calls
+at most), and every other method 4 threads and a queue of 12.
 
 Tests and the entry point see only sync methods: `start()`, `stop(grace)` (health
 NOT_SERVING first, then `grace` seconds for the calls in flight), `port`.
@@ -52,7 +58,7 @@ from grpc_reflection.v1alpha import reflection
 
 from facegate_server.engines import admission
 from facegate_server.engines.admission import Ticket
-from facegate_server.errors import FaceGateError, InvalidArgument, RateLimited
+from facegate_server.errors import FaceGateError, InvalidArgument, RateLimited, RecognitionTimeout
 from facegate_server.rpc import tls
 from facegate_server.rpc.auth import current_caller
 from facegate_server.rpc.intercept import Refusals, method_name, peer_host, refuse
@@ -61,10 +67,35 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-OnBusy = Callable[[str, Any, FaceGateError], None]
-"""Told (in a thread, with the call's context) of each call refused because the server is
-full: (full method, request, error). The servicer writes refused Identify and Verify calls to the
-access log."""
+OnUnserved = Callable[[str, Any, FaceGateError, float], None]
+"""Told (in a thread, with the call's context) of each call that no thread served: refused
+because its lane was full, or whose caller left (deadline, cancel) while it waited for a
+thread: (full method, request, error, seconds since it arrived). The servicer writes such
+Identify and Verify calls to the access log."""
+
+
+class Lane(NamedTuple):
+    """Methods (full names) set apart with `threads` threads and a `queue` of their own:
+    calls to other methods, however many or slow, never hold these threads or fill this
+    queue, nor the other way round."""
+
+    name: str
+    methods: frozenset[str]
+    threads: int
+    queue: int
+
+
+class _Pool:
+    """A lane's threads and the bound on its calls in the server."""
+
+    def __init__(self, name: str, threads: int, queue: int) -> None:
+        self.name, self.threads = name, threads
+        self.executor = futures.ThreadPoolExecutor(
+            threads, thread_name_prefix=f"facegate-{name or 'rpc'}"
+        )
+        self.calls = f"{name} calls" if name else "calls"  # for messages
+        self.slots = Slots(threads + queue)
+
 
 _arrival: ContextVar[float | None] = ContextVar("facegate_arrival", default=None)
 
@@ -75,9 +106,20 @@ def arrival() -> float | None:
 
 
 class ServerBusy(RateLimited):
-    """Every thread is busy and `queue` calls already wait for one."""
+    """Every thread of the call's lane is busy and its `queue` calls already wait for one."""
 
     reason = "SERVER_BUSY"
+
+
+class CallAbandoned(RecognitionTimeout):
+    """The caller left while its call waited for a thread: nothing was decided."""
+
+    reason = "CALL_ABANDONED"
+
+
+def since(moment: float) -> float:
+    """Seconds since `moment` (`time.monotonic()`)."""
+    return time.monotonic() - moment
 
 
 class _Aborted(Exception):
@@ -168,19 +210,18 @@ class Dispatcher(grpc.aio.ServerInterceptor):
 
     def __init__(
         self,
-        pool: futures.ThreadPoolExecutor,
-        threads: int,
-        slots: Slots,
+        pools: Mapping[str, _Pool],
+        default: _Pool,
         retry_after: float,
         refusals: Refusals | None = None,
-        on_busy: OnBusy | None = None,
+        on_unserved: OnUnserved | None = None,
         message_limits: Mapping[str, MessageLimit] | None = None,
     ) -> None:
-        self.pool, self.threads = pool, threads
-        self.slots = slots
+        """`pools`: full method -> its lane's pool; every other method uses `default`."""
+        self.pools, self.default = dict(pools), default
         self.retry_after = retry_after
         self.refusals = refusals
-        self.on_busy = on_busy
+        self.on_unserved = on_unserved
         self.message_limits = dict(message_limits or {})
 
     async def intercept_service(
@@ -213,8 +254,21 @@ class Dispatcher(grpc.aio.ServerInterceptor):
                 return await asynchronous(await receive(context), context)
 
             return grpc.stream_unary_rpc_method_handler(received, None, handler.response_serializer)
-        pool, threads, slots, retry_after = self.pool, self.threads, self.slots, self.retry_after
-        refusals, on_busy = self.refusals, self.on_busy
+        lane = self.pools.get(full_method, self.default)
+        pool, threads, slots = lane.executor, lane.threads, lane.slots
+        retry_after, refusals, on_unserved = self.retry_after, self.refusals, self.on_unserved
+
+        def unserved(request: Any, error: FaceGateError) -> None:
+            """Tell `on_unserved`, off the loop (the access log blocks), in the call's context."""
+            if on_unserved is None:
+                return
+            told = contextvars.copy_context()
+            try:
+                asyncio.get_running_loop().run_in_executor(
+                    None, told.run, on_unserved, full_method, request, error, since(arrived)
+                )
+            except RuntimeError:  # the loop's executor is shut down: the server is stopping
+                log.warning("a %s that no thread served was not logged", full_method)
 
         async def dispatched(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             request = await receive(context)
@@ -229,16 +283,15 @@ class Dispatcher(grpc.aio.ServerInterceptor):
                 ticket = Ticket(caller.name)
             if not slots.take():
                 busy = ServerBusy(
-                    f"the server is busy: {slots.limit} calls are already in it, running or "
-                    f"waiting for one of its {threads} threads; retry shortly",
+                    f"the server is busy: {slots.limit} {lane.calls} are already in it, running "
+                    f"or waiting for one of the {threads} threads it keeps for them; retry shortly",
                     retry_delay=retry_after,
-                    metadata={"in_server": str(slots.limit)},
+                    metadata={
+                        "in_server": str(slots.limit),
+                        **({"lane": lane.name} if lane.name else {}),
+                    },
                 )
-                if on_busy is not None:  # the access log, off the loop (SQLite blocks)
-                    refused = contextvars.copy_context()
-                    asyncio.get_running_loop().run_in_executor(
-                        None, refused.run, on_busy, full_method, request, busy
-                    )
+                unserved(request, busy)
                 await refuse(context, full_method, busy, time.perf_counter(), refusals)
             token = _arrival.set(arrived)
             holder = admission.set_ticket_token(ticket)
@@ -258,6 +311,16 @@ class Dispatcher(grpc.aio.ServerInterceptor):
                 return await asyncio.wrap_future(job)  # cancelled: cancels a job not started
             except _Aborted as aborted:
                 await context.abort_with_status(aborted.status)
+            except asyncio.CancelledError:
+                if job.cancelled():  # no thread took it: the servicer never saw it
+                    unserved(
+                        request,
+                        CallAbandoned(
+                            f"the caller left (deadline or cancel) after {since(arrived):.3f} s, "
+                            f"while it waited for one of the {threads} threads for {lane.calls}"
+                        ),
+                    )
+                raise
             finally:
                 ticket.gone.set()  # answered or abandoned: its queued images are for nobody
 
@@ -371,21 +434,25 @@ class RpcServer:
         options: Sequence[tuple[str, Any]] = (),
         threads: int = 8,
         queue: int = 16,
+        lanes: Sequence[Lane] = (),
         retry_after: float = 0.5,
         refusals: Refusals | None = None,
-        on_busy: OnBusy | None = None,
+        on_unserved: OnUnserved | None = None,
         message_limits: Mapping[str, MessageLimit] | None = None,
         health_listen: str = "",
     ) -> None:
         """`register` adds the servicers; `service_names` get health statuses (and "");
+        `threads` and `queue`: for the methods no `lanes` entry sets apart;
         `message_limits`: full method -> the largest request message it takes, below the
         server-wide grpc.max_receive_message_length of `options`; `health_listen`: where to
         serve health alone as well (plaintext; `health_port` is its port)."""
         self.threads, self.queue = threads, queue
         self.refusals = refusals if refusals is not None else Refusals()
         self.service_names = ("", *service_names)
-        self.pool = futures.ThreadPoolExecutor(threads, thread_name_prefix="facegate-rpc")
-        self.slots = Slots(threads + queue)
+        default = _Pool("other" if lanes else "", threads, queue)
+        self.slots = default.slots
+        self.lanes = {lane.name: _Pool(lane.name, lane.threads, lane.queue) for lane in lanes}
+        self._pools = [default, *self.lanes.values()]
         self.health = health.aio.HealthServicer()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -393,7 +460,12 @@ class RpcServer:
         )
         self._thread.start()
         dispatcher = Dispatcher(
-            self.pool, threads, self.slots, retry_after, self.refusals, on_busy, message_limits
+            {method: self.lanes[lane.name] for lane in lanes for method in lane.methods},
+            default,
+            retry_after,
+            self.refusals,
+            on_unserved,
+            message_limits,
         )
         self._probes: grpc.aio.Server | None = None
         self.health_port = 0
@@ -507,7 +579,8 @@ class RpcServer:
             self._close()
 
     def _close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        for pool in self._pools:
+            pool.executor.shutdown(wait=False, cancel_futures=True)
         if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join()

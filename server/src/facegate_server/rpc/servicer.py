@@ -31,15 +31,10 @@ from facegate_server.feed import EventFeed
 from facegate_server.gate import Gate
 from facegate_server.rpc import serde
 from facegate_server.rpc.auth import current_caller
-from facegate_server.rpc.server import arrival
+from facegate_server.rpc.server import arrival, since
 from facegate_server.rpc.status import code_of, to_status
 
 log = logging.getLogger("facegate.rpc")
-
-
-def since(moment: float) -> float:
-    """Seconds since `moment` (`time.monotonic()`)."""
-    return time.monotonic() - moment
 
 
 Request = TypeVar("Request")
@@ -144,14 +139,14 @@ class FaceGateServicer(pb_grpc.FaceGateServiceServicer):
             self._feed = EventFeed(self.gate.store, self.gate.events_written)
         return self._feed
 
-    def refused_busy(self, full_method: str, request: Any, error: FaceGateError) -> None:
-        """The server refused a call for load before any thread took it (rpc/server.py's
-        OnBusy): an Identify or a Verify still gets its access event."""
+    def unserved(self, full_method: str, request: Any, error: FaceGateError, waited: float) -> None:
+        """No thread served the call (rpc/server.py's OnUnserved): refused for load, or its
+        caller left while it waited. An Identify or a Verify still gets its access event."""
         try:
             if isinstance(request, pb.IdentifyRequest):
-                self.gate.record_undecided(request.turnstile_id, error)
+                self.gate.record_undecided(request.turnstile_id, error, waited)
             elif isinstance(request, pb.VerifyRequest):
-                self.gate.record_undecided(request.turnstile_id, error, 0.0, request.member_id)
+                self.gate.record_undecided(request.turnstile_id, error, waited, request.member_id)
         except Exception:
             log.exception("could not log a refused %s", type(request).__name__)
 
