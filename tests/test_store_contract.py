@@ -12,6 +12,7 @@ import numpy as np
 import psycopg
 import pytest
 from facegate_server.domain import (
+    CloudPerson,
     Decision,
     EngineKind,
     EventFilter,
@@ -378,6 +379,67 @@ def test_cloud_readiness_follows_training(store: Store) -> None:
     store.training_queued()
     store.training_succeeded()
     assert all(p.ready for p in store.cloud_people())
+
+
+def test_the_cloud_people_version_moves_with_every_change_to_them(store: Store) -> None:
+    """Servers that do not replay the outbox follow the holder's persons by this version: it
+    moves with every write to them (in the write's transaction), and with nothing else; a
+    store without one (None) is always read whole."""
+    store.create_member("m-1", "", [cloud_template(1)], T0)
+    store.create_member("m-2", "", [cloud_template(2)], T0)
+    seen = [store.cloud_people_version()]
+    if seen[0] is None:
+        store.save_cloud_person("m-1", "p-1")
+        assert store.cloud_people_version() is None
+        return
+    for change in (
+        lambda: store.save_cloud_person("m-1", "p-1"),
+        store.training_queued,
+        store.training_succeeded,
+        lambda: store.delete_member("m-1", cloud=True),
+        lambda: store.forget_cloud_person("p-1"),
+    ):
+        change()
+        seen.append(store.cloud_people_version())
+    assert seen == sorted(set(seen)), seen  # each change moved it forward
+    store.cloud_people()
+    store.get_member("m-2")
+    store.create_member("m-3", "", [cloud_template(3)], T0)  # no person: not a change
+    assert store.cloud_people_version() == seen[-1]
+
+
+def test_followers_of_the_cloud_people_read_them_only_when_they_changed(store: Store) -> None:
+    """CloudPeople.follow (a server that does not hold the replay lease, every tick): the
+    holder's changes are seen at the next follow; nothing changed, nothing is read."""
+    from facegate_server.cloud.engine import CloudPeople
+
+    reads = 0
+    read_all = store.cloud_people
+
+    def counted() -> list[CloudPerson]:
+        nonlocal reads
+        reads += 1
+        return read_all()
+
+    store.cloud_people = counted  # type: ignore[method-assign]
+    store.create_member("m-1", "", [cloud_template(1)], T0)
+    follower = CloudPeople(store)
+    store.save_cloud_person("m-1", "p-1")  # the holder, through the shared store
+    store.save_cloud_face(store.faces("m-1")[0].face_id, "pf-1")
+    follower.follow()
+    person = follower.person_of("m-1")
+    assert person is not None and person.person_id == "p-1" and not person.ready
+    store.training_queued()
+    store.training_succeeded()
+    follower.follow()
+    assert follower.ready("m-1")
+    before = reads
+    for _ in range(3):
+        follower.follow()
+    assert reads == before + (0 if store.cloud_people_version() is not None else 3)
+    store.delete_member("m-1", cloud=True)
+    follower.follow()
+    assert follower.person_of("m-1") is None and follower.member_of("p-1") is None
 
 
 def test_reports_are_kept_with_events(store: Store) -> None:

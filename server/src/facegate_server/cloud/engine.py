@@ -70,6 +70,8 @@ class CloudPeople:
         self._store = store
         self._lock = threading.Lock()
         self._by_person: dict[str, CloudPerson] = {}
+        self._current: dict[str, CloudPerson] = {}  # member id -> its person, not deleted
+        self._version: int | None = None  # the store's cloud_people_version at the load
         try:
             self.reload()
         except StoreUnavailable:
@@ -78,9 +80,21 @@ class CloudPeople:
             log.warning("cloud persons not loaded: the shared store is unreachable")
 
     def reload(self) -> None:
+        version = self._store.cloud_people_version()  # first: a change after it reloads again
         people = self._store.cloud_people()
         with self._lock:
             self._by_person = {p.person_id: p for p in people}
+            self._current = {p.member_id: p for p in people if not p.deleted}
+            self._version = version
+
+    def follow(self) -> None:
+        """Reload when another server (the lease holder) changed the persons since the last
+        load: one small read when nothing changed, not every person every tick."""
+        version = self._store.cloud_people_version()
+        with self._lock:
+            unchanged = version is not None and version == self._version
+        if not unchanged:
+            self.reload()
 
     # Reads (no store access)
     def member_of(self, person_id: str) -> str | None:
@@ -91,10 +105,7 @@ class CloudPeople:
 
     def person_of(self, member_id: str) -> CloudPerson | None:
         with self._lock:
-            for person in self._by_person.values():
-                if person.member_id == member_id and not person.deleted:
-                    return person
-        return None
+            return self._current.get(member_id)
 
     def ready(self, member_id: str) -> bool:
         person = self.person_of(member_id)
@@ -108,16 +119,20 @@ class CloudPeople:
     def save(self, member_id: str, person_id: str) -> None:
         self._store.save_cloud_person(member_id, person_id)
         with self._lock:
-            self._by_person[person_id] = CloudPerson(member_id, person_id, ready=False)
+            person = CloudPerson(member_id, person_id, ready=False)
+            self._by_person[person_id] = self._current[member_id] = person
 
     def forget(self, person_id: str) -> None:
         self._store.forget_cloud_person(person_id)
         with self._lock:
-            self._by_person.pop(person_id, None)
+            person = self._by_person.pop(person_id, None)
+            if person is not None and self._current.get(person.member_id) is person:
+                del self._current[person.member_id]
 
     def member_deleted(self, member_id: str) -> None:
         """The store marked the member's person deleted (in the deletion's transaction)."""
         with self._lock:
+            self._current.pop(member_id, None)
             for person_id, person in self._by_person.items():
                 if person.member_id == member_id:
                     self._by_person[person_id] = replace(person, deleted=True, ready=False)

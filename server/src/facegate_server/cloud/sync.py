@@ -264,7 +264,7 @@ class CloudSync:
             # store: follow them, so that this server's cloud answers name its members.
             # (Unreachable: the store's state says so; the local copy decides meanwhile.)
             with contextlib.suppress(StoreUnavailable):
-                self.people.reload()
+                self.people.follow()
             return False
         if token != self._token:
             self.people.reload()

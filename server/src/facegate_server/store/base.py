@@ -243,6 +243,13 @@ class Store(abc.ABC):
     def cloud_people(self) -> list[CloudPerson]:
         """Every cloud person FaceGate remembers, those of deleted members included."""
 
+    def cloud_people_version(self) -> int | None:
+        """A number that changes whenever a cloud person is saved, changed or forgotten,
+        by any server of the store (servers that do not replay the outbox follow the
+        holder's persons by it); None where there is no cheaper check than reading them all
+        (one server alone: it makes every change itself)."""
+        return None
+
     @abc.abstractmethod
     def member_of_person(self, person_id: str) -> str | None:
         """The current member whose cloud person this is, or None (unknown or deleted)."""

@@ -488,6 +488,10 @@ class ChainStore(Store):
         people: list[CloudPerson] = self._call("cloud_people")
         return people
 
+    def cloud_people_version(self) -> int | None:
+        version: int | None = self._call("cloud_people_version")
+        return version
+
     def member_of_person(self, person_id: str) -> str | None:
         member: str | None = self._call("member_of_person", person_id)
         return member

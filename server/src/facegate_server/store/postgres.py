@@ -160,6 +160,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE access_events ADD COLUMN origin_seq bigint",
         "CREATE UNIQUE INDEX events_by_origin ON access_events(origin_server, origin_seq)",
     ),
+    (
+        # A version of cloud_persons, moved by every statement that writes it, in that
+        # statement's transaction: the servers that do not hold the replay lease read this
+        # one row, not every person, to know the holder changed them (cloud_people_version).
+        "CREATE TABLE cloud_persons_version (version bigint NOT NULL)",
+        "INSERT INTO cloud_persons_version VALUES (0)",
+        """CREATE FUNCTION cloud_persons_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            UPDATE cloud_persons_version SET version = version + 1;
+            RETURN NULL;
+        END $$""",
+        """CREATE TRIGGER cloud_persons_changed
+            AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON cloud_persons
+            FOR EACH STATEMENT EXECUTE FUNCTION cloud_persons_changed()""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 VERSION_MARK = "FaceGate schema version"
@@ -1138,6 +1153,11 @@ class PostgresStore(Store):
         with self._conn() as conn:
             rows = conn.execute(self._PERSON_SQL + " ORDER BY member_id").fetchall()
         return [CloudPerson(*r) for r in rows]
+
+    def cloud_people_version(self) -> int | None:
+        with self._conn() as conn:
+            row = conn.execute("SELECT version FROM cloud_persons_version").fetchone()
+        return None if row is None else int(row[0])
 
     def member_of_person(self, person_id: str) -> str | None:
         with self._conn() as conn:
