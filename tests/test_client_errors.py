@@ -451,3 +451,53 @@ def test_constructor_validates_its_arguments() -> None:
             FaceGateClient(channel=channel, credentials=grpc.ssl_channel_credentials())
     finally:
         channel.close()
+
+
+class Deadlines(pb_grpc.FaceGateServiceServicer):
+    """Records the deadline each call arrived with (seconds left)."""
+
+    def __init__(self) -> None:
+        self.left: dict[str, float] = {}
+
+    def _note(self, name: str, context: grpc.ServicerContext) -> None:
+        remaining = context.time_remaining()
+        assert remaining is not None
+        self.left[name] = remaining
+
+    def Enroll(self, request: Any, context: grpc.ServicerContext) -> pb.EnrollResponse:
+        self._note("Enroll", context)
+        return pb.EnrollResponse()
+
+    def AddMemberPhotos(
+        self, request: Any, context: grpc.ServicerContext
+    ) -> pb.AddMemberPhotosResponse:
+        self._note("AddMemberPhotos", context)
+        return pb.AddMemberPhotosResponse()
+
+    def GetMember(self, request: Any, context: grpc.ServicerContext) -> pb.Member:
+        self._note("GetMember", context)
+        return pb.Member()
+
+    def Identify(self, request: Any, context: grpc.ServicerContext) -> pb.IdentifyResponse:
+        self._note("Identify", context)
+        return pb.IdentifyResponse()
+
+
+def test_enrolment_waits_as_long_as_the_server_may_take() -> None:
+    """Enroll and AddMemberPhotos get the server's own limit (60 s) by default, not the 5 s
+    of the other calls: ten large photos take seconds to encode, and a client that gave up
+    sooner would not know whether the member was stored."""
+    servicer = Deadlines()
+    with serving(servicer) as target, FaceGateClient(target) as client:
+        client.enroll("m-1", [b"photo"])
+        client.add_member_photos("m-1", [b"photo"])
+        client.get_member("m-1")
+        client.identify(b"frame", "gate-1")
+        client.enroll("m-2", [b"photo"], timeout=3)
+        enrolled = servicer.left["Enroll"]
+    assert 30 < servicer.left["AddMemberPhotos"] <= 61  # (gRPC rounds a deadline up)
+    assert 2 < servicer.left["GetMember"] <= 6
+    assert 1 < servicer.left["Identify"] <= 3
+    assert 1 < enrolled <= 4  # an explicit timeout wins
+    with pytest.raises(ValueError, match="timeouts must be positive"):
+        FaceGateClient(target, enroll_timeout=0)

@@ -667,7 +667,7 @@ def _run_client_command(handler: Handler) -> Callable[[argparse.Namespace], int]
         try:
             options = _credentials(args)
             if timeout is not None:
-                options.update(timeout=timeout, identify_timeout=timeout)
+                options.update(timeout=timeout, identify_timeout=timeout, enroll_timeout=timeout)
             client = FaceGateClient(args.target, **options)
         except (_LocalFileError, ValueError) as err:  # a bad $FACEGATE_TOKEN, --cert alone
             print(f"error: {err}", file=sys.stderr)
@@ -705,7 +705,10 @@ def _common_options() -> argparse.ArgumentParser:
         "--timeout",
         metavar="SECONDS",
         type=_positive_float,
-        help="deadline of each call (default: 2 for identify and verify, 5 for the rest)",
+        help=(
+            "deadline of each call (default: 2 for identify and verify, 60 for enroll and"
+            " members add-photos, 5 for the rest)"
+        ),
     )
     group.add_argument(
         "--json", action="store_true", help="print protobuf JSON (proto field names)"

@@ -193,9 +193,13 @@ class FaceGateClient:
         target: the server's HOST:PORT, or several servers (see the module's notes:
             `ipv4:A:PORT,B:PORT`, `A:PORT,B:PORT`, `dns:///NAME:PORT`); ignored when
             `channel` is given.
-        timeout: the deadline, in seconds, of every call but Identify.
+        timeout: the deadline, in seconds, of every call but those below.
         identify_timeout: the deadline, in seconds, of Identify and Verify (a person is
             waiting).
+        enroll_timeout: the deadline, in seconds, of Enroll and AddMemberPhotos: the
+            server's own limit (`FACEGATE_ENROLL_TIMEOUT_S`, 60 s) by default, since ten
+            phone-size photos take seconds to encode, more while the server is busy; a
+            client that gave up sooner would not know whether they were stored.
         channel: a channel to use instead of creating one; the client does not close it.
             Create it with `CHANNEL_OPTIONS` to keep the retry policy and message limits.
         credentials: TLS credentials; without them (and without the TLS options below) the
@@ -218,6 +222,7 @@ class FaceGateClient:
         *,
         timeout: float = 5.0,
         identify_timeout: float = 2.0,
+        enroll_timeout: float = 60.0,
         channel: grpc.Channel | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
@@ -228,7 +233,7 @@ class FaceGateClient:
         private_key: bytes | None = None,
         server_name: str | None = None,
     ) -> None:
-        if timeout <= 0 or identify_timeout <= 0:
+        if timeout <= 0 or identify_timeout <= 0 or enroll_timeout <= 0:
             raise ValueError("timeouts must be positive")
         if (certificate_chain is None) != (private_key is None):
             raise ValueError("pass certificate_chain and private_key together")
@@ -244,6 +249,7 @@ class FaceGateClient:
             raise ValueError("pass credentials or a channel, not both")
         self._timeout = timeout
         self._identify_timeout = identify_timeout
+        self._enroll_timeout = enroll_timeout
         self._metadata = tuple(metadata) + _authorization(token)
         self._owns_channel = channel is None
         if channel is None:
@@ -346,7 +352,9 @@ class FaceGateClient:
             photos=_photo_list(photos),
             membership=membership,
         )
-        response: pb.EnrollResponse = self._call(self._stub.Enroll, request, timeout)
+        response: pb.EnrollResponse = self._call(
+            self._stub.Enroll, request, self._enroll_timeout if timeout is None else timeout
+        )
         return response.member
 
     def add_member_photos(
@@ -355,7 +363,9 @@ class FaceGateClient:
         """Add 1 to 10 photos to an enrolled member (NotFound if there is none)."""
         request = pb.AddMemberPhotosRequest(member_id=member_id, photos=_photo_list(photos))
         response: pb.AddMemberPhotosResponse = self._call(
-            self._stub.AddMemberPhotos, request, timeout
+            self._stub.AddMemberPhotos,
+            request,
+            self._enroll_timeout if timeout is None else timeout,
         )
         return response.member
 
