@@ -549,3 +549,48 @@ def test_an_outage_is_logged_once_when_it_starts_and_once_when_it_ends(
     assert len([m for m in said if m.startswith("PostgreSQL unreachable")]) == 1
     back = [m for m in said if m.startswith("PostgreSQL reachable again after")]
     assert len(back) == 1, said
+
+
+def test_a_member_change_answers_without_waiting_for_a_long_catch_up(
+    tmp_path: Path, url: str
+) -> None:
+    """A change made through a server is applied to its copy before it answers, unless a
+    catch-up is under way (after an outage, thousands of changes): then it answers once
+    committed centrally, and that catch-up applies it (review: UpdateMember answered the
+    CLI after 52 s)."""
+    from dataclasses import replace
+    from datetime import UTC, datetime
+
+    import numpy as np
+    from facegate_server.domain import Member, Membership
+    from facegate_server.store.chain import ChainStore
+
+    now = datetime.now(UTC)
+    a = ChainStore(url, tmp_path / "a.sqlite3")
+    catching_up, finish = threading.Event(), threading.Event()
+
+    def long_catch_up() -> None:
+        with a._apply_lock:  # as the follower holds it through a long catch-up
+            catching_up.set()
+            finish.wait(EVENTUALLY)
+            a.catch_up()
+
+    def suspend(member: Member) -> tuple[str, Membership]:
+        return member.display_name, replace(member.membership, suspended=True)
+
+    try:
+        a.create_member("m-1", "Ann", [FaceTemplate(np.ones(128))], now)
+        assert a.get_member("m-1").display_name == "Ann"  # its own change: applied at once
+        follower = threading.Thread(target=long_catch_up)
+        follower.start()
+        assert catching_up.wait(EVENTUALLY)
+        updated = a.update_member_with("m-1", suspend, now)
+        assert updated.membership.suspended
+        assert follower.is_alive()  # answered while the catch-up still runs
+        assert not a.get_member("m-1").membership.suspended  # the copy: not yet
+        finish.set()
+        follower.join(EVENTUALLY)
+        assert a.get_member("m-1").membership.suspended  # that catch-up applied it
+    finally:
+        finish.set()
+        a.close()

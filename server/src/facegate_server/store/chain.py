@@ -77,6 +77,9 @@ EVENT_WAIT_S = 0.3
 """How long a decision's access event may wait for PostgreSQL before it is kept locally."""
 PRIORITY = ("deleted", "updated")
 """Changes applied before the rest: who must no longer come in."""
+CHANGE_WAIT_S = 1.0
+"""How long a member change made here waits for a catch-up under way (the follower's, after
+an outage) before it answers: that catch-up applies the change too, in the log's order."""
 
 
 class Listener(Protocol):
@@ -235,19 +238,28 @@ class ChainStore(Store):
                 for template in change.templates:
                     self._listener.template_removed(change.member_id, template)
 
-    def catch_up(self) -> int:
+    def catch_up(self, wait: float | None = None, batches: int | None = None) -> int:
         """Apply every change logged after the last one applied; how many. A batch copies
         its deleted and updated members first (`ordered`); when more than one batch is
         pending, those anywhere in it are copied first of all, as they are now: after an
         outage with thousands of enrolments logged, a suspension logged last still takes
-        effect first. The copy is stamped current only once nothing is pending."""
+        effect first. The copy is stamped current only once nothing is pending.
+
+        `wait`: how long to wait for another thread's catch-up under way (None: as long as
+        it takes); when it does not end in time, 0: that catch-up applies what is logged by
+        then. `batches`: apply at most this many batches, and leave the rest to the
+        follower."""
         done = 0
-        with self._apply_lock:
+        if not self._apply_lock.acquire(timeout=-1 if wait is None else wait):
+            return 0
+        try:
             while True:
                 applied = self.local.applied_seq()
                 changes = self.central.changes_after(applied, BATCH)
                 if not changes:
                     self.local.mark_current(self.clock())
+                    return done
+                if batches is not None and done >= batches * BATCH:
                     return done
                 if done == 0 and len(changes) == BATCH:  # more than a batch is pending
                     first = self.central.members_changed_as(applied, PRIORITY)
@@ -262,6 +274,8 @@ class ChainStore(Store):
                 )
                 self._notify(told)
                 done += len(changes)
+        finally:
+            self._apply_lock.release()
 
     def ship(self) -> int:
         """Send the events kept locally, oldest first, and forget them; how many arrived
@@ -303,11 +317,13 @@ class ChainStore(Store):
                 self._lost(RuntimeError("follower error"))
             self._stop.wait(self.retry)
 
-    # Member changes: to the central store, then the copy (and the engines) catch up.
+    # Member changes: to the central store, then the copy (and the engines) catch up, so
+    # that this server acts on its own change at once. Not behind a long catch-up (after an
+    # outage, thousands of changes): that one applies it, and the change answers now.
     def _changed(self, method: str, *args: Any, **kwargs: Any) -> Any:
         result = self._call(method, *args, **kwargs)
         try:
-            self.catch_up()
+            self.catch_up(wait=CHANGE_WAIT_S, batches=1)
         except StoreUnavailable as error:  # done centrally; the copy follows on reconnecting
             self._lost(error)
         return result
