@@ -374,3 +374,19 @@ def test_the_stores_errors_are_one_line_and_say_what_waits() -> None:
         last_error="connection refused\n\tIs the server running on that host?",
     )
     assert "\n" not in format_store(store)
+
+
+def test_status_says_what_it_cannot_read_while_the_store_is_away() -> None:
+    """The outbox and the access log are in PostgreSQL: while it is unreachable, status
+    says their figures are unknown rather than `outbox depth: 0` and `oldest -`."""
+    from facegate_client.cli import format_status
+
+    away = pb.GetStatusResponse(
+        store=pb.StoreStatus(kind="postgresql", name="postgresql://db/gym", state="disconnected")
+    )
+    text = format_status(away)
+    assert "outbox depth: unknown (the store is unreachable)" in text
+    assert "access events: oldest unknown (the store is unreachable)" in text
+    away.store.state = "connected"
+    text = format_status(away)
+    assert "outbox depth: 0" in text and "access events: oldest -" in text

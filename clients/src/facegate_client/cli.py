@@ -523,10 +523,13 @@ def format_store(store: pb.StoreStatus, now: datetime | None = None) -> str:
 def format_status(status: pb.GetStatusResponse) -> str:
     """Several `name: value` lines for operators."""
     circuit = _enum_name(pb.CircuitState, status.circuit_state, "CIRCUIT_STATE_").lower()
+    # A chain server cut off from PostgreSQL cannot read the outbox or the access log there.
+    away = status.store.kind == "postgresql" and status.store.state != "connected"
+    unknown = "unknown (the store is unreachable)"
     lines = [
         f"routing: {status.routing_policy}",
         f"cloud circuit: {circuit.replace('_', '-')}",
-        f"outbox depth: {status.outbox_depth}",
+        f"outbox depth: {unknown if away else status.outbox_depth}",
         f"cloud training: {status.cloud_training or '-'}",
         f"members: {status.member_count}",
     ]
@@ -563,7 +566,9 @@ def format_status(status: pb.GetStatusResponse) -> str:
             f"purge pending since {since}: deleted data stays in the store's files until"
             " another process's read transaction ends (a backup, the sqlite3 shell)"
         )
-    oldest = _time(status.oldest_event_time, status.HasField("oldest_event_time"))
+    oldest = (
+        unknown if away else _time(status.oldest_event_time, status.HasField("oldest_event_time"))
+    )
     kept = f"{status.event_retention_days} days" if status.event_retention_days else "forever"
     lines.append(f"access events: oldest {oldest}, kept {kept}")
     for title, counts in (
