@@ -147,3 +147,26 @@ def test_a_store_away_postpones_retention_by_a_minute_not_an_hour(
         m.startswith("retention postponed: the store postgresql://db:5432/gym") for m in messages
     )
     assert not any(r.exc_info for r in caplog.records)
+
+
+def test_a_lease_the_database_does_not_answer_for_is_not_taken_for_anothers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Nobody knows who holds the lease while its database does not answer: retention says
+    it is postponed (and tries again in a minute), not that another server deletes."""
+    import logging
+
+    from facegate_server.retention import LeaseUnanswered
+
+    caplog.set_level(logging.INFO)
+    lease = PostgresLease(
+        f"postgresql://postgres@127.0.0.1:{pg.free_port()}/gone", name=LEASE, connect_timeout=1
+    )
+    away = Retention(MemoryStore(), 30, clock=lambda: NOW, lease=lease)
+    try:
+        with pytest.raises(LeaseUnanswered, match="did not answer for the event-retention lease"):
+            away.run_once()
+        assert away.held is None
+        assert not any("another server" in r.getMessage() for r in caplog.records)
+    finally:
+        lease.close()

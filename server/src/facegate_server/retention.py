@@ -38,6 +38,10 @@ def chain_lease(store_url: str, days: int, interval: float) -> Lease | None:
     return PostgresLease(store_url, name=LEASE, ttl=2 * interval)
 
 
+class LeaseUnanswered(Exception):
+    """The lease's database did not answer: whether another server deletes is unknown."""
+
+
 class Retention:
     def __init__(
         self,
@@ -54,7 +58,7 @@ class Retention:
         self.last_deleted = 0
         self.held: bool | None = None
         """Whether this server deleted at its last try (None: not tried yet); False when
-        another server of the chain holds the lease (or the database did not answer)."""
+        another server of the chain holds the lease."""
         self._token: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -74,6 +78,10 @@ class Retention:
         if cutoff is None:
             return 0
         token = self.lease.acquire()
+        if token is None and not self.lease.answered:  # nobody knows whose it is: soon again
+            raise LeaseUnanswered(
+                f"the chain's database did not answer for the {self.lease.name} lease"
+            )
         if (token is not None) != self.held:
             log.info(
                 "deleting access events past retention here"
@@ -105,6 +113,9 @@ class Retention:
                 self.run_once()
             except StoreUnavailable as error:  # a chain's database away: soon again
                 log.warning("retention postponed: %s", error.message)
+                wait = min(wait, RETRY_S)
+            except LeaseUnanswered as error:
+                log.warning("retention postponed: %s", error)
                 wait = min(wait, RETRY_S)
             except Exception:  # the store closing under it, a full disk: try next time
                 log.exception("retention failed")

@@ -91,6 +91,9 @@ class Lease(Protocol):
     name: str
     holder: str
     ttl: float
+    answered: bool
+    """Whether the database answered the last call (an acquire's None is then another's
+    lease, else nobody knows whose)."""
 
     def acquire(self) -> int | None:
         """Take the lease, or renew it when it is ours: the token, or None (another holds it)."""
@@ -115,6 +118,7 @@ class LocalLease:
     def __init__(self, name: str = REPLAYER) -> None:
         self.name = name
         self.holder = "local"
+        self.answered = True
 
     def acquire(self) -> int | None:
         return 1
@@ -178,6 +182,7 @@ class PostgresLease:
         )
         self._pool.open(wait=False)
         self._schema = False
+        self.answered = True
 
     def _run(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]] | None:
         """The statement's rows (none for a statement that returns none, as release's
@@ -196,8 +201,11 @@ class PostgresLease:
                 cursor = conn.execute(sql, params)
                 # fetchall() raises on a statement without a result (release's UPDATE):
                 # that is no failure of the database.
-                return cursor.fetchall() if cursor.description is not None else []
+                rows = cursor.fetchall() if cursor.description is not None else []
+            self.answered = True
+            return rows
         except (psycopg.Error, psycopg_pool.PoolTimeout) as error:
+            self.answered = False
             log.warning(
                 "lease: the database did not answer",
                 extra={"lease": self.name, "error": str(error).strip()[:200]},
