@@ -9,9 +9,8 @@ only what the store adds), on a database of the benchmark's own on that PostgreS
 (created and dropped).
 
 1. Identify latency through gRPC, one caller: SQLite in the data dir against the chain
-   (PostgreSQL + local copy; also with FACEGATE_STORE_EVENTS_LOCAL_FIRST, and with
-   PostgreSQL's synchronous_commit=off), the same frames, in the same run, each round in
-   a random order.
+   (PostgreSQL + local copy; also with PostgreSQL's synchronous_commit=off), the same
+   frames, in the same run, each round in a random order.
    `--only event`: where an Identify's extra time on the chain goes, in this process (no
    gRPC): the access event written to SQLite, to PostgreSQL (PostgresStore), through the
    chain (ChainStore: origin, bounded wait on a thread), and the parts of PostgreSQL's
