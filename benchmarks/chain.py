@@ -20,6 +20,10 @@ only what the store adds), on a database of the benchmark's own on that PostgreS
 3. Catch-up: B is cut off from PostgreSQL (a TCP relay between them is closed) for 60 s
    (`--quick`: 5 s) while A makes 1,000 changes (enrolments, updates, deletions); then
    the relay opens and the time to B's copy being current is measured.
+4. `--only persons`: what a server that does not hold the cloud replay lease spends each
+   2-s tick following the holder's cloud persons, at 10,000 and 100,000 persons: reading
+   them all (as it did) against `CloudPeople.follow()` when nothing changed (one row), in
+   wall time and this process's CPU.
 """
 
 from __future__ import annotations
@@ -305,11 +309,50 @@ def catch_up(tmp: Path, url: str, away: float, changes: int) -> None:
         )
 
 
+def persons(url: str, rounds: int) -> None:
+    import psycopg
+    from facegate_server.cloud.engine import CloudPeople
+    from facegate_server.store.postgres import PostgresStore
+
+    store = PostgresStore(url)
+    try:
+        for count in (10_000, 100_000):
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("TRUNCATE cloud_persons")
+                conn.execute(
+                    "INSERT INTO cloud_persons (person_id, member_id, ready)"
+                    " SELECT 'p-' || i, 'm-' || i, true FROM generate_series(1, %s) i",
+                    (count,),
+                )
+            people = CloudPeople(store)
+            timed: dict[str, list[tuple[float, float]]] = {"read all": [], "follow": []}
+            for _ in range(rounds):
+                for name, step in random.sample(
+                    [("read all", people.reload), ("follow", people.follow)], 2
+                ):
+                    wall, cpu = time.perf_counter(), time.process_time()
+                    step()
+                    timed[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+            (every, follow) = (
+                [statistics.median(v[i] for v in timed[k]) * 1000 for i in (0, 1)]
+                for k in ("read all", "follow")
+            )
+            print(
+                f"{count:,} cloud persons, a non-holder's tick (p50 of {rounds}): read all"
+                f" {every[0]:.1f} ms ({every[1]:.1f} ms CPU here); follow, unchanged"
+                f" {follow[0]:.2f} ms ({follow[1]:.2f} ms CPU)"
+            )
+    finally:
+        store.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer calls, a 5 s disconnect")
     parser.add_argument("--postgres", default=pg.ADMIN_URL)
-    parser.add_argument("--only", choices=["latency", "event", "propagation", "catch-up"])
+    parser.add_argument(
+        "--only", choices=["latency", "event", "propagation", "catch-up", "persons"]
+    )
     args = parser.parse_args()
     url = pg.create_database(args.postgres)
     try:
@@ -319,6 +362,8 @@ def main() -> int:
                 identify_latency(tmp, url, 200 if args.quick else 2000)
             if args.only == "event":
                 event_write(tmp, url, 300 if args.quick else 2000)
+            if args.only == "persons":
+                persons(url, 5 if args.quick else 20)
             if args.only in (None, "propagation"):
                 propagation(tmp, url, 10 if args.quick else 100)
             if args.only in (None, "catch-up"):
