@@ -424,3 +424,57 @@ def test_administration_cannot_hold_the_doors_threads(tmp_path: Path) -> None:
         finally:
             release.set()
         assert len([f.result() for f in waiting]) == admin
+
+
+class SlowEnrol(MemoryEngine):
+    """Enrolment waits until released (ten large photos, the workers busy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def enrol(self, photos: Any, timeout: float, templates: Any) -> Any:
+        if not self.release.wait(30):
+            raise AssertionError("never released")
+        return super().enrol(photos, timeout, templates)
+
+
+def test_enrolments_cannot_hold_the_threads_a_suspension_needs(tmp_path: Path) -> None:
+    """Enroll, AddMemberPhotos and SearchFaces wait on recognition and have a lane of their
+    own: when it is full, a suspension (UpdateMember) and a deletion are still answered,
+    and so is a turnstile."""
+    engine = SlowEnrol()
+    with (
+        running_server(tmp_path, engine=engine) as server,
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        stub = pb_grpc.FaceGateServiceStub(channel)
+        engine.release.set()
+        for member in ("m-1", "m-2"):
+            stub.Enroll(pb.EnrollRequest(member_id=member, photos=[FRAME]), timeout=30)
+        engine.release.clear()
+        photo = server.rpc.lanes["photo"]
+        try:
+            enrolling = [
+                stub.Enroll.future(pb.EnrollRequest(member_id=f"n-{n}", photos=[FRAME]), timeout=60)
+                for n in range(photo.slots.limit)
+            ]
+            assert photo.slots.wait_for(photo.slots.limit, timeout=30)
+            with pytest.raises(grpc.RpcError) as busy:
+                stub.Enroll(pb.EnrollRequest(member_id="late", photos=[FRAME]), timeout=30)
+            assert busy.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+            suspended = stub.UpdateMember(
+                pb.UpdateMemberRequest(
+                    member=pb.Member(member_id="m-1", membership=pb.Membership(suspended=True)),
+                    update_mask={"paths": ["membership.suspended"]},
+                ),
+                timeout=30,
+            )
+            assert suspended.member.membership.suspended
+            stub.DeleteMember(pb.DeleteMemberRequest(member_id="m-2"), timeout=30)
+            entered = stub.Identify(pb.IdentifyRequest(image=FRAME, turnstile_id="g"), timeout=30)
+            assert entered.decision == pb.DECISION_DENIED_MEMBERSHIP_INACTIVE
+        finally:
+            engine.release.set()
+        assert all(f.result().member.member_id for f in enrolling)

@@ -269,3 +269,40 @@ def test_a_call_whose_caller_left_before_a_thread_took_it_is_told_to_on_unserved
     finally:
         service.release.set()
         server.stop(grace=1)
+
+
+def test_a_call_no_thread_took_before_the_server_stopped_is_told_before_stop_returns() -> None:
+    """Stopping, the calls still waiting for a thread are cancelled: the servicer is told
+    (SERVER_STOPPING, not a caller that left), and stop() returns only once it has been,
+    so their access events are written before the store closes."""
+    service = Blocking()
+    told: list[tuple[bytes, str]] = []
+
+    def slowly(method: str, request: bytes, error: FaceGateError, waited: float) -> None:
+        time.sleep(0.3)  # an access log write on a slow disk
+        told.append((request, error.reason))
+
+    server = RpcServer(
+        listen="127.0.0.1:0",
+        credentials=None,
+        register=service.register,
+        service_names=(SERVICE,),
+        threads=1,
+        queue=1,
+        on_unserved=slowly,
+    )
+    server.start()
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        hold = channel.unary_unary(f"/{SERVICE}/Hold")
+        first = hold.future(b"first", timeout=30)
+        assert server.slots.wait_for(1, timeout=10)
+        queued = hold.future(b"queued", timeout=30)
+        assert server.slots.wait_for(2, timeout=10)
+        try:
+            server.stop(grace=0.2)
+            assert told == [(b"queued", "SERVER_STOPPING")]
+        finally:
+            service.release.set()
+        for call in (first, queued):
+            with pytest.raises(grpc.RpcError):
+                call.result()

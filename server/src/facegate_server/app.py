@@ -64,6 +64,11 @@ log = logging.getLogger(__name__)
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["FaceGateService"].full_name
 DOOR_METHODS = frozenset(f"/{SERVICE_NAME}/{method}" for method in ("Identify", "Verify"))
 """The turnstiles' methods: served by threads of their own (the "door" lane)."""
+PHOTO_METHODS = frozenset(
+    f"/{SERVICE_NAME}/{method}" for method in ("Enroll", "AddMemberPhotos", "SearchFaces")
+)
+"""The backend's methods that wait on recognition (seconds for ten large photos): threads
+of their own too, so that a suspension or a deletion never waits behind enrolments."""
 STORE_HEALTH = "facegate.v1.Store"
 """The health service's name for the chain's shared store: SERVING while it is reachable,
 NOT_SERVING while the server decides from its local copy (the server itself stays
@@ -622,8 +627,11 @@ def build_server(
                     follow=(settings.follow_rate, settings.follow_burst),
                 ),
             ],
-            lanes=[Lane("door", DOOR_METHODS, threads=door, queue=2 * door)],
-            threads=4,  # every other method: administration waits on the store, not the door
+            lanes=[
+                Lane("door", DOOR_METHODS, threads=door, queue=2 * door),
+                Lane("photo", PHOTO_METHODS, threads=4, queue=12),
+            ],
+            threads=4,  # every other method: quick reads and changes of the store
             queue=12,
             refusals=refusals,
             on_unserved=servicer.unserved,

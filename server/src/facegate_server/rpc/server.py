@@ -33,7 +33,8 @@ New methods that wait long (the operations issue's live events, the chain's chan
 are written as asyncio handlers (`async def`, async generators): they run on the loop and
 hold no thread. Nothing on the loop may block: blocking work goes to a thread pool.
 With 2 recognition workers app.py gives the door 8 threads and a queue of 16 (24 calls
-at most), and every other method 4 threads and a queue of 12.
+at most), the photo methods (Enroll, AddMemberPhotos, SearchFaces) 4 threads and a queue
+of 12, and every other method as many.
 
 Tests and the entry point see only sync methods: `start()`, `stop(grace)` (health
 NOT_SERVING first, then `grace` seconds for the calls in flight), `port`.
@@ -58,7 +59,13 @@ from grpc_reflection.v1alpha import reflection
 
 from facegate_server.engines import admission
 from facegate_server.engines.admission import Ticket
-from facegate_server.errors import FaceGateError, InvalidArgument, RateLimited, RecognitionTimeout
+from facegate_server.errors import (
+    FaceGateError,
+    InvalidArgument,
+    RateLimited,
+    RecognitionTimeout,
+    ServerStopping,
+)
 from facegate_server.rpc import tls
 from facegate_server.rpc.auth import current_caller
 from facegate_server.rpc.intercept import Refusals, method_name, peer_host, refuse
@@ -223,6 +230,9 @@ class Dispatcher(grpc.aio.ServerInterceptor):
         self.refusals = refusals
         self.on_unserved = on_unserved
         self.message_limits = dict(message_limits or {})
+        self.stopping = False  # set on the loop when the server stops
+        self.waiting: set[asyncio.Future[Any]] = set()  # calls waiting for their thread
+        self.telling: set[asyncio.Future[None]] = set()  # on_unserved calls not yet done
 
     async def intercept_service(
         self,
@@ -257,18 +267,23 @@ class Dispatcher(grpc.aio.ServerInterceptor):
         lane = self.pools.get(full_method, self.default)
         pool, threads, slots = lane.executor, lane.threads, lane.slots
         retry_after, refusals, on_unserved = self.retry_after, self.refusals, self.on_unserved
+        waiting, telling = self.waiting, self.telling
 
         def unserved(request: Any, error: FaceGateError) -> None:
-            """Tell `on_unserved`, off the loop (the access log blocks), in the call's context."""
+            """Tell `on_unserved`, off the loop (the access log blocks), in the call's
+            context; a stopping server waits for it before it returns (and the store closes)."""
             if on_unserved is None:
                 return
             told = contextvars.copy_context()
             try:
-                asyncio.get_running_loop().run_in_executor(
+                future = asyncio.get_running_loop().run_in_executor(
                     None, told.run, on_unserved, full_method, request, error, since(arrived)
                 )
             except RuntimeError:  # the loop's executor is shut down: the server is stopping
                 log.warning("a %s that no thread served was not logged", full_method)
+                return
+            telling.add(future)
+            future.add_done_callback(telling.discard)
 
         async def dispatched(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             request = await receive(context)
@@ -307,6 +322,9 @@ class Dispatcher(grpc.aio.ServerInterceptor):
                 slots.give()
                 raise
             job.add_done_callback(lambda _: slots.give())  # when it ends, or never starts
+            running = asyncio.current_task()
+            if running is not None:
+                waiting.add(running)
             try:
                 return await asyncio.wrap_future(job)  # cancelled: cancels a job not started
             except _Aborted as aborted:
@@ -315,13 +333,19 @@ class Dispatcher(grpc.aio.ServerInterceptor):
                 if job.cancelled():  # no thread took it: the servicer never saw it
                     unserved(
                         request,
-                        CallAbandoned(
+                        ServerStopping(
+                            "the server stopped before one of its threads could take the call"
+                        )
+                        if self.stopping
+                        else CallAbandoned(
                             f"the caller left (deadline or cancel) after {since(arrived):.3f} s, "
                             f"while it waited for one of the {threads} threads for {lane.calls}"
                         ),
                     )
                 raise
             finally:
+                if running is not None:
+                    waiting.discard(running)
                 ticket.gone.set()  # answered or abandoned: its queued images are for nobody
 
         return grpc.stream_unary_rpc_method_handler(dispatched, None, handler.response_serializer)
@@ -459,7 +483,7 @@ class RpcServer:
             target=self._loop.run_forever, name="facegate-grpc", daemon=True
         )
         self._thread.start()
-        dispatcher = Dispatcher(
+        self._dispatcher = dispatcher = Dispatcher(
             {method: self.lanes[lane.name] for lane in lanes for method in lane.methods},
             default,
             retry_after,
@@ -568,9 +592,15 @@ class RpcServer:
 
         async def stop() -> None:
             await self.health.enter_graceful_shutdown()
+            self._dispatcher.stopping = True
             await self._server.stop(grace)
             if self._probes is not None:
                 await self._probes.stop(None)
+            # The calls cancelled at the grace's end, then the access events of those no
+            # thread took: written before this returns and the store closes.
+            for pending in (self._dispatcher.waiting, self._dispatcher.telling):
+                if pending:
+                    await asyncio.wait(set(pending), timeout=10)
 
         try:
             if self._thread.is_alive():
