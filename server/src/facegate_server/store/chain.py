@@ -238,7 +238,7 @@ class ChainStore(Store):
                 for template in change.templates:
                     self._listener.template_removed(change.member_id, template)
 
-    def catch_up(self, wait: float | None = None, batches: int | None = None) -> int:
+    def catch_up(self, wait: float | None = None) -> int:
         """Apply every change logged after the last one applied; how many. A batch copies
         its deleted and updated members first (`ordered`); when more than one batch is
         pending, those anywhere in it are copied first of all, as they are now: after an
@@ -247,8 +247,7 @@ class ChainStore(Store):
 
         `wait`: how long to wait for another thread's catch-up under way (None: as long as
         it takes); when it does not end in time, 0: that catch-up applies what is logged by
-        then. `batches`: apply at most this many batches, and leave the rest to the
-        follower."""
+        then."""
         done = 0
         if not self._apply_lock.acquire(timeout=-1 if wait is None else wait):
             return 0
@@ -258,8 +257,6 @@ class ChainStore(Store):
                 changes = self.central.changes_after(applied, BATCH)
                 if not changes:
                     self.local.mark_current(self.clock())
-                    return done
-                if batches is not None and done >= batches * BATCH:
                     return done
                 if done == 0 and len(changes) == BATCH:  # more than a batch is pending
                     first = self.central.members_changed_as(applied, PRIORITY)
@@ -323,7 +320,7 @@ class ChainStore(Store):
     def _changed(self, method: str, *args: Any, **kwargs: Any) -> Any:
         result = self._call(method, *args, **kwargs)
         try:
-            self.catch_up(wait=CHANGE_WAIT_S, batches=1)
+            self.catch_up(wait=CHANGE_WAIT_S)
         except StoreUnavailable as error:  # done centrally; the copy follows on reconnecting
             self._lost(error)
         return result
