@@ -196,10 +196,11 @@ class FaceGateClient:
         timeout: the deadline, in seconds, of every call but those below.
         identify_timeout: the deadline, in seconds, of Identify and Verify (a person is
             waiting).
-        enroll_timeout: the deadline, in seconds, of Enroll and AddMemberPhotos: the
-            server's own limit (`FACEGATE_ENROLL_TIMEOUT_S`, 60 s) by default, since ten
-            phone-size photos take seconds to encode, more while the server is busy; a
-            client that gave up sooner would not know whether they were stored.
+        enroll_timeout: the deadline, in seconds, of Enroll and AddMemberPhotos: by
+            default longer than the server's own limit on their recognition
+            (`FACEGATE_ENROLL_TIMEOUT_S`, 60 s), so that the server answers first: ten
+            phone-size photos take seconds to encode, more while the server is busy, and
+            a client that gave up sooner would not know whether they were stored.
         channel: a channel to use instead of creating one; the client does not close it.
             Create it with `CHANNEL_OPTIONS` to keep the retry policy and message limits.
         credentials: TLS credentials; without them (and without the TLS options below) the
@@ -222,7 +223,7 @@ class FaceGateClient:
         *,
         timeout: float = 5.0,
         identify_timeout: float = 2.0,
-        enroll_timeout: float = 60.0,
+        enroll_timeout: float = 90.0,
         channel: grpc.Channel | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
