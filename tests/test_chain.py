@@ -203,8 +203,10 @@ def test_with_the_database_down_branches_decide_from_their_copies_and_lose_nothi
             with pytest.raises(grpc.RpcError) as refused:
                 b.stub.DeleteMember(pb.DeleteMemberRequest(member_id="m-1"), timeout=10)
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-            status = b.status().store
+            whole = b.status()
+            status = whole.store
             assert status.state == "disconnected" and status.pending_events == 4
+            assert whole.shared_figures_unknown  # the outbox and the log are in PostgreSQL
             pg.wait_for(
                 lambda b=b: b.store_health() == health_pb2.HealthCheckResponse.NOT_SERVING, 5
             )

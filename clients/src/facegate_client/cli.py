@@ -524,7 +524,7 @@ def format_status(status: pb.GetStatusResponse) -> str:
     """Several `name: value` lines for operators."""
     circuit = _enum_name(pb.CircuitState, status.circuit_state, "CIRCUIT_STATE_").lower()
     # A chain server cut off from PostgreSQL cannot read the outbox or the access log there.
-    away = status.store.kind == "postgresql" and status.store.state != "connected"
+    away = status.shared_figures_unknown
     unknown = "unknown (the store is unreachable)"
     lines = [
         f"routing: {status.routing_policy}",
@@ -711,7 +711,7 @@ def _common_options() -> argparse.ArgumentParser:
         metavar="SECONDS",
         type=_positive_float,
         help=(
-            "deadline of each call (default: 2 for identify and verify, 60 for enroll and"
+            "deadline of each call (default: 2 for identify and verify, 90 for enroll and"
             " members add-photos, 5 for the rest)"
         ),
     )

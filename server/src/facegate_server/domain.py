@@ -421,6 +421,9 @@ class Status:
     event_retention_days: int = 0
     """Access events are kept this many days (0: forever)."""
     store: StoreState = StoreState()
+    shared_figures_unknown: bool = False
+    """The shared store could not be read: the outbox's and the access log's figures are
+    unknown (0 and None here)."""
 
 
 class ChangeKind(enum.Enum):

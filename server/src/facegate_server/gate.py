@@ -377,13 +377,14 @@ class Gate:
         return self._engine_status()
 
     def status(self) -> Status:
+        unknown = False
         try:  # the outbox and the access log are in the shared store, when there is one
             depth = self.store.outbox_depth()
             parked_count = self.store.outbox_parked_count()
             parked = tuple(self.store.outbox_parked(PARKED_SHOWN))
             oldest_event = self.store.oldest_event_at()
-        except StoreUnavailable:  # the store's state says so
-            depth, parked_count, parked, oldest_event = 0, 0, (), None
+        except StoreUnavailable:  # the store's state says why
+            depth, parked_count, parked, oldest_event, unknown = 0, 0, (), None, True
         return Status(
             engines=self._engine_status(),
             outbox_depth=depth,
@@ -396,6 +397,7 @@ class Gate:
             oldest_event_time=oldest_event,
             event_retention_days=self.event_retention_days,
             store=self.store.state(),
+            shared_figures_unknown=unknown,
         )
 
     def retry_parked(self) -> int:

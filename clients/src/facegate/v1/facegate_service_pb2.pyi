@@ -1564,6 +1564,7 @@ class GetStatusResponse(_message.Message):
     OLDEST_EVENT_TIME_FIELD_NUMBER: _builtins.int
     EVENT_RETENTION_DAYS_FIELD_NUMBER: _builtins.int
     STORE_FIELD_NUMBER: _builtins.int
+    SHARED_FIGURES_UNKNOWN_FIELD_NUMBER: _builtins.int
     routing_policy: _builtins.str
     """The routing policy: "cloud-first", "local-first" or "local-only"."""
     circuit_state: Global___CircuitState.ValueType
@@ -1603,6 +1604,11 @@ class GetStatusResponse(_message.Message):
     """
     event_retention_days: _builtins.int
     """Access events are deleted after this many days; 0: kept forever."""
+    shared_figures_unknown: _builtins.bool
+    """True when the chain's shared store could not be read for this answer (it
+    is unreachable): outbox_depth, outbox_parked, parked and oldest_event_time
+    are then unknown, not zero or empty.
+    """
     @_builtins.property
     def last_cloud_error_time(self) -> _timestamp_pb2.Timestamp:
         """When the last cloud error was seen; unset if none."""
@@ -1693,10 +1699,11 @@ class GetStatusResponse(_message.Message):
         oldest_event_time: _timestamp_pb2.Timestamp | None = ...,
         event_retention_days: _builtins.int = ...,
         store: Global___StoreStatus | None = ...,
+        shared_figures_unknown: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_cloud_error_time", b"last_cloud_error_time", "oldest_event_time", b"oldest_event_time", "purge_pending_since", b"purge_pending_since", "reconciliation", b"reconciliation", "store", b"store"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "can_decide", b"can_decide", "circuit_state", b"circuit_state", "cloud_cost", b"cloud_cost", "cloud_readiness", b"cloud_readiness", "cloud_training", b"cloud_training", "cloud_transactions", b"cloud_transactions", "decisions", b"decisions", "event_retention_days", b"event_retention_days", "last_cloud_error", b"last_cloud_error", "last_cloud_error_time", b"last_cloud_error_time", "member_count", b"member_count", "oldest_event_time", b"oldest_event_time", "outbox_depth", b"outbox_depth", "outbox_parked", b"outbox_parked", "outbox_waiting", b"outbox_waiting", "parked", b"parked", "purge_pending_since", b"purge_pending_since", "recognition_queue", b"recognition_queue", "reconciliation", b"reconciliation", "refusals", b"refusals", "routing_policy", b"routing_policy", "store", b"store", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission", b"admission", "can_decide", b"can_decide", "circuit_state", b"circuit_state", "cloud_cost", b"cloud_cost", "cloud_readiness", b"cloud_readiness", "cloud_training", b"cloud_training", "cloud_transactions", b"cloud_transactions", "decisions", b"decisions", "event_retention_days", b"event_retention_days", "last_cloud_error", b"last_cloud_error", "last_cloud_error_time", b"last_cloud_error_time", "member_count", b"member_count", "oldest_event_time", b"oldest_event_time", "outbox_depth", b"outbox_depth", "outbox_parked", b"outbox_parked", "outbox_waiting", b"outbox_waiting", "parked", b"parked", "purge_pending_since", b"purge_pending_since", "recognition_queue", b"recognition_queue", "reconciliation", b"reconciliation", "refusals", b"refusals", "routing_policy", b"routing_policy", "shared_figures_unknown", b"shared_figures_unknown", "store", b"store", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -322,6 +322,7 @@ def status(s: Status) -> pb.GetStatusResponse:
         message.purge_pending_since.CopyFrom(timestamp(s.purge_pending_since))
     if s.oldest_event_time is not None:
         message.oldest_event_time.CopyFrom(timestamp(s.oldest_event_time))
+    message.shared_figures_unknown = s.shared_figures_unknown
     if e.last_cloud_error_time is not None:
         message.last_cloud_error_time.CopyFrom(timestamp(e.last_cloud_error_time))
     if e.reconciliation is not None:
