@@ -382,11 +382,24 @@ def test_status_says_what_it_cannot_read_while_the_store_is_away() -> None:
     from facegate_client.cli import format_status
 
     away = pb.GetStatusResponse(
-        store=pb.StoreStatus(kind="postgresql", name="postgresql://db/gym", state="disconnected")
+        store=pb.StoreStatus(kind="postgresql", name="postgresql://db/gym", state="disconnected"),
+        shared_figures_unknown=True,
     )
     text = format_status(away)
     assert "outbox depth: unknown (the store is unreachable)" in text
     assert "access events: oldest unknown (the store is unreachable)" in text
-    away.store.state = "connected"
+    away.shared_figures_unknown = False  # read, just before the store went away
     text = format_status(away)
     assert "outbox depth: 0" in text and "access events: oldest -" in text
+
+
+def test_the_cloud_persons_trigger_works_whatever_the_sessions_search_path(url: str) -> None:
+    """The version trigger names its table without a schema: it carries FaceGate's own
+    search_path, so a session with another one (pg_dump's data-only restore sets an empty
+    one) can still write cloud_persons."""
+    PostgresStore(url).close()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SET search_path = ''")
+        conn.execute("INSERT INTO public.cloud_persons (person_id, member_id) VALUES ('p', 'm')")
+        row = conn.execute("SELECT version FROM public.cloud_persons_version").fetchone()
+    assert row is not None and row[0] >= 1

@@ -166,7 +166,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # one row, not every person, to know the holder changed them (cloud_people_version).
         "CREATE TABLE cloud_persons_version (version bigint NOT NULL)",
         "INSERT INTO cloud_persons_version VALUES (0)",
-        """CREATE FUNCTION cloud_persons_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+        # Its own search_path (FaceGate's schema, as the migration ran): it also runs in
+        # sessions with another one (pg_dump's data-only restore sets an empty one).
+        """CREATE FUNCTION cloud_persons_changed() RETURNS trigger LANGUAGE plpgsql
+        SET search_path FROM CURRENT AS $$
         BEGIN
             UPDATE cloud_persons_version SET version = version + 1;
             RETURN NULL;
