@@ -596,3 +596,31 @@ def test_a_member_change_answers_without_waiting_for_a_long_catch_up(
     finally:
         finish.set()
         a.close()
+
+
+def test_a_change_with_more_than_a_batch_pending_is_copied_at_once_and_the_rest_left(
+    tmp_path: Path, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With more than a batch of changes pending (a bulk import through another server), a
+    change made here copies its own member as it is now and answers, leaving the rest to
+    the follower: its caller is not held up, and GetMember here finds the member (review:
+    NOT_FOUND after Enroll answered)."""
+    from datetime import UTC, datetime
+
+    import numpy as np
+    from facegate_server.store import chain as module
+    from facegate_server.store.chain import ChainStore
+
+    monkeypatch.setattr(module, "BATCH", 5)
+    now = datetime.now(UTC)
+    a = ChainStore(url, tmp_path / "a.sqlite3")
+    try:
+        for n in range(12):  # through another server: only in PostgreSQL so far
+            a.central.create_member(f"bulk-{n}", "", [FaceTemplate(np.ones(128))], now)
+        a.create_member("mine", "Mine", [FaceTemplate(np.ones(128))], now)
+        assert a.get_member("mine").display_name == "Mine"
+        assert a.local.applied_seq() == 0  # the rest: left to the follower
+        assert a.catch_up() == 13
+        assert a.count_members() == 13
+    finally:
+        a.close()

@@ -238,7 +238,7 @@ class ChainStore(Store):
                 for template in change.templates:
                     self._listener.template_removed(change.member_id, template)
 
-    def catch_up(self, wait: float | None = None) -> int:
+    def catch_up(self, wait: float | None = None, changed: str | None = None) -> int:
         """Apply every change logged after the last one applied; how many. A batch copies
         its deleted and updated members first (`ordered`); when more than one batch is
         pending, those anywhere in it are copied first of all, as they are now: after an
@@ -247,7 +247,9 @@ class ChainStore(Store):
 
         `wait`: how long to wait for another thread's catch-up under way (None: as long as
         it takes); when it does not end in time, 0: that catch-up applies what is logged by
-        then."""
+        then. `changed`: the member a change made through this server named; when more than
+        a batch is pending, it is copied as it is now with the first ones, and the rest is
+        left to the follower (the change's caller is not held up by a long catch-up)."""
         done = 0
         if not self._apply_lock.acquire(timeout=-1 if wait is None else wait):
             return 0
@@ -260,10 +262,14 @@ class ChainStore(Store):
                     return done
                 if done == 0 and len(changes) == BATCH:  # more than a batch is pending
                     first = self.central.members_changed_as(applied, PRIORITY)
+                    if changed is not None and changed not in first:
+                        first = [*first, changed]
                     members = self.central.stored_members(first)
                     self._notify(
                         self.local.apply(applied, first, members, self.clock(), current=False)
                     )
+                    if changed is not None:
+                        return done
                 names = ordered(changes)
                 members = self.central.stored_members(names)
                 told = self.local.apply(
@@ -317,10 +323,10 @@ class ChainStore(Store):
     # Member changes: to the central store, then the copy (and the engines) catch up, so
     # that this server acts on its own change at once. Not behind a long catch-up (after an
     # outage, thousands of changes): that one applies it, and the change answers now.
-    def _changed(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        result = self._call(method, *args, **kwargs)
+    def _changed(self, method: str, member_id: str, *args: Any, **kwargs: Any) -> Any:
+        result = self._call(method, member_id, *args, **kwargs)
         try:
-            self.catch_up(wait=CHANGE_WAIT_S)
+            self.catch_up(wait=CHANGE_WAIT_S, changed=member_id)
         except StoreUnavailable as error:  # done centrally; the copy follows on reconnecting
             self._lost(error)
         return result
