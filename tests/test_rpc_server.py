@@ -28,11 +28,13 @@ class Blocking:
 
     release: threading.Event = field(default_factory=threading.Event)
     started: list[tuple[bytes, float | None, float]] = field(default_factory=list)
+    finished: list[bytes] = field(default_factory=list)
 
     def hold(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         self.started.append((request, arrival(), time.monotonic()))
         if not self.release.wait(30):
             raise AssertionError("never released")
+        self.finished.append(request)  # as the servicer writes its access event
         return request
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -271,10 +273,11 @@ def test_a_call_whose_caller_left_before_a_thread_took_it_is_told_to_on_unserved
         server.stop(grace=1)
 
 
-def test_a_call_no_thread_took_before_the_server_stopped_is_told_before_stop_returns() -> None:
+def test_a_stopping_server_returns_once_its_calls_have_written_what_they_write() -> None:
     """Stopping, the calls still waiting for a thread are cancelled: the servicer is told
-    (SERVER_STOPPING, not a caller that left), and stop() returns only once it has been,
-    so their access events are written before the store closes."""
+    (SERVER_STOPPING, not a caller that left); a call still running in its thread at the
+    grace's end finishes. stop() returns only once both have, so their access events are
+    written before the store closes."""
     service = Blocking()
     told: list[tuple[bytes, str]] = []
 
@@ -298,10 +301,14 @@ def test_a_call_no_thread_took_before_the_server_stopped_is_told_before_stop_ret
         assert server.slots.wait_for(1, timeout=10)
         queued = hold.future(b"queued", timeout=30)
         assert server.slots.wait_for(2, timeout=10)
+        later = threading.Timer(1.0, service.release.set)  # the running call, slower than grace
+        later.start()
         try:
             server.stop(grace=0.2)
             assert told == [(b"queued", "SERVER_STOPPING")]
+            assert service.finished == [b"first"]
         finally:
+            later.cancel()
             service.release.set()
         for call in (first, queued):
             with pytest.raises(grpc.RpcError):

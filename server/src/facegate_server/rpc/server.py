@@ -232,6 +232,7 @@ class Dispatcher(grpc.aio.ServerInterceptor):
         self.message_limits = dict(message_limits or {})
         self.stopping = False  # set on the loop when the server stops
         self.waiting: set[asyncio.Future[Any]] = set()  # calls waiting for their thread
+        self.jobs: set[futures.Future[Any]] = set()  # submitted to a thread, not ended
         self.telling: set[asyncio.Future[None]] = set()  # on_unserved calls not yet done
 
     async def intercept_service(
@@ -267,7 +268,7 @@ class Dispatcher(grpc.aio.ServerInterceptor):
         lane = self.pools.get(full_method, self.default)
         pool, threads, slots = lane.executor, lane.threads, lane.slots
         retry_after, refusals, on_unserved = self.retry_after, self.refusals, self.on_unserved
-        waiting, telling = self.waiting, self.telling
+        waiting, telling, jobs = self.waiting, self.telling, self.jobs
 
         def unserved(request: Any, error: FaceGateError) -> None:
             """Tell `on_unserved`, off the loop (the access log blocks), in the call's
@@ -321,7 +322,13 @@ class Dispatcher(grpc.aio.ServerInterceptor):
             except RuntimeError:  # the pool is shut down: the server is stopping
                 slots.give()
                 raise
-            job.add_done_callback(lambda _: slots.give())  # when it ends, or never starts
+            jobs.add(job)
+
+            def ended(job: futures.Future[Any]) -> None:  # when it ends, or never starts
+                slots.give()
+                jobs.discard(job)
+
+            job.add_done_callback(ended)
             running = asyncio.current_task()
             if running is not None:
                 waiting.add(running)
@@ -331,12 +338,14 @@ class Dispatcher(grpc.aio.ServerInterceptor):
                 await context.abort_with_status(aborted.status)
             except asyncio.CancelledError:
                 if job.cancelled():  # no thread took it: the servicer never saw it
+                    remaining = context.time_remaining()
+                    left = remaining is not None and remaining <= 0  # its deadline passed
                     unserved(
                         request,
                         ServerStopping(
                             "the server stopped before one of its threads could take the call"
                         )
-                        if self.stopping
+                        if self.stopping and not left
                         else CallAbandoned(
                             f"the caller left (deadline or cancel) after {since(arrived):.3f} s, "
                             f"while it waited for one of the {threads} threads for {lane.calls}"
@@ -350,6 +359,9 @@ class Dispatcher(grpc.aio.ServerInterceptor):
 
         return grpc.stream_unary_rpc_method_handler(dispatched, None, handler.response_serializer)
 
+
+STOP_WAIT_S = 10.0
+"""How long a stopping server waits, after its grace, for what its calls still write."""
 
 PROBE_BYTES = 4096
 """The health listener's receive limit: a HealthCheckRequest is a service name."""
@@ -596,11 +608,22 @@ class RpcServer:
             await self._server.stop(grace)
             if self._probes is not None:
                 await self._probes.stop(None)
-            # The calls cancelled at the grace's end, then the access events of those no
-            # thread took: written before this returns and the store closes.
-            for pending in (self._dispatcher.waiting, self._dispatcher.telling):
-                if pending:
-                    await asyncio.wait(set(pending), timeout=10)
+            # What the calls still in the server write (their access events) lands before
+            # this returns and the store closes: the calls cancelled at the grace's end,
+            # those still running in a thread (their caller has its answer: UNAVAILABLE),
+            # then the events of the calls no thread took. At most STOP_WAIT_S in all.
+            dispatcher, end = self._dispatcher, time.monotonic() + STOP_WAIT_S
+            if dispatcher.waiting:
+                await asyncio.wait(set(dispatcher.waiting), timeout=STOP_WAIT_S)
+            running = set(dispatcher.jobs)
+            if running:
+                await asyncio.get_running_loop().run_in_executor(
+                    None, futures.wait, running, max(0.0, end - time.monotonic())
+                )
+            if dispatcher.telling:
+                await asyncio.wait(
+                    set(dispatcher.telling), timeout=max(0.01, end - time.monotonic())
+                )
 
         try:
             if self._thread.is_alive():
