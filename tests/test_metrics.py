@@ -469,3 +469,23 @@ def test_a_missing_tool_skips_but_fails_under_ci(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(pytest.fail.Exception, match="CI=true and facegate-no-such-tool"):
         require_tool(missing, "apt-get install it")
     assert require_tool("sh", "always there") == shutil.which("sh")
+
+
+def test_the_outbox_gauges_are_absent_while_the_chains_store_is_away() -> None:
+    """A chain server cut off from PostgreSQL cannot read its outbox: the gauges are left
+    out (absent, for `absent()` alerts) rather than reported as 0."""
+    from facegate_server.domain import EngineStatus, Status
+    from facegate_server.metrics import StatusCollector
+
+    def names(unknown: bool) -> set[str]:
+        status = Status(
+            engines=EngineStatus(),
+            outbox_depth=0,
+            decisions={},
+            member_count=1,
+            shared_figures_unknown=unknown,
+        )
+        return {family.name for family in StatusCollector(lambda: status).collect()}
+
+    assert {"facegate_outbox_entries", "facegate_outbox_parked_entries"} <= names(False)
+    assert not {"facegate_outbox_entries", "facegate_outbox_parked_entries"} & names(True)

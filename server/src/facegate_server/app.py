@@ -187,8 +187,6 @@ class FaceGateServer:
             self.metrics.stop()
         if self.feed is not None:
             self.feed.shutdown()
-        if self.feed is not None:
-            self.feed.shutdown()
         if self.gate.replayer is not None:
             self.gate.replayer.stop()
             log.info(

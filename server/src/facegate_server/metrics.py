@@ -114,16 +114,18 @@ class StatusCollector(Collector):
             for state in ("closed", "open", "half-open"):
                 circuit.add_metric(("azure", state), float(engines.circuit == state))
             yield circuit
-        yield GaugeMetricFamily(
-            "facegate_outbox_entries",
-            "Changes of membership waiting to be replayed to the cloud (set-aside ones excluded)",
-            value=status.outbox_depth,
-        )
-        yield GaugeMetricFamily(
-            "facegate_outbox_parked_entries",
-            "Outbox entries set aside after repeated failures (facegate sync --retry-parked)",
-            value=status.outbox_parked,
-        )
+        if not status.shared_figures_unknown:  # absent while the chain's store is away
+            yield GaugeMetricFamily(
+                "facegate_outbox_entries",
+                "Changes of membership waiting to be replayed to the cloud (set-aside ones"
+                " excluded)",
+                value=status.outbox_depth,
+            )
+            yield GaugeMetricFamily(
+                "facegate_outbox_parked_entries",
+                "Outbox entries set aside after repeated failures (facegate sync --retry-parked)",
+                value=status.outbox_parked,
+            )
         transactions = CounterMetricFamily(
             "facegate_cloud_transactions",
             "Billable Face API calls since the server started, by operation",
