@@ -180,6 +180,30 @@ HOLDER = textwrap.dedent(
 )
 
 
+def stop_outside_a_write(process: subprocess.Popen[bytes], path: Path) -> None:
+    """SIGSTOP `process` at a moment it holds no write lock on the shared SQLite file.
+
+    The file stands in for the chain's PostgreSQL, where the replayer's outbox writes are
+    single autocommit statements: a frozen holder keeps no lock there between them (and
+    an open transaction is ended by idle_in_transaction_session_timeout). SQLite's file
+    lock would instead be held for as long as the process stays stopped."""
+    import sqlite3
+
+    for _ in range(200):
+        process.send_signal(signal.SIGSTOP)
+        probe = sqlite3.connect(path, timeout=0.2, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+            return
+        except sqlite3.OperationalError:  # stopped inside a write: let it finish
+            process.send_signal(signal.SIGCONT)
+            time.sleep(0.01)
+        finally:
+            probe.close()
+    raise AssertionError("the holder was always inside a write")
+
+
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
 def test_killing_the_holder_mid_replay_lets_the_other_finish_without_duplicates(
     tmp_path: Path, db: str, faces: Faces, how: signal.Signals
@@ -201,7 +225,10 @@ def test_killing_the_holder_mid_replay_lets_the_other_finish_without_duplicates(
     try:
         # The holder is part-way through: some members in the cloud, some not yet.
         wait_for(lambda: made(b.face) >= 2, timeout=60)
-        process.send_signal(how)
+        if how is signal.SIGSTOP:
+            stop_outside_a_write(process, path)
+        else:
+            process.send_signal(how)
         b.sync.keeper.start()
         depth = b.store.outbox_depth()
         assert 0 < depth < len(members), "the holder was not stopped mid-replay"
