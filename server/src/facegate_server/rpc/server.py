@@ -18,8 +18,9 @@ How a call goes:
    next one is refused at once with RESOURCE_EXHAUSTED, reason SERVER_BUSY, and a RetryInfo.
    A `Lane` sets methods apart with threads and a bound of their own: app.py gives the
    door's (Identify, Verify) one, so that no number of slow administrative calls (a
-   burst of GetStatus while the shared store does not answer, Enrolls of large photos)
-   holds a thread a turnstile needs.
+   burst of GetStatus while the shared store does not answer) holds a thread a turnstile
+   needs, and the photo methods another, so that enrolments of large photos hold none
+   that a suspension or a deletion needs.
    A call whose caller has gone (deadline, cancel) before a thread took it never starts.
 3. In the thread, `arrival()` is when the call arrived: the Identify budget starts there,
    not when a thread became free.
@@ -37,7 +38,8 @@ at most), the photo methods (Enroll, AddMemberPhotos, SearchFaces) 4 threads and
 of 12, and every other method as many.
 
 Tests and the entry point see only sync methods: `start()`, `stop(grace)` (health
-NOT_SERVING first, then `grace` seconds for the calls in flight), `port`.
+NOT_SERVING first, then `grace` seconds for the calls in flight, then at most STOP_WAIT_S
+for the access events they still write), `port`.
 """
 
 from __future__ import annotations
