@@ -7,7 +7,9 @@ import concurrent.futures as cf
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import pytest
@@ -45,25 +47,32 @@ class Blocking:
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
 
-@pytest.fixture
-def blocking() -> Iterator[tuple[RpcServer, Blocking, grpc.Channel]]:
-    service = Blocking()
+@contextmanager
+def serving(service: Blocking, **options: Any) -> Iterator[tuple[RpcServer, grpc.Channel]]:
+    """A started RpcServer of `service` (1 thread and a queue of 1 unless `options` say
+    otherwise) and a channel to it; on exit the service's calls are released and the
+    server stopped (a second stop is harmless)."""
     server = RpcServer(
         listen="127.0.0.1:0",
         credentials=None,
         register=service.register,
         service_names=(SERVICE,),
-        threads=1,
-        queue=1,
+        **{"threads": 1, "queue": 1, **options},
     )
     server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     try:
-        yield server, service, channel
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            yield server, channel
     finally:
         service.release.set()
-        channel.close()
         server.stop(grace=1)
+
+
+@pytest.fixture
+def blocking() -> Iterator[tuple[RpcServer, Blocking, grpc.Channel]]:
+    service = Blocking()
+    with serving(service) as (server, channel):
+        yield server, service, channel
 
 
 def test_over_the_bound_a_caller_is_refused_at_once_and_queued_calls_keep_their_arrival(
@@ -123,16 +132,8 @@ def test_a_call_whose_caller_has_gone_is_never_started(
 
 
 def test_stop_reports_not_serving_and_releases_its_thread() -> None:
-    service = Blocking()
-    server = RpcServer(
-        listen="127.0.0.1:0",
-        credentials=None,
-        register=service.register,
-        service_names=(SERVICE,),
-        threads=1,
-    )
-    server.start()
-    server.stop(grace=0)
+    with serving(Blocking()) as (server, _):
+        server.stop(grace=0)
     assert not server._thread.is_alive()
     assert server.health._server_status[SERVICE] == health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -163,33 +164,23 @@ def test_a_call_refused_for_load_is_told_to_on_unserved() -> None:
     """The servicer writes an Identify refused for load to the access log (`on_unserved`)."""
     service = Blocking()
     told: cf.Future[tuple[str, bytes, str]] = cf.Future()
-    server = RpcServer(
-        listen="127.0.0.1:0",
-        credentials=None,
-        register=service.register,
-        service_names=(SERVICE,),
-        threads=1,
+    with serving(
+        service,
         queue=0,
         on_unserved=lambda method, request, error, waited: told.set_result(
             (method, request, error.reason)
         ),
-    )
-    server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            hold = channel.unary_unary(f"/{SERVICE}/Hold")
-            first = hold.future(b"first", timeout=30)
-            assert server.slots.wait_for(1, timeout=10)
-            with pytest.raises(grpc.RpcError):
-                hold(b"refused", timeout=30)
-            assert told.result(timeout=10) == (f"/{SERVICE}/Hold", b"refused", "SERVER_BUSY")
-            counted = server.refusals.counts()
-            assert counted == {"Hold/RESOURCE_EXHAUSTED/SERVER_BUSY": 1}
-            service.release.set()
-            assert first.result() == b"first"
-    finally:
+    ) as (server, channel):
+        hold = channel.unary_unary(f"/{SERVICE}/Hold")
+        first = hold.future(b"first", timeout=30)
+        assert server.slots.wait_for(1, timeout=10)
+        with pytest.raises(grpc.RpcError):
+            hold(b"refused", timeout=30)
+        assert told.result(timeout=10) == (f"/{SERVICE}/Hold", b"refused", "SERVER_BUSY")
+        counted = server.refusals.counts()
+        assert counted == {"Hold/RESOURCE_EXHAUSTED/SERVER_BUSY": 1}
         service.release.set()
-        server.stop(grace=1)
+        assert first.result() == b"first"
 
 
 def test_a_lanes_methods_are_served_while_every_other_thread_is_held() -> None:
@@ -197,43 +188,30 @@ def test_a_lanes_methods_are_served_while_every_other_thread_is_held() -> None:
     to other methods that fill the server do not delay or refuse it, nor it them."""
     service = Blocking()
     door = f"/{SERVICE}/Door"
-    server = RpcServer(
-        listen="127.0.0.1:0",
-        credentials=None,
-        register=service.register,
-        service_names=(SERVICE,),
-        threads=1,
-        queue=1,
-        lanes=[Lane("door", frozenset({door}), threads=1, queue=0)],
-    )
-    server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            hold, enter = channel.unary_unary(f"/{SERVICE}/Hold"), channel.unary_unary(door)
-            held = [hold.future(b"held", timeout=30), hold.future(b"queued", timeout=30)]
-            assert server.slots.wait_for(2, timeout=10)  # every other thread and queue: full
-            with pytest.raises(grpc.RpcError) as refused:
-                hold(b"refused", timeout=30)
-            assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "2 other calls are already in it" in (refused.value.details() or "")
+    lanes = [Lane("door", frozenset({door}), threads=1, queue=0)]
+    with serving(service, lanes=lanes) as (server, channel):
+        hold, enter = channel.unary_unary(f"/{SERVICE}/Hold"), channel.unary_unary(door)
+        held = [hold.future(b"held", timeout=30), hold.future(b"queued", timeout=30)]
+        assert server.slots.wait_for(2, timeout=10)  # every other thread and queue: full
+        with pytest.raises(grpc.RpcError) as refused:
+            hold(b"refused", timeout=30)
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "2 other calls are already in it" in (refused.value.details() or "")
 
-            entered = enter.future(b"entered", timeout=30)
-            assert server.lanes["door"].slots.wait_for(1, timeout=10)
-            deadline = time.monotonic() + 10
-            while len(service.started) < 2 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            started = [r for r, _, _ in service.started]
-            assert started[1] == b"entered"  # started at once, beside the held one: not queued
-            with pytest.raises(grpc.RpcError) as full:  # its own bound: one thread, no queue
-                enter(b"refused", timeout=30)
-            assert "1 door calls are already in it" in (full.value.details() or "")
-            service.release.set()
-            assert entered.result() == b"entered"
-            assert [f.result() for f in held] == [b"held", b"queued"]
-            assert sorted(r for r, _, _ in service.started) == [b"entered", b"held", b"queued"]
-    finally:
+        entered = enter.future(b"entered", timeout=30)
+        assert server.lanes["door"].slots.wait_for(1, timeout=10)
+        deadline = time.monotonic() + 10
+        while len(service.started) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        started = [r for r, _, _ in service.started]
+        assert started[1] == b"entered"  # started at once, beside the held one: not queued
+        with pytest.raises(grpc.RpcError) as full:  # its own bound: one thread, no queue
+            enter(b"refused", timeout=30)
+        assert "1 door calls are already in it" in (full.value.details() or "")
         service.release.set()
-        server.stop(grace=1)
+        assert entered.result() == b"entered"
+        assert [f.result() for f in held] == [b"held", b"queued"]
+        assert sorted(r for r, _, _ in service.started) == [b"entered", b"held", b"queued"]
 
 
 def test_a_call_whose_caller_left_before_a_thread_took_it_is_told_to_on_unserved() -> None:
@@ -241,36 +219,25 @@ def test_a_call_whose_caller_left_before_a_thread_took_it_is_told_to_on_unserved
     event: the servicer is told, with how long the call waited."""
     service = Blocking()
     told: cf.Future[tuple[bytes, FaceGateError, float]] = cf.Future()
-    server = RpcServer(
-        listen="127.0.0.1:0",
-        credentials=None,
-        register=service.register,
-        service_names=(SERVICE,),
-        threads=1,
-        queue=1,
+    with serving(
+        service,
         on_unserved=lambda method, request, error, waited: told.set_result(
             (request, error, waited)
         ),
-    )
-    server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            hold = channel.unary_unary(f"/{SERVICE}/Hold")
-            first = hold.future(b"first", timeout=30)
-            assert server.slots.wait_for(1, timeout=10)
-            with pytest.raises(grpc.RpcError) as late:
-                hold(b"late", timeout=0.5)
-            assert late.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-            request, error, waited = told.result(timeout=10)
-            assert (request, error.reason) == (b"late", "CALL_ABANDONED")
-            assert waited >= 0.4
-            assert "waited for one of the 1 threads for calls" in error.message
-            service.release.set()
-            assert first.result() == b"first"
-            assert [r for r, _, _ in service.started] == [b"first"]  # never started
-    finally:
+    ) as (server, channel):
+        hold = channel.unary_unary(f"/{SERVICE}/Hold")
+        first = hold.future(b"first", timeout=30)
+        assert server.slots.wait_for(1, timeout=10)
+        with pytest.raises(grpc.RpcError) as late:
+            hold(b"late", timeout=0.5)
+        assert late.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        request, error, waited = told.result(timeout=10)
+        assert (request, error.reason) == (b"late", "CALL_ABANDONED")
+        assert waited >= 0.4
+        assert "waited for one of the 1 threads for calls" in error.message
         service.release.set()
-        server.stop(grace=1)
+        assert first.result() == b"first"
+        assert [r for r, _, _ in service.started] == [b"first"]  # never started
 
 
 def test_a_stopping_server_returns_once_its_calls_have_written_what_they_write() -> None:
@@ -285,17 +252,7 @@ def test_a_stopping_server_returns_once_its_calls_have_written_what_they_write()
         time.sleep(0.3)  # an access log write on a slow disk
         told.append((request, error.reason))
 
-    server = RpcServer(
-        listen="127.0.0.1:0",
-        credentials=None,
-        register=service.register,
-        service_names=(SERVICE,),
-        threads=1,
-        queue=1,
-        on_unserved=slowly,
-    )
-    server.start()
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+    with serving(service, on_unserved=slowly) as (server, channel):
         hold = channel.unary_unary(f"/{SERVICE}/Hold")
         first = hold.future(b"first", timeout=30)
         assert server.slots.wait_for(1, timeout=10)
