@@ -329,18 +329,27 @@ FRAME = image_bytes(64, 64, color="blue")  # nobody enrolled: DENIED_UNKNOWN_FAC
 
 
 class Held(MemoryEngine):
-    """Identify waits until released (a slow recognition holding the door's threads)."""
+    """Identify, or enrolment (`held`), waits until released: a slow recognition holding
+    its lane's threads (the door's, or the photo methods')."""
 
-    def __init__(self) -> None:
+    def __init__(self, held: str) -> None:
         super().__init__()
+        self.held = held
         self.release = threading.Event()
+
+    def _wait(self, what: str) -> None:
+        if what == self.held and not self.release.wait(30):
+            raise AssertionError("never released")
 
     def identify(
         self, image: bytes, timeout: float, attempt: Attempt | None = None
     ) -> Identification:
-        if not self.release.wait(30):
-            raise AssertionError("never released")
+        self._wait("identify")
         return super().identify(image, timeout, attempt)
+
+    def enrol(self, photos: Any, timeout: float, templates: Any) -> Any:
+        self._wait("enrol")
+        return super().enrol(photos, timeout, templates)
 
 
 def test_an_identify_whose_caller_left_while_it_waited_for_a_thread_is_logged(
@@ -348,7 +357,7 @@ def test_an_identify_whose_caller_left_while_it_waited_for_a_thread_is_logged(
 ) -> None:
     """Every door thread is held; a turnstile whose deadline passes while its Identify waits
     for one gets DEADLINE_EXCEEDED, and the access log still counts the attempt."""
-    engine = Held()
+    engine = Held("identify")
     with (
         running_server(tmp_path, engine=engine, identify_budget_ms=30_000) as server,
         grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
@@ -426,24 +435,11 @@ def test_administration_cannot_hold_the_doors_threads(tmp_path: Path) -> None:
         assert len([f.result() for f in waiting]) == admin
 
 
-class SlowEnrol(MemoryEngine):
-    """Enrolment waits until released (ten large photos, the workers busy)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.release = threading.Event()
-
-    def enrol(self, photos: Any, timeout: float, templates: Any) -> Any:
-        if not self.release.wait(30):
-            raise AssertionError("never released")
-        return super().enrol(photos, timeout, templates)
-
-
 def test_enrolments_cannot_hold_the_threads_a_suspension_needs(tmp_path: Path) -> None:
     """Enroll, AddMemberPhotos and SearchFaces wait on recognition and have a lane of their
     own: when it is full, a suspension (UpdateMember) and a deletion are still answered,
     and so is a turnstile."""
-    engine = SlowEnrol()
+    engine = Held("enrol")  # ten large photos, the workers busy
     with (
         running_server(tmp_path, engine=engine) as server,
         grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
