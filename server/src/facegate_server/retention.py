@@ -111,10 +111,7 @@ class Retention:
             wait = self.interval
             try:
                 self.run_once()
-            except StoreUnavailable as error:  # a chain's database away: soon again
-                log.warning("retention postponed: %s", error.message)
-                wait = min(wait, RETRY_S)
-            except LeaseUnanswered as error:
+            except (StoreUnavailable, LeaseUnanswered) as error:  # the database away: soon
                 log.warning("retention postponed: %s", error)
                 wait = min(wait, RETRY_S)
             except Exception:  # the store closing under it, a full disk: try next time
