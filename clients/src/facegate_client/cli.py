@@ -39,7 +39,6 @@ import itertools
 import json
 import os
 import sys
-import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,12 +51,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from facegate_client.client import DEFAULT_TARGET, KEEP, FaceGateClient
-from facegate_client.errors import (
-    DeadlineExceeded,
-    FaceGateError,
-    ResourceExhausted,
-    Unavailable,
-)
+from facegate_client.errors import FaceGateError
 from facegate_client.membership import format_membership, parse_hours
 
 __all__ = ["PLUGIN_GROUP", "build_parser", "main"]
@@ -441,49 +435,17 @@ def _cmd_events(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -
         print(format_event(event), file=out)
 
 
-_TAIL = 10
-
-
-def _tail_start(
-    client: FaceGateClient, args: argparse.Namespace, sleep: Callable[[float], None] = time.sleep
-) -> int:
-    """Where `events --follow` without --after starts: before the last 10 matching events,
-    as `tail -f` does (0 when there are none). Asked again, as the follower reconnects,
-    while the server or its store cannot answer: a follower started during an outage
-    waits for it to end."""
-    delay = 0.5
-    while True:
-        try:
-            newest = client.list_access_events(
-                member_id=args.member_id,
-                turnstile_id=args.turnstile_id,
-                page_size=_TAIL,
-                decisions=args.decision or (),
-                membership_rule=args.rule or pb.MEMBERSHIP_RULE_UNSPECIFIED,
-            ).events
-        except (Unavailable, DeadlineExceeded, ResourceExhausted) as error:
-            wait = max(delay, getattr(error, "retry_delay", None) or 0.0)
-            print(f"facegate: {error}; asking again in {wait:.1f} s", file=sys.stderr, flush=True)
-            sleep(wait)
-            delay = min(10.0, delay * 2)
-            continue
-        return newest[-1].event_id - 1 if newest else 0
-
-
 def _follow_events(client: FaceGateClient, args: argparse.Namespace, out: TextIO) -> None:
     """`events --follow`: each event as it is written, oldest first from --after; through
     server restarts, resumed after the last event printed (none lost, none twice)."""
     if args.since is not None or args.until is not None:
         raise _UsageError("--since and --until do not go with --follow (use --after ID)")
     limit: int = args.limit or 0
-    last: int = args.after if args.after is not None else _tail_start(client, args)
+    last: int | None = args.after  # None: the last 10 first (follow_events' tail)
 
     def reconnecting(error: FaceGateError, delay: float) -> None:
-        print(
-            f"facegate: {error}; resuming after event {last} in {delay:.1f} s",
-            file=sys.stderr,
-            flush=True,
-        )
+        where = "with the last 10" if last is None else f"after event {last}"
+        print(f"facegate: {error}; resuming {where} in {delay:.1f} s", file=sys.stderr, flush=True)
 
     events = client.follow_events(
         last,

@@ -41,7 +41,13 @@ from facegate.v1 import facegate_service_pb2_grpc as pb_grpc
 from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from facegate_client.errors import FaceGateError, ResourceExhausted, Unavailable, from_rpc_error
+from facegate_client.errors import (
+    DeadlineExceeded,
+    FaceGateError,
+    ResourceExhausted,
+    Unavailable,
+    from_rpc_error,
+)
 
 __all__ = [
     "CHANNEL_OPTIONS",
@@ -577,7 +583,7 @@ class FaceGateClient:
 
     def follow_events(
         self,
-        after_event_id: int = 0,
+        after_event_id: int | None = 0,
         member_id: str = "",
         turnstile_id: str = "",
         *,
@@ -587,6 +593,7 @@ class FaceGateClient:
         max_backoff: float = 10.0,
         on_reconnect: Callable[[FaceGateError, float], None] | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        tail: int = 10,
     ) -> Iterator[pb.AccessEvent]:
         """`watch_events` that survives restarts: when the stream ends UNAVAILABLE (the
         server stopping, restarting, out of reach), it waits and reconnects with the last
@@ -596,11 +603,22 @@ class FaceGateClient:
         RESOURCE_EXHAUSTED (too many followers, or reconnecting too often) is waited out
         likewise, at least as long as its RetryInfo says. `on_reconnect(error, delay)` is
         told of each wait. Other errors (credentials, role, bad filters) end it.
+        `after_event_id` None: start with the last `tail` matching events, as `tail -f`
+        does (asked of the log as the stream is: again while the server cannot answer).
         """
         last, delay = after_event_id, backoff
         while True:
             began = time.monotonic()
             try:
+                if last is None:
+                    newest = self.list_access_events(
+                        member_id=member_id,
+                        turnstile_id=turnstile_id,
+                        page_size=tail,
+                        decisions=decisions,
+                        membership_rule=membership_rule,
+                    ).events
+                    last = newest[-1].event_id - 1 if newest else 0
                 for event in self.watch_events(
                     last,
                     member_id,
@@ -613,7 +631,7 @@ class FaceGateClient:
                     last, delay = event.event_id, backoff
                     yield event
                 error: FaceGateError = Unavailable("the stream ended")
-            except (Unavailable, ResourceExhausted) as refused:
+            except (Unavailable, ResourceExhausted, DeadlineExceeded) as refused:
                 error = refused
             if time.monotonic() - began > max_backoff:
                 delay = backoff  # it was connected a while: this is a new outage
